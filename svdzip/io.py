@@ -1,0 +1,224 @@
+"""Save and load compressed models: safetensors plus a manifest in `config.json`.
+
+The manifest is a `quantization_config` block with `quant_method: "svdzip"`. `import svdzip`
+registers a transformers quantizer for it, so `AutoModelForCausalLM.from_pretrained(dir)` swaps the
+listed linears for `LowRankLinear`s before the weights load — for any architecture, with no remote
+code and no pickles. `svdzip.load(dir)` is the same call with clearer errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from svdzip import __version__
+from svdzip.errors import SvdzipError
+from svdzip.modules import LowRankLinear
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "svdzip"
+MANIFEST_FORMAT = 1
+
+
+class SvdzipConfig(QuantizationConfigMixin):
+    """The manifest: method, version, ratio and convention, and every factorised module's rank."""
+
+    def __init__(
+        self,
+        modules: dict[str, dict[str, Any]] | None = None,
+        method: str = "",
+        ratio: float | None = None,
+        ratio_convention: str = "removed",
+        svdzip_version: str = __version__,
+        format: int = MANIFEST_FORMAT,
+        details: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.modules = modules or {}
+        self.method = method
+        self.ratio = ratio
+        self.ratio_convention = ratio_convention
+        self.svdzip_version = svdzip_version
+        self.format = format
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD, "format": self.format, "svdzip_version": self.svdzip_version,
+            "method": self.method, "ratio": self.ratio, "ratio_convention": self.ratio_convention,
+            "details": self.details, "modules": self.modules,
+        }
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    for part in name.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def apply_manifest(model: nn.Module, modules: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Replace every listed linear with an (uninitialised) LowRankLinear of the recorded rank.
+
+    Members of a shared-basis group reference the leader's `right` module, so the basis exists once;
+    returns the {alias: source} map of those shared parameters.
+    """
+    built: dict[str, LowRankLinear] = {}
+    aliases: dict[str, str] = {}
+    for name, spec in modules.items():
+        try:
+            old = _get(model, name)
+        except AttributeError as exc:
+            raise SvdzipError(f"manifest lists {name}, which this model does not have") from exc
+        weight = getattr(old, "weight", None)
+        device = weight.device if weight is not None else None
+        dtype = weight.dtype if weight is not None else None
+        leader = spec.get("shared_with")
+        shared = built[leader].right if leader else None
+        new = LowRankLinear(spec["in"], spec["out"], spec["rank"], bias=spec.get("bias", False),
+                            shared_right=shared, device=device, dtype=dtype)
+        if leader:
+            new.share_basis_of(leader)
+            aliases[f"{name}.right.weight"] = f"{leader}.right.weight"
+        parent, _, child = name.rpartition(".")
+        setattr(_get(model, parent) if parent else model, child, new)
+        built[name] = new
+    return aliases
+
+
+@register_quantization_config(QUANT_METHOD)
+class _RegisteredConfig(SvdzipConfig):
+    pass
+
+
+@register_quantizer(QUANT_METHOD)
+class SvdzipQuantizer(HfQuantizer):
+    """Lets `from_pretrained` rebuild the low-rank modules before the checkpoint's weights load."""
+
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        aliases = apply_manifest(model, self.quantization_config.modules)
+        if aliases:
+            model.all_tied_weights_keys = {**getattr(model, "all_tied_weights_keys", {}), **aliases}
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def build_manifest(module_rows: list[Any], summary: dict[str, Any], config: dict[str, Any]) -> SvdzipConfig:
+    modules = {}
+    for row in module_rows:
+        if row.rank is None:
+            continue
+        entry = {"in": row.in_features, "out": row.out_features, "rank": row.rank}
+        if row.shared_with:
+            entry["shared_with"] = row.shared_with
+        modules[row.name] = entry
+    return SvdzipConfig(modules=modules, method=summary.get("method", ""), ratio=summary.get("ratio_requested"),
+                        details={"summary": summary, "config": config})
+
+
+def _fill_bias_flags(model: nn.Module, manifest: SvdzipConfig) -> None:
+    for name, entry in manifest.modules.items():
+        entry["bias"] = _get(model, name).left.bias is not None
+
+
+def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest: SvdzipConfig,
+         overwrite: bool = False, report: dict[str, Any] | None = None) -> Path:
+    """Write the compressed model atomically: into a temporary sibling directory, then rename.
+
+    An existing `out_dir` is refused unless `overwrite`; a failure leaves it as it was.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _fill_bias_flags(model, manifest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.quantization_config = manifest
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            del model.config.quantization_config
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        full_report = {**manifest.details, **(report or {})}
+        (tmp / "svdzip_report.json").write_text(json.dumps(full_report, indent=2, default=str))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The svdzip manifest of a directory, None for a dense HF checkpoint; errors for anything else."""
+    path = Path(model_dir)
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise SvdzipError(f"{path} is not a directory")
+    if not cfg_path.is_file():
+        raise SvdzipError(f"{path} is not a model directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SvdzipError(f"{cfg_path} is corrupted: {exc}") from exc
+    q = cfg.get("quantization_config")
+    if not q or q.get("quant_method") != QUANT_METHOD:
+        return None
+    if q.get("format") != MANIFEST_FORMAT:
+        raise SvdzipError(f"{path} has svdzip manifest format {q.get('format')}, expected {MANIFEST_FORMAT}")
+    return q
+
+
+def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = torch.float32, with_tokenizer: bool = True):
+    """Load a svdzip (or dense) directory; returns (model, tokenizer)."""
+    read_manifest(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except Exception as exc:  # safetensors, json, torch: any failure means an unusable directory
+        raise SvdzipError(f"cannot load a model from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    model.to(device).eval()
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            log.warning("no tokenizer in %s: %s", model_dir, exc)
+    return model, tokenizer
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    """Bytes of the weight files of a model directory."""
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))

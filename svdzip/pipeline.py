@@ -1,0 +1,167 @@
+"""compress(): load → calibrate → decompose → allocate → materialise (→ update), in one direction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdzip.allocate import AllocationContext, allocate, spent
+from svdzip.budget import keep_budget
+from svdzip.calibrate import CalibrationStats, collect_statistics
+from svdzip.config import CompressConfig
+from svdzip.decompose import DATA_FREE, decompose, group_linears
+from svdzip.errors import SvdzipError
+from svdzip.materialise import ModuleReport, materialise
+from svdzip.models.adapter import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (a shared basis or tied embedding counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    config: CompressConfig
+    modules: list[ModuleReport]
+    summary: dict[str, Any]
+    ranks: dict[str, int | None] = field(default_factory=dict)
+
+
+def check_weights_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise SvdzipError(f"model weight {name} contains NaN/Inf; refusing to compress it")
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    stats: CalibrationStats | None = None,
+    calib_tokens: torch.Tensor | None = None,
+    out_dir: Any = None,
+) -> CompressionResult:
+    """Compress `model` in place to `config.ratio` and report what was done.
+
+    Data-aware methods need `stats` (or `calib_tokens` to compute them); allocators that evaluate
+    or train (ARA, ASVD's search) also use `calib_tokens`.
+    """
+    config.validate()
+    adapter = ModelAdapter(model)
+    check_weights_finite(model)
+    timings: dict[str, float] = {}
+    params_before = count_params(model)
+    dense_linear = adapter.decoder_linear_params()
+
+    if config.method == "fwsvd" and (stats is None or not stats.fisher):
+        if calib_tokens is None:
+            raise SvdzipError("fwsvd needs calibration tokens to measure Fisher information")
+        from svdzip.fisher import collect_fisher
+
+        t0 = time.perf_counter()
+        stats = stats or CalibrationStats()
+        stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)
+        timings["fisher_s"] = time.perf_counter() - t0
+    if config.method not in DATA_FREE and stats is None:
+        if calib_tokens is None:
+            raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")
+        t0 = time.perf_counter()
+        stats = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device)
+        timings["calibrate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    groups = group_linears(adapter, config.share_roles, config.group_size)
+    units = decompose(adapter, stats, config.method, groups, config.asvd_alpha, config.asvd_scaling,
+                      device=config.device)
+    timings["decompose_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    unit_dense = sum(u.dense_params for u in units)
+    ctx = AllocationContext(
+        ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio), options=config.allocator_options,
+        adapter=adapter, model=model, stats=stats, calib_tokens=calib_tokens, device=config.device,
+        seed=config.seed, out_dir=out_dir,
+    )
+    ranks = allocate(config.allocator, units, ctx)
+    timings["allocate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rows = materialise(adapter, units, ranks)
+    timings["materialise_s"] = time.perf_counter() - t0
+
+    if config.update:
+        from svdzip.update import apply_update
+
+        if calib_tokens is None:
+            raise SvdzipError(f"the '{config.update}' update needs calibration tokens")
+        t0 = time.perf_counter()
+        apply_update(config.update, model, adapter, units, ranks, calib_tokens, config, stats)
+        timings["update_s"] = time.perf_counter() - t0
+
+    kept_linear = spent(units, ranks)
+    params_after = count_params(model)
+    summary = {
+        "method": config.label,
+        "ratio_requested": config.ratio,
+        "ratio_achieved": 1.0 - kept_linear / dense_linear,
+        "decoder_linear_params_before": dense_linear,
+        "decoder_linear_params_after": kept_linear,
+        "model_params_before": params_before,
+        "model_params_after": params_after,
+        "model_ratio_achieved": 1.0 - params_after / params_before,
+        "dense_modules": sum(1 for r in rows if r.rank is None),
+        "calibration_tokens": stats.tokens if stats is not None else 0,
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+    log.info("%s: removed %.4f of decoder linear parameters (asked %.4f); model %d → %d parameters",
+             config.label, summary["ratio_achieved"], config.ratio, params_before, params_after)
+    return CompressionResult(model=model, config=config, modules=rows, summary=summary,
+                             ranks={r.name: r.rank for r in rows})
+
+
+def calibration_meta(source: str, config: CompressConfig) -> dict[str, Any]:
+    """What the statistics depend on; a mismatch with a saved file is refused, never silently mixed."""
+    return {"model": str(source), "corpus": config.corpus, "samples": config.calib_samples,
+            "seq_len": config.calib_seq_len, "seed": config.seed}
+
+
+def default_stats_path(meta: dict[str, Any]) -> Path:
+    from svdzip.assets import cache_dir
+
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "stats" / f"{key}.safetensors"
+
+
+def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str, config: CompressConfig,
+                       stats_path: str | Path | None = None) -> CalibrationStats:
+    """Load the statistics for this (model, corpus, samples, length, seed) or compute and save them."""
+    meta = calibration_meta(source, config)
+    path = Path(stats_path) if stats_path else default_stats_path(meta)
+    if path.exists():
+        try:
+            stats = CalibrationStats.load(path)
+        except SvdzipError as exc:
+            if stats_path:
+                raise
+            log.warning("%s; recomputing", exc)
+        else:
+            if stats.meta != meta:
+                raise SvdzipError(f"statistics at {path} were computed for {stats.meta}, not {meta}; "
+                                  "use another --stats path")
+            log.info("reusing calibration statistics from %s", path)
+            return stats
+    stats = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, meta=meta)
+    stats.save(path)
+    log.info("calibration statistics saved to %s", path)
+    return stats

@@ -1,0 +1,70 @@
+"""Tables a person reads at a glance: per-matrix, per-layer × type ranks, and result summaries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from svdzip.models.adapter import ROLES
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table (also readable as plain text)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                return str(v)
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.4e}"
+        return "" if v is None else str(v)
+
+    body = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(list(headers)), sep, *(line(r) for r in body)])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[list[str], list[list[Any]]]:
+    """Layers × roles: the rank (or kept fraction) of every module; 'dense' where kept dense."""
+    grid: dict[int, dict[str, Any]] = defaultdict(dict)
+    roles_seen: list[str] = []
+    for m in modules:
+        if m["role"] not in roles_seen:
+            roles_seen.append(m["role"])
+        v = m.get(value)
+        grid[m["layer"]][m["role"]] = "dense" if m.get("rank") is None and value == "rank" else v
+    roles = [r for r in ROLES if r in roles_seen]
+    rows = [[layer, *(grid[layer].get(r, "") for r in roles)] for layer in sorted(grid)]
+    return ["layer", *roles], rows
+
+
+def role_summary(modules: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Per role: modules, how many dense, kept parameter fraction, mean relative whitened loss."""
+    acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for m in modules:
+        a = acc[m["role"]]
+        a["n"] += 1
+        a["dense"] += m["rank"] is None
+        a["params"] += m["params"]
+        a["dense_params"] += m["out_features"] * m["in_features"]
+        a["loss"] += m["loss"]
+    rows = []
+    for role in [r for r in ROLES if r in acc]:
+        a = acc[role]
+        rows.append([role, int(a["n"]), int(a["dense"]), a["params"] / a["dense_params"], a["loss"] / a["n"]])
+    return ["type", "modules", "dense", "kept params", "mean rel. loss"], rows
+
+
+def module_table(modules: Sequence[dict[str, Any]]) -> str:
+    rows = [[m["name"], m["rank"] if m["rank"] is not None else "dense", f"{m['kept']:.3f}",
+             f"{m['loss']:.4f}", f"{m['seconds']:.2f}"] for m in modules]
+    return table(["module", "rank", "kept", "rel. loss", "time s"], rows)
