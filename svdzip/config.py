@@ -21,6 +21,7 @@ class CompressConfig:
     group_size: int = 1  # > 1: Basis Sharing over that many consecutive layers
     share_roles: tuple[str, ...] = SHAREABLE_ROLES
     update: str | None = None  # svdllm (closed-form layer-wise) | coef (shared-basis coefficients)
+    update_samples: int = 0  # calibration sequences the update refits on (0 = all of them)
     allocator_options: dict[str, Any] = field(default_factory=dict)
     asvd_alpha: float = 0.5
     asvd_scaling: str = "abs_mean"  # or abs_max
@@ -42,6 +43,8 @@ class CompressConfig:
         bad = [r for r in self.share_roles if r not in SHAREABLE_ROLES]
         if bad:
             raise SvdzipError(f"roles {bad} cannot share a basis; shareable: {', '.join(SHAREABLE_ROLES)}")
+        if self.update_samples < 0:
+            raise SvdzipError(f"update_samples must be ≥ 0 (0 = all), got {self.update_samples}")
         for name in ("calib_samples", "calib_seq_len", "calib_batch_size"):
             if getattr(self, name) < 1:
                 raise SvdzipError(f"{name} must be ≥ 1, got {getattr(self, name)}")

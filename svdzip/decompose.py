@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from svdzip.budget import rank_cost
 from svdzip.calibrate import CalibrationStats
 from svdzip.errors import SvdzipError
-from svdzip.linalg import Spectrum, psd_sqrt, weighted_spectrum
+from svdzip.linalg import Spectrum, gram_factor, weighted_spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def decompose(
     if method not in DATA_FREE and stats is None:
         raise SvdzipError(f"method '{method}' needs calibration statistics")
     units = units if units is not None else group_linears(adapter)
-    sqrt_cache: dict[tuple[str, ...], torch.Tensor] = {}
+    factor_cache: dict[tuple[str, ...], torch.Tensor] = {}
     result = []
     for members in tqdm(units, desc=f"decomposing ({method})", unit="matrix"):
         t0 = time.perf_counter()
@@ -140,28 +140,30 @@ def decompose(
         stacked = torch.cat(weights, 0).to(device)
         if not torch.isfinite(stacked).all():
             raise SvdzipError(f"weights of {members[0].name} contain NaN/Inf")
+        rows, cols = stacked.shape
         metric: torch.Tensor | None = None
+        factor: torch.Tensor | None = None
         if method == "svdllm":
             keys = tuple(m.input_key for m in members)
-            if keys not in sqrt_cache:
-                missing = [k for k in keys if k not in stats.grams]
-                if missing:
-                    raise SvdzipError(f"statistics have no Gram matrix for {missing[0]} (wrong model?)")
-                gram = sum(stats.grams[k].to(device) for k in keys)
-                if gram.shape[0] != stacked.shape[1]:
-                    raise SvdzipError(f"statistics do not match the model: Gram of {keys[0]} is "
-                                      f"{gram.shape[0]}-dim, the weight has {stacked.shape[1]} inputs")
-                if len(sqrt_cache) >= 8:  # shared inputs come close together: a small cache suffices
-                    sqrt_cache.pop(next(iter(sqrt_cache)))
-                sqrt_cache[keys] = psd_sqrt(gram)
-            metric = sqrt_cache[keys]
+            missing = [k for k in keys if k not in stats.grams]
+            if missing:
+                raise SvdzipError(f"statistics have no Gram matrix for {missing[0]} (wrong model?)")
+            metric = sum(stats.grams[k].to(device) for k in keys)
+            if metric.shape[0] != cols:
+                raise SvdzipError(f"statistics do not match the model: Gram of {keys[0]} is "
+                                  f"{metric.shape[0]}-dim, the weight has {cols} inputs")
+            if rows > cols:  # tall: needs a factor of G, shared by the linears reading this input
+                if keys not in factor_cache:
+                    if len(factor_cache) >= 8:
+                        factor_cache.pop(next(iter(factor_cache)))
+                    factor_cache[keys] = gram_factor(metric)
+                factor = factor_cache[keys]
         elif method in ("asvd", "fwsvd"):
             diags = [metric_diagonal(method, m.input_key, m.name, stats, asvd_alpha, asvd_scaling)
                      for m in members]
             metric = torch.stack(diags).sum(0).to(device)
-        rows, cols = stacked.shape
         headroom = math.ceil(BASIS_HEADROOM * rows * cols / (rows + cols))
-        spectrum = weighted_spectrum(stacked, metric, max_rank=headroom)
+        spectrum = weighted_spectrum(stacked, metric, max_rank=headroom, factor=factor)
         spectrum = Spectrum(sigma2=spectrum.sigma2.cpu(), basis=spectrum.basis.cpu())
         result.append(Unit(members=list(members), spectrum=spectrum, seconds=time.perf_counter() - t0))
     return result

@@ -136,7 +136,7 @@ def build_manifest(module_rows: list[Any], summary: dict[str, Any], config: dict
             entry["shared_with"] = row.shared_with
         modules[row.name] = entry
     return SvdzipConfig(modules=modules, method=summary.get("method", ""), ratio=summary.get("ratio_requested"),
-                        details={"summary": summary, "config": config})
+                        details={"summary": summary, "config": config, "provenance": provenance(config)})
 
 
 def _fill_bias_flags(model: nn.Module, manifest: SvdzipConfig) -> None:
@@ -166,19 +166,37 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest:
             tokenizer.save_pretrained(tmp)
         full_report = {**manifest.details, **(report or {})}
         (tmp / "svdzip_report.json").write_text(json.dumps(full_report, indent=2, default=str))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put a fully written `tmp` in place of `out` by renames; the old `out` lives until `tmp` is there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def provenance(config: dict[str, Any]) -> dict[str, Any]:
+    """Seed and versions: what reproducing a compressed model needs besides the config."""
+    import safetensors
+    import transformers
+
+    return {"seed": config.get("seed"), "svdzip": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__}
 
 
 def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any] | None:

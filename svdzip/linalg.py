@@ -49,47 +49,59 @@ class Spectrum:
         return torch.cat([torch.flip(rev, dims=[0]), rev.new_zeros(1)])
 
 
-def psd_sqrt(gram: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a PSD matrix in float64 (negative round-off eigenvalues clipped)."""
-    g = gram.double()
-    g = 0.5 * (g + g.T)
-    evals, evecs = torch.linalg.eigh(g)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+def gram_factor(gram: torch.Tensor) -> torch.Tensor:
+    """A factor F with F Fᵀ = G (float64, from one eigen-decomposition; never a Cholesky)."""
+    evals, evecs = torch.linalg.eigh(_sym(gram))
+    return evecs * evals.clamp_min(0).sqrt()
 
 
-def weighted_matrix(weight: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
-    """`D = W G^{1/2}` for a full metric (n×n, given as its square root), a diagonal one (n,) or none."""
-    w = weight.double()
-    if metric is None:
-        return w
-    if metric.ndim == 1:
-        return w * metric.double().clamp_min(0).sqrt()
-    return w @ metric.double()
+def _sym(a: torch.Tensor) -> torch.Tensor:
+    a = a.double()
+    return 0.5 * (a + a.T)
+
+
+def _top_eigen(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    evals, evecs = torch.linalg.eigh(_sym(c))
+    order = torch.argsort(evals, descending=True)
+    return evals[order].clamp_min(0), evecs[:, order]
 
 
 def weighted_spectrum(
-    weight: torch.Tensor, metric_sqrt: torch.Tensor | None, max_rank: int | None = None
+    weight: torch.Tensor,
+    metric: torch.Tensor | None,
+    max_rank: int | None = None,
+    factor: torch.Tensor | None = None,
 ) -> Spectrum:
-    """Spectrum of `W` under a metric, via the eigen-problem of the smaller side (float64).
+    """Spectrum of `W` under a metric G, via the eigen-problem of the smaller side (float64).
 
-    `metric_sqrt` is `G^{1/2}` (n×n) from `psd_sqrt`, or the diagonal of `G` (n,), or None for identity.
+    `metric` is the full G (n×n), its diagonal (n,), or None for the identity. A wide or square
+    matrix (m ≤ n) needs only `W G Wᵀ` (m×m); a tall one needs a factor F F ᵀ = G (pass `factor`
+    to reuse one across matrices that share an input).
     """
-    d = weighted_matrix(weight, metric_sqrt)
-    m, n = d.shape
+    w = weight.double()
+    m, n = w.shape
     r = min(m, n)
     keep = r if max_rank is None else max(0, min(r, max_rank))
     if m <= n:
-        evals, evecs = torch.linalg.eigh(d @ d.T)
-        order = torch.argsort(evals, descending=True)
-        sigma2 = evals[order].clamp_min(0)
-        basis = evecs[:, order[:keep]]
+        if metric is None:
+            c = w @ w.T
+        elif metric.ndim == 1:
+            c = (w * metric.double().clamp_min(0)) @ w.T
+        else:
+            c = w @ metric.double() @ w.T
+        sigma2, evecs = _top_eigen(c)
+        basis = evecs[:, :keep]
     else:
-        evals, evecs = torch.linalg.eigh(d.T @ d)
-        order = torch.argsort(evals, descending=True)
-        sigma2 = evals[order].clamp_min(0)
+        if metric is None:
+            d = w
+        elif metric.ndim == 1:
+            d = w * metric.double().clamp_min(0).sqrt()
+        else:
+            d = w @ (factor.double() if factor is not None else gram_factor(metric))
+        sigma2, evecs = _top_eigen(d.T @ d)
         # left singular vectors U = D V / σ; a QR keeps every prefix's span and orthonormality
         # even where σ is (numerically) zero.
-        basis = torch.linalg.qr(d @ evecs[:, order[:keep]]).Q if keep else d.new_zeros(m, 0)
+        basis = torch.linalg.qr(d @ evecs[:, :keep]).Q if keep else d.new_zeros(m, 0)
     return Spectrum(sigma2=sigma2[:r].contiguous(), basis=basis.float().contiguous())
 
 

@@ -17,7 +17,7 @@ from svdzip.allocate import AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
 from svdzip.calibrate import CalibrationStats, collect_statistics
 from svdzip.config import CompressConfig
-from svdzip.decompose import DATA_FREE, decompose, group_linears
+from svdzip.decompose import DATA_FREE, Unit, decompose, group_linears
 from svdzip.errors import SvdzipError
 from svdzip.materialise import ModuleReport, materialise
 from svdzip.models.adapter import ModelAdapter
@@ -37,6 +37,7 @@ class CompressionResult:
     modules: list[ModuleReport]
     summary: dict[str, Any]
     ranks: dict[str, int | None] = field(default_factory=dict)
+    effective_ranks: list[dict[str, Any]] = field(default_factory=list)  # per unit, for plots and reports
 
 
 def check_weights_finite(model: nn.Module) -> None:
@@ -51,6 +52,8 @@ def compress(
     stats: CalibrationStats | None = None,
     calib_tokens: torch.Tensor | None = None,
     out_dir: Any = None,
+    units: list[Unit] | None = None,
+    heldout_tokens: torch.Tensor | None = None,
 ) -> CompressionResult:
     """Compress `model` in place to `config.ratio` and report what was done.
 
@@ -82,20 +85,24 @@ def compress(
 
     t0 = time.perf_counter()
     groups = group_linears(adapter, config.share_roles, config.group_size)
-    units = decompose(adapter, stats, config.method, groups, config.asvd_alpha, config.asvd_scaling,
-                      device=config.device)
+    if units is None:  # precomputed spectra come from the distributed / resumable engine (streaming.py)
+        units = decompose(adapter, stats, config.method, groups, config.asvd_alpha, config.asvd_scaling,
+                          device=config.device)
     timings["decompose_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     unit_dense = sum(u.dense_params for u in units)
     ctx = AllocationContext(
-        ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio), options=config.allocator_options,
+        ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio),
+        options=_allocator_options(config, heldout_tokens),
         adapter=adapter, model=model, stats=stats, calib_tokens=calib_tokens, device=config.device,
         seed=config.seed, out_dir=out_dir,
     )
     ranks = allocate(config.allocator, units, ctx)
     timings["allocate_s"] = time.perf_counter() - t0
 
+    # the update's target is the ORIGINAL weight's output: keep the dense modules (no copy) until then
+    originals = {m.name: adapter.module(m.name) for u in units for m in u.members} if config.update else None
     t0 = time.perf_counter()
     rows = materialise(adapter, units, ranks)
     timings["materialise_s"] = time.perf_counter() - t0
@@ -106,7 +113,9 @@ def compress(
         if calib_tokens is None:
             raise SvdzipError(f"the '{config.update}' update needs calibration tokens")
         t0 = time.perf_counter()
-        apply_update(config.update, model, adapter, units, ranks, calib_tokens, config, stats)
+        apply_update(config.update, model, adapter, units, ranks, calib_tokens, config, stats,
+                     originals=originals)
+        del originals
         timings["update_s"] = time.perf_counter() - t0
 
     kept_linear = spent(units, ranks)
@@ -127,7 +136,25 @@ def compress(
     log.info("%s: removed %.4f of decoder linear parameters (asked %.4f); model %d → %d parameters",
              config.label, summary["ratio_achieved"], config.ratio, params_before, params_after)
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
-                             ranks={r.name: r.rank for r in rows})
+                             ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units))
+
+
+def _allocator_options(config: CompressConfig, heldout_tokens: torch.Tensor | None) -> dict[str, Any]:
+    """The config's options, plus held-out calibration windows for hyperparameter tuning (never saved)."""
+    from svdzip.allocate.common import HELDOUT_KEY
+
+    options = dict(config.allocator_options)
+    if heldout_tokens is not None:
+        options[HELDOUT_KEY] = heldout_tokens
+    return options
+
+
+def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:
+    """D-Rank's information density of every unit (cheap: the spectra are already there)."""
+    from svdzip.linalg import effective_rank
+
+    return [{"name": u.name, "role": u.role, "layers": list(u.layers),
+             "effective_rank": u.extras.get("erank") or effective_rank(u.spectrum.sigma2)} for u in units]
 
 
 def calibration_meta(source: str, config: CompressConfig) -> dict[str, Any]:

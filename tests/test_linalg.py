@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdzip.linalg import data_loss, effective_rank, psd_sqrt, truncate, weighted_spectrum
+from svdzip.linalg import data_loss, effective_rank, gram_factor, truncate, weighted_spectrum
 
 
 def _problem(m=12, n=9, tokens=40, seed=0, rank_deficient=False):
@@ -20,7 +20,7 @@ def _problem(m=12, n=9, tokens=40, seed=0, rank_deficient=False):
 def test_loss_equals_dropped_whitened_energy(shape, k):
     w, x = _problem(*shape)
     gram = x.T @ x
-    spec = weighted_spectrum(w, psd_sqrt(gram))
+    spec = weighted_spectrum(w, gram)
     a, b = truncate(w, spec.basis, k)
     approx = a.double() @ b.double()
     direct = float(((x @ w.T - x @ approx.T) ** 2).sum())
@@ -36,7 +36,7 @@ def test_matches_cholesky_route_when_it_succeeds():
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     k = 5
     ref = (u[:, :k] * s[:k]) @ torch.linalg.solve_triangular(chol, vh[:k], upper=False, left=False)
-    spec = weighted_spectrum(w, psd_sqrt(gram))
+    spec = weighted_spectrum(w, gram)
     a, b = truncate(w, spec.basis, k)
     assert torch.allclose(a.double() @ b.double(), ref, atol=1e-8)
     assert torch.allclose(spec.sigma2, s**2, rtol=1e-8)
@@ -47,7 +47,7 @@ def test_rank_deficient_gram_never_fails():
     gram = x.T @ x
     with pytest.raises(torch.linalg.LinAlgError):
         torch.linalg.cholesky(gram - 1e-9 * torch.eye(9, dtype=torch.float64))
-    spec = weighted_spectrum(w, psd_sqrt(gram))
+    spec = weighted_spectrum(w, gram)
     for k in range(0, 10):
         a, b = truncate(w, spec.basis, k)
         approx = a.double() @ b.double()
@@ -59,7 +59,7 @@ def test_rank_deficient_gram_never_fails():
 def test_optimal_against_random_rank_k():
     w, x = _problem(8, 6)
     gram = x.T @ x
-    spec = weighted_spectrum(w, psd_sqrt(gram))
+    spec = weighted_spectrum(w, gram)
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
         rand = torch.randn(8, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 6, generator=g, dtype=torch.float64)
@@ -78,7 +78,7 @@ def test_diagonal_and_identity_metrics():
 
 def test_tail_curve_and_effective_rank():
     w, x = _problem()
-    spec = weighted_spectrum(w, psd_sqrt(x.T @ x))
+    spec = weighted_spectrum(w, x.T @ x)
     curve = spec.tail_curve()
     assert all(curve[k] == pytest.approx(spec.tail(k)) for k in range(len(spec.sigma2) + 1))
     assert effective_rank(torch.ones(5, dtype=torch.float64)) == pytest.approx(5.0, rel=1e-6)
@@ -91,8 +91,19 @@ def test_stacked_matrices_share_a_right_basis():
     w2, _ = _problem(6, 8, seed=2)
     stack = torch.cat([w1, w2])
     gram = x.T @ x
-    spec = weighted_spectrum(stack, psd_sqrt(gram))
+    spec = weighted_spectrum(stack, gram)
     a, b = truncate(stack, spec.basis, 4)
     approx = a.double() @ b.double()
     loss = data_loss(w1, approx[:6], gram) + data_loss(w2, approx[6:], gram)
     assert loss == pytest.approx(spec.tail(4), rel=1e-8)
+
+
+def test_tall_matrix_with_a_reused_factor():
+    w, x = _problem(15, 6)
+    gram = x.T @ x
+    f = gram_factor(gram)
+    assert torch.allclose(f @ f.T, gram, rtol=1e-9, atol=1e-9 * float(gram.abs().max()))
+    a = weighted_spectrum(w, gram)
+    b = weighted_spectrum(w, gram, factor=f)
+    assert torch.allclose(a.sigma2, b.sigma2)
+    assert torch.allclose(a.sigma2, torch.linalg.svdvals(w @ torch.linalg.cholesky(gram)) ** 2, rtol=1e-8)

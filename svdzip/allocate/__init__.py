@@ -9,6 +9,7 @@ rank per unit, or `DENSE` (None) to keep the unit dense. It must never spend mor
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +38,6 @@ class AllocationContext:
 
 Allocator = Callable[[list[Unit], AllocationContext], list[int | None]]
 ALLOCATORS: dict[str, Allocator] = {}
-# modules that register allocators when imported (one file per allocator)
-_PLUGINS = ("uniform",)
 
 
 def register(name: str) -> Callable[[Allocator], Allocator]:
@@ -50,8 +49,9 @@ def register(name: str) -> Callable[[Allocator], Allocator]:
 
 
 def _load_plugins() -> None:
-    for plugin in _PLUGINS:
-        importlib.import_module(f"svdzip.allocate.{plugin}")
+    """Import every module of this package: each file registers its allocator(s)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available() -> list[str]:

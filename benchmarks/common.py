@@ -1,0 +1,87 @@
+"""Shared plumbing of the benchmark scripts: one model load, cached statistics, one evaluation routine.
+
+Every benchmark writes `benchmarks/results/<name>.json` and `.md` and records the command, the
+commit and the machine, so a number in the README can be traced to a re-runnable command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svdzip.config import CompressConfig
+from svdzip.data import calibration_tokens, load_corpus
+from svdzip.evaluate.perplexity import perplexity_on_corpora
+from svdzip.models.loading import load_model
+from svdzip.pipeline import compress, prepare_statistics
+
+RESULTS = Path(__file__).parent / "results"
+log = logging.getLogger("benchmarks")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def provenance() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                       f"threads {torch.get_num_threads()}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+class Bench:
+    """One model with its calibration tokens and statistics, compressed afresh for every cell."""
+
+    def __init__(self, model: str = "smollm2-135m", corpus: str = "wiki", samples: int = 64, seq_len: int = 512,
+                 seed: int = 0, device: str = "cpu"):
+        self.model_name, self.device = model, device
+        self.base = CompressConfig(corpus=corpus, calib_samples=samples, calib_seq_len=seq_len, seed=seed,
+                                   device=device)
+        model_, self.tokenizer, self.source = load_model(model, device)
+        self.tokens = calibration_tokens(self.tokenizer, load_corpus(corpus), samples, seq_len, seed)
+        self.stats = prepare_statistics(model_, self.tokens, self.source, self.base)
+        del model_
+
+    def fresh(self):
+        return load_model(self.source, self.device)[0]
+
+    def compress(self, **overrides: Any):
+        cfg = CompressConfig(**{**self.base.to_dict(), **overrides, "share_roles": tuple(self.base.share_roles)})
+        model = self.fresh()
+        t0 = time.perf_counter()
+        result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens)
+        result.summary["wall_s"] = round(time.perf_counter() - t0, 2)
+        return result
+
+    def perplexity(self, model, corpora=("wiki", "austen"), max_tokens: int = 16384, seq_len: int = 2048,
+                   protocols=("svdllm",)) -> dict[str, float]:
+        res = perplexity_on_corpora(model, self.tokenizer, list(corpora), protocols, seq_len, max_tokens,
+                                    self.device)
+        return {c: by[protocols[0]].ppl for c, by in res.items()}
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"provenance": provenance(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+    prov = payload["provenance"]
+    (RESULTS / f"{name}.md").write_text(
+        f"{markdown}\n\nProduced by `{prov['command']}` at commit {prov['commit']} on {prov['machine']}, "
+        f"{prov['date']}.\n")
+    log.info("wrote %s", RESULTS / f"{name}.md")

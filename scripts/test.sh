@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command of README.md: install, lint, run the test suite (unit tests on tiny models plus a
+# few end-to-end tests on the real default model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check svdzip tests benchmarks
+.venv/bin/pytest -q -p no:cacheprovider "$@"

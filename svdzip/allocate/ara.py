@@ -1,0 +1,318 @@
+"""ARA: learned rank allocation (Xv et al., arXiv 2510.19389; code `compressionOrg/ARA`; spec §6, §10.11).
+
+Instead of a formula, ARA *trains* one categorical distribution per unit over 101 retention
+candidates against the language-model loss on calibration text:
+
+    L = CE + α·(R_tot − target)² + β·guidance,      α = 100, β = 50,
+
+where R_tot is the expected parameter ratio and the guidance term pushes a module towards dense when
+its saving (1 − ρ) is smaller than its normalised truncation error — the gain is not smooth at ρ = 1,
+which a differentiable loss alone does not see. Factors are over-complete (ρ₀ = 1.2) and come from
+the same data-weighted spectra as every other allocator (our eigen-route basis), so "uniform" and
+ARA differ only in the ranks. Only the logits train; the model is frozen and restored unchanged.
+
+Options (`--allocator-option key=value`):
+  steps (128), seq_len (256), sequences (all calibration rows), batch (1), lr ("auto": 1e-3·2560/steps,
+  i.e. the logit travel of the paper's 10 epochs × 256 steps at lr 1e-3; give 0.001 for the paper's
+  per-step rate), alpha (100), beta (50), rho0 (1.2), snap (0.99), init ("uniform" or any allocator
+  name, e.g. drank; its own options as init_<key>=value), sticky_dense (false; the reference code's
+  "once dense, always dense"), plot (true).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from svdzip.allocate import AllocationContext, allocate, common, register
+from svdzip.ara_mask import RHO0, MaskedLinear, StaircaseMask, bonus_table, over_complete_rank
+from svdzip.budget import DENSE, max_useful_rank
+from svdzip.decompose import Unit
+from svdzip.errors import SvdzipError
+from svdzip.linalg import truncate
+
+log = logging.getLogger(__name__)
+
+PAPER_STEPS = 2560  # 10 epochs × 256 sequences, batch 1
+PAPER_LR = 1e-3
+
+#: Diagnostics of the most recent run in this process (history, timings), for benchmarks and plots.
+LAST_RUN: dict[str, Any] = {}
+
+
+@dataclass
+class AraOptions:
+    steps: int = 128
+    seq_len: int = 256
+    sequences: int = 0  # 0 = every calibration row
+    batch: int = 1
+    lr: float | str = "auto"
+    alpha: float = 100.0
+    beta: float = 50.0
+    rho0: float = RHO0
+    snap: float = 0.99
+    init: str = "uniform"
+    sticky_dense: bool = False
+    plot: bool = True
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> AraOptions:
+        known = {f.name: f for f in fields(cls)}
+        options = {k: v for k, v in options.items() if not k.startswith("init_")}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise SvdzipError(f"unknown ARA option(s) {unknown}; known: {', '.join(known)}")
+        out = cls()
+        for key, value in options.items():
+            default = getattr(out, key)
+            try:
+                if key == "lr":
+                    value = value if value == "auto" else float(value)
+                elif isinstance(default, bool):
+                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                else:
+                    value = type(default)(value)
+            except (TypeError, ValueError) as exc:
+                raise SvdzipError(f"ARA option {key}={value!r} is not a valid {type(default).__name__}") from exc
+            setattr(out, key, value)
+        if out.steps < 1 or out.seq_len < 2 or out.batch < 1 or out.sequences < 0:
+            raise SvdzipError("ARA needs steps ≥ 1, seq_len ≥ 2, batch ≥ 1, sequences ≥ 0")
+        if out.rho0 <= 1.0:
+            raise SvdzipError(f"ARA's rho0 must exceed 1 (it must be able to express dense), got {out.rho0}")
+        return out
+
+    @property
+    def learning_rate(self) -> float:
+        return PAPER_LR * PAPER_STEPS / self.steps if self.lr == "auto" else float(self.lr)
+
+
+def training_windows(tokens: torch.Tensor, seq_len: int, sequences: int, bos_id: int | None) -> torch.Tensor:
+    """Cut calibration rows into `seq_len` windows; a row that starts with BOS gives every window a BOS
+    (Gemma degrades badly without one)."""
+    if tokens is None or tokens.ndim != 2 or tokens.numel() == 0:
+        raise SvdzipError("ARA trains on calibration tokens; none were given")
+    rows = tokens[:sequences] if sequences else tokens
+    out = []
+    for row in rows:
+        if bos_id is not None and int(row[0]) == bos_id and seq_len > 2:
+            body = row[1:]
+            step = seq_len - 1
+            for s in range(0, body.numel() - step + 1, step):
+                out.append(torch.cat([row[:1], body[s : s + step]]))
+        else:
+            for s in range(0, row.numel() - seq_len + 1, seq_len):
+                out.append(row[s : s + seq_len])
+    if not out:  # rows shorter than seq_len: use them whole
+        out = list(rows)
+    return torch.stack(out)
+
+
+class _Installed:
+    """Masked modules swapped into the model for training, and the way back to the dense model."""
+
+    def __init__(self, units: list[Unit], ctx: AllocationContext, targets: list[float], opts: AraOptions):
+        self.adapter = ctx.adapter
+        self.originals: dict[str, torch.nn.Module] = {}
+        self.masks: list[StaircaseMask] = []
+        self.rank_max: list[int] = []
+        for unit, target in zip(units, targets, strict=True):
+            modules = [self.adapter.module(m.name) for m in unit.members]
+            weight = modules[0].weight
+            r_max = max(1, min(over_complete_rank(unit.rows, unit.cols, opts.rho0), unit.spectrum.basis.shape[1]))
+            stacked = torch.cat([mod.weight.detach() for mod in modules], 0)
+            a, b = truncate(stacked, unit.spectrum.basis.to(stacked.device), r_max)
+            mask = StaircaseMask(r_max, target, opts.rho0, opts.sticky_dense).to(weight.device)
+            offset = 0
+            for info, mod in zip(unit.members, modules, strict=True):
+                left = a[offset : offset + info.out_features].to(weight.dtype)
+                offset += info.out_features
+                self.originals[info.name] = mod
+                self.adapter.set_module(info.name, MaskedLinear(mod, left, b.to(weight.dtype), mask))
+            self.masks.append(mask)
+            self.rank_max.append(r_max)
+
+    def restore(self) -> None:
+        for name, mod in self.originals.items():
+            self.adapter.set_module(name, mod)
+        self.originals.clear()
+
+
+def _targets(units: list[Unit], ctx: AllocationContext, opts: AraOptions, kept: float) -> list[float]:
+    """Initial retention (fraction of rank_max) per unit: the uniform target, or another allocator's ranks."""
+    if opts.init == "uniform":
+        return [kept / opts.rho0] * len(units)
+    if opts.init == "ara":
+        raise SvdzipError("ARA cannot be initialised from itself")
+    # options meant for the initialising allocator are passed as init_<key>=value
+    sub = replace(ctx, options={k[5:]: v for k, v in ctx.options.items() if k.startswith("init_")})
+    ranks = allocate(opts.init, units, sub)
+    out = []
+    for unit, rank in zip(units, ranks, strict=True):
+        r_max = over_complete_rank(unit.rows, unit.cols, opts.rho0)
+        out.append(1.0 / opts.rho0 + 0.01 if rank is DENSE else rank / max(r_max, 1))
+    log.info("ARA logits start from '%s' ranks (%d dense)", opts.init, sum(r is DENSE for r in ranks))
+    return out
+
+
+def _train(model: torch.nn.Module, inst: _Installed, units: list[Unit], windows: torch.Tensor,
+           kept: float, opts: AraOptions, seed: int) -> list[dict[str, float]]:
+    """Train the mask logits (AdamW, no weight decay); returns the per-step history."""
+    device = next(inst.masks[0].buffers()).device
+    sizes = torch.tensor([float(u.dense_params) for u in units], device=device)
+    total = float(sizes.sum())
+    bonus = torch.stack([bonus_table(u.spectrum, u.rows, u.cols) for u in units]).to(device)  # (U, 99)
+    params = [m.logits for m in inst.masks]
+    opt = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(opts.steps), desc="ARA mask training", unit="step")
+    for step in bar:
+        if len(order) < opts.batch:
+            order += torch.randperm(windows.shape[0], generator=gen).tolist()
+        idx, order = order[: opts.batch], order[opts.batch :]
+        ids = windows[idx].to(device)
+        r_hat = torch.stack([m.refresh() for m in inst.masks])
+        ce = model(input_ids=ids, labels=ids, use_cache=False).loss
+        rho = torch.clamp(opts.rho0 * r_hat, max=1.0)
+        r_tot = (rho * sizes).sum() / total
+        comp = (r_tot - kept) ** 2
+        with torch.no_grad():  # bonus looked up at the nearest 0.01 key
+            key = (rho * 100).round().long().clamp(1, 99) - 1
+            push = (rho > 1 - bonus.gather(1, key[:, None]).squeeze(1)).to(rho.dtype)
+        guide = ((1 - rho) * push).mean()
+        loss = ce + opts.alpha * comp + opts.beta * guide
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        dense = sum(m.dense for m in inst.masks)
+        row = {"step": step, "loss": float(loss), "ce": float(ce), "comp": float(comp), "guide": float(guide),
+               "kept": float(r_tot), "dense": dense}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.4f}", dense=dense)
+    return history
+
+
+def finalise(units: list[Unit], r_hats: list[float], rank_max: list[int], kept: float, budget: int,
+             rho0: float = RHO0, snap: float = 0.99) -> list[int | None]:
+    """ARA's finalisation: snap ρ ≥ `snap` to dense, rescale the rest proportionally to hit the target,
+    floor to integer ranks, then spend / trim the integer leftover greedily so the budget holds exactly."""
+    rho = [rho0 * r for r in r_hats]
+    dense = [p >= snap for p in rho]
+    total = sum(u.dense_params for u in units)
+    r_tot = sum(u.dense_params * (1.0 if d else p) for u, p, d in zip(units, rho, dense, strict=True)) / total
+    comp = sum(u.dense_params * p for u, p, d in zip(units, rho, dense, strict=True) if not d)
+    factor = 1.0 - (r_tot - kept) * total / comp if comp > 0 else 1.0
+    ranks: list[int | None] = []
+    for unit, r, rm, d in zip(units, r_hats, rank_max, dense, strict=True):
+        if d:
+            ranks.append(DENSE)
+        else:
+            ranks.append(min(max(1, int(r * factor * rm)), max(1, max_useful_rank(unit.rows, unit.cols))))
+    return fit_budget(units, ranks, budget)
+
+
+def fit_budget(units: list[Unit], ranks: list[int | None], budget: int) -> list[int | None]:
+    """Integer fix after flooring (shared helper): trim while over budget, then fill while a step fits,
+    by normalised whitened loss per parameter — the same measure ARA's bonus uses."""
+    weights = [1.0 / max(u.spectrum.energy, 1e-300) for u in units]
+    return common.fit_budget(units, list(ranks), budget, common.loss_gain(units, weights))
+
+
+def _plots(out_dir: Path, units: list[Unit], ranks: list[int | None], history: list[dict[str, float]]) -> None:
+    """Loss curve and learned parameter ratio per layer and role (PNG); skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; ARA plots skipped")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], label="total loss", lw=1)
+    ax.plot(steps, [h["ce"] for h in history], label="LM cross-entropy", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["kept"] for h in history], color="k", ls="--", lw=1, label="expected kept ratio")
+    ax2.set_ylabel("kept ratio R_tot")
+    ax.legend(loc="upper right")
+    ax.set_title("ARA mask training")
+    fig.tight_layout()
+    fig.savefig(out_dir / "ara_loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    by_role: dict[str, list[tuple[int, float]]] = {}
+    for u, r in zip(units, ranks, strict=True):
+        ratio = 1.0 if r is DENSE else r * u.cost_per_rank / u.dense_params
+        by_role.setdefault(u.role, []).append((u.layers[0], ratio))
+    for role, pts in by_role.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=role)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept parameter ratio (1 = dense)")
+    ax.set_title("ARA: learned ratio per layer")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "ara_ratios.png", dpi=110)
+    plt.close(fig)
+
+
+@register("ara")
+def allocate_ara(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
+    opts = AraOptions.from_options(dict(ctx.options))
+    if ctx.model is None or ctx.adapter is None:
+        raise SvdzipError("ARA trains masks on the model: the allocation context has no model")
+    total = sum(u.dense_params for u in units)
+    kept = ctx.budget / total
+    targets = _targets(units, ctx, opts, kept)
+    bos = getattr(ctx.model.config, "bos_token_id", None)
+    windows = training_windows(ctx.calib_tokens, opts.seq_len, opts.sequences, bos)
+    log.info("ARA: %d units, target kept %.4f, %d steps × batch %d × %d tokens (%d windows), lr %.3g",
+             len(units), kept, opts.steps, opts.batch, windows.shape[1], windows.shape[0], opts.learning_rate)
+    model = ctx.model
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    torch.manual_seed(ctx.seed)
+    t0 = time.perf_counter()
+    inst = _Installed(units, ctx, targets, opts)
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        history = _train(model, inst, units, windows, kept, opts, ctx.seed)
+        with torch.no_grad():
+            r_hats = [float(m.retention()) for m in inst.masks]
+    finally:
+        inst.restore()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(n, False))
+        model.train(was_training)
+    train_s = time.perf_counter() - t0
+    ranks = finalise(units, r_hats, inst.rank_max, kept, ctx.budget, opts.rho0, opts.snap)
+    n_dense = sum(r is DENSE for r in ranks)
+    log.info("ARA: trained in %.1f s; expected kept %.4f → final %d dense of %d units", train_s,
+             history[-1]["kept"] if history else float("nan"), n_dense, len(units))
+    LAST_RUN.clear()
+    LAST_RUN.update(train_s=train_s, history=history, r_hats=r_hats, ranks=ranks, options=vars(opts).copy(),
+                    lr=opts.learning_rate, windows=list(windows.shape))
+    if ctx.out_dir is not None and opts.plot:
+        out = Path(ctx.out_dir)
+        _plots(out, units, ranks, history)
+        (out / "ara_history.json").write_text(json.dumps(
+            {"train_s": train_s, "options": LAST_RUN["options"], "lr": opts.learning_rate, "history": history,
+             "units": [{"name": u.name, "r_hat": r, "rank": k} for u, r, k in zip(units, r_hats, ranks, strict=True)]},
+            indent=1))
+    return ranks

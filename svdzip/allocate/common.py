@@ -1,0 +1,249 @@
+"""Shared maths of the allocators: costs with the dense option, exact-budget integer fixing, greedy fills.
+
+Every allocator ends the same way: continuous or rounded ranks must become integers that spend the
+budget exactly (never over, and under by less than the cheapest step any unit could still take).
+Ranks here are always *normalised*: an int in [1, max_useful_rank] or `DENSE` (None). Going from
+`max_useful_rank` one step up means going dense, which costs `rows·cols − k·(rows+cols)` (never more
+than one rank's cost), so "keep this one dense" is simply the last step of every unit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+
+from svdzip.budget import DENSE, max_useful_rank, normalise_rank, unit_params
+from svdzip.decompose import Unit
+from svdzip.errors import SvdzipError
+
+Rank = int | None
+#: benefit per parameter of unit i's next step up from `rank` (higher = served first)
+Gain = Callable[[int, int], float]
+
+
+def params(unit: Unit, rank: Rank) -> int:
+    return unit_params(unit.rows, unit.cols, rank)
+
+
+def total(units: Sequence[Unit], ranks: Sequence[Rank]) -> int:
+    return sum(params(u, r) for u, r in zip(units, ranks, strict=True))
+
+
+def normalise(unit: Unit, rank: float | None) -> Rank:
+    """Round a continuous rank; dense where factorising would not save parameters."""
+    if rank is None or not math.isfinite(rank):
+        return DENSE
+    return normalise_rank(unit.rows, unit.cols, max(1, int(round(rank))))
+
+
+def step_up(unit: Unit, rank: Rank) -> tuple[Rank, int] | None:
+    """(next rank, its extra cost), or None when the unit is already dense."""
+    if rank is DENSE:
+        return None
+    if rank >= max_useful_rank(unit.rows, unit.cols):
+        return DENSE, unit.dense_params - rank * unit.cost_per_rank
+    return rank + 1, unit.cost_per_rank
+
+
+def step_down(unit: Unit, rank: Rank) -> tuple[Rank, int] | None:
+    """(previous rank, parameters it frees), or None at rank 1."""
+    if rank is DENSE:
+        k = max_useful_rank(unit.rows, unit.cols)
+        return k, unit.dense_params - k * unit.cost_per_rank
+    if rank <= 1:
+        return None
+    return rank - 1, unit.cost_per_rank
+
+
+def marginal_loss(unit: Unit, rank: Rank) -> float:
+    """Data-weighted loss the next step up removes: σ²_{k+1}, or the whole tail when going dense."""
+    if rank is DENSE:
+        return 0.0
+    if rank >= max_useful_rank(unit.rows, unit.cols):
+        return unit.spectrum.tail(rank)
+    s = unit.spectrum.sigma2
+    return float(s[rank]) if rank < s.numel() else 0.0
+
+
+def static_gain(priority: Sequence[float]) -> Gain:
+    """A gain that ignores the rank: D-Rank's "increment the group with the largest R_eff/ω"."""
+    return lambda i, _rank: priority[i]
+
+
+def shrink_to_budget(units: Sequence[Unit], ranks: list[Rank], budget: int, gain: Gain,
+                     subset: Sequence[int] | None = None) -> list[Rank]:
+    """Take steps down, always from the unit whose current step is worth least, until within budget."""
+    idx = list(range(len(units))) if subset is None else list(subset)
+    used = total([units[i] for i in idx], [ranks[i] for i in idx])
+    heap = []
+    for i in idx:
+        down = step_down(units[i], ranks[i])
+        if down is not None:
+            heap.append((gain(i, down[0]), i))
+    heapq.heapify(heap)
+    while used > budget:
+        if not heap:
+            raise SvdzipError(f"budget of {budget} parameters is below one rank per matrix ({used})")
+        _, i = heapq.heappop(heap)
+        down = step_down(units[i], ranks[i])
+        if down is None:
+            continue
+        ranks[i], freed = down
+        used -= freed
+        nxt = step_down(units[i], ranks[i])
+        if nxt is not None:
+            heapq.heappush(heap, (gain(i, nxt[0]), i))
+    return ranks
+
+
+def fill_budget(units: Sequence[Unit], ranks: list[Rank], budget: int, gain: Gain,
+                subset: Sequence[int] | None = None) -> list[Rank]:
+    """Take steps up, best gain first, while they fit: afterwards no unit's next step fits the rest.
+
+    Step costs never grow (the dense step costs at most one rank), so a unit whose step does not fit
+    is done; the leftover is then below the cheapest step any unit could still take.
+    """
+    idx = list(range(len(units))) if subset is None else list(subset)
+    left = budget - total([units[i] for i in idx], [ranks[i] for i in idx])
+    heap = [(-gain(i, ranks[i]), i) for i in idx if ranks[i] is not DENSE]
+    heapq.heapify(heap)
+    while heap and left > 0:
+        _, i = heapq.heappop(heap)
+        up = step_up(units[i], ranks[i])
+        if up is None or up[1] > left:
+            continue
+        ranks[i], cost = up
+        left -= cost
+        if ranks[i] is not DENSE:
+            heapq.heappush(heap, (-gain(i, ranks[i]), i))
+    return ranks
+
+
+def fit_budget(units: Sequence[Unit], ranks: list[Rank], budget: int, gain: Gain,
+               subset: Sequence[int] | None = None) -> list[Rank]:
+    """Shrink if over, then fill: the integer budget fix every allocator shares."""
+    shrink_to_budget(units, ranks, budget, gain, subset)
+    return fill_budget(units, ranks, budget, gain, subset)
+
+
+def loss_gain(units: Sequence[Unit], weights: Sequence[float]) -> Gain:
+    """Marginal reduction of weighted data loss per parameter of the next step (dense step included)."""
+    def gain(i: int, rank: Rank) -> float:
+        up = step_up(units[i], rank)
+        return -math.inf if up is None else weights[i] * marginal_loss(units[i], rank) / max(up[1], 1)
+
+    return gain
+
+
+def hull_segments(unit: Unit, weight: float) -> list[tuple[float, Rank, int]]:
+    """Upper concave hull of (parameters, weighted loss removed) from rank 1 up to dense.
+
+    Returns segments (gain per parameter, rank reached, cost) in decreasing-gain order. Ranks alone
+    give a concave curve (σ² descends); the dense point can lie above it, in which case the hull jumps
+    straight to dense from the rank where that is the better buy — the "one big step" of going dense.
+    """
+    kmax = max_useful_rank(unit.rows, unit.cols)
+    c = unit.cost_per_rank
+    tail = unit.spectrum.tail_curve()
+    base = float(tail[1]) if tail.numel() > 1 else 0.0
+    pts: list[tuple[int, float, Rank]] = []
+    for k in range(1, kmax + 1):
+        reached = float(tail[k]) if k < tail.numel() else 0.0
+        pts.append((k * c, weight * (base - reached), k))
+    pts.append((unit.dense_params, weight * base, DENSE))
+    hull: list[tuple[int, float, Rank]] = []
+    for p in pts:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):  # hull[-1] lies under the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    segs = []
+    for (x1, y1, _), (x2, y2, r2) in zip(hull, hull[1:], strict=False):
+        segs.append(((y2 - y1) / max(x2 - x1, 1), r2, x2 - x1))
+    return segs
+
+
+def greedy_loss_allocation(units: Sequence[Unit], weights: Sequence[float], budget: int) -> list[Rank]:
+    """Minimise Σ wᵤ·tailᵤ(kᵤ) under the budget: greedy over concave-hull segments, then single steps.
+
+    The hull greedy is the exact Lagrangian (convexified) solution; the single-step fill uses what a
+    segment that no longer fits leaves over.
+    """
+    ranks: list[Rank] = [1] * len(units)
+    left = budget - total(units, ranks)
+    if left < 0:
+        raise SvdzipError(f"budget of {budget} parameters is below one rank per matrix")
+    segs = [hull_segments(u, w) for u, w in zip(units, weights, strict=True)]
+    pos = [0] * len(units)
+    heap = [(-s[0][0], i) for i, s in enumerate(segs) if s]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        _, reach, cost = segs[i][pos[i]]
+        if cost > left:
+            continue  # this unit stops here; the single-step fill may still move it
+        ranks[i] = reach
+        left -= cost
+        pos[i] += 1
+        if pos[i] < len(segs[i]):
+            heapq.heappush(heap, (-segs[i][pos[i]][0], i))
+
+    return fill_budget(units, ranks, budget, loss_gain(units, weights))
+
+
+HELDOUT_KEY = "heldout_tokens"  # AllocationContext.options key: calibration-corpus windows not used for stats
+
+
+def heldout_loss(units: Sequence[Unit], ranks: Sequence[Rank], model, tokens, batch_size: int = 4) -> float:
+    """Mean next-token loss of the model compressed to `ranks` (on a copy) over held-out tokens."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from svdzip.materialise import materialise
+    from svdzip.models.adapter import ModelAdapter
+
+    trial = copy.deepcopy(model)
+    materialise(ModelAdapter(trial), list(units), list(ranks))
+    device = next(trial.parameters()).device
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            ids = tokens[start : start + batch_size].to(device)
+            logits = trial(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                         reduction="sum"))
+            count += ids[:, 1:].numel()
+    del trial
+    return nll / max(count, 1)
+
+
+def tune_on_heldout(units: Sequence[Unit], ctx, name: str, grid: Sequence[float],
+                    ranks_for: Callable[[float], list[Rank]]) -> float:
+    """Pick the hyperparameter value whose allocation has the lowest loss on held-out CALIBRATION text.
+
+    The held-out windows come from the calibration corpus but were not used for the statistics
+    (`svdzip compress --tune-beta` draws them); evaluation text is never seen.
+    """
+    import logging
+
+    tokens = (ctx.options or {}).get(HELDOUT_KEY)
+    if tokens is None:
+        raise SvdzipError(f"tuning {name} needs held-out calibration tokens: use `svdzip compress --tune-beta` "
+                          f"or pass heldout_tokens to compress()")
+    if ctx.model is None:
+        raise SvdzipError(f"tuning {name} needs the model")
+    scores = {}
+    for value in grid:
+        scores[value] = heldout_loss(units, ranks_for(value), ctx.model, tokens)
+        logging.getLogger(__name__).info("tuning %s = %g: held-out calibration ppl %.3f", name, value,
+                                         math.exp(min(scores[value], 700)))
+    best = min(scores, key=scores.get)
+    logging.getLogger(__name__).info("chose %s = %g on %d held-out calibration windows", name, best,
+                                     tokens.shape[0])
+    return best

@@ -1,0 +1,111 @@
+"""Loss-aware allocation: spend the budget where truncation hurts the model least (issue 3, part 8).
+
+Minimise Σ_u w_u·tail_u(k_u) under the budget, where tail_u(k) = ‖X(W − W_k)ᵀ‖² is the exact
+whitened loss of unit u at rank k and w_u converts it into what it costs the model. The optimiser is
+a global greedy over each unit's concave hull of (parameters, loss removed), rank 1 … dense, so
+"keep this one dense" is a single big step competing with every other unit's next ranks
+(`common.greedy_loss_allocation`). Signals (`signal=` option):
+
+* `fisher` (default): w_u = mean over the unit's output channels and calibration tokens of (∂L/∂y)²,
+  the empirical-Fisher (diagonal, output-side) estimate of the calibration loss's curvature, so
+  w_u·tail_u ≈ 2·ΔL. One forward+backward over `fisher_samples` calibration windows, cached in
+  memory across calls (ratios) for the same model, units and tokens.
+* `whitened`: w_u = 1, the raw output error (layers with large activations dominate).
+* `relative`: w_u = 1/energy_u, the relative whitened loss (the reference run of the issue).
+* `erank`: w_u = R_eff/energy: D-Rank's information density as the weight (for comparison).
+
+Options: signal, fisher_samples (8), fisher_batch (2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from svdzip.allocate import AllocationContext, register
+from svdzip.allocate.common import greedy_loss_allocation
+from svdzip.decompose import Unit
+from svdzip.errors import SvdzipError
+from svdzip.linalg import effective_rank
+
+log = logging.getLogger(__name__)
+
+SIGNALS = ("fisher", "whitened", "relative", "erank")
+_FISHER_CACHE: dict[str, dict[str, float]] = {}
+
+
+def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Tensor,
+                  batch_size: int = 2) -> dict[str, float]:
+    """Mean squared gradient of the next-token loss w.r.t. each named linear's output."""
+    modules = dict(model.named_modules())
+    acc = {n: 0.0 for n in names}
+    counts = {n: 0 for n in names}
+    handles = []
+
+    def watch(name: str):
+        def hook(_mod, _inp, out):
+            if out.requires_grad:
+                def grad_hook(g):
+                    acc[name] += float(g.double().pow(2).sum())
+                    counts[name] += g.numel()
+                out.register_hook(grad_hook)
+        return hook
+
+    for n in names:
+        handles.append(modules[n].register_forward_hook(watch(n)))
+    embed = model.get_input_embeddings()
+    handles.append(embed.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for start in range(0, tokens.shape[0], batch_size):
+                ids = tokens[start : start + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         ids[:, 1:].reshape(-1))
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    return {n: acc[n] / max(counts[n], 1) for n in names}
+
+
+def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> list[float]:
+    if signal == "whitened":
+        return [1.0] * len(units)
+    if signal == "relative":
+        return [1.0 / max(u.spectrum.energy, 1e-300) for u in units]
+    if signal == "erank":
+        return [effective_rank(u.spectrum.sigma2) / max(u.spectrum.energy, 1e-300) for u in units]
+    if signal != "fisher":
+        raise SvdzipError(f"unknown loss-aware signal '{signal}'; choose from {', '.join(SIGNALS)}")
+    if ctx.model is None or ctx.calib_tokens is None:
+        raise SvdzipError("the fisher signal needs the model and calibration tokens")
+    n = int(ctx.option("fisher_samples", 8))
+    tokens = ctx.calib_tokens[:n]
+    names = [m.name for u in units for m in u.members]
+    h = hashlib.sha256(tokens.to(torch.int64).numpy().tobytes())
+    for u in units:
+        h.update(u.name.encode())
+        h.update(u.spectrum.sigma2[:4].double().numpy().tobytes())
+    key = h.hexdigest()
+    if key not in _FISHER_CACHE:
+        _FISHER_CACHE[key] = output_fisher(ctx.model, names, tokens, int(ctx.option("fisher_batch", 2)))
+    fisher = _FISHER_CACHE[key]
+    # a shared unit's stacked loss sums its members' output errors: weight by their mean Fisher
+    return [sum(fisher[m.name] * m.out_features for m in u.members) / u.rows for u in units]
+
+
+@register("loss-aware")
+def allocate_loss_aware(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
+    signal = str(ctx.option("signal", "fisher"))
+    weights = unit_weights(units, ctx, signal)
+    return greedy_loss_allocation(units, weights, ctx.budget)

@@ -1,0 +1,163 @@
+"""Resumable runs: a state directory that lets a killed compression continue where it stopped.
+
+Layout of a run directory::
+
+    state.json                   what the state depends on (its hash), svdzip/torch versions
+    calib/layer_00003.safetensors  reduced statistics of decoder layer 3 (+ .json: checksum)
+    calib/hidden_r0.safetensors  rank 0's activations after the last finished layer (+ .json)
+    units/u00017.safetensors     spectrum of unit 17 (sigma², basis) (+ .json)
+
+Every file is written to a temporary name and renamed, with a sha256 in its sidecar: a file cut
+short by a kill or flipped on disk fails its checksum, is logged, deleted and recomputed. A run
+whose configuration (model, data, method, world size …) differs from the one that wrote the state
+is refused with the differences spelled out, or wiped first with ``restart=True`` — never mixed.
+The allocation, ratio and output are not part of the state: changing them reuses the spectra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from svdzip.errors import SvdzipError
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+def config_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checked(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None = None) -> None:
+    """safetensors + `.json` sidecar (sha256, info), each written to a temp name and renamed.
+
+    The sidecar is renamed last, so a file without a matching sidecar is never trusted.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    side = {"sha256": _sha256(tmp), "info": info or {}}
+    side_path = path.with_name(path.name + ".json")
+    side_tmp = side_path.with_name(side_path.name + f".tmp{os.getpid()}")
+    side_tmp.write_text(json.dumps(side, sort_keys=True))
+    os.replace(tmp, path)
+    os.replace(side_tmp, side_path)
+
+
+def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The tensors and info of a file written by `write_checked`; None (and the file removed) if
+    it is missing, cut short or corrupted — the caller recomputes it."""
+    side_path = path.with_name(path.name + ".json")
+    if not path.is_file() or not side_path.is_file():
+        return None
+    try:
+        side = json.loads(side_path.read_text())
+        if _sha256(path) != side["sha256"]:
+            raise ValueError("checksum mismatch")
+        return load_file(str(path)), side.get("info", {})
+    except Exception as exc:  # json, safetensors or checksum: any damage means recompute
+        log.warning("state file %s is corrupted (%s); recomputing it", path, exc)
+        for p in (path, side_path):
+            p.unlink(missing_ok=True)
+        return None
+
+
+class RunState:
+    """One run's on-disk state, bound to the hash of what that state depends on."""
+
+    def __init__(self, root: str | os.PathLike, key: dict[str, Any], restart: bool = False,
+                 writer: bool = True):
+        self.root = Path(root)
+        self.key = key
+        self.hash = config_hash(key)
+        self.writer = writer  # only one process (rank 0) writes shared files
+        state_file = self.root / "state.json"
+        if state_file.is_file():
+            try:
+                previous = json.loads(state_file.read_text())
+            except json.JSONDecodeError:
+                previous = {"hash": None, "key": {}}
+                log.warning("%s is corrupted; treating the run directory as foreign", state_file)
+            if previous.get("hash") != self.hash:
+                if not restart:
+                    diff = {k: (previous.get("key", {}).get(k), v) for k, v in key.items()
+                            if previous.get("key", {}).get(k) != v}
+                    changes = "; ".join(f"{k}: {a!r} → {b!r}" for k, b_a in diff.items() for a, b in [b_a])
+                    raise SvdzipError(
+                        f"run directory {self.root} holds the state of another configuration "
+                        f"({changes or 'unreadable state'}); rerun with the original settings to resume, "
+                        "pass --restart to discard it, or choose another --resume-dir")
+                if writer:
+                    log.warning("configuration changed; discarding the state in %s (--restart)", self.root)
+                    self.wipe()
+            else:
+                log.info("resuming from the run state in %s", self.root)
+        if writer and not state_file.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            from svdzip import __version__
+
+            meta = {"format": STATE_FORMAT, "hash": self.hash, "key": key, "svdzip_version": __version__,
+                    "torch_version": torch.__version__}
+            tmp = state_file.with_name(f"state.json.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+            os.replace(tmp, state_file)
+
+    def wipe(self) -> None:
+        for sub in ("calib", "units"):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+        (self.root / "state.json").unlink(missing_ok=True)
+
+    # calibration -------------------------------------------------------------------------------
+    def layer_stats_path(self, layer: int) -> Path:
+        return self.root / "calib" / f"layer_{layer:05d}.safetensors"
+
+    def hidden_path(self, rank: int) -> Path:
+        return self.root / "calib" / f"hidden_r{rank}.safetensors"
+
+    def save_hidden(self, rank: int, layer: int, hidden: list[torch.Tensor]) -> None:
+        """Activations after `layer` (the inputs of the next): what a resumed calibration starts from."""
+        write_checked(self.hidden_path(rank), {f"b{i:06d}": h for i, h in enumerate(hidden)},
+                      {"layer": layer, "batches": len(hidden)})
+
+    def load_hidden(self, rank: int) -> tuple[int, list[torch.Tensor]] | None:
+        got = read_checked(self.hidden_path(rank))
+        if got is None:
+            return None
+        tensors, info = got
+        return int(info["layer"]), [tensors[f"b{i:06d}"] for i in range(int(info["batches"]))]
+
+    # decomposition -----------------------------------------------------------------------------
+    def unit_path(self, index: int) -> Path:
+        return self.root / "units" / f"u{index:06d}.safetensors"
+
+    def save_unit(self, index: int, name: str, sigma2: torch.Tensor, basis: torch.Tensor, seconds: float) -> None:
+        write_checked(self.unit_path(index), {"sigma2": sigma2, "basis": basis},
+                      {"name": name, "seconds": seconds})
+
+    def load_unit(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        got = read_checked(self.unit_path(index))
+        if got is None:
+            return None
+        tensors, info = got
+        if info.get("name") != name:
+            log.warning("unit file %s is for %s, not %s; recomputing", self.unit_path(index), info.get("name"), name)
+            return None
+        return tensors["sigma2"], tensors["basis"], float(info.get("seconds", 0.0))

@@ -1,0 +1,163 @@
+"""ARA: the staircase mask, its initialisation, gradient flow, the dense branch and the final budget."""
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokens
+
+from svdzip import CompressConfig, compress
+from svdzip.allocate import AllocationContext
+from svdzip.allocate.ara import LAST_RUN, AraOptions, _Installed, allocate_ara, finalise, training_windows
+from svdzip.ara_mask import StaircaseMask, candidates, init_logits, staircase
+from svdzip.budget import keep_budget
+from svdzip.calibrate import collect_statistics
+from svdzip.decompose import decompose
+from svdzip.errors import SvdzipError
+from svdzip.models.adapter import ModelAdapter
+
+
+def _setup(family: str = "llama", ratio: float = 0.3, **options):
+    model = tiny_model(family)
+    tokens = tiny_tokens(6, 24)
+    stats = collect_statistics(model, tokens, batch_size=3)
+    adapter = ModelAdapter(model)
+    units = decompose(adapter, stats, "svdllm")
+    total = sum(u.dense_params for u in units)
+    ctx = AllocationContext(ratio=ratio, budget=keep_budget(total, ratio), options=options, adapter=adapter,
+                            model=model, stats=stats, calib_tokens=tokens, seed=0)
+    return model, units, ctx
+
+
+@pytest.mark.parametrize("target", [0.8 / 1.2, 0.6 / 1.2, 0.5, 0.123, 0.99])
+def test_initial_expected_retention_is_the_target(target):
+    probs = torch.softmax(init_logits(target), 0)
+    assert abs(float(probs @ candidates()) - target) < 1e-6
+    assert init_logits(target).dtype == torch.float32
+
+
+def test_staircase_mask_is_monotone_and_prefix():
+    rank_max = 37
+    m = staircase(rank_max)
+    assert m.shape == (101, rank_max)
+    assert m[0].sum() == rank_max and m[-1].sum() == 0
+    assert m.sum(1).tolist() == [rank_max * (100 - i) // 100 for i in range(101)]
+    mask = StaircaseMask(rank_max, 0.5)
+    r_hat = mask.refresh()
+    soft = torch.softmax(mask.logits, 0) @ mask.stairs
+    assert torch.all(soft[1:] <= soft[:-1] + 1e-7)  # P(rank > j) is non-increasing
+    hard_rank = round(rank_max * float(r_hat))
+    assert mask.current.detach().tolist() == [1.0] * hard_rank + [0.0] * (rank_max - hard_rank)
+
+
+def test_gradients_reach_the_logits_and_model_is_restored():
+    model, units, ctx = _setup()
+    ids = ctx.calib_tokens[:2]
+    with torch.no_grad():
+        ref = model(ids).logits.clone()
+    opts = AraOptions()
+    inst = _Installed(units, ctx, [0.7 / 1.2] * len(units), opts)
+    try:
+        for m in inst.masks:
+            m.refresh()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = [m.logits.grad for m in inst.masks]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) > 0 for g in grads) == len(grads)
+    finally:
+        inst.restore()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_full_rank_mask_reproduces_the_dense_layer_and_past_ratio_one_runs_dense():
+    model, units, ctx = _setup()
+    unit = units[0]
+    x = torch.randn(5, unit.cols)
+    dense_out = ctx.adapter.module(unit.name)(x)
+    inst = _Installed([unit], ctx, [0.99], AraOptions())
+    try:
+        mod = ctx.adapter.module(unit.name)
+        mask = inst.masks[0]
+        r_hat = mask.refresh()
+        assert 1.2 * float(r_hat) >= 1 and mask.dense  # pushed past ratio 1: the dense branch
+        assert torch.equal(mod(x), dense_out)
+        # just below 1: low rank, masked, and no longer exactly the dense output
+        with torch.no_grad():
+            mask.logits.copy_(init_logits(0.7))
+        mask.refresh()
+        assert not mask.dense
+        assert not torch.equal(mod(x), dense_out)
+        # a full prefix of the whitened factors at rank ≥ min(m, n) reproduces W exactly
+        if inst.rank_max[0] >= min(unit.rows, unit.cols):
+            mask.current = torch.ones(inst.rank_max[0])
+            assert torch.allclose(mod(x), dense_out, atol=1e-4)
+    finally:
+        inst.restore()
+
+
+def test_sticky_dense_keeps_a_module_dense():
+    mask = StaircaseMask(10, 0.95, sticky_dense=True)
+    mask.refresh()
+    assert mask.dense
+    with torch.no_grad():
+        mask.logits.copy_(init_logits(0.3))
+    mask.refresh()
+    assert mask.dense
+    mask.sticky_dense = False
+    mask.refresh()
+    assert not mask.dense
+
+
+def test_finalise_meets_the_budget_and_snaps_dense():
+    _, units, ctx = _setup(ratio=0.3)
+    r_max = [int(u.rows * u.cols * 1.2 / (u.rows + u.cols)) for u in units]
+    r_hats = [0.9 if i == 0 else 0.55 for i in range(len(units))]  # unit 0: ρ = 1.08 → dense
+    ranks = finalise(units, r_hats, r_max, ctx.budget / sum(u.dense_params for u in units), ctx.budget)
+    assert ranks[0] is None
+    used = sum(u.dense_params if r is None else r * u.cost_per_rank for u, r in zip(units, ranks, strict=True))
+    assert used <= ctx.budget
+    assert ctx.budget - used < min(u.cost_per_rank for u, r in zip(units, ranks, strict=True) if r is not None)
+
+
+def test_allocator_trains_and_meets_budget(tmp_path):
+    model, units, ctx = _setup(steps=6, seq_len=12, lr=0.05)
+    ctx.out_dir = tmp_path
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    ranks = allocate_ara(units, ctx)
+    used = sum(u.dense_params if r is None else r * u.cost_per_rank for u, r in zip(units, ranks, strict=True))
+    assert used <= ctx.budget
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # model untouched
+    assert len(LAST_RUN["history"]) == 6
+    assert (tmp_path / "ara_loss.png").exists() and (tmp_path / "ara_ratios.png").exists()
+    again = allocate_ara(units, ctx)
+    assert again == ranks  # deterministic with the seed
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+def test_compress_with_ara_end_to_end(family):
+    model = tiny_model(family)
+    tokens = tiny_tokens(4, 24)
+    cfg = CompressConfig(ratio=0.25, allocator="ara", allocator_options={"steps": 3, "seq_len": 12},
+                         calib_batch_size=2)
+    result = compress(model, cfg, calib_tokens=tokens)
+    assert result.summary["decoder_linear_params_after"] <= keep_budget(
+        result.summary["decoder_linear_params_before"], 0.25)
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens).logits).all()
+
+
+def test_init_from_another_allocator():
+    _, units, ctx = _setup(steps=2, seq_len=12, init="uniform")
+    ranks = allocate_ara(units, ctx)
+    assert len(ranks) == len(units)
+    ctx.options = {"steps": 1, "seq_len": 12, "init": "ara"}
+    with pytest.raises(SvdzipError, match="itself"):
+        allocate_ara(units, ctx)
+
+
+def test_bad_options_and_windows():
+    with pytest.raises(SvdzipError, match="unknown ARA option"):
+        AraOptions.from_options({"stepz": 3})
+    assert AraOptions.from_options({"steps": "64"}).learning_rate == pytest.approx(0.04)
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
+    w = training_windows(tokens, 3, 0, bos_id=1)
+    assert w.tolist() == [[1, 5, 6], [1, 7, 8], [1, 9, 10]]

@@ -1,0 +1,222 @@
+"""Speed measurement and the resumable sweep, on tiny random models (fast, no data or model downloads)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokens
+
+from svdzip import CompressConfig, SvdzipError, compress
+from svdzip import sweep as sweep_mod
+from svdzip.calibrate import collect_statistics
+from svdzip.evaluate.perplexity import perplexity
+from svdzip.evaluate.speed import (
+    PeakMemory,
+    SpeedSetting,
+    densify,
+    linear_timing,
+    measure_speed,
+    peak_rss_bytes,
+    reset_peak_rss,
+    slow_low_rank_modules,
+    speed_table,
+    summary_row,
+)
+from svdzip.modules import LowRankLinear
+from svdzip.sweep import SweepSpec, config_from_label, parse_label, run_sweep
+
+
+def _compressed(ratio: float = 0.4) -> torch.nn.Module:
+    model = tiny_model("llama")
+    compress(model, CompressConfig(method="svd", ratio=ratio))
+    return model
+
+
+def test_measure_speed_dense_vs_compressed_gives_positive_numbers_and_ratios():
+    models = {"dense": tiny_model("llama"), "svd": _compressed()}
+    settings = [SpeedSetting(1, 12, 4), SpeedSetting(2, 8, 3)]
+    res = measure_speed(models, settings, repeats=2, warmup=1)
+    for label in models:
+        for s in settings:
+            r = res["results"][label][s.key]
+            assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+            assert r["prefill_latency_s"] > 0 and r["decode_latency_s_per_token"] > 0
+            assert len(r["decode_times_s"]) == 2
+            assert r["weight_bytes"] > 0
+            assert r["peak_bytes"] is None or r["peak_bytes"] >= r["weight_bytes"]
+    ratio = res["ratios"]["svd"][settings[0].key]
+    assert ratio["weight_bytes_ratio"] < 1.0  # the compressed model is smaller
+    assert all(math.isfinite(ratio[k]) and ratio[k] > 0 for k in ("prefill_speedup", "decode_speedup"))
+    assert res["ratios"]["dense"][settings[0].key]["decode_speedup"] == pytest.approx(1.0)
+    assert set(summary_row(res, "svd")) >= {"prefill_speedup", "decode_speedup", "decode_tokens_per_s"}
+    assert "decode ×dense" in speed_table(res)
+
+
+def test_cpu_clock_and_bad_settings():
+    res = measure_speed({"dense": tiny_model("llama")}, [SpeedSetting(1, 8, 3)], repeats=1, warmup=0, clock="cpu")
+    assert res["clock"] == "cpu" and res["results"]["dense"]["b1_s8"]["prefill_tokens_per_s"] > 0
+    with pytest.raises(ValueError):
+        measure_speed({"dense": tiny_model("llama")}, [SpeedSetting(1, 8, 1)])
+
+
+def test_peak_rss_resets_and_measures_an_allocation():
+    if peak_rss_bytes() is None:
+        pytest.skip("no /proc/self/status here")
+    if not reset_peak_rss():
+        pytest.skip("kernel refuses /proc/self/clear_refs")
+    with PeakMemory(torch.device("cpu")) as pm:
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        del x
+    assert pm.transient is not None and pm.transient >= 48 * 1024 * 1024
+
+
+def test_linear_timing_and_densify_keep_the_function():
+    t = linear_timing(64, 48, [4, 20], tokens=2, repeats=2)
+    assert t["dense_seconds"] > 0 and [r["rank"] for r in t["ranks"]] == [4, 20]
+    assert all(r["speedup"] > 0 for r in t["ranks"])
+    model = _compressed(0.4)
+    ids = tiny_tokens(2, 10)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    slow = slow_low_rank_modules(model, tokens=1, min_speedup=float("inf"), repeats=1)  # all count as slow
+    names = [s["name"] for s in slow]
+    assert names and densify(model, names) > 0
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"method": "svd"}, {"allocator": "drank"}, {"group_size": 2}, {"update": "svdllm"},
+    {"allocator": "drank", "update": "svdllm"}, {"group_size": 4, "update": "coef", "method": "asvd"},
+    {"method": "fwsvd", "allocator": "ara"},
+])
+def test_parse_label_round_trips_config_label(fields):
+    cfg = CompressConfig(**fields)
+    parsed = parse_label(cfg.label)
+    assert {k: getattr(cfg, k) for k in parsed} == parsed
+    assert config_from_label(cfg.label, 0.3).label == cfg.label
+
+
+@pytest.mark.parametrize("bad", ["", "nope", "svdllm+update-foo", "svdllm+drank+ara"])
+def test_parse_label_refuses_nonsense(bad):
+    with pytest.raises(SvdzipError):
+        parse_label(bad)
+
+
+class _Tok:
+    """Just enough tokenizer for the patched sweep."""
+
+
+@pytest.fixture
+def patched_sweep(monkeypatch):
+    """The sweep's expensive steps on a tiny model, each call counted."""
+    calls: Counter[str] = Counter()
+    dense = tiny_model("llama")
+    tokens = tiny_tokens(8, 24)
+    real_compress, real_speed = sweep_mod.compress_cell, sweep_mod.speed
+
+    def load(name, device):
+        calls["load"] += 1
+        return copy.deepcopy(dense), _Tok(), f"/tmp/{name}"
+
+    def calibration(model, tokenizer, source, base):
+        calls["calibration"] += 1
+        return tokens, collect_statistics(model, tokens, 4, "cpu")
+
+    def compress_cell(model, config, stats, toks):
+        calls["compress"] += 1
+        return real_compress(model, config, stats, toks)
+
+    def perplexities(model, tokenizer, corpora, spec, label):
+        calls["ppl"] += len(corpora)
+        return {c: perplexity(model, tiny_tokens(4, 32, seed=7), 32).ppl for c in corpora}
+
+    def zero_shot(model, tokenizer, tasks, spec):
+        calls["zero_shot"] += len(tasks)
+        return {t: {"acc": 0.5, "acc_norm": 0.25, "n": 10} for t in tasks}
+
+    def speed(dense_model, model, label, spec):
+        calls["speed"] += 1
+        return real_speed(dense_model, model, label, spec)
+
+    for name, fn in [("load", load), ("calibration", calibration), ("compress_cell", compress_cell),
+                     ("perplexities", perplexities), ("zero_shot", zero_shot), ("speed", speed)]:
+        monkeypatch.setattr(sweep_mod, name, fn)
+    return calls
+
+
+def _spec(**kw) -> SweepSpec:
+    base = dict(models=["tiny"], methods=["svd", "svdllm+update"], ratios=[0.2, 0.5],
+                corpora=["wiki", "austen"], tasks=["piqa"], speed=True, speed_batches=[1], speed_seq_lens=[8],
+                speed_new_tokens=3, speed_repeats=1, eval_tokens=64, seq_len=32)
+    return SweepSpec(**{**base, **kw})
+
+
+def test_sweep_is_resumable_and_writes_table_and_plots(patched_sweep, tmp_path):
+    calls = patched_sweep
+    data = run_sweep(_spec(), tmp_path)
+    assert calls["compress"] == 4 and calls["calibration"] == 1  # statistics shared across cells
+    assert calls["ppl"] == 2 * 5 and calls["zero_shot"] == 5 and calls["speed"] == 4
+    assert len(data["cells"]) == 5
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["cells"]["tiny|svdllm+update|0.5"]["summary"]["method"] == "svdllm+update"
+    md = (tmp_path / "results.md").read_text()
+    assert "| ratio" in md and "svdllm+update" in md and "commit" in md and "decode ×dense" in md
+    assert (tmp_path / "sweep_tiny.png").stat().st_size > 0
+
+    before = dict(calls)
+    run_sweep(_spec(), tmp_path)
+    assert dict(calls) == {**before, "load": before["load"]}  # nothing recomputed, nothing loaded
+
+    run_sweep(_spec(tasks=["piqa", "arc_easy"]), tmp_path)  # a new task: only that is measured
+    assert calls["zero_shot"] == before["zero_shot"] + 5 and calls["ppl"] == before["ppl"]
+    assert calls["speed"] == before["speed"]
+
+
+def test_sweep_refuses_to_mix_settings(patched_sweep, tmp_path):
+    run_sweep(_spec(methods=["svd"], ratios=[0.4], speed=False, tasks=[]), tmp_path)
+    with pytest.raises(SvdzipError, match="other settings"):
+        run_sweep(_spec(methods=["svd"], ratios=[0.4], speed=False, tasks=[], eval_tokens=128), tmp_path)
+
+
+def test_speed_aware_allocator_keeps_slow_matrices_dense_within_budget(monkeypatch):
+    from svdzip.allocate import speed_aware
+
+    # pretend that k and v (32→16 in the tiny model) lose at any rank, everything else wins
+    monkeypatch.setattr(speed_aware, "measured_speedup", lambda rows, cols, rank, tokens, clock:
+                        0.5 if rows == 16 else 2.0)
+    model = tiny_model("llama")
+    res = compress(model, CompressConfig(method="svd", ratio=0.3, allocator="speedaware"))
+    dense = {name.rsplit(".", 1)[-1] for name, r in res.ranks.items() if r is None}
+    assert dense == {"k_proj", "v_proj"}
+    assert res.summary["ratio_achieved"] >= 0.3 - 1e-9  # the others were cut deeper to pay for it
+    assert res.config.label == "svd+speedaware" and parse_label(res.config.label)["allocator"] == "speedaware"
+    monkeypatch.setattr(speed_aware, "measured_speedup", lambda *a: 0.5)  # nothing pays off
+    with pytest.raises(SvdzipError, match="no feasible budget"):
+        compress(tiny_model("llama"), CompressConfig(method="svd", ratio=0.3, allocator="speedaware"))
+
+
+def test_cli_eval_speed_and_tasks(monkeypatch, capsys):
+    import svdzip.evaluate.perplexity as ppl_mod
+    import svdzip.evaluate.zeroshot as zs_mod
+    import svdzip.models.loading as loading
+    from svdzip.cli import main
+
+    models = {"dense": tiny_model("llama"), "small": _compressed()}
+    monkeypatch.setattr(loading, "load_model", lambda name, device="cpu": (models[name], _Tok(), name))
+    monkeypatch.setattr(ppl_mod, "perplexity_on_corpora", lambda *a, **k: {})
+    monkeypatch.setattr(zs_mod, "evaluate_zero_shot", lambda model, tok, tasks, **k:
+                        {t: {"acc": 0.5, "acc_norm": 0.5, "n": k["limit"]} for t in tasks})
+    rc = main(["eval", "dense", "small", "--corpora", "", "--tasks", "piqa,arc_easy", "--limit", "3", "--speed",
+               "--speed-batches", "1", "--speed-seq-lens", "8", "--speed-new-tokens", "3", "--speed-repeats", "1",
+               "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["zero_shot"]["small"]["piqa"]["n"] == 3
+    assert out["speed"]["ratios"]["small"]["b1_s8"]["decode_speedup"] > 0
