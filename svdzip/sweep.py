@@ -275,7 +275,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
         for method, ratio in cells:
             key = cell_key(model_name, method, ratio)
             cell = store.cell(key)
-            cell.update({"model": model_name, "method": method, "ratio": ratio})
+            cell.update({"model": model_name, "method": method, "ratio": ratio, "commit": prov.get("commit")})
             parts = missing_parts(cell, spec, method)
             t0 = time.perf_counter()
             if method == DENSE_LABEL:
@@ -378,6 +378,9 @@ def markdown(data: dict[str, Any], spec: SweepSpec) -> str:
                      f"{spec.speed_clock} clock); on a shared CPU differences under ~10 % are noise.")
     notes.append("Ratio = fraction of decoder-linear parameters removed; the achieved ratio is shown in "
                  "brackets where it differs from the request.")
+    commits = sorted({str(c.get("commit")) for c in _selected(data, spec) if c.get("commit")})
+    if len(commits) > 1:
+        notes.append(f"Cells were computed at several commits: {', '.join(commits)} (see results.json).")
     if prov:
         notes.append(f"Produced by `{prov.get('command')}` at commit {prov.get('commit')} on {prov.get('machine')}, "
                      f"{prov.get('date')}.")

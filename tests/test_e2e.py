@@ -1,0 +1,86 @@
+"""End to end on the real default model (SmolLM2-135M from its PyPI wheel) with a small calibration set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import svdzip
+from svdzip.calibrate import collect_statistics
+from svdzip.cli import main
+from svdzip.data import calibration_tokens, eval_tokens, load_corpus
+from svdzip.evaluate.perplexity import perplexity
+from svdzip.io import build_manifest, dir_size, save
+from svdzip.models.loading import load_model
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def default():
+    try:
+        model, tokenizer, source = load_model("smollm2-135m")
+        corpus = load_corpus("wiki")
+    except svdzip.SvdzipError as exc:
+        if "could not download" in str(exc):
+            pytest.skip(f"no package registry and no cached copy: {exc}")
+        raise
+    tokens = calibration_tokens(tokenizer, corpus, 8, 128, seed=0)
+    stats = collect_statistics(model, tokens, batch_size=4)
+    held_out = eval_tokens(tokenizer, corpus, 1024)
+    return source, tokenizer, tokens, stats, held_out
+
+
+def _compressed(default, method: str, ratio: float = 0.2):
+    source, _, tokens, stats, _ = default
+    model = load_model(source)[0]
+    result = svdzip.compress(model, svdzip.CompressConfig(ratio=ratio, method=method), stats=stats,
+                             calib_tokens=tokens)
+    return model, result
+
+
+def test_default_model_is_llama_with_gqa(default):
+    source = default[0]
+    cfg = json.loads((__import__("pathlib").Path(source) / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 3 and cfg["num_hidden_layers"] == 30
+
+
+def test_compress_save_reload_same_logits_and_smaller(default, tmp_path):
+    source, tokenizer, _, _, held_out = default
+    model, result = _compressed(default, "svdllm")
+    assert 0.2 <= result.summary["ratio_achieved"] < 0.2 + 0.01
+    save(model, tokenizer, tmp_path / "c", build_manifest(result.modules, result.summary, result.config.to_dict()))
+    ids = held_out[:, :64]
+    with torch.no_grad():
+        ref = model(ids).logits
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32)(ids).logits
+    assert torch.equal(ref, again)
+    removed = result.summary["model_params_before"] - result.summary["model_params_after"]
+    assert dir_size(source) - dir_size(tmp_path / "c") == pytest.approx(4 * removed, rel=0.02)
+
+
+def test_whitening_beats_plain_svd_on_held_out_text(default):
+    held_out = default[4]
+    ppl = {}
+    for method in ("svd", "svdllm"):
+        model, _ = _compressed(default, method)
+        ppl[method] = perplexity(model, held_out, seq_len=512).ppl
+    dense = perplexity(load_model(default[0])[0], held_out, seq_len=512).ppl
+    assert dense < ppl["svdllm"] < ppl["svd"]
+
+
+def test_cli_compress_eval_info(default, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["compress", "--out", str(out), "--ratio", "0.3", "--calib-samples", "8", "--calib-seq-len", "128",
+                 "--eval", "--corpora", "wiki", "--eval-tokens", "1024", "--seq-len", "512", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    ev = summary["evaluation"]
+    assert ev["compressed"]["params"] < ev["dense"]["params"]
+    assert ev["compressed"]["perplexity"]["wiki"]["svdllm"]["tokens_evaluated"] == 1024
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "svdllm" and info["factorised_modules"] == 210
