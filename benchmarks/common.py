@@ -56,6 +56,7 @@ class Bench:
         model_, self.tokenizer, self.source = load_model(model, device)
         self.tokens = calibration_tokens(self.tokenizer, load_corpus(corpus), samples, seq_len, seed)
         self.stats = prepare_statistics(model_, self.tokens, self.source, self.base)
+        self._spectra: dict[tuple, list] = {}  # spectra depend on the factorisation, not on ratio or allocator
         del model_
 
     def fresh(self):
@@ -64,9 +65,12 @@ class Bench:
     def compress(self, **overrides: Any):
         cfg = CompressConfig(**{**self.base.to_dict(), **overrides, "share_roles": tuple(self.base.share_roles)})
         model = self.fresh()
+        key = (cfg.method, cfg.group_size, tuple(cfg.share_roles), cfg.asvd_alpha, cfg.asvd_scaling)
         t0 = time.perf_counter()
-        result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens)
+        result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens, units=self._spectra.get(key))
         result.summary["wall_s"] = round(time.perf_counter() - t0, 2)
+        if result.units is not None:
+            self._spectra[key] = result.units
         return result
 
     def perplexity(self, model, corpora=("wiki", "austen"), max_tokens: int = 16384, seq_len: int = 2048,

@@ -38,6 +38,7 @@ class CompressionResult:
     summary: dict[str, Any]
     ranks: dict[str, int | None] = field(default_factory=dict)
     effective_ranks: list[dict[str, Any]] = field(default_factory=list)  # per unit, for plots and reports
+    units: list[Unit] | None = None  # the spectra, reusable for another ratio or allocator of the same method
 
 
 def check_weights_finite(model: nn.Module) -> None:
@@ -136,7 +137,8 @@ def compress(
     log.info("%s: removed %.4f of decoder linear parameters (asked %.4f); model %d → %d parameters",
              config.label, summary["ratio_achieved"], config.ratio, params_before, params_after)
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
-                             ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units))
+                             ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
+                             units=units)
 
 
 def _allocator_options(config: CompressConfig, heldout_tokens: torch.Tensor | None) -> dict[str, Any]:

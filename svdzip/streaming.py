@@ -67,6 +67,16 @@ def _fault(stage: str, index: int) -> None:
         raise RuntimeError(f"injected fault after {stage} {index}")
 
 
+def _release() -> None:
+    """Hand freed memory back to the OS after a layer (glibc keeps it otherwise, and RSS would creep)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # weights from disk
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +340,9 @@ def calibrate_layers(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tens
             state.save_hidden(ctx.rank, index, hidden)
         if reader is None:
             _unflatten(_flatten(layer_stats), full)
+        else:
+            del layer_stats
+            _release()
         _fault("calib", index)
     if reader is None:
         full.check_finite()
@@ -397,8 +410,16 @@ def decompose_units(adapter: ModelAdapter, stats: Any, config: CompressConfig, g
         for u, unit in zip(todo, units, strict=True):
             if state is not None:
                 state.save_unit(u, unit.name, unit.spectrum.sigma2, unit.spectrum.basis, unit.seconds)
+                if reader is not None:  # streaming: the basis waits on disk, not in memory
+                    unit.spectrum = Spectrum(unit.spectrum.sigma2, _placeholder(tuple(unit.spectrum.basis.shape)))
             done[u] = unit
             _fault("unit", u)
+        if reader is not None:
+            for u in job:
+                if done[u].spectrum.basis.device.type != "meta":
+                    done[u].spectrum = Spectrum(done[u].spectrum.sigma2,
+                                                _placeholder(tuple(done[u].spectrum.basis.shape)))
+            _release()
     return _gather(groups, done, owner_of, ctx, state, keep_basis=reader is None)
 
 
@@ -422,6 +443,8 @@ def _gather(groups: list[list[LinearInfo]], done: dict[int, Unit], owner_of: dic
             if mine:
                 head[:r], head[r] = unit.spectrum.sigma2.double(), unit.seconds
             head = ctx.broadcast(head, src)
+            if mine and unit.spectrum.basis.device.type == "meta":  # streamed: read back from the run dir
+                unit.spectrum = Spectrum(unit.spectrum.sigma2, state.load_unit(u, unit.name)[1])
             basis = unit.spectrum.basis.float() if mine else torch.zeros(*shape.tolist(), dtype=torch.float32)
             basis = ctx.broadcast(basis, src)
             if not mine:
@@ -607,7 +630,9 @@ def write_streamed(model: nn.Module, adapter: ModelAdapter, reader: CheckpointRe
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard_names[index]),
                       metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, shard_names[index]))
+            del tensors
             unload_weights(layer)
+            _release()
         rest = {}
         tied = getattr(model.config, "tie_word_embeddings", False)
         out_emb = model.get_output_embeddings()

@@ -209,13 +209,21 @@ def calibration(model: nn.Module, tokenizer: Any, source: str, base: CompressCon
     return tokens, prepare_statistics(model, tokens, source, base)
 
 
+_SPECTRA: dict[tuple, Any] = {}  # spectra depend on model, statistics and factorisation — not on ratio or allocator
+
+
 def compress_cell(model: nn.Module, config: CompressConfig, stats: Any, tokens: torch.Tensor) -> dict[str, Any]:
     """Compress `model` in place; the summary of the pipeline."""
     from svdzip.decompose import DATA_FREE
     from svdzip.pipeline import compress
 
+    key = (repr(sorted(getattr(stats, "meta", {}).items())), config.method, config.group_size, tuple(config.share_roles), config.asvd_alpha,
+           config.asvd_scaling)
     t0 = time.perf_counter()
-    result = compress(model, config, stats=None if config.method in DATA_FREE else stats, calib_tokens=tokens)
+    result = compress(model, config, stats=None if config.method in DATA_FREE else stats, calib_tokens=tokens,
+                      units=_SPECTRA.get(key))
+    if result.units is not None:
+        _SPECTRA[key] = result.units
     summary = dict(result.summary)
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     summary["dense_modules"] = sum(1 for r in result.ranks.values() if r is None)

@@ -13,8 +13,8 @@ ARA differ only in the ranks. Only the logits train; the model is frozen and res
 
 Options (`--allocator-option key=value`):
   steps (128), seq_len (256), sequences (all calibration rows), batch (1), lr ("auto": 1e-3·2560/steps,
-  i.e. the logit travel of the paper's 10 epochs × 256 steps at lr 1e-3; give 0.001 for the paper's
-  per-step rate), alpha (100), beta (50), rho0 (1.2), snap (0.99), init ("uniform" or any allocator
+  capped at 0.05, i.e. the logit travel of the paper's 10 epochs × 256 steps at lr 1e-3; give 0.001 for
+  the paper's per-step rate), alpha (100), beta (50), rho0 (1.2), snap (0.99), init ("uniform" or any allocator
   name, e.g. drank; its own options as init_<key>=value), sticky_dense (false; the reference code's
   "once dense, always dense"), plot (true).
 """
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PAPER_STEPS = 2560  # 10 epochs × 256 sequences, batch 1
 PAPER_LR = 1e-3
+MAX_AUTO_LR = 0.05  # the "auto" rate stops growing below ~51 steps: Adam steps that large overshoot
 
 #: Diagnostics of the most recent run in this process (history, timings), for benchmarks and plots.
 LAST_RUN: dict[str, Any] = {}
@@ -90,7 +91,9 @@ class AraOptions:
 
     @property
     def learning_rate(self) -> float:
-        return PAPER_LR * PAPER_STEPS / self.steps if self.lr == "auto" else float(self.lr)
+        if self.lr != "auto":
+            return float(self.lr)
+        return min(MAX_AUTO_LR, PAPER_LR * PAPER_STEPS / self.steps)
 
 
 def training_windows(tokens: torch.Tensor, seq_len: int, sequences: int, bos_id: int | None) -> torch.Tensor:
