@@ -217,8 +217,8 @@ def compress_cell(model: nn.Module, config: CompressConfig, stats: Any, tokens: 
     from svdzip.decompose import DATA_FREE
     from svdzip.pipeline import compress
 
-    key = (repr(sorted(getattr(stats, "meta", {}).items())), config.method, config.group_size, tuple(config.share_roles), config.asvd_alpha,
-           config.asvd_scaling)
+    key = (repr(sorted(getattr(stats, "meta", {}).items())), config.method, config.group_size,
+           tuple(config.share_roles), config.asvd_alpha, config.asvd_scaling)
     t0 = time.perf_counter()
     result = compress(model, config, stats=None if config.method in DATA_FREE else stats, calib_tokens=tokens,
                       units=_SPECTRA.get(key))
