@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from svdzip.config import CompressConfig
 from svdzip.data import calibration_tokens, load_corpus
 from svdzip.evaluate.perplexity import perplexity_on_corpora
 from svdzip.models.loading import load_model
 from svdzip.pipeline import compress, prepare_statistics
+from svdzip.report import provenance
 
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("benchmarks")
@@ -31,18 +27,6 @@ log = logging.getLogger("benchmarks")
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
-def provenance() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                       f"threads {torch.get_num_threads()}",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 class Bench:

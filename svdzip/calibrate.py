@@ -14,7 +14,6 @@ The statistics are an artefact of their own: saved, checked and reused across me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdzip.assets import sha256_file
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
 
@@ -184,7 +184,7 @@ class CalibrationStats:
                 tensors[f"{kind}/{key}"] = value.contiguous()
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp))
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         meta = {"format": STATS_FORMAT, "tokens": self.tokens, "batches": self.batches,
                 "sha256": digest, "meta": self.meta}
         meta_tmp = _meta_path(path).with_name(_meta_path(path).name + ".tmp")
@@ -204,7 +204,7 @@ class CalibrationStats:
             raise SvdzipError(f"statistics metadata {meta_path} is corrupted: {exc}") from exc
         if meta.get("format") != STATS_FORMAT:
             raise SvdzipError(f"statistics {path} have format {meta.get('format')}, expected {STATS_FORMAT}")
-        if _sha256(path) != meta.get("sha256"):
+        if sha256_file(path) != meta.get("sha256"):
             raise SvdzipError(f"statistics file {path} is corrupted (checksum mismatch); delete it to recompute")
         stats = cls(tokens=meta["tokens"], batches=meta["batches"], meta=meta["meta"])
         for name, tensor in load_file(str(path)).items():
@@ -215,14 +215,6 @@ class CalibrationStats:
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Accumulator:

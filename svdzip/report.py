@@ -68,3 +68,25 @@ def module_table(modules: Sequence[dict[str, Any]]) -> str:
     rows = [[m["name"], m["rank"] if m["rank"] is not None else "dense", f"{m['kept']:.3f}",
              f"{m['loss']:.4f}", f"{m['seconds']:.2f}"] for m in modules]
     return table(["module", "rank", "kept", "rel. loss", "time s"], rows)
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """Which command, commit and machine produced a result (for every benchmark and sweep table)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {"command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                       f"threads {torch.get_num_threads()}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

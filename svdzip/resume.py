@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from svdzip.assets import sha256_file
 from svdzip.errors import SvdzipError
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,6 @@ def config_hash(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_checked(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None = None) -> None:
     """safetensors + `.json` sidecar (sha256, info), each written to a temp name and renamed.
 
@@ -54,7 +47,7 @@ def write_checked(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    side = {"sha256": _sha256(tmp), "info": info or {}}
+    side = {"sha256": sha256_file(tmp), "info": info or {}}
     side_path = path.with_name(path.name + ".json")
     side_tmp = side_path.with_name(side_path.name + f".tmp{os.getpid()}")
     side_tmp.write_text(json.dumps(side, sort_keys=True))
@@ -70,7 +63,7 @@ def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] |
         return None
     try:
         side = json.loads(side_path.read_text())
-        if _sha256(path) != side["sha256"]:
+        if sha256_file(path) != side["sha256"]:
             raise ValueError("checksum mismatch")
         return load_file(str(path)), side.get("info", {})
     except Exception as exc:  # json, safetensors or checksum: any damage means recompute

@@ -172,25 +172,12 @@ def _needs_work(parts: dict[str, Any]) -> bool:
 
 
 def provenance() -> dict[str, Any]:
-    """Commit and machine (benchmarks/common's record when the benchmarks are importable)."""
-    try:
-        from benchmarks.common import provenance as bench_provenance
+    """Commit and machine that produced the sweep."""
+    import sys
 
-        return bench_provenance()
-    except ImportError:
-        import platform
-        import subprocess
-        import sys
+    from svdzip.report import provenance as run_provenance
 
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-        return {"command": " ".join(["svdzip", *sys.argv[1:]]), "commit": commit,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                           f"threads {torch.get_num_threads()}",
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return run_provenance(" ".join(["svdzip", *sys.argv[1:]]))
 
 
 def load(model: str, device: str) -> tuple[nn.Module, Any, str]:
