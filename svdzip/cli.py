@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu")
     _add_task_speed_args(w)
     w.add_argument("--out", required=True, help="results directory (reused: finished cells are not recomputed)")
+    w.add_argument("--readme", help="also write the table and plots into this Markdown file, between the lines "
+                   "'<!-- sweep:start -->' and '<!-- sweep:end -->'")
 
     i = sub.add_parser("info", help="what a compressed directory holds: ranks per layer and type, sizes")
     i.add_argument("dir", nargs="?", help="a directory written by `svdzip compress`")
@@ -392,8 +394,10 @@ def _eval_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.models.loading import check_device
-    from svdzip.sweep import SweepSpec, run_sweep
+    from svdzip.sweep import SweepSpec, check_readme, run_sweep, update_readme
 
+    if args.readme:
+        check_readme(args.readme)
     if args.threads:
         import torch
 
@@ -409,6 +413,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
         device=check_device(args.device), metric=args.metric,
     )
     data = run_sweep(spec, args.out)
+    if args.readme:
+        update_readme(args.readme, args.out)
     if not args.json:
         print((Path(args.out) / "results.md").read_text())
     return data

@@ -449,4 +449,37 @@ def write_reports(data: dict[str, Any], spec: SweepSpec, out_dir: Path, redraw: 
     log.info("wrote %s and %s", out_dir / "results.md", ", ".join(str(p) for p in pngs) or "no plots")
 
 
-__all__ = ["SweepSpec", "config_from_label", "markdown", "parse_label", "run_sweep"]
+README_START, README_END = "<!-- sweep:start -->", "<!-- sweep:end -->"
+
+
+def check_readme(readme: str | os.PathLike) -> Path:
+    """Refuse a README without exactly one marker pair *before* a long sweep starts, not after."""
+    path = Path(readme)
+    if not path.is_file():
+        raise SvdzipError(f"--readme {path}: no such file")
+    text = path.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or text.index(README_START) > text.index(
+            README_END):
+        raise SvdzipError(f"--readme {path}: needs one '{README_START}' line followed by one '{README_END}' line; "
+                          "the sweep's table replaces what lies between them")
+    return path
+
+
+def update_readme(readme: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Replace the README's marked block with the sweep's results.md and links to its plots."""
+    path = check_readme(readme)
+    out = Path(out_dir)
+    body = (out / "results.md").read_text().replace("### ", "#### ")
+    pngs = sorted(out.glob("sweep_*.png"))
+    links = [f"![{p.stem}]({os.path.relpath(p, path.parent)})" for p in pngs]
+    block = "\n".join([README_START, "", body.strip(), "", *links, "", README_END])
+    text = path.read_text()
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text[:start] + block + text[end:])
+    tmp.replace(path)
+    log.info("updated the results block of %s", path)
+    return path
+
+
+__all__ = ["SweepSpec", "check_readme", "config_from_label", "markdown", "parse_label", "run_sweep", "update_readme"]

@@ -185,6 +185,29 @@ def test_sweep_refuses_to_mix_settings(patched_sweep, tmp_path):
         run_sweep(_spec(methods=["svd"], ratios=[0.4], speed=False, tasks=[], eval_tokens=128), tmp_path)
 
 
+def test_sweep_writes_readme_block_and_refuses_unmarked_readme(patched_sweep, tmp_path):
+    from svdzip.sweep import README_END, README_START, check_readme, update_readme
+
+    out = tmp_path / "sweep"
+    run_sweep(_spec(methods=["svd"], ratios=[0.4], speed=False, tasks=[]), out)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_START}\nold table\n{README_END}\n\n## after\n")
+    update_readme(readme, out)
+    text = readme.read_text()
+    assert "old table" not in text and "#### tiny" in text and "commit" in text
+    assert "](sweep/sweep_tiny.png)" in text and text.startswith("# title") and text.endswith("## after\n")
+    update_readme(readme, out)  # idempotent: one block, same text
+    assert readme.read_text() == text
+
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    with pytest.raises(SvdzipError, match="sweep:start"):
+        check_readme(plain)
+    with pytest.raises(SvdzipError, match="no such file"):
+        check_readme(tmp_path / "missing.md")
+    assert plain.read_text() == "# no markers\n"
+
+
 def test_speed_aware_allocator_keeps_slow_matrices_dense_within_budget(monkeypatch):
     from svdzip.allocate import speed_aware
 
