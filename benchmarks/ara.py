@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", default="auto")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--variants", default="uniform,drank,ara,ara-init-drank",
+    p.add_argument("--variants", default="uniform,drank,loss-aware,ara,ara-init-drank",
                    help="which cells to run (drank ones are skipped while D-Rank is not registered)")
     p.add_argument("--spectra-cache", default="/tmp/svdzip-ara-spectra.pt",
                    help="file the shared spectra are saved to / reused from ('' = none)")
@@ -103,6 +103,7 @@ def main() -> None:
     variants: list[tuple[str, str, dict[str, Any]]] = [("uniform", "uniform", {})]
     if have_drank and "drank" in wanted:
         variants.append(("drank", "drank", {}))
+    variants += [(w, w, {}) for w in wanted if w in available() and w not in ("uniform", "drank", "ara")]
     if "ara" in wanted:
         variants.append(("ara", "ara", ara_opts))
     if have_drank and not args.no_init_drank and "ara-init-drank" in wanted:
