@@ -174,9 +174,15 @@ def default_stats_path(meta: dict[str, Any]) -> Path:
 
 def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str, config: CompressConfig,
                        stats_path: str | Path | None = None) -> CalibrationStats:
-    """Load the statistics for this (model, corpus, samples, length, seed) or compute and save them."""
+    """Load the statistics for this (model, corpus, samples, length, seed) or compute and save them.
+
+    FWSVD's Fisher information needs a backward pass over the calibration text; it is computed on the
+    dense model the first time an fwsvd run asks for it and saved into the same file, so the next
+    fwsvd run at any ratio skips it.
+    """
     meta = calibration_meta(source, config)
     path = Path(stats_path) if stats_path else default_stats_path(meta)
+    stats = None
     if path.exists():
         try:
             stats = CalibrationStats.load(path)
@@ -189,8 +195,15 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
                 raise SvdzipError(f"statistics at {path} were computed for {stats.meta}, not {meta}; "
                                   "use another --stats path")
             log.info("reusing calibration statistics from %s", path)
-            return stats
-    stats = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, meta=meta)
-    stats.save(path)
-    log.info("calibration statistics saved to %s", path)
+    if stats is None:
+        stats = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, meta=meta)
+        stats.save(path)
+        log.info("calibration statistics saved to %s", path)
+    if config.method == "fwsvd" and not stats.fisher:
+        from svdzip.fisher import collect_fisher
+
+        t0 = time.perf_counter()
+        stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)
+        stats.save(path)
+        log.info("Fisher information (%.0f s) added to %s", time.perf_counter() - t0, path)
     return stats

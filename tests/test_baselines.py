@@ -144,6 +144,24 @@ def _search_by_scan(units, table, budget):
     return best
 
 
+def test_fisher_is_saved_with_the_statistics_and_reused(tmp_path, monkeypatch):
+    from svdzip import fisher as fisher_mod
+    from svdzip.pipeline import prepare_statistics
+
+    model, tokens = tiny_model("llama"), tiny_tokens(4, 16)
+    calls = []
+    real = fisher_mod.collect_fisher
+    monkeypatch.setattr(fisher_mod, "collect_fisher", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = tmp_path / "stats.safetensors"
+    plain = prepare_statistics(model, tokens, "tiny", CompressConfig(method="svdllm"), path)
+    assert not plain.fisher and not calls  # only fwsvd pays for the backward pass
+    first = prepare_statistics(model, tokens, "tiny", CompressConfig(method="fwsvd"), path)
+    again = prepare_statistics(model, tokens, "tiny", CompressConfig(method="fwsvd", ratio=0.5), path)
+    assert len(calls) == 1 and first.fisher.keys() == again.fisher.keys()
+    assert all(torch.equal(first.fisher[k], again.fisher[k]) for k in first.fisher)
+    assert all(torch.equal(plain.grams[k], again.grams[k]) for k in plain.grams)
+
+
 def test_strs_meets_budget_and_caches(tmp_path, monkeypatch):
     tokens = tiny_tokens(6, 20)
     model = tiny_model("llama")
