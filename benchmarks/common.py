@@ -64,12 +64,20 @@ class Bench:
         return {c: by[protocols[0]].ppl for c, by in res.items()}
 
 
+_THIS_RUN: dict[str, Any] = {}
+
+
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
+    """Write <name>.json and .md; a benchmark that adds cells to an earlier file keeps every run's provenance."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"provenance": provenance(), **payload}
+    if not _THIS_RUN:
+        _THIS_RUN.update(provenance())
+    earlier = payload.get("runs") or ([payload["provenance"]] if "provenance" in payload else [])
+    runs = [r for r in earlier if r != _THIS_RUN] + [dict(_THIS_RUN)]
+    payload = {**payload, "provenance": dict(_THIS_RUN), "runs": runs}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
-    prov = payload["provenance"]
-    (RESULTS / f"{name}.md").write_text(
-        f"{markdown}\n\nProduced by `{prov['command']}` at commit {prov['commit']} on {prov['machine']}, "
-        f"{prov['date']}.\n")
+    lines = [f"`{r['command']}` at commit {r['commit']} on {r['machine']}, {r['date']}" for r in runs]
+    footer = ("Produced by " + lines[0] + "." if len(lines) == 1 else
+              "Produced by these runs, later ones adding or replacing cells:\n\n" + "\n".join(f"- {x}" for x in lines))
+    (RESULTS / f"{name}.md").write_text(f"{markdown}\n\n{footer}\n")
     log.info("wrote %s", RESULTS / f"{name}.md")
