@@ -90,8 +90,9 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--variants", default="uniform,drank,loss-aware,ara,ara-init-drank",
                    help="which cells to run (drank ones are skipped while D-Rank is not registered)")
-    p.add_argument("--spectra-cache", default="/tmp/svdzip-ara-spectra.pt",
+    p.add_argument("--spectra-cache", default="/tmp/svdzip-ara-spectra-{model}.pt",
                    help="file the shared spectra are saved to / reused from ('' = none)")
+    p.add_argument("--name", default="ara", help="results file name (default: %(default)s)")
     p.add_argument("--no-init-drank", action="store_true", help="skip the ARA run started from D-Rank's ranks")
     args = p.parse_args()
     setup_logging()
@@ -108,12 +109,13 @@ def main() -> None:
         variants.append(("ara", "ara", ara_opts))
     if have_drank and not args.no_init_drank and "ara-init-drank" in wanted:
         variants.append(("ara init=drank", "ara", {**ara_opts, "init": "drank"}))
-    units = decomposed_units(bench, Path(args.spectra_cache) if args.spectra_cache else None)
+    cache = Path(args.spectra_cache.format(model=args.model.replace("/", "_"))) if args.spectra_cache else None
+    units = decomposed_units(bench, cache)
     dense = bench.perplexity(bench.fresh(), max_tokens=args.eval_tokens)
     rows = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         for label, allocator, opts in variants:
-            plot_dir = RESULTS / "ara_plots" / f"{ratio:g}_{label.replace(' ', '_').replace('=', '-')}"
+            plot_dir = RESULTS / f"{args.name}_plots" / f"{ratio:g}_{label.replace(' ', '_').replace('=', '-')}"
             row = run_cell(bench, units, ratio, allocator, opts, plot_dir if allocator == "ara" else None)
             row["label"] = label
             rows.append(row)
@@ -133,7 +135,7 @@ def main() -> None:
                      f"{r['ratio_achieved']:.4f} | {r['allocate_s']:.0f} |")
     lines += ["", "Paper anchor (LLaMA-2-7B, 20 % removed, WikiText-2): uniform 8.38 → ARA 6.42 (0.77×).",
               f"Peak RSS of this run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB."]
-    write_results("ara", {"model": args.model, "dense_ppl": dense, "eval_tokens": args.eval_tokens,
+    write_results(args.name, {"model": args.model, "dense_ppl": dense, "eval_tokens": args.eval_tokens,
                           "ara_options": ara_opts, "rows": rows,
                           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
                   "\n".join(lines))
