@@ -44,7 +44,7 @@ def test_staircase_mask_is_monotone_and_prefix():
     r_hat = mask.refresh()
     soft = torch.softmax(mask.logits, 0) @ mask.stairs
     assert torch.all(soft[1:] <= soft[:-1] + 1e-7)  # P(rank > j) is non-increasing
-    hard_rank = round(rank_max * float(r_hat))
+    hard_rank = round(rank_max * float(r_hat.detach()))
     assert mask.current.detach().tolist() == [1.0] * hard_rank + [0.0] * (rank_max - hard_rank)
 
 
@@ -78,7 +78,7 @@ def test_full_rank_mask_reproduces_the_dense_layer_and_past_ratio_one_runs_dense
         mod = ctx.adapter.module(unit.name)
         mask = inst.masks[0]
         r_hat = mask.refresh()
-        assert 1.2 * float(r_hat) >= 1 and mask.dense  # pushed past ratio 1: the dense branch
+        assert 1.2 * float(r_hat.detach()) >= 1 and mask.dense  # pushed past ratio 1: the dense branch
         assert torch.equal(mod(x), dense_out)
         # just below 1: low rank, masked, and no longer exactly the dense output
         with torch.no_grad():
