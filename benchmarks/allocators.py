@@ -6,7 +6,8 @@
 Methods: uniform · shareN (Basis Sharing over N layers, uniform ranks) · svdllm-v2 · drank
 (paper mode, β = 0.3) · drank-code (the released code's heuristics) · drank-n2 (D-Rank with
 Basis Sharing groups of 2) · drank-tuned (β chosen on held-out calibration windows) · loss-aware[:signal]
-(signal = fisher | relative | whitened | erank).
+(signal = fisher | relative | whitened | erank) · loss-aware-guard (checked against uniform on
+held-out calibration windows, keeps the better).
 
 Spectra are computed once per grouping and reused for every allocator and ratio (they do not depend
 on either); each cell materialises a fresh copy of the dense model. Results are rewritten after every
@@ -56,6 +57,8 @@ def parse_method(name: str) -> tuple[str, int, dict[str, Any]]:
         return "drank", 1, {"rebalance": False}
     if name == "drank-tuned":
         return "drank", 1, {"tune_beta": True}
+    if name == "loss-aware-guard":
+        return "loss-aware", 1, {"signal": "fisher", "guard": True}
     if name.startswith("loss-aware"):
         signal = name.partition(":")[2] or "fisher"
         return "loss-aware", 1, {"signal": signal}
@@ -114,7 +117,8 @@ def main() -> None:
                     analysis[model_name] = {"effective_rank": _erank_by_type(units)}
                 t0 = time.perf_counter()
                 budget = keep_budget(sum(u.dense_params for u in units), ratio)
-                opts = {**options, HELDOUT_KEY: heldout} if options.get("tune_beta") else options
+                wants_heldout = options.get("tune_beta") or options.get("guard")
+                opts = {**options, HELDOUT_KEY: heldout} if wants_heldout else options
                 ctx = AllocationContext(ratio=ratio, budget=budget, options=opts, adapter=adapter, model=dense,
                                         stats=bench.stats, calib_tokens=bench.tokens)
                 ranks = allocate(allocator, units, ctx)

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="D-Rank: choose the Q/K→V rebalancing β on held-out CALIBRATION windows "
                         "(never evaluation text); implies --allocator drank")
     c.add_argument("--tune-samples", type=int, default=8,
-                   help="held-out calibration windows for --tune-beta (default: %(default)s)")
+                   help="held-out calibration windows for --tune-beta and for loss-aware's guard=true "
+                   "(default: %(default)s)")
     c.add_argument("--no-plots", action="store_true",
                    help="do not write ranks.png / effective_rank.png next to the model")
     c.add_argument("--eval", action="store_true",
@@ -214,7 +215,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     # allocators may write artefacts (ARA's plots) before the output exists: stage them beside it
     staging = Path(tempfile.mkdtemp(prefix="svdzip-alloc-"))
     result = _compress_loaded(model, tokenizer, source, config, args.stats,
-                              heldout=args.tune_samples if args.tune_beta else 0, out_dir=staging)
+                              heldout=args.tune_samples if _wants_heldout(config) else 0, out_dir=staging)
     model.to(dtype)
     manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
     manifest.details["source_model"] = str(source)
@@ -237,6 +238,13 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval:
         summary["evaluation"] = _eval_dense_vs_compressed(args, source, out)
     return summary
+
+
+def _wants_heldout(config) -> bool:
+    """Allocators that check themselves on held-out calibration windows: D-Rank's β search, loss-aware's guard."""
+    from svdzip.allocate.common import truthy
+
+    return any(truthy(config.allocator_options.get(k, False)) for k in ("tune_beta", "guard"))
 
 
 def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | None, heldout: int = 0,

@@ -135,6 +135,46 @@ def test_tune_beta_uses_heldout_calibration_tokens(setup, caplog):
         allocate("drank", units, _ctx(setup, units, 0.4, {"tune_beta": True}))
 
 
+def test_loss_aware_guard_keeps_whichever_loses_less_on_heldout(setup, monkeypatch, caplog):
+    from svdzip.allocate import common
+
+    units = setup[4][1]
+    held = tiny_tokens(n=2, seed=7)
+    opts = {HELDOUT_KEY: held}
+    plain = allocate("loss-aware", units, _ctx(setup, units, 0.4, opts))
+    uniform = allocate("uniform", units, _ctx(setup, units, 0.4, opts))
+    assert plain != uniform
+    real = common.heldout_loss
+    seen = []
+
+    def spy(u, ranks, model, tokens, batch_size=4):
+        seen.append((list(ranks), tokens))
+        return real(u, ranks, model, tokens, batch_size)
+
+    monkeypatch.setattr(common, "heldout_loss", spy)
+    guarded = allocate("loss-aware", units, _ctx(setup, units, 0.4, {**opts, "guard": "true"}))
+    assert [r for r, _ in seen] == [plain, uniform] and all(t is held for _, t in seen)
+    losses = [real(units, r, setup[0], held) for r in (plain, uniform)]
+    assert guarded == (plain if losses[0] <= losses[1] else uniform)
+
+    # whichever is cheaper on held-out text wins: make uniform the cheaper one
+    monkeypatch.setattr(common, "heldout_loss", lambda u, ranks, *a, **k: 0.0 if list(ranks) == uniform else 1.0)
+    with caplog.at_level("WARNING"):
+        assert allocate("loss-aware", units, _ctx(setup, units, 0.4, {**opts, "guard": True})) == uniform
+    assert "uniform ranks lose less" in caplog.text
+    with pytest.raises(Exception, match="guard=true"):
+        allocate("loss-aware", units, _ctx(setup, units, 0.4, {"guard": True}))
+
+
+def test_cli_draws_heldout_windows_for_tune_beta_and_guard():
+    from svdzip.cli import _wants_heldout
+
+    assert _wants_heldout(CompressConfig(allocator="drank", allocator_options={"tune_beta": "true"}))
+    assert _wants_heldout(CompressConfig(allocator="loss-aware", allocator_options={"guard": "true"}))
+    assert not _wants_heldout(CompressConfig(allocator="loss-aware", allocator_options={"guard": "false"}))
+    assert not _wants_heldout(CompressConfig(allocator="loss-aware"))
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3", "opt"])
 def test_allocators_end_to_end_other_families(family):
     model, tokens = tiny_model(family), tiny_tokens()

@@ -198,6 +198,11 @@ def greedy_loss_allocation(units: Sequence[Unit], weights: Sequence[float], budg
 HELDOUT_KEY = "heldout_tokens"  # AllocationContext.options key: calibration-corpus windows not used for stats
 
 
+def truthy(value: object) -> bool:
+    """An allocator option given on the command line as true/1/yes/on."""
+    return value is True or str(value).lower() in ("1", "true", "yes", "on")
+
+
 def heldout_loss(units: Sequence[Unit], ranks: Sequence[Rank], model, tokens, batch_size: int = 4) -> float:
     """Mean next-token loss of the model compressed to `ranks` (on a copy) over held-out tokens."""
     import copy
@@ -234,8 +239,9 @@ def tune_on_heldout(units: Sequence[Unit], ctx, name: str, grid: Sequence[float]
 
     tokens = (ctx.options or {}).get(HELDOUT_KEY)
     if tokens is None:
-        raise SvdzipError(f"tuning {name} needs held-out calibration tokens: use `svdzip compress --tune-beta` "
-                          f"or pass heldout_tokens to compress()")
+        raise SvdzipError(f"tuning {name} needs held-out calibration tokens: `svdzip compress` draws them for "
+                          "--tune-beta and for --allocator-option guard=true; in Python pass heldout_tokens to "
+                          "compress()")
     if ctx.model is None:
         raise SvdzipError(f"tuning {name} needs the model")
     scores = {}

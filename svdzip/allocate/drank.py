@@ -45,6 +45,7 @@ from svdzip.allocate.common import (
     static_gain,
     step_down,
     total,
+    truthy,
     tune_on_heldout,
 )
 from svdzip.budget import DENSE, keep_budget, uniform_rank
@@ -163,16 +164,12 @@ def _tail(group: Sequence[Unit], ranks: Sequence[Rank]) -> float:
     return sum(0.0 if r is DENSE else u.spectrum.tail(r) for u, r in zip(group, ranks, strict=True))
 
 
-def _truthy(value: object) -> bool:
-    return value is True or str(value).lower() in ("1", "true", "yes", "on")
-
-
 @register("drank")
 def allocate_drank(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
     mode = str(ctx.option("mode", "paper"))
-    rebalance = _truthy(ctx.option("rebalance", True))
+    rebalance = truthy(ctx.option("rebalance", True))
     beta = ctx.option("beta", None)
-    if _truthy(ctx.option("tune_beta", False)):
+    if truthy(ctx.option("tune_beta", False)):
         grid = [float(b) for b in ctx.option("beta_grid", [0.0, 0.1, 0.2, 0.3, 0.4])]
         beta = tune_on_heldout(units, ctx, "beta", grid,
                                lambda b: drank_ranks(units, ctx.ratio, ctx.budget, b, mode, rebalance))
