@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--lr", default="auto")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--variants", default="uniform,drank,loss-aware,ara,ara-init-drank",
-                   help="which cells to run (drank ones are skipped while D-Rank is not registered)")
+                   help="which cells to run: registered allocators, 'ara', and 'ara-init-<allocator>'")
     p.add_argument("--spectra-cache", default="/tmp/svdzip-ara-spectra-{model}.pt",
                    help="file the shared spectra are saved to / reused from ('' = none)")
     p.add_argument("--name", default="ara", help="results file name (default: %(default)s)")
@@ -107,8 +107,10 @@ def main() -> None:
     variants += [(w, w, {}) for w in wanted if w in available() and w not in ("uniform", "drank", "ara")]
     if "ara" in wanted:
         variants.append(("ara", "ara", ara_opts))
-    if have_drank and not args.no_init_drank and "ara-init-drank" in wanted:
-        variants.append(("ara init=drank", "ara", {**ara_opts, "init": "drank"}))
+    for w in wanted:  # ara-init-<allocator>: ARA's logits start from that allocator's ranks
+        init = w.removeprefix("ara-init-")
+        if w.startswith("ara-init-") and init in available() and not (init == "drank" and args.no_init_drank):
+            variants.append((f"ara init={init}", "ara", {**ara_opts, "init": init}))
     cache = Path(args.spectra_cache.format(model=args.model.replace("/", "_"))) if args.spectra_cache else None
     units = decomposed_units(bench, cache)
     dense = bench.perplexity(bench.fresh(), max_tokens=args.eval_tokens)
