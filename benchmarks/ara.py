@@ -99,12 +99,9 @@ def main() -> None:
     bench_eval_tokens = args.eval_tokens
     bench = Bench(args.model)
     ara_opts = {"steps": args.steps, "seq_len": args.seq_len, "lr": args.lr}
-    have_drank = "drank" in available()
     wanted = args.variants.split(",")
     variants: list[tuple[str, str, dict[str, Any]]] = [("uniform", "uniform", {})]
-    if have_drank and "drank" in wanted:
-        variants.append(("drank", "drank", {}))
-    variants += [(w, w, {}) for w in wanted if w in available() and w not in ("uniform", "drank", "ara")]
+    variants += [(w, w, {}) for w in wanted if w in available() and w not in ("uniform", "ara")]
     if "ara" in wanted:
         variants.append(("ara", "ara", ara_opts))
     for w in wanted:  # ara-init-<allocator>: ARA's logits start from that allocator's ranks

@@ -71,12 +71,8 @@ def compress(
     if config.method == "fwsvd" and (stats is None or not stats.fisher):
         if calib_tokens is None:
             raise SvdzipError("fwsvd needs calibration tokens to measure Fisher information")
-        from svdzip.fisher import collect_fisher
-
-        t0 = time.perf_counter()
         stats = stats or CalibrationStats()
-        stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)
-        timings["fisher_s"] = time.perf_counter() - t0
+        timings["fisher_s"] = add_fisher(stats, model, calib_tokens, config)
     if config.method not in DATA_FREE and stats is None:
         if calib_tokens is None:
             raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")
@@ -200,10 +196,16 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
         stats.save(path)
         log.info("calibration statistics saved to %s", path)
     if config.method == "fwsvd" and not stats.fisher:
-        from svdzip.fisher import collect_fisher
-
-        t0 = time.perf_counter()
-        stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)
+        seconds = add_fisher(stats, model, calib_tokens, config)
         stats.save(path)
-        log.info("Fisher information (%.0f s) added to %s", time.perf_counter() - t0, path)
+        log.info("Fisher information (%.0f s) added to %s", seconds, path)
     return stats
+
+
+def add_fisher(stats: CalibrationStats, model: nn.Module, calib_tokens: torch.Tensor, config: CompressConfig) -> float:
+    """FWSVD's per-input-channel Fisher information into `stats` (one backward pass); returns the seconds spent."""
+    from svdzip.fisher import collect_fisher
+
+    t0 = time.perf_counter()
+    stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)
+    return time.perf_counter() - t0

@@ -196,8 +196,8 @@ def _train(model: torch.nn.Module, inst: _Installed, units: list[Unit], windows:
         loss.backward()
         opt.step()
         dense = sum(m.dense for m in inst.masks)
-        row = {"step": step, **{k: v.item() for k, v in (("loss", loss), ("ce", ce), ("comp", comp), ("guide", guide),
-                                                           ("kept", r_tot))}, "dense": dense}
+        row = {"step": step, "loss": loss.item(), "ce": ce.item(), "comp": comp.item(), "guide": guide.item(),
+               "kept": r_tot.item(), "dense": dense}
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kept=f"{row['kept']:.4f}", dense=dense)
     return history
