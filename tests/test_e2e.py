@@ -84,3 +84,39 @@ def test_cli_compress_eval_info(default, tmp_path, capsys):
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "svdllm" and info["factorised_modules"] == 210
+
+
+HEAL_SMALL = ["--heal-steps", "4", "--heal-seq-len", "64", "--heal-samples", "8", "--heal-heldout", "2",
+              "--heal-batch-size", "2", "--heal-eval-every", "2"]
+
+
+def test_cli_heal_a_compressed_directory(default, tmp_path, capsys):
+    src, out = tmp_path / "c", tmp_path / "h"
+    assert main(["compress", "--out", str(src), "--ratio", "0.3", "--calib-samples", "8", "--calib-seq-len", "128",
+                 "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["heal", str(src), "--out", str(out), *HEAL_SMALL, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    phase = summary["heal"]["phases"][0]
+    assert phase["best_heldout"] < phase["initial_heldout"]  # a held-out calibration KL, lowered
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "svdllm+distill"
+    assert dir_size(out) == dir_size(src)  # same ranks, same bytes
+    # bad input: a dense directory, an existing output, a second heal into the same place
+    assert main(["heal", str(default[0]), "--out", str(tmp_path / "x"), *HEAL_SMALL]) == 2
+    assert "dense model directory" in capsys.readouterr().err
+    assert main(["heal", str(src), "--out", str(out), *HEAL_SMALL]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["heal", str(src), "--out", str(tmp_path / "y"), "--heal-steps", "0"]) == 2
+    assert "steps must be" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_compress_with_sequential_lora(default, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["compress", "--out", str(out), "--ratio", "0.3", "--calib-samples", "8", "--calib-seq-len", "128",
+                 "--heal", "seq-lora", *HEAL_SMALL, "--no-plots", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "svdllm+seq-lora" and summary["heal_s"] > 0
+    model, _ = svdzip.load(out, with_tokenizer=False)
+    assert not any("lora" in n for n, _ in model.named_parameters())

@@ -237,3 +237,27 @@ def test_checkpoint_round_trip(tmp_path):
     with pytest.raises(SvdzipError):
         Checkpoint(tmp_path, {"a": 2}).load()
     assert VOCAB > 8
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_a_healed_directory_reloads_with_identical_logits(tmp_path, group_size):
+    from transformers import AutoModelForCausalLM
+
+    from svdzip.io import build_manifest, read_manifest, save
+    from svdzip.recover.directory import record_recovery
+
+    teacher = tiny_model()
+    student = copy.deepcopy(teacher)
+    result = compress(student, CompressConfig(ratio=0.5, group_size=group_size, calib_batch_size=4),
+                      calib_tokens=tiny_tokens(8, 24))
+    report = heal(student, teacher, _windows(), _cfg(method="seq-lora" if group_size > 1 else "distill"))
+    manifest = build_manifest(result.modules, result.summary, result.config.to_dict())
+    record_recovery(manifest, report)
+    save(student, None, tmp_path / "h", manifest)
+    tokens = tiny_tokens(2, 12)
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "h")(tokens).logits
+        assert torch.equal(again, student(tokens).logits)
+    saved = read_manifest(tmp_path / "h")
+    assert saved["method"].endswith("+" + report.method)
+    assert saved["details"]["recovery"][0]["phases"][0]["steps_done"] > 0
