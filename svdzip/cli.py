@@ -17,6 +17,9 @@ from svdzip.errors import SvdzipError
 log = logging.getLogger("svdzip")
 
 PAPER_CALIBRATION = (256, 2048)
+# the recommended recipe (README "Results", benchmarks/recovery.py): loss-aware ranks, then distillation
+RECOMMENDED_ALLOCATOR = "loss-aware"
+RECOMMENDED_HEAL = "distill"
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -64,16 +67,17 @@ def _add_task_speed_args(p: argparse.ArgumentParser, default_tasks: str = "") ->
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def _add_heal_args(p: argparse.ArgumentParser, default: str) -> None:
+def _add_heal_args(p: argparse.ArgumentParser, default: str, with_none: bool) -> None:
     """Recovery options shared by `compress --heal` and `svdzip heal` (defaults: HealConfig's)."""
     from svdzip.recover.config import HEAL_METHODS, ORDERS
     from svdzip.recover.config import HealConfig as H
 
     g = p.add_argument_group("recovery (train the factors after truncation, on calibration text only)")
     g.add_argument("--heal", "--finetune", dest="heal", default=default,
-                   choices=[*(("none",) if default == "none" else ()), *HEAL_METHODS],
+                   choices=[*(("none",) if with_none else ()), *HEAL_METHODS],
                    help="distill: train the factors to match the dense model's next-token distribution; seq-lora: "
-                        "SVD-LLM's sequential LoRA (peft) on the left, then the right factors (default: %(default)s)")
+                        "SVD-LLM's sequential LoRA (peft) on the left, then the right factors (default: distill; "
+                        "none for --stream, --resume-dir and torchrun runs)")
     g.add_argument("--heal-steps", type=int, default=H.steps, help="optimiser steps (default: %(default)s)")
     g.add_argument("--heal-lr", type=float, default=None,
                    help="peak learning rate (default: 3e-4 for distill, the paper's 1e-4 for seq-lora)")
@@ -150,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     ratio.add_argument("--kept", type=float, default=None,
                        help="fraction KEPT instead (ARA/ASVD convention): --kept 0.8 == --ratio 0.2")
     c.add_argument("--method", default="svdllm", help="factorisation: svd, svdllm, asvd, fwsvd (default: %(default)s)")
-    c.add_argument("--allocator", default="uniform", help="rank allocator (see `svdzip info --allocators`)")
+    c.add_argument("--allocator", default=None,
+                   help=f"rank allocator (see `svdzip info --allocators`; default: {RECOMMENDED_ALLOCATOR}, the "
+                        "recommended recipe with --heal distill; the papers' plain SVD-LLM(W) is --allocator uniform "
+                        "--heal none)")
     c.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator hyperparameter, repeatable (e.g. beta=0.3)")
     c.add_argument("--group-size", type=int, default=1,
@@ -191,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write ranks.png / effective_rank.png next to the model")
     c.add_argument("--eval", action="store_true",
                    help="then reload the saved model and compare its perplexity with the dense model's")
-    _add_heal_args(c, default="none")
+    _add_heal_args(c, default=None, with_none=True)
     _add_eval_args(c)
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: %(default)s)")
     h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved model (training is float32, bf16 autocast on CUDA)")
-    _add_heal_args(h, default="distill")
+    _add_heal_args(h, default="distill", with_none=False)
     _add_eval_args(h)
     h.add_argument("--eval", action="store_true",
                    help="then compare the healed model's perplexity with the dense one's")
@@ -265,10 +272,13 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     ratio = ratio_from_kept(args.kept) if args.kept is not None else (0.2 if args.ratio is None else args.ratio)
     samples, seq_len = PAPER_CALIBRATION if args.paper_calibration else (args.calib_samples, args.calib_seq_len)
     if getattr(args, "tune_beta", False):
-        if args.allocator not in ("uniform", "drank"):
+        if args.allocator not in (None, "uniform", "drank"):
             raise SvdzipError(f"--tune-beta tunes D-Rank's β; it does not apply to --allocator {args.allocator}")
         args.allocator = "drank"
         args.allocator_option = [*args.allocator_option, "tune_beta=true"]
+    from svdzip.streaming import cli_compress, wants_scaled
+
+    _apply_recommended_recipe(args, scaled=wants_scaled(args))
     config = CompressConfig(
         ratio=ratio, method=args.method, allocator=args.allocator, group_size=args.group_size,
         update=args.update, update_samples=args.update_samples,
@@ -284,8 +294,6 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if out.exists() and not args.overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     dtype = parse_dtype(args.dtype)
-    from svdzip.streaming import cli_compress, wants_scaled
-
     heal_config = _heal_config(args, config.corpus, config.device)
     if wants_scaled(args):  # --stream, --resume-dir or torchrun (WORLD_SIZE > 1)
         if heal_config is not None:
@@ -409,6 +417,18 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval:
         summary["evaluation"] = _eval_dense_vs_compressed(args, teacher, out)
     return summary
+
+
+def _apply_recommended_recipe(args: argparse.Namespace, scaled: bool) -> None:
+    """Fill the allocator and recovery the user left out: loss-aware + distill in memory; uniform and no
+    recovery for streamed, resumable or distributed runs, whose point is not holding the whole model
+    (loss-aware's sensitivities and healing both need it)."""
+    if args.allocator is None:
+        args.allocator = "uniform" if scaled else RECOMMENDED_ALLOCATOR
+    if args.heal is None:
+        args.heal = "none" if scaled else RECOMMENDED_HEAL
+    if scaled:
+        log.info("streamed / resumable / distributed run: allocator %s, recovery %s", args.allocator, args.heal)
 
 
 def _wants_heldout(config) -> bool:

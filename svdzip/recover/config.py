@@ -28,7 +28,7 @@ class HealConfig:
     """
 
     method: str = "distill"
-    steps: int = 100
+    steps: int = 40  # ~5 CPU-minutes on SmolLM2-135M; benchmarks/recovery.py measured it
     lr: float | None = None  # None: the method's default (METHOD_DEFAULTS)
     objective: str | None = None  # kl (teacher's next-token distribution) | ce (the text's next token)
     warmup: float = 0.1  # fraction of the steps with a linear warm-up; cosine decay to 0 after it
@@ -39,7 +39,7 @@ class HealConfig:
     seq_len: int = 256
     train_samples: int = 256  # distinct training windows (epochs cycle through them)
     heldout_samples: int = 8  # held-out calibration windows for early stopping
-    eval_every: int = 25
+    eval_every: int = 20
     patience: int = 2  # evaluations without improvement before stopping
     temperature: float = 1.0
     topk: int = 64  # teacher kept as its top-k log-probabilities + tail mass; 0 = full distribution
