@@ -31,77 +31,23 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("benchmarks.vllm_speed")
-PROFILED = ("QKVParallelLinear", "MergedColumnParallelLinear", "RowParallelLinear", "Attention", "LogitsProcessor",
-            "RMSNorm", "SiluAndMul", "VocabParallelEmbedding")
 
 
-def weight_accounting(model: Any) -> dict[str, Any]:
-    """Runs inside the vLLM worker: weight values each layer holds, and the process RSS."""
-    import psutil
-    import torch
+def worker(path: str, dtype: str, prompt_len: int, new_tokens: int, repeats: int, profile: bool,
+           cpu_clock: bool) -> dict[str, Any]:
+    """One model in one fresh engine: load time, weight memory, decode and prefill times.
 
-    held = dense = 0
-    low_rank_layers = dense_layers = 0
-    for module in model.modules():
-        layout = getattr(module, "svdzip_layout", None)
-        if layout is not None:
-            held += layout.weight_elements()
-            dense += layout.dense_elements()
-            low_rank_layers += 1
-        elif hasattr(module, "input_size_per_partition") and hasattr(module, "output_size_per_partition"):
-            n = module.input_size_per_partition * module.output_size_per_partition
-            held += n
-            dense += n
-            dense_layers += 1
-    emb = [m for m in model.modules() if type(m).__name__ == "VocabParallelEmbedding"]
-    emb_values = sum(m.weight.numel() for m in emb)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    size = torch.finfo(dtype).bits // 8
-    return {"linear_bytes": held * size, "linear_dense_bytes": dense * size, "embedding_bytes": emb_values * size,
-            "low_rank_layers": low_rank_layers, "dense_layers": dense_layers, "dtype": str(dtype),
-            "rss_bytes": psutil.Process().memory_info().rss}
-
-
-def install_profiler(model: Any) -> None:
-    """Runs inside the worker: forward hooks summing wall time per module class (outermost call only)."""
-    totals: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    model.svdzip_profile = (totals, counts)
-    for module in model.modules():
-        kind = type(module).__name__
-        if kind not in PROFILED:
-            continue
-
-        def pre(mod: Any, args: Any, kind: str = kind) -> None:
-            mod.svdzip_t0 = time.perf_counter()
-
-        def post(mod: Any, args: Any, out: Any, kind: str = kind) -> None:
-            totals[kind] += time.perf_counter() - mod.svdzip_t0
-            counts[kind] += 1
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-
-def reset_profile(model: Any) -> None:
-    for d in model.svdzip_profile:
-        d.clear()
-
-
-def read_profile(model: Any) -> dict[str, Any]:
-    totals, counts = model.svdzip_profile
-    return {k: {"seconds": totals[k], "calls": counts[k]} for k in totals}
-
-
-def worker(path: str, dtype: str, prompt_len: int, new_tokens: int, repeats: int, profile: bool) -> dict[str, Any]:
-    """One model in one fresh engine: load time, weight memory, decode and prefill times."""
+    The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so with `cpu_clock` the
+    process CPU time measures the model's work alone, whatever else loads the machine."""
     import numpy as np
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from svdzip.serve.vllm_stats import install_profiler, read_profile, reset_profile, weight_accounting
+
     t0 = time.perf_counter()
     llm = LLM(model=path, dtype=dtype, enforce_eager=True, max_model_len=1024, enable_prefix_caching=False,
-              seed=0)
+              seed=0, distributed_executor_backend="uni")
     load_s = time.perf_counter() - t0
     memory = llm.apply_model(weight_accounting)[0]
     vocab = llm.get_tokenizer().vocab_size
@@ -111,9 +57,10 @@ def worker(path: str, dtype: str, prompt_len: int, new_tokens: int, repeats: int
     full = SamplingParams(temperature=0, max_tokens=new_tokens + 1, ignore_eos=True)
 
     def timed(sp: SamplingParams) -> float:
-        t = time.perf_counter()
+        clock = time.process_time if cpu_clock else time.perf_counter
+        t = clock()
         llm.generate([prompt], sp, use_tqdm=False)
-        return time.perf_counter() - t
+        return clock() - t
 
     timed(one)
     timed(full)
@@ -138,9 +85,11 @@ def run_worker(label: str, path: str, args: argparse.Namespace) -> dict[str, Any
     name, _, layout = label.partition("@")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0"),
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "SVDZIP_VLLM_LAYOUT": layout or "stacked"}
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "SVDZIP_VLLM_LAYOUT": layout or "stacked",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     cmd = [sys.executable, __file__, "--worker", path, "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)] + (["--profile"] * args.profile)
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--clock", args.clock] + (["--profile"] * args.profile)
     log.info("%s: %s", label, " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.worker_timeout)
     marker = [line for line in proc.stdout.splitlines() if line.startswith("SVDZIP_RESULT ")]
@@ -159,7 +108,8 @@ def bytes_per_token(path: str, bytes_per_value: int) -> dict[str, int]:
     return weight_bytes(modules, expected, cfg["vocab_size"] * cfg["hidden_size"], bytes_per_value)
 
 
-def transformers_speed(models: dict[str, str], prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+def transformers_speed(models: dict[str, str], prompt_len: int, new_tokens: int, repeats: int,
+                       clock: str) -> dict[str, Any]:
     """The same models in transformers (svdzip.load), batch 1, one thread, alternated within each repeat."""
     import torch
 
@@ -169,7 +119,7 @@ def transformers_speed(models: dict[str, str], prompt_len: int, new_tokens: int,
     torch.set_num_threads(1)
     loaded = {label: svdzip.load(path, with_tokenizer=False)[0] for label, path in models.items()}
     res = measure_speed(loaded, [SpeedSetting(1, prompt_len, new_tokens + 1)], repeats=repeats,
-                        reference=next(iter(models)))
+                        reference=next(iter(models)), clock=clock)
     key = f"b1_s{prompt_len}"
     return {label: r[key]["decode_tokens_per_s"] for label, r in res["results"].items()}
 
@@ -179,8 +129,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# Decode speed under vLLM vs weight bytes read ({res['dtype']}, batch 1)", "",
              f"`{res['command']}`", "",
              f"{res['machine']}; prompt {res['prompt_len']} tokens, {res['new_tokens']} greedy tokens decoded, "
-             f"median of {res['repeats']} per round over {res['rounds']} rounds (rounds alternate the models); "
-             "decode tok/s = new tokens ÷ (time(prompt + new tokens) − time(prompt + 1 token)). "
+             f"median of {res['repeats']} per round over {res['rounds']} rounds (rounds alternate the models), "
+             f"{res['clock']} clock; decode tok/s = new tokens ÷ (time(prompt + new tokens) − time(prompt + 1 token)). "
              "'weights in vLLM' = values the loaded layers hold (factors of low-rank layers, full matrices of dense "
              "ones, embedding/lm_head once). 'bytes ratio' = dense ÷ this model's weight bytes read per token "
              "(decoder linears as stored + lm_head).", "",
@@ -200,8 +150,10 @@ def markdown(res: dict[str, Any]) -> str:
         if "profile" not in r:
             continue
         p = r["profile"]
-        lines += ["", f"**Profile of {label}** (forward hooks, one run of {p['new_tokens'] + 1} tokens, "
-                      f"{p['wall_s']:.2f} s wall):", "", "| module | calls | ms | share of wall |", "|---|---|---|---|"]
+        lines += ["", f"**Profile of {label}** (forward hooks summing CPU time, one run of {p['new_tokens'] + 1} "
+                      f"tokens after a {res['prompt_len']}-token prompt, {p['wall_s']:.2f} s {res['clock']} clock):",
+                  "",
+                  "| module | calls | ms | share |", "|---|---|---|---|"]
         for k, v in sorted(p["modules"].items(), key=lambda kv: -kv[1]["seconds"]):
             lines.append(f"| {k} | {v['calls']} | {1e3 * v['seconds']:.0f} | {v['seconds'] / p['wall_s']:.0%} |")
         rest = p["wall_s"] - sum(v["seconds"] for v in p["modules"].values())
@@ -220,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
+                    help="cpu = process CPU time of the in-process engine (robust on a shared machine; default)")
     ap.add_argument("--profile", action="store_true", help="also profile each model's decode per module class")
     ap.add_argument("--transformers", action="store_true", help="also time the same models in transformers")
     ap.add_argument("--worker-timeout", type=float, default=400)
@@ -227,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        res = worker(args.worker, args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.profile)
+        res = worker(args.worker, args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.profile,
+                     args.clock == "cpu")
         print("SVDZIP_RESULT " + json.dumps(res), flush=True)
         return 0
     models = dict(item.split("=", 1) for item in args.models.split(","))
@@ -249,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict[str, Any] = {
         "models": out_models, "reference": next(iter(models)), "dtype": args.dtype, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "rounds": args.rounds,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "rounds": args.rounds, "clock": args.clock,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, vllm {vllm.__version__}, torch "
                    f"{torch.__version__}, OpenMP threads bound to {os.environ.get('VLLM_CPU_OMP_THREADS_BIND', '0')}",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -257,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.transformers:
         plain = {label.partition("@")[0]: path for label, path in models.items()}
-        res["transformers"] = transformers_speed(plain, args.prompt_len, args.new_tokens, args.repeats)
+        res["transformers"] = transformers_speed(plain, args.prompt_len, args.new_tokens, args.repeats, args.clock)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=2))
     (RESULTS / f"{args.name}.md").write_text(markdown(res))

@@ -17,6 +17,7 @@ from svdzip.serve.layout import (
     check_manifest,
     check_parallel,
     expected_linears,
+    rank_slice,
     shard_index,
     shard_names,
     weight_bytes,
@@ -134,11 +135,9 @@ def test_manifest_naming_a_module_the_model_lacks_is_refused():
 def test_unsupported_architecture_parallelism_and_newer_format_are_refused():
     with pytest.raises(SvdzipError, match="does not support architecture GPT2LMHeadModel"):
         expected_linears("GPT2LMHeadModel", CFG)
-    with pytest.raises(SvdzipError, match="tensor parallelism"):
-        check_parallel(2, 1)
     with pytest.raises(SvdzipError, match="pipeline"):
-        check_parallel(1, 2)
-    check_parallel(1, 1)
+        check_parallel(2)
+    check_parallel(1)
     ok = {"quant_method": "svdzip", "format": MANIFEST_FORMAT, "modules": {}}
     check_format(ok)
     with pytest.raises(SvdzipError, match="format 2.*upgrade svdzip"):
@@ -154,3 +153,37 @@ def test_weight_bytes_count_lm_head_and_shared_bases_once_on_disk():
     assert got["dense"] == (128 + 100) * 4
     assert got["stored"] == (32 + 16 + 100) * 4
     assert got["read_per_token"] == (64 + 100) * 4
+
+
+def _cut(t, sl):
+    return t if sl is None else t.narrow(*sl)
+
+
+@pytest.mark.parametrize("tp,kv_heads", [(2, 2), (2, 1), (4, 1)])
+def test_tensor_parallel_slices_reassemble_the_unsplit_layers(tp, kv_heads):
+    """Column-parallel q/k/v: per-rank outputs concatenate (k/v replicated when ranks > KV heads) to the
+    full layer; row-parallel o: per-rank partial outputs sum to the full layer."""
+    torch.manual_seed(3)
+    head, heads, hidden, rank = 2, 4, 8, 3
+    outs = [heads * head, kv_heads * head, kv_heads * head]
+    factors = [(torch.randn(o, rank), torch.randn(rank, hidden)) for o in outs]
+    x = torch.randn(5, hidden)
+    full = [x @ (a @ b).T for a, b in factors]
+    replicas = max(1, tp // kv_heads)
+    per_rank = [heads * head // tp] + [max(1, kv_heads // tp) * head] * 2
+    for r in range(tp):
+        for i, (a, b) in enumerate(factors):
+            left = _cut(a, rank_slice("column", "left", i, r, replicas, True, per_rank[i], hidden))
+            right = _cut(b, rank_slice("column", "right", i, r, replicas, True, per_rank[i], hidden))
+            block = r // replicas if i else r
+            torch.testing.assert_close(x @ right.T @ left.T, full[i][:, block * per_rank[i]:(block + 1) * per_rank[i]])
+    a, b = torch.randn(hidden, rank), torch.randn(rank, hidden)
+    cols = hidden // tp
+    partial = sum(x[:, r * cols:(r + 1) * cols]
+                  @ _cut(b, rank_slice("row", "right", 0, r, 1, False, hidden, cols)).T
+                  @ _cut(a, rank_slice("row", "left", 0, r, 1, False, hidden, cols)).T for r in range(tp))
+    torch.testing.assert_close(partial, x @ (a @ b).T)
+    dense = torch.randn(hidden, hidden)
+    pieces = [x[:, r * cols:(r + 1) * cols] @ _cut(dense, rank_slice("row", "dense", 0, r, 1, False, hidden, cols)).T
+              for r in range(tp)]
+    torch.testing.assert_close(sum(pieces), x @ dense.T)

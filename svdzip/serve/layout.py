@@ -12,8 +12,8 @@ every shard's pieces live:
   is stored once, outside any stack, and every member multiplies by that same tensor.
 
 The output of the layer is then `cat(left_i(stack_rows_i(x)) or stack_rows_i(x), ...)` in shard
-order. The checks (`check_manifest`, `check_format`, `check_parallel`) give the clear errors a
-user needs before any weight is read.
+order. Under tensor parallelism each rank holds the slices `rank_slice` names. The checks
+(`check_manifest`, `check_format`, `check_parallel`) give the clear errors a user needs before any weight is read.
 """
 
 from __future__ import annotations
@@ -159,9 +159,12 @@ def shard_names(prefix: str, packed_modules_mapping: Mapping[str, Sequence[str]]
 
 def build_layout(prefix: str, in_features: int, output_sizes: Sequence[int],
                  modules: Mapping[str, Mapping[str, Any]],
-                 packed_modules_mapping: Mapping[str, Sequence[str]]) -> LayerLayout | None:
+                 packed_modules_mapping: Mapping[str, Sequence[str]],
+                 full_in: int | None = None, full_outs: Sequence[int] | None = None) -> LayerLayout | None:
     """The layout of engine layer `prefix`, or None when none of its shards is low-rank (stays dense).
 
+    `in_features` / `output_sizes` are this tensor-parallel rank's sizes (what the layer stores);
+    `full_in` / `full_outs` the unsplit ones the manifest records (default: the same, i.e. TP = 1).
     Raises when the manifest disagrees with the engine's shapes: a wrong size must never load.
     """
     names = shard_names(prefix, packed_modules_mapping)
@@ -170,18 +173,39 @@ def build_layout(prefix: str, in_features: int, output_sizes: Sequence[int],
                           f"({', '.join(names)})")
     if not any(n in modules for n in names):
         return None
+    full_in = in_features if full_in is None else full_in
+    full_outs = list(output_sizes) if full_outs is None else list(full_outs)
     leaders = {spec["shared_with"] for spec in modules.values() if spec.get("shared_with")}
     shards = []
-    for name, out in zip(names, output_sizes, strict=True):
+    for name, out, full_out in zip(names, output_sizes, full_outs, strict=True):
         spec = modules.get(name)
         if spec is None:
             shards.append(Shard(name, out))
             continue
-        if spec["in"] != in_features or spec["out"] != out:
+        if spec["in"] != full_in or spec["out"] != full_out:
             raise SvdzipError(f"{name}: manifest says {spec['in']}→{spec['out']}, the model has "
-                              f"{in_features}→{out}")
+                              f"{full_in}→{full_out}")
         shards.append(Shard(name, out, int(spec["rank"]), spec.get("shared_with"), is_basis_leader=name in leaders))
     return LayerLayout(prefix, in_features, tuple(shards))
+
+
+def rank_slice(parallel: str, kind: str, shard: int, tp_rank: int, kv_replicas: int, is_qkv: bool,
+               rows: int, cols: int) -> tuple[int, int, int] | None:
+    """(dim, start, length) of a checkpoint tensor that tensor-parallel rank `tp_rank` keeps, None = all of it.
+
+    Column-parallel layers (q/k/v, gate/up) split their output: a dense shard's rows and a low-rank
+    shard's left factor by rows; the right factor (and so a shared basis) is replicated. With fewer
+    KV heads than ranks, k/v rows are replicated over `kv_replicas` consecutive ranks, as vLLM does.
+    Row-parallel layers (o, down) split their input: a dense weight's columns and the right factor's
+    columns; the left factor is replicated, so each rank's `left(right_r(x_r))` is a partial output that
+    the layer's own all-reduce sums (left is linear). `rows`/`cols`: this rank's sizes.
+    """
+    if parallel == "column" and kind in ("dense", "left"):
+        block = tp_rank // kv_replicas if is_qkv and shard > 0 else tp_rank
+        return 0, block * rows, rows
+    if parallel == "row" and kind in ("dense", "right"):
+        return 1, tp_rank * cols, cols
+    return None
 
 
 def check_format(quant_config: Mapping[str, Any]) -> None:
@@ -239,17 +263,11 @@ def check_manifest(modules: Mapping[str, Mapping[str, Any]], expected: Mapping[s
                                   f"of input size {i} and rank {rank}")
 
 
-def check_parallel(tensor_parallel: int, pipeline_parallel: int) -> None:
-    """Refuse parallel layouts this plugin does not implement (see README "Serving with vLLM")."""
-    if tensor_parallel > 1:
-        raise SvdzipError(
-            f"svdzip's vLLM plugin does not support tensor parallelism yet (tensor_parallel_size={tensor_parallel}); "
-            "serve with --tensor-parallel-size 1. vLLM's CPU backend could not be tested with TP>1 here; the "
-            "sharding design (left factor split by rows for column-parallel layers, right factor split by "
-            "columns for row-parallel ones) is in the README")
+def check_parallel(pipeline_parallel: int) -> None:
+    """Refuse what this plugin has not been tested with (tensor parallelism is supported)."""
     if pipeline_parallel > 1:
         raise SvdzipError(f"svdzip's vLLM plugin is untested with pipeline parallelism (pipeline_parallel_size="
-                          f"{pipeline_parallel}); serve with --pipeline-parallel-size 1")
+                          f"{pipeline_parallel}); serve with --pipeline-parallel-size 1 (tensor parallelism works)")
 
 
 def weight_bytes(modules: Mapping[str, Mapping[str, Any]], expected: Mapping[str, tuple[int, int]],

@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.models.utils import WeightsMapper
@@ -33,6 +39,7 @@ from svdzip.serve.layout import (
     check_manifest,
     check_parallel,
     expected_linears,
+    rank_slice,
     shard_index,
     shard_names,
 )
@@ -55,6 +62,17 @@ def make_gemm(weight: torch.Tensor) -> Gemm:
         return lambda x: fn(x, holder.weight, None)
     w = weight.contiguous()
     return lambda x: torch.nn.functional.linear(x, w)
+
+
+def full_output_sizes(layer: nn.Module, per_rank: list[int]) -> list[int]:
+    """Unsplit output size of every shard of `layer` (what the manifest records), given this rank's sizes."""
+    tp = getattr(layer, "tp_size", 1)
+    if isinstance(layer, QKVParallelLinear):
+        kv = layer.total_num_kv_heads
+        return [layer.total_num_heads * layer.head_size, kv * layer.head_size, kv * layer.v_head_size]
+    if isinstance(layer, RowParallelLinear):
+        return list(per_rank)
+    return [n * tp for n in per_rank]
 
 
 class SvdzipVllmConfig(QuantizationConfig):
@@ -105,9 +123,9 @@ class SvdzipVllmConfig(QuantizationConfig):
         return super().get_checkpoint_weight_mapper() | renames
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+        from vllm.distributed import get_pp_group
 
-        check_parallel(get_tensor_model_parallel_world_size(), get_pp_group().world_size)
+        check_parallel(get_pp_group().world_size)
         if not isinstance(layer, LinearBase):
             return None
         if not any(n in self.modules for n in shard_names(prefix, self.packed_modules_mapping)):
@@ -126,7 +144,8 @@ class SvdzipLinearMethod(LinearMethodBase):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs: Any):
         extra_weight_attrs.pop("weight_loader", None)
         layout = build_layout(self.prefix, input_size_per_partition, output_partition_sizes, self.config.modules,
-                              self.config.packed_modules_mapping)
+                              self.config.packed_modules_mapping, full_in=input_size,
+                              full_outs=full_output_sizes(layer, output_partition_sizes))
         if layout is None:
             raise SvdzipError(f"{self.prefix}: no low-rank shard, yet the svdzip method was chosen")
         layer.svdzip_layout = layout
@@ -153,6 +172,11 @@ class SvdzipLinearMethod(LinearMethodBase):
             i = shard_index(shard_id, len(layout.shards))
             shard = layout.shards[i]
             target = self._target(param, layout, kind, i)
+            cut = rank_slice("row" if isinstance(layer, RowParallelLinear) else "column", kind, i,
+                             getattr(layer, "tp_rank", 0), getattr(layer, "num_kv_head_replicas", 1),
+                             isinstance(layer, QKVParallelLinear), shard.out, layout.in_features)
+            if cut is not None and getattr(layer, "tp_size", 1) > 1:
+                loaded = loaded.narrow(*cut)
             if target.shape != loaded.shape:
                 raise SvdzipError(f"{shard.name}: checkpoint {kind} tensor has shape {tuple(loaded.shape)}, "
                                   f"the manifest implies {tuple(target.shape)}")
