@@ -155,6 +155,18 @@ def test_bad_directories_are_refused_clearly(tmp):
     _expect_refusal(_edit_manifest(good, tmp / "arch", other_arch), "does not support architecture Gemma3ForCausalLM")
 
 
+def test_checkpoint_missing_a_factor_fails_at_load_instead_of_serving_garbage(tmp):
+    from safetensors.torch import load_file, save_file
+
+    good = tmp / "llama-g1" if (tmp / "llama-g1").exists() else _make(tmp, "llama")
+    broken = tmp / "missing"
+    shutil.copytree(good, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.left.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    _expect_refusal(broken, "lacks tensors the manifest promises: model.layers.1.self_attn.k_proj \\(left\\)")
+
+
 @pytest.mark.parametrize("family,group_size", [("llama", 1), ("llama", 2), ("qwen2", 1)])
 def test_tensor_parallel_two_ranks_equal_transformers(tmp, family, group_size, monkeypatch):
     """TP = 2 on the two CPU cores: q split by heads, the single KV head replicated, o/down split by input."""
