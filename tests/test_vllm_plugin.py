@@ -18,7 +18,14 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 import svdzip  # noqa: E402
 from svdzip import CompressConfig, compress  # noqa: E402
@@ -34,6 +41,8 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**COMMON),
     "qwen2": lambda: Qwen2Config(**COMMON),  # q/k/v biases: the left factor's bias
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=64),
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=64, sliding_window=16,
+                                       layer_types=["sliding_attention", "full_attention"]),
 }
 KEEP_DENSE = ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj")
 
@@ -102,7 +111,7 @@ def _vllm_env(monkeypatch):
 
 
 @pytest.mark.parametrize("family,group_size", [("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 1),
-                                               ("qwen3", 1)])
+                                               ("qwen3", 1), ("gemma3", 1)])
 def test_served_logprobs_equal_transformers(tmp, family, group_size):
     # shared bases must stay low-rank in every member, so with sharing only an unshared role is kept dense
     path = _make(tmp, family, group_size, KEEP_DENSE if group_size == 1 else ("model.layers.0.mlp.down_proj",))
@@ -145,14 +154,13 @@ def test_bad_directories_are_refused_clearly(tmp):
         cfg["quantization_config"]["svdzip_version"] = "9.9.9"
 
     def other_arch(cfg):
-        cfg["architectures"] = ["Gemma3ForCausalLM"]
-        cfg["model_type"] = "gemma3_text"
+        cfg["architectures"] = ["Phi3ForCausalLM"]  # fuses q/k/v in the checkpoint itself
 
     _expect_refusal(_edit_manifest(good, tmp / "unknown", unknown_module),
                     "names modules this model does not have: model.layers.9.mlp.down_proj")
     _expect_refusal(_edit_manifest(good, tmp / "newer", newer_format),
                     "written by svdzip 9.9.9 with manifest format 2.*upgrade svdzip")
-    _expect_refusal(_edit_manifest(good, tmp / "arch", other_arch), "does not support architecture Gemma3ForCausalLM")
+    _expect_refusal(_edit_manifest(good, tmp / "arch", other_arch), "does not support architecture Phi3ForCausalLM")
 
 
 def test_checkpoint_missing_a_factor_fails_at_load_instead_of_serving_garbage(tmp):

@@ -30,7 +30,7 @@ MANIFEST_FORMAT = 1
 # (`model.layers.N.self_attn.*` / `model.layers.N.mlp.*`), fuses q/k/v and gate/up, and loads weights
 # through vLLM's AutoWeightsLoader (which applies the quantization config's name mapper).
 SUPPORTED_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
 })
 
 # Checkpoint tensor suffix -> engine parameter suffix. The layer's own `bias` takes the left bias.

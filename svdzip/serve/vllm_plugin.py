@@ -7,6 +7,7 @@ layer multiplies its input once by the stack of its shards' right factors (plus 
 weight), then each low-rank shard's left factor (see `svdzip.serve.layout`). Basis-Sharing bases are
 stored once in the config object and used by every layer of their group. Every factor goes through
 vLLM's own CPU GEMM dispatch (oneDNN / AMX kernels), the same as the dense layers it replaces.
+Under tensor parallelism each rank loads the slices `layout.rank_slice` names (README "Serving with vLLM").
 """
 
 from __future__ import annotations
