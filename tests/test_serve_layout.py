@@ -1,0 +1,189 @@
+"""The manifest -> engine-layer layout of the vLLM plugin, and its refusals; pure Python, no vLLM needed.
+
+The layout is checked against a brute-force reference: multiplying by the stack and the flattened
+left factors the way the plugin does must give exactly the dense fused layer W = [A_q B_q; A_k B_k; W_v].
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svdzip.errors import SvdzipError
+from svdzip.serve.layout import (
+    MANIFEST_FORMAT,
+    build_layout,
+    check_format,
+    check_manifest,
+    check_parallel,
+    expected_linears,
+    rank_slice,
+    shard_index,
+    shard_names,
+    weight_bytes,
+)
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+CFG = {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+       "intermediate_size": 12, "num_hidden_layers": 2}
+P = "model.layers.0.self_attn"
+
+
+def _fused_forward(layout, x, dense, factors, bases):
+    """What the plugin computes, from the layout's offsets only."""
+    stack_rows, left_flat = [], []
+    own = layout.own_right_slices()
+    for i, s in enumerate(layout.shards):
+        if s.owns_right:
+            assert own[i][1] - own[i][0] == s.rank
+            stack_rows.append(factors[s.name][1])
+    for s in layout.shards:
+        if not s.low_rank:
+            stack_rows.append(dense[s.name])
+    for s in layout.shards:
+        if s.low_rank:
+            left_flat.append(factors[s.name][0].reshape(-1))
+    stack = torch.cat(stack_rows) if stack_rows else torch.empty(0, layout.in_features)
+    left = torch.cat(left_flat)
+    assert stack.shape[0] == layout.own_right_rows + layout.dense_rows and left.numel() == layout.left_numel
+    y = x @ stack.T
+    pieces = []
+    for i, s in enumerate(layout.shards):
+        if s.low_rank:
+            a, b = layout.left_slices()[i]
+            basis = bases.get(s.shared_with or s.name)
+            z = x @ basis.T if basis is not None else y[:, slice(*layout.stack_slices()[i])]
+            pieces.append(z @ left[a:b].view(s.out, s.rank).T)
+        else:
+            pieces.append(y[:, slice(*layout.stack_slices()[i])])
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("dense_shards", [(), ("v_proj",), ("q_proj", "v_proj")])
+def test_fused_layout_reproduces_the_dense_layer(dense_shards):
+    torch.manual_seed(0)
+    outs = {"q_proj": 8, "k_proj": 4, "v_proj": 4}
+    ranks = {"q_proj": 3, "k_proj": 2, "v_proj": 1}
+    modules, dense, factors = {}, {}, {}
+    for name, out in outs.items():
+        full = f"{P}.{name}"
+        if name in dense_shards:
+            dense[full] = torch.randn(out, 8)
+        else:
+            modules[full] = {"in": 8, "out": out, "rank": ranks[name]}
+            factors[full] = (torch.randn(out, ranks[name]), torch.randn(ranks[name], 8))
+    layout = build_layout(f"{P}.qkv_proj", 8, [8, 4, 4], modules, PACKED)
+    x = torch.randn(3, 8)
+    want = torch.cat([x @ (factors[f"{P}.{n}"][0] @ factors[f"{P}.{n}"][1]).T if f"{P}.{n}" in factors
+                      else x @ dense[f"{P}.{n}"].T for n in outs], dim=1)
+    torch.testing.assert_close(_fused_forward(layout, x, dense, factors, {}), want)
+    assert layout.weight_elements() < layout.dense_elements()
+
+
+def test_shared_basis_member_uses_the_leaders_tensor_and_stores_no_right_factor():
+    lead, member = "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"
+    modules = {lead: {"in": 8, "out": 12, "rank": 3},
+               member: {"in": 8, "out": 12, "rank": 3, "shared_with": lead}}
+    lay0 = build_layout("model.layers.0.mlp.gate_up_proj", 8, [12, 12], modules, PACKED)
+    lay1 = build_layout("model.layers.1.mlp.gate_up_proj", 8, [12, 12], modules, PACKED)
+    assert lay0.shards[0].is_basis_leader and not lay0.shards[0].owns_right
+    assert lay1.shards[0].shared_with == lead and lay1.own_right_rows == 0
+    assert lay0.weight_elements() - lay1.weight_elements() == 3 * 8  # the basis, counted once, in the leader
+    torch.manual_seed(1)
+    basis, a0, a1 = torch.randn(3, 8), torch.randn(12, 3), torch.randn(12, 3)
+    up0, up1 = torch.randn(12, 8), torch.randn(12, 8)
+    x = torch.randn(2, 8)
+    got = _fused_forward(lay1, x, {"model.layers.1.mlp.up_proj": up1}, {member: (a1, None)}, {lead: basis})
+    torch.testing.assert_close(got, torch.cat([x @ (a1 @ basis).T, x @ up1.T], dim=1))
+    got0 = _fused_forward(lay0, x, {"model.layers.0.mlp.up_proj": up0}, {lead: (a0, None)}, {lead: basis})
+    torch.testing.assert_close(got0, torch.cat([x @ (a0 @ basis).T, x @ up0.T], dim=1))
+
+
+def test_layer_without_low_rank_shards_stays_dense_and_names_follow_the_packing():
+    assert build_layout(f"{P}.qkv_proj", 8, [8, 4, 4], {"model.layers.1.self_attn.q_proj": {}}, PACKED) is None
+    assert shard_names(f"{P}.qkv_proj", PACKED) == [f"{P}.q_proj", f"{P}.k_proj", f"{P}.v_proj"]
+    assert shard_names(f"{P}.o_proj", PACKED) == [f"{P}.o_proj"]
+    assert [shard_index(s, 3) for s in ("q", "k", "v")] == [0, 1, 2]
+    assert shard_index(1, 2) == 1 and shard_index(None, 1) == 0
+    with pytest.raises(SvdzipError, match="without shard id"):
+        shard_index(None, 3)
+    with pytest.raises(SvdzipError, match="out of range"):
+        shard_index(2, 2)
+
+
+def test_shape_disagreement_is_refused_before_loading():
+    modules = {f"{P}.k_proj": {"in": 8, "out": 6, "rank": 2}}
+    with pytest.raises(SvdzipError, match="k_proj: manifest says 8→6, the model has 8→4"):
+        build_layout(f"{P}.qkv_proj", 8, [8, 4, 4], modules, PACKED)
+
+
+def test_manifest_naming_a_module_the_model_lacks_is_refused():
+    expected = expected_linears("LlamaForCausalLM", CFG)
+    assert len(expected) == 14 and expected[f"{P}.k_proj"] == (8, 4)
+    assert expected["model.layers.1.mlp.down_proj"] == (12, 8)
+    good = {f"{P}.q_proj": {"in": 8, "out": 8, "rank": 2}}
+    check_manifest(good, expected)
+    with pytest.raises(SvdzipError, match="does not have: model.layers.7.self_attn.q_proj"):
+        check_manifest({**good, "model.layers.7.self_attn.q_proj": {"in": 8, "out": 8, "rank": 2}}, expected)
+    with pytest.raises(SvdzipError, match="rank 9 is not between 1 and 8"):
+        check_manifest({f"{P}.q_proj": {"in": 8, "out": 8, "rank": 9}}, expected)
+    with pytest.raises(SvdzipError, match="shares the basis"):
+        check_manifest({"model.layers.1.self_attn.q_proj": {"in": 8, "out": 8, "rank": 2,
+                                                            "shared_with": f"{P}.k_proj"}}, expected)
+
+
+def test_unsupported_architecture_parallelism_and_newer_format_are_refused():
+    with pytest.raises(SvdzipError, match="does not support architecture GPT2LMHeadModel"):
+        expected_linears("GPT2LMHeadModel", CFG)
+    with pytest.raises(SvdzipError, match="pipeline"):
+        check_parallel(2)
+    check_parallel(1)
+    ok = {"quant_method": "svdzip", "format": MANIFEST_FORMAT, "modules": {}}
+    check_format(ok)
+    with pytest.raises(SvdzipError, match="format 2.*upgrade svdzip"):
+        check_format({**ok, "format": 2, "svdzip_version": "9.0"})
+    with pytest.raises(SvdzipError, match="not an svdzip manifest"):
+        check_format({**ok, "quant_method": "gptq"})
+
+
+def test_weight_bytes_count_lm_head_and_shared_bases_once_on_disk():
+    expected = {"a": (8, 8), "b": (8, 8)}
+    modules = {"a": {"in": 8, "out": 8, "rank": 2}, "b": {"in": 8, "out": 8, "rank": 2, "shared_with": "a"}}
+    got = weight_bytes(modules, expected, other_params=100, bytes_per_value=4)
+    assert got["dense"] == (128 + 100) * 4
+    assert got["stored"] == (32 + 16 + 100) * 4
+    assert got["read_per_token"] == (64 + 100) * 4
+
+
+def _cut(t, sl):
+    return t if sl is None else t.narrow(*sl)
+
+
+@pytest.mark.parametrize("tp,kv_heads", [(2, 2), (2, 1), (4, 1)])
+def test_tensor_parallel_slices_reassemble_the_unsplit_layers(tp, kv_heads):
+    """Column-parallel q/k/v: per-rank outputs concatenate (k/v replicated when ranks > KV heads) to the
+    full layer; row-parallel o: per-rank partial outputs sum to the full layer."""
+    torch.manual_seed(3)
+    head, heads, hidden, rank = 2, 4, 8, 3
+    outs = [heads * head, kv_heads * head, kv_heads * head]
+    factors = [(torch.randn(o, rank), torch.randn(rank, hidden)) for o in outs]
+    x = torch.randn(5, hidden)
+    full = [x @ (a @ b).T for a, b in factors]
+    replicas = max(1, tp // kv_heads)
+    per_rank = [heads * head // tp] + [max(1, kv_heads // tp) * head] * 2
+    for r in range(tp):
+        for i, (a, b) in enumerate(factors):
+            left = _cut(a, rank_slice("column", "left", i, r, replicas, True, per_rank[i], hidden))
+            right = _cut(b, rank_slice("column", "right", i, r, replicas, True, per_rank[i], hidden))
+            block = r // replicas if i else r
+            torch.testing.assert_close(x @ right.T @ left.T, full[i][:, block * per_rank[i]:(block + 1) * per_rank[i]])
+    a, b = torch.randn(hidden, rank), torch.randn(rank, hidden)
+    cols = hidden // tp
+    partial = sum(x[:, r * cols:(r + 1) * cols]
+                  @ _cut(b, rank_slice("row", "right", 0, r, 1, False, hidden, cols)).T
+                  @ _cut(a, rank_slice("row", "left", 0, r, 1, False, hidden, cols)).T for r in range(tp))
+    torch.testing.assert_close(partial, x @ (a @ b).T)
+    dense = torch.randn(hidden, hidden)
+    pieces = [x[:, r * cols:(r + 1) * cols] @ _cut(dense, rank_slice("row", "dense", 0, r, 1, False, hidden, cols)).T
+              for r in range(tp)]
+    torch.testing.assert_close(sum(pieces), x @ dense.T)

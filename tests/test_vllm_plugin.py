@@ -1,0 +1,195 @@
+"""The vLLM plugin end to end on tiny random models: same log-probabilities as transformers, clear refusals.
+
+Runs only where vLLM is importable (`.venv-vllm`, made by `scripts/setup_vllm.sh`); the main environment
+skips it. Each engine start takes ~20 s on this CPU, so the cases share engines where they can.
+Log-probabilities are compared teacher-forced (vLLM's prompt log-probabilities vs transformers' logits
+on the same tokens), which random tiny models' near-uniform distributions cannot turn into a tie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import svdzip  # noqa: E402
+from svdzip import CompressConfig, compress  # noqa: E402
+from svdzip.evaluate.speed import densify  # noqa: E402
+from svdzip.io import build_manifest, save  # noqa: E402
+
+VOCAB = 128
+# vLLM's CPU attention wants a head size it has kernels for (64 here), so these are larger than conftest's.
+COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=256)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),  # q/k/v biases: the left factor's bias
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=64),
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=64, sliding_window=16,
+                                       layer_types=["sliding_attention", "full_attention"]),
+}
+KEEP_DENSE = ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj")
+
+
+def _make(tmp: Path, family: str, group_size: int = 1, keep_dense: tuple[str, ...] = KEEP_DENSE) -> Path:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32).eval()
+    for name, p in model.named_parameters():  # random biases, so that a lost bias shows
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.5)
+    tokens = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    result = compress(model, CompressConfig(ratio=0.3, group_size=group_size, calib_batch_size=4), calib_tokens=tokens)
+    densify(model, list(keep_dense))
+    manifest = build_manifest(result.modules, result.summary, result.config.to_dict())
+    for name in keep_dense:
+        manifest.modules.pop(name, None)
+    out = tmp / f"{family}-g{group_size}"
+    save(model, None, out, manifest)
+    return out
+
+
+def _reference_logprobs(path: Path, ids: list[int]) -> torch.Tensor:
+    model, _ = svdzip.load(path, with_tokenizer=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    return torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def _vllm_logprobs(llm, ids: list[int]) -> torch.Tensor:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    return torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)],
+                        dtype=torch.float64)
+
+
+def _llm(path: Path, **kw):
+    from vllm import LLM
+
+    return LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, skip_tokenizer_init=True,
+               enable_prefix_caching=False, **kw)
+
+
+def _weight_values(model) -> tuple[int, int]:
+    held = dense = 0
+    for m in model.modules():
+        layout = getattr(m, "svdzip_layout", None)
+        if layout is not None:
+            held += layout.weight_elements()
+            dense += layout.dense_elements()
+    return held, dense
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(autouse=True)
+def _vllm_env(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.mark.parametrize("family,group_size", [("llama", 1), ("llama", 2), ("mistral", 1), ("qwen2", 1),
+                                               ("qwen3", 1), ("gemma3", 1)])
+def test_served_logprobs_equal_transformers(tmp, family, group_size):
+    # shared bases must stay low-rank in every member, so with sharing only an unshared role is kept dense
+    path = _make(tmp, family, group_size, KEEP_DENSE if group_size == 1 else ("model.layers.0.mlp.down_proj",))
+    ids = torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = _reference_logprobs(path, ids)
+    llm = _llm(path)
+    try:
+        got = _vllm_logprobs(llm, ids)
+        held, dense = llm.apply_model(_weight_values)[0]
+    finally:
+        del llm
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert 0 < held < dense  # factors only: fewer values than the dense layers they replace
+
+
+def _expect_refusal(path: Path, match: str, **kw) -> None:
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}
+    with pytest.raises(Exception, match=match):
+        _llm(path, **kw)
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}
+    assert after == before  # nothing lost, nothing written
+
+
+def _edit_manifest(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_bad_directories_are_refused_clearly(tmp):
+    good = tmp / "llama-g1" if (tmp / "llama-g1").exists() else _make(tmp, "llama")
+
+    def unknown_module(cfg):
+        cfg["quantization_config"]["modules"]["model.layers.9.mlp.down_proj"] = {"in": 192, "out": 128, "rank": 4}
+
+    def newer_format(cfg):
+        cfg["quantization_config"]["format"] = 2
+        cfg["quantization_config"]["svdzip_version"] = "9.9.9"
+
+    def other_arch(cfg):
+        cfg["architectures"] = ["Phi3ForCausalLM"]  # fuses q/k/v in the checkpoint itself
+
+    _expect_refusal(_edit_manifest(good, tmp / "unknown", unknown_module),
+                    "names modules this model does not have: model.layers.9.mlp.down_proj")
+    _expect_refusal(_edit_manifest(good, tmp / "newer", newer_format),
+                    "written by svdzip 9.9.9 with manifest format 2.*upgrade svdzip")
+    _expect_refusal(_edit_manifest(good, tmp / "arch", other_arch), "does not support architecture Phi3ForCausalLM")
+
+
+def test_checkpoint_missing_a_factor_fails_at_load_instead_of_serving_garbage(tmp):
+    from safetensors.torch import load_file, save_file
+
+    good = tmp / "llama-g1" if (tmp / "llama-g1").exists() else _make(tmp, "llama")
+    broken = tmp / "missing"
+    shutil.copytree(good, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.left.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    _expect_refusal(broken, "lacks tensors the manifest promises: model.layers.1.self_attn.k_proj \\(left\\)")
+
+
+@pytest.mark.parametrize("family,group_size", [("llama", 1), ("llama", 2), ("qwen2", 1)])
+def test_tensor_parallel_two_ranks_equal_transformers(tmp, family, group_size, monkeypatch):
+    """TP = 2 on the two CPU cores: q split by heads, the single KV head replicated, o/down split by input."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    keep = KEEP_DENSE if group_size == 1 else ("model.layers.0.mlp.down_proj",)
+    path = tmp / f"{family}-g{group_size}"
+    if not path.exists():
+        path = _make(tmp, family, group_size, keep)
+    ids = torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = _reference_logprobs(path, ids)
+    llm = _llm(path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        got = _vllm_logprobs(llm, ids)
+        per_rank = llm.apply_model(_weight_values)
+    finally:
+        del llm
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert len(per_rank) == 2 and all(0 < held < dense for held, dense in per_rank)
