@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of decoder-linear parameters REMOVED (SVD-LLM/D-Rank convention; default 0.2)")
     ratio.add_argument("--kept", type=float, default=None,
                        help="fraction KEPT instead (ARA/ASVD convention): --kept 0.8 == --ratio 0.2")
+    c.add_argument("--budget-bytes", default=None, metavar="BYTES",
+                   help="memory budget instead of --ratio: weight bytes of the whole saved model (e.g. 80MB, 64MiB)")
+    c.add_argument("--budget-fraction", type=float, default=None,
+                   help="memory budget as a fraction of the dense model's bfloat16 weight bytes (e.g. 0.35)")
+    c.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the stored matrices with torchao (pip install 'svdzip[quant]'); "
+                        "int4 needs CUDA")
+    c.add_argument("--quantize-scope", default="all", choices=["all", "dense", "factors"],
+                   help="what --quantize stores quantized: all matrices, the dense remainder only, or the factors only")
+    c.add_argument("--params-first", action="store_true",
+                   help="with a memory budget: allocate parameters first and fit the bytes by the ratio, instead of "
+                        "a byte-aware allocation (for comparison)")
     c.add_argument("--method", default="svdllm", help="factorisation: svd, svdllm, asvd, fwsvd (default: %(default)s)")
     c.add_argument("--allocator", default="uniform", help="rank allocator (see `svdzip info --allocators`)")
     c.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE",
@@ -180,6 +192,14 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.config import CompressConfig
     from svdzip.models.loading import check_device, load_model, parse_dtype
 
+    memory = args.budget_bytes is not None or args.budget_fraction is not None
+    if memory and (args.ratio is not None or args.kept is not None):
+        raise SvdzipError("give either a parameter ratio (--ratio/--kept) or a memory budget "
+                          "(--budget-bytes/--budget-fraction), not both")
+    if args.budget_bytes is not None and args.budget_fraction is not None:
+        raise SvdzipError("give --budget-bytes or --budget-fraction, not both")
+    if args.params_first and not memory:
+        raise SvdzipError("--params-first only applies to a memory budget (--budget-bytes/--budget-fraction)")
     ratio = ratio_from_kept(args.kept) if args.kept is not None else (0.2 if args.ratio is None else args.ratio)
     samples, seq_len = PAPER_CALIBRATION if args.paper_calibration else (args.calib_samples, args.calib_seq_len)
     if getattr(args, "tune_beta", False):
@@ -193,8 +213,14 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         allocator_options=dict(_parse_option(o) for o in args.allocator_option),
         asvd_alpha=args.asvd_alpha, asvd_scaling=args.asvd_scaling, calib_samples=samples,
         calib_seq_len=seq_len, calib_batch_size=args.calib_batch_size, corpus=args.corpus, seed=args.seed,
-        device=check_device(args.device),
+        device=check_device(args.device), budget_bytes=parse_bytes(args.budget_bytes),
+        budget_fraction=args.budget_fraction, quantize=args.quantize, quantize_scope=args.quantize_scope,
+        storage_dtype=args.dtype, byte_aware=not args.params_first,
     ).validate()
+    if config.quantize:
+        from svdzip.quantize import require_backend
+
+        require_backend(config.quantize, config.device)  # before any expensive step
     from svdzip.allocate import get_allocator
 
     get_allocator(config.allocator)  # fail before any expensive step
@@ -205,6 +231,9 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.streaming import cli_compress, wants_scaled
 
     if wants_scaled(args):  # --stream, --resume-dir or torchrun (WORLD_SIZE > 1)
+        if config.memory_budget or config.quantize:
+            raise SvdzipError("memory budgets and --quantize are not supported with --stream, --resume-dir or "
+                              "torchrun yet; use --ratio there")
         summary = cli_compress(args, config, out, dtype)
         if summary and args.eval:
             summary["evaluation"] = _eval_dense_vs_compressed(args, summary.get("source", args.model), out)
@@ -216,9 +245,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix="svdzip-alloc-"))
     result = _compress_loaded(model, tokenizer, source, config, args.stats,
                               heldout=args.tune_samples if _wants_heldout(config) else 0, out_dir=staging)
-    model.to(dtype)
+    from svdzip.pipeline import store
+
+    quantized = store(result, dtype)
     manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
     manifest.details["source_model"] = str(source)
+    if quantized:
+        from svdzip.quantize import quantization_record
+
+        manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope, dtype)
     io.save(model, tokenizer, out, manifest, overwrite=args.overwrite,
             report={"modules": [r.to_dict() for r in result.modules],
                     "effective_ranks": result.effective_ranks})
@@ -231,13 +266,36 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         write_plots(out, [r.to_dict() for r in result.modules], result.effective_ranks,
                     title=f"{Path(str(source)).name}: {config.label} at {100 * config.ratio:.0f}% removed")
     wall = time.perf_counter() - t_start
+    from svdzip.evaluate.speed import weight_bytes
+
     summary = {**result.summary, "out": str(out), "seconds_total": round(wall, 2),
                "size_bytes": io.dir_size(out), "dense_size_bytes": _dense_size(source, model),
-               "peak_rss_bytes": _peak_rss()}
+               "weight_bytes_in_memory": weight_bytes(model), "peak_rss_bytes": _peak_rss()}
+    budget = summary.get("memory", {}).get("budget_bytes")
+    if budget is not None and summary["weight_bytes_in_memory"] > budget:
+        log.warning("weights take %d bytes in memory, over the budget of %d (planned %d)",
+                    summary["weight_bytes_in_memory"], budget, summary["memory"]["planned_bytes"])
     _log_compress_report(result, summary)
     if args.eval:
         summary["evaluation"] = _eval_dense_vs_compressed(args, source, out)
     return summary
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """'80000000', '80MB', '64MiB', '1.5G' → bytes (decimal for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(i?)[bB]?\s*", str(text))
+    if not m:
+        raise SvdzipError(f"--budget-bytes must be a number of bytes such as 80000000, 80MB or 64MiB, got '{text}'")
+    base = 1024 if m.group(3) else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3}[m.group(2).lower()]
+    value = int(float(m.group(1)) * base**power)
+    if value <= 0:
+        raise SvdzipError(f"--budget-bytes must be positive, got '{text}'")
+    return value
 
 
 def _wants_heldout(config) -> bool:
@@ -293,10 +351,18 @@ def _log_compress_report(result, summary: dict[str, Any]) -> None:
     log.info("per-type report:\n%s", table(headers, body))
     headers, body = rank_grid(rows)
     log.info("ranks per layer and type ('dense' = kept dense):\n%s", table(headers, body))
+    if summary.get("memory"):
+        mem = summary["memory"]
+        log.info("memory budget %s (%.1f%% of the dense bf16 weights %s): planned %s, in memory %s, on disk %s",
+                 human_bytes(mem["budget_bytes"]), 100 * mem["budget_bytes"] / mem["reference_bytes"],
+                 human_bytes(mem["reference_bytes"]), human_bytes(mem["planned_bytes"]),
+                 human_bytes(summary["weight_bytes_in_memory"]), human_bytes(summary["size_bytes"]))
+    asked = summary["ratio_requested"]
     log.info(
-        "%s: removed %.2f%% of decoder-linear parameters (asked %.2f%%), %d dense modules; model %s → %s "
+        "%s: removed %.2f%% of decoder-linear parameters (asked %s), %d dense modules; model %s → %s "
         "parameters; %s on disk (dense %s); %.1f s",
-        summary["method"], 100 * summary["ratio_achieved"], 100 * summary["ratio_requested"],
+        summary["method"], 100 * summary["ratio_achieved"],
+        "a memory budget" if asked is None else f"{100 * asked:.2f}%",
         summary["dense_modules"], f"{summary['model_params_before']:,}", f"{summary['model_params_after']:,}",
         human_bytes(summary["size_bytes"]), human_bytes(summary["dense_size_bytes"]), summary["seconds_total"],
     )
@@ -340,8 +406,16 @@ def _print_eval_table(summary: dict[str, Any]) -> None:
     first = next(iter(ev["dense"]["perplexity"].values()))
     any_r = next(iter(first.values()))
     print(f"\nremoved {100 * summary['ratio_achieved']:.2f}% of decoder-linear parameters "
-          f"(asked {100 * summary['ratio_requested']:.0f}%); compression took {summary['seconds_total']:.0f} s; "
+          f"(asked {_asked(summary)}); compression took {summary['seconds_total']:.0f} s; "
           f"perplexity over {any_r['tokens_evaluated']} tokens per corpus in windows of {any_r['seq_len']}.")
+
+
+def _asked(summary: dict[str, Any]) -> str:
+    asked = summary["ratio_requested"]
+    if asked is None:
+        mem = summary["memory"]
+        return f"a memory budget of {100 * mem['budget_bytes'] / mem['reference_bytes']:.0f}% of dense bf16 weights"
+    return f"{100 * asked:.0f}%"
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
