@@ -266,11 +266,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         write_plots(out, [r.to_dict() for r in result.modules], result.effective_ranks,
                     title=f"{Path(str(source)).name}: {config.label} at {100 * config.ratio:.0f}% removed")
     wall = time.perf_counter() - t_start
-    from svdzip.evaluate.speed import weight_bytes
+    from svdzip.quantize import parameter_bytes
 
     summary = {**result.summary, "out": str(out), "seconds_total": round(wall, 2),
                "size_bytes": io.dir_size(out), "dense_size_bytes": _dense_size(source, model),
-               "weight_bytes_in_memory": weight_bytes(model), "peak_rss_bytes": _peak_rss()}
+               "weight_bytes_in_memory": parameter_bytes(model), "peak_rss_bytes": _peak_rss()}
     budget = summary.get("memory", {}).get("budget_bytes")
     if budget is not None and summary["weight_bytes_in_memory"] > budget:
         log.warning("weights take %d bytes in memory, over the budget of %d (planned %d)",

@@ -62,6 +62,10 @@ def compress(
     or train (ARA, ASVD's search) also use `calib_tokens`.
     """
     config.validate()
+    if config.quantize:
+        from svdzip.quantize import require_backend
+
+        require_backend(config.quantize, config.device)
     adapter = ModelAdapter(model)
     check_weights_finite(model)
     timings: dict[str, float] = {}

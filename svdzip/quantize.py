@@ -93,6 +93,12 @@ def storage_bytes(t: torch.Tensor) -> int:
     return sum(storage_bytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
 
 
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the model's unique parameters as stored (what a memory budget counts; buffers such as rotary
+    frequencies are recomputed on load, not saved)."""
+    return sum(storage_bytes(p) for p in model.parameters())
+
+
 def is_quantized(t: torch.Tensor) -> bool:
     return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(type(t), "__tensor_flatten__")
 
