@@ -524,11 +524,22 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     if report_path.is_file():
         modules = json.loads(report_path.read_text()).get("modules", [])
     info = {"method": manifest.get("method"), "ratio": manifest.get("ratio"),
+            "quantization": {k: v for k, v in (manifest.get("quantization") or {}).items() if k != "modules"} or None,
             "ratio_convention": manifest.get("ratio_convention"), "svdzip_version": manifest.get("svdzip_version"),
             "size_bytes": io.dir_size(args.dir), "summary": summary, "factorised_modules": len(manifest["modules"])}
     if not args.json:
-        print(f"{args.dir}: {info['method']} at ratio {info['ratio']} ({info['ratio_convention']}), "
+        at = "a memory budget" if info["ratio"] is None else f"ratio {info['ratio']} ({info['ratio_convention']})"
+        print(f"{args.dir}: {info['method']} at {at}, "
               f"svdzip {info['svdzip_version']}, {human_bytes(info['size_bytes'])} of weights")
+        q = manifest.get("quantization")
+        if q:
+            print(f"{q['precision']} weight-only ({q['backend']} {q.get('backend_version', '')}, scope {q['scope']}) "
+                  f"for {len(q['modules'])} linears; the rest {q['dtype']}")
+        if summary.get("memory"):
+            mem = summary["memory"]
+            print(f"memory budget {human_bytes(mem['budget_bytes'])} "
+                  f"({100 * mem['budget_bytes'] / mem['reference_bytes']:.1f}% of the dense bf16 weights), "
+                  f"planned {human_bytes(mem['planned_bytes'])}")
         if summary:
             print(f"decoder-linear parameters {summary['decoder_linear_params_before']:,} → "
                   f"{summary['decoder_linear_params_after']:,} (removed {100 * summary['ratio_achieved']:.2f}%); "

@@ -181,3 +181,24 @@ def test_missing_backend_is_reported_with_the_install_command(tmp_path, monkeypa
         q.require_backend("int8")
     manifest = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert manifest["quantization"]["backend"] == "torchao" and manifest["quantization"]["precision"] == "int8"
+
+
+def test_cli_compresses_to_a_memory_budget_with_int8(tmp_path, monkeypatch, capsys):
+    """`svdzip compress --budget-fraction 0.5 --quantize int8 --dtype bfloat16` end to end on a tiny model."""
+    import svdzip.data
+    import svdzip.models.loading
+
+    monkeypatch.setattr(svdzip.models.loading, "load_model", lambda *a, **k: (tiny_model("llama"), None, "tiny"))
+    monkeypatch.setattr(svdzip.data, "load_corpus", lambda name: name)
+    monkeypatch.setattr(svdzip.data, "calibration_tokens", lambda _t, _c, n, seq, seed=0: tiny_tokens(n=n, seq=seq))
+    out = tmp_path / "o"
+    code = main(["compress", "--out", str(out), "--budget-fraction", "0.5", "--quantize", "int8", "--dtype",
+                 "bfloat16", "--allocator", "loss-aware", "--allocator-option", "signal=whitened", "--calib-samples",
+                 "4", "--calib-seq-len", "24", "--stats", str(tmp_path / "s.safetensors"), "--no-plots", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["weight_bytes_in_memory"] <= summary["memory"]["budget_bytes"] == int(
+        0.5 * summary["memory"]["reference_bytes"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert quantized_linears(reloaded) and parameter_bytes(reloaded) == summary["weight_bytes_in_memory"]
+    assert main(["info", str(out)]) == 0
