@@ -148,7 +148,8 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {budget} | {c['recipe']}{same} | {human_bytes(c['disk_bytes'])} ({c['disk_bytes'] / ref:.1%}) | "
             f"{human_bytes(c['weight_bytes_in_memory'])} | {fmt_ppl(c['ppl']['wiki'])} | "
             f"{fmt_ppl(c['ppl']['austen'])} | "
-            f"{c.get('dense_modules', '—')} / {c.get('factorised_modules', '—')} | {get(b1, 'decode_tokens_per_s')} | "
+            f"{'all' if c.get('dense_modules') is None else c['dense_modules']} / "
+            f"{c.get('factorised_modules', '—')} | {get(b1, 'decode_tokens_per_s')} | "
             f"{get(b16, 'decode_tokens_per_s')} | {get(b1, 'prefill_tokens_per_s')} | "
             f"{get(b16, 'prefill_tokens_per_s')} | "
             f"{human_bytes(sp.get(b16, {}).get('peak_bytes') or 0)} |")
@@ -205,11 +206,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None, help="result file name (default: memory_<model>)")
+    p.add_argument("--rewrite", action="store_true",
+                   help="only rewrite the Markdown table and the plot from the existing JSON (no measuring)")
     args = p.parse_args()
+    name = args.name or f"memory_{args.model.split('-')[0]}"
+    if args.rewrite:
+        import json
+
+        data = json.loads((RESULTS / f"{name}.json").read_text())
+        plot(data, RESULTS / f"{name}.png")
+        footer = (RESULTS / f"{name}.md").read_text().split("\n\nProduced by", 1)[1]
+        (RESULTS / f"{name}.md").write_text(f"{markdown(data)}\n\nProduced by{footer}")
+        return
     args.batches = [int(b) for b in args.batches.split(",") if b]
     torch.set_num_threads(args.threads)
     setup_logging()
-    name = args.name or f"memory_{args.model.split('-')[0]}"
     bench = Bench(args.model)
     dense, _, _ = load_model(bench.source, dtype=STORAGE)
     tmp = Path(tempfile.mkdtemp(prefix="svdzip-memory-"))
@@ -220,7 +231,7 @@ def main() -> None:
                                 "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
                                 "cells": []}
         cell = {"recipe": "dense-bf16", "fraction": 1.0, "disk_bytes": io.dir_size(tmp / "dense"),
-                "dense_modules": None, "factorised_modules": 0}
+                "dense_modules": "all", "factorised_modules": 0}
         cell.update(measure(bench, dense, dense, "dense-bf16", args))
         data["cells"].append(cell)
         fractions = [float(f) for f in args.fractions.split(",") if f]
