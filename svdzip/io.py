@@ -153,6 +153,11 @@ class SvdzipQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        if self._quantization():
+            log.warning("a quantized svdzip model is saved with svdzip.save(model, tokenizer, out_dir, "
+                        "model.config.quantization_config), which stores its int8 weights in their own file; "
+                        "save_pretrained cannot")
+            return False
         return True
 
     @property
@@ -198,11 +203,20 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest:
 
             save_quantized(model, quantized, tmp / manifest.quantization["file"])
             originals = swap_in_slots(model, quantized)  # model.safetensors holds all but the quantized weights
+        previous = getattr(model.config, "quantization_config", None)
         model.config.quantization_config = manifest
+        # a reloaded quantized model carries the quantizer that refuses save_pretrained; its weights are
+        # already written above and swapped out, so the rest saves as a plain checkpoint
+        quantizer = model.__dict__.pop("hf_quantizer", None) if quantized else None
         try:
             model.save_pretrained(tmp, safe_serialization=True)
         finally:
-            del model.config.quantization_config
+            if previous is None:
+                del model.config.quantization_config
+            else:
+                model.config.quantization_config = previous
+            if quantizer is not None:
+                model.hf_quantizer = quantizer
             if originals:
                 restore(model, originals)
         if tokenizer is not None:
