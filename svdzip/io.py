@@ -19,8 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from svdzip.quantize import quiet_backend_import
+
+with quiet_backend_import():  # transformers' quantizer registry imports torchao when it is installed
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from svdzip import __version__
 from svdzip.errors import SvdzipError

@@ -18,9 +18,11 @@ the rest, then rebuilds the linears from the quantized file.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,26 @@ PRECISIONS = ("int8", "int4")
 SCOPES = ("all", "dense", "factors")  # what is quantized: every stored matrix, the dense remainder, the factors
 QUANT_FILE = "svdzip_quantized.safetensors"
 INSTALL_HINT = "pip install 'svdzip[quant]'   (installs torchao)"
+
+
+@contextlib.contextmanager
+def quiet_backend_import() -> Iterator[None]:
+    """Import torchao (directly, or through transformers' quantizer registry) without its import-time noise on a
+    CPU machine: CUDA kernels it cannot load and a torch deprecation notice, harmless for the CPU int8 path."""
+    noisy = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [n.level for n in noisy]
+    for n in noisy:
+        n.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in zip(noisy, levels, strict=True):
+            n.setLevel(level)
+
+
+def _import_backend() -> Any:
+    with quiet_backend_import():
+        return importlib.import_module(BACKEND)
 
 
 def backend_installed() -> bool:
@@ -56,6 +78,7 @@ def require_backend(precision: str, device: str | torch.device = "cpu", why: str
 
 
 def _config(precision: str) -> Any:
+    _import_backend()
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     if precision == "int8":
@@ -69,6 +92,7 @@ def quantize_linears(model: nn.Module, names: Iterable[str], precision: str) -> 
     A linear with a single input (the left factor at rank 1) stays unquantized: torchao's per-row int8
     rejects that shape, and its m values in 16-bit cost less than m int8 values plus m row scales anyway.
     """
+    _import_backend()
     from torchao.quantization import quantize_
 
     wanted = set(names)
@@ -166,6 +190,7 @@ def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
 
 def save_quantized(model: nn.Module, names: Sequence[str], path: Path) -> None:
     """Write the named linears' quantized weights (torchao's flattened form) to one safetensors file."""
+    _import_backend()
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
@@ -176,6 +201,7 @@ def save_quantized(model: nn.Module, names: Sequence[str], path: Path) -> None:
 
 def load_quantized(model: nn.Module, path: Path) -> list[str]:
     """Rebuild every `QuantizedSlot` of `model` as a linear whose weight comes from the quantized file."""
+    _import_backend()
     from safetensors import safe_open
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
@@ -204,7 +230,6 @@ def load_quantized(model: nn.Module, path: Path) -> list[str]:
 
 def quantization_record(names: Sequence[str], precision: str, scope: str, dtype: torch.dtype) -> dict[str, Any]:
     """The manifest's `quantization` entry: enough to rebuild the model and to tell a user what it needs."""
-    import torchao
-
+    torchao = _import_backend()
     return {"backend": BACKEND, "backend_version": torchao.__version__, "precision": precision, "scope": scope,
             "dtype": str(dtype).removeprefix("torch."), "file": QUANT_FILE, "modules": list(names)}
