@@ -12,7 +12,9 @@ and speed are those of the reloaded model. Recipes:
 * `svd16`: SVD-LLM whitening + loss-aware allocation, every matrix bfloat16.
 * `int8`: the dense model, every decoder linear int8 (torchao weight-only): one point, at its own size.
 * `svd+int8`: loss-aware, factors and dense remainder int8, byte-aware allocation.
-* `svd+int8 (uniform, params first)`: SVD-LLM's usual stack: uniform ranks at the ratio that fits, then int8.
+* `svd+int8 (params first)`: the same storage, loss-aware ranks allocated on parameters at the ratio that fits
+  (factors and dense matrices both int8, so this differs from byte-aware only by the per-row scale bytes).
+* `svd+int8 uniform (params first)`: SVD-LLM's usual stack: uniform ranks at the ratio that fits, then int8.
 * `svd16+int8dense`: factors bfloat16, dense remainder int8, byte-aware: "keep dense in int8" and
   "factorise deeper in 16-bit" compete in one allocation.
 * `svd16+int8dense (params first)`: the same storage, loss-aware ranks allocated on parameters at the ratio
@@ -52,7 +54,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "int8": {"allocator": "uniform", "quantize": "int8", "byte_aware": False, "only": 1.0},
     "svd16": {"allocator": "loss-aware"},
     "svd+int8": {"allocator": "loss-aware", "quantize": "int8"},
-    "svd+int8 (uniform, params first)": {"allocator": "uniform", "quantize": "int8", "byte_aware": False},
+    "svd+int8 (params first)": {"allocator": "loss-aware", "quantize": "int8", "byte_aware": False},
+    "svd+int8 uniform (params first)": {"allocator": "uniform", "quantize": "int8", "byte_aware": False},
     "svd16+int8dense": {"allocator": "loss-aware", "quantize": "int8", "quantize_scope": "dense"},
     "svd16+int8dense (params first)": {"allocator": "loss-aware", "quantize": "int8", "quantize_scope": "dense",
                                        "byte_aware": False},
@@ -197,7 +200,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--fractions", default="1.0,0.75,0.5,0.35,0.25")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
+    p.add_argument("--recipes", default=",".join(r for r in RECIPES if r != "svd+int8 (params first)"),
+                   help="comma-separated, from: " + ", ".join(RECIPES))
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batches", default="1,16")
@@ -206,6 +210,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None, help="result file name (default: memory_<model>)")
+    p.add_argument("--append", action="store_true",
+                   help="add cells to the existing JSON (its dense reference kept; cells already there skipped)")
     p.add_argument("--rewrite", action="store_true",
                    help="only rewrite the Markdown table and the plot from the existing JSON (no measuring)")
     args = p.parse_args()
@@ -226,20 +232,36 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="svdzip-memory-"))
     try:
         dense.save_pretrained(tmp / "dense")
-        data: dict[str, Any] = {"model": args.model, "reference_bytes": weight_bytes(dense),
-                                "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "prompt": args.prompt,
-                                "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
-                                "cells": []}
-        cell = {"recipe": "dense-bf16", "fraction": 1.0, "disk_bytes": io.dir_size(tmp / "dense"),
-                "dense_modules": "all", "factorised_modules": 0}
-        cell.update(measure(bench, dense, dense, "dense-bf16", args))
-        data["cells"].append(cell)
+        previous = RESULTS / f"{name}.json"
+        if args.append and previous.is_file():
+            import json
+
+            data = json.loads(previous.read_text())
+        else:
+            data = {"model": args.model, "reference_bytes": weight_bytes(dense), "eval_tokens": args.eval_tokens,
+                    "seq_len": args.seq_len, "prompt": args.prompt, "new_tokens": args.new_tokens,
+                    "repeats": args.repeats, "threads": args.threads, "cells": []}
+            cell = {"recipe": "dense-bf16", "fraction": 1.0, "disk_bytes": io.dir_size(tmp / "dense"),
+                    "dense_modules": "all", "factorised_modules": 0}
+            cell.update(measure(bench, dense, dense, "dense-bf16", args))
+            data["cells"].append(cell)
         fractions = [float(f) for f in args.fractions.split(",") if f]
         recipes = [r for r in args.recipes.split(",") if r]
-        seen: dict[tuple, dict[str, Any]] = {("dense", None, None): data["cells"][0]}
+        unknown = [r for r in recipes if r not in RECIPES]
+        if unknown:
+            raise SystemExit(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+        seen: dict[tuple, dict[str, Any]] = {}
+        done = set()
+        for c in data["cells"]:
+            done.add((c["recipe"], c["fraction"]))
+            if "ranks" in c and "same_model_as" not in c:
+                q = RECIPES.get(c["recipe"], {}).get("quantize")
+                scope = RECIPES.get(c["recipe"], {}).get("quantize_scope", "all") if q else None
+                seen[("dense" if all(r is None for r in c["ranks"]) else tuple(c["ranks"]), q, scope)] = c
+        seen.setdefault(("dense", None, None), data["cells"][0])
         for recipe in recipes:
             for fraction in fractions:
-                if RECIPES[recipe].get("only", fraction) != fraction:
+                if RECIPES[recipe].get("only", fraction) != fraction or (recipe, fraction) in done:
                     continue
                 data["cells"].append(run_cell(bench, recipe, fraction, dense, tmp, args, seen))
                 write_results(name, data, markdown(data))
