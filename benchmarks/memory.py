@@ -76,6 +76,13 @@ def measure(bench: Bench, model, dense, label: str, args) -> dict[str, Any]:
             "speed_ratio": speed.get("ratios", {}).get(label, {}), "eval_s": round(time.perf_counter() - t0, 1)}
 
 
+def stored_key(ranks: list[int | None], quantize: str | None, scope: str) -> tuple:
+    """What identifies a stored model: its ranks and what is quantized (the scope is moot when all is dense)."""
+    if all(r is None for r in ranks):
+        return ("dense", quantize, None)
+    return (tuple(ranks), quantize, scope if quantize else None)
+
+
 def run_cell(bench: Bench, recipe: str, fraction: float, dense, tmp: Path, args,
              seen: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
     overrides = {k: v for k, v in RECIPES[recipe].items() if k != "only"}
@@ -86,8 +93,7 @@ def run_cell(bench: Bench, recipe: str, fraction: float, dense, tmp: Path, args,
         log.warning("%s at %.0f%%: %s", recipe, 100 * fraction, exc)
         return {"recipe": recipe, "fraction": fraction, "error": str(exc)}
     ranks = [r.rank for r in result.modules]
-    stored = ("dense" if all(r is None for r in ranks) else tuple(ranks), result.config.quantize,
-              result.config.quantize_scope if result.config.quantize else None)
+    stored = stored_key(ranks, result.config.quantize, result.config.quantize_scope)
     if stored in seen:  # the same stored model as an earlier cell (e.g. all dense int8): not measured twice
         same = seen[stored]
         log.info("%s at %.0f%%: the same model as %s at %s", recipe, 100 * fraction, same["recipe"], same["fraction"])
@@ -255,10 +261,9 @@ def main() -> None:
         for c in data["cells"]:
             done.add((c["recipe"], c["fraction"]))
             if "ranks" in c and "same_model_as" not in c:
-                q = RECIPES.get(c["recipe"], {}).get("quantize")
-                scope = RECIPES.get(c["recipe"], {}).get("quantize_scope", "all") if q else None
-                seen[("dense" if all(r is None for r in c["ranks"]) else tuple(c["ranks"]), q, scope)] = c
-        seen.setdefault(("dense", None, None), data["cells"][0])
+                recipe = RECIPES.get(c["recipe"], {})
+                seen[stored_key(c["ranks"], recipe.get("quantize"), recipe.get("quantize_scope", "all"))] = c
+        seen.setdefault(stored_key([None], None, "all"), data["cells"][0])
         for recipe in recipes:
             for fraction in fractions:
                 if RECIPES[recipe].get("only", fraction) != fraction or (recipe, fraction) in done:
