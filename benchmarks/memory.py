@@ -140,33 +140,37 @@ def markdown(data: dict[str, Any]) -> str:
     ref = data["reference_bytes"]
     lines = [f"#### {data['model']}: memory budgets (fractions of the dense bf16 weights, {human_bytes(ref)})", "",
              "| budget | recipe | on disk | in memory | wiki ppl↓ | austen ppl↓ | dense / factorised modules | "
-             "decode b1 tok/s | decode b16 tok/s | prefill b1 tok/s | prefill b16 tok/s | peak b16 |",
+             "decode ×dense b1 | decode ×dense b16 | prefill ×dense b1 | prefill ×dense b16 | peak b16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    b1, b16 = f"b1_s{data['prompt']}", f"b16_s{data['prompt']}"
     for c in data["cells"]:
         budget = f"{100 * c['fraction']:.0f}%"
         if "error" in c:
-            lines.append(f"| {budget} | {c['recipe']} | does not fit: {c['error'][:120]} |||||||||")
+            lines.append(f"| {budget} | {c['recipe']} | does not fit: {c['error'][:160]} |||||||||")
             continue
-        sp = c["speed"]
-        b1, b16 = f"b1_s{data['prompt']}", f"b16_s{data['prompt']}"
-        def get(key: str, metric: str, sp=sp) -> str:
-            v = sp.get(key, {}).get(metric)
-            return "—" if v is None else f"{v:.1f}"
+        sr = c.get("speed_ratio") or {}
+
+        def ratio(key: str, metric: str, sr=sr) -> str:
+            v = sr.get(key, {}).get(metric)
+            return "1.00" if v is None else f"{v:.2f}"
         same = f" (= {c['same_model_as']})" if c.get("same_model_as") else ""
+        dense = "all" if c.get("dense_modules") in (None, "all") else c["dense_modules"]
         lines.append(
             f"| {budget} | {c['recipe']}{same} | {human_bytes(c['disk_bytes'])} ({c['disk_bytes'] / ref:.1%}) | "
             f"{human_bytes(c['weight_bytes_in_memory'])} | {fmt_ppl(c['ppl']['wiki'])} | "
-            f"{fmt_ppl(c['ppl']['austen'])} | "
-            f"{'all' if c.get('dense_modules') is None else c['dense_modules']} / "
-            f"{c.get('factorised_modules', '—')} | {get(b1, 'decode_tokens_per_s')} | "
-            f"{get(b16, 'decode_tokens_per_s')} | {get(b1, 'prefill_tokens_per_s')} | "
-            f"{get(b16, 'prefill_tokens_per_s')} | "
-            f"{human_bytes(sp.get(b16, {}).get('peak_bytes') or 0)} |")
+            f"{fmt_ppl(c['ppl']['austen'])} | {dense} / {c.get('factorised_modules', '—')} | "
+            f"{ratio(b1, 'decode_speedup')} | {ratio(b16, 'decode_speedup')} | {ratio(b1, 'prefill_speedup')} | "
+            f"{ratio(b16, 'prefill_speedup')} | {human_bytes(c['speed'].get(b16, {}).get('peak_bytes') or 0)} |")
+    d = data["cells"][0]["speed"]
+    lines += ["", f"Dense bf16 absolute (first cell): decode {d[b1]['decode_tokens_per_s']:.1f} / "
+              f"{d[b16]['decode_tokens_per_s']:.1f} tok/s and prefill {d[b1]['prefill_tokens_per_s']:.0f} / "
+              f"{d[b16]['prefill_tokens_per_s']:.0f} tok/s at batch 1 / 16."]
     lines += ["", f"- Perplexity: SVD-LLM protocol, windows of {data['seq_len']} tokens, the first "
               f"{data['eval_tokens']} evaluation tokens per corpus (fewer than the README's sweep: CPU time).",
               f"- Speed: transformers on CPU, {data['threads']} thread(s), cpu clock, prompt {data['prompt']} tokens, "
               f"{data['new_tokens']} greedy tokens, median of {data['repeats']}; every model timed alternately with "
-              "the dense bf16 model in the same process (its ratios are in the JSON). Peak = weights + transient "
+              "the dense bf16 model in the same process; ×dense = that cell's ratio to the dense model (> 1 = faster; "
+              "the CPU was shared, read differences under ~10 % as ties). Peak = weights + transient "
               "process RSS while decoding at batch 16 (a lower bound on a CPU).",
               "- On disk = the saved directory's safetensors files; in memory = the reloaded model's parameter and "
               "buffer bytes (int8 weights counted by their int8 values, scales and zero points).",
