@@ -146,7 +146,7 @@ def markdown(data: dict[str, Any]) -> str:
     for c in data["cells"]:
         budget = f"{100 * c['fraction']:.0f}%"
         if "error" in c:
-            lines.append(f"| {budget} | {c['recipe']} | does not fit: {c['error'][:160]} |||||||||")
+            lines.append(f"| {budget} | {c['recipe']} | does not fit: {c['error']} |||||||||")
             continue
         sr = c.get("speed_ratio") or {}
 
