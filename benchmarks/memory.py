@@ -191,9 +191,18 @@ def plot(data: dict[str, Any], path: Path) -> None:
         for c in data["cells"]:
             if "error" not in c:
                 by.setdefault(c["recipe"], []).append((c["disk_bytes"] / ref, c["ppl"][corpus]))
+        points = {"dense-bf16": ("*", 16), "int8": ("D", 9)}  # single models, drawn on top
         for recipe, pts in by.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=recipe)
+            if recipe in points:
+                marker, size = points[recipe]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, markersize=size, linestyle="none",
+                        color="black" if recipe == "dense-bf16" else "tab:orange", label=recipe, zorder=5)
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=recipe)
+        dense_ppl = by.get("dense-bf16", [(1.0, None)])[0][1]
+        if dense_ppl:
+            ax.axhline(dense_ppl, color="black", linestyle=":", linewidth=0.8)
         ax.set_xscale("linear")
         ax.set_yscale("log")
         ax.set_xlabel("bytes on disk / dense bf16 weight bytes")
