@@ -215,35 +215,6 @@ def plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def compare_allocations(bench: Bench, pairs: list[tuple[str, str]], fractions: list[float]) -> dict[str, Any]:
-    """Byte-aware against params-first without evaluating: the loss-aware objective Σ w·tail (Fisher-weighted
-    whitened truncation loss, lower is better) each allocation reaches, its bytes and its dense modules."""
-    from svdzip.allocate import AllocationContext
-    from svdzip.allocate.loss_aware import unit_weights
-
-    rows = []
-    for aware, first in pairs:
-        for fraction in fractions:
-            row: dict[str, Any] = {"fraction": fraction, "byte_aware": aware, "params_first": first}
-            for key, recipe in (("aware", aware), ("first", first)):
-                overrides = {k: v for k, v in RECIPES[recipe].items() if k != "only"}
-                overrides.update(budget_fraction=fraction, storage_dtype="bfloat16", allocator_options={})
-                result = bench.compress(**overrides)
-                units = result.units
-                ctx = AllocationContext(ratio=0.5, budget=0, model=bench.fresh(), calib_tokens=bench.tokens)
-                weights = unit_weights(units, ctx, "fisher")
-                ranks = [result.ranks[u.members[0].name] for u in units]
-                row[key] = {"objective": sum(w * (0.0 if r is None else u.spectrum.tail(r))
-                                             for u, w, r in zip(units, weights, ranks, strict=True)),
-                            "planned_bytes": result.summary["memory"]["planned_bytes"],
-                            "dense_modules": result.summary["dense_modules"],
-                            "params_first_ratio": result.summary["memory"].get("params_first_ratio")}
-            rows.append(row)
-            log.info("%s vs %s at %.0f%%: objective %.4g vs %.4g", aware, first, 100 * fraction,
-                     row["aware"]["objective"], row["first"]["objective"])
-    return {"rows": rows}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -260,8 +231,6 @@ def main() -> None:
     p.add_argument("--name", default=None, help="result file name (default: memory_<model>)")
     p.add_argument("--append", action="store_true",
                    help="add cells to the existing JSON (its dense reference kept; cells already there skipped)")
-    p.add_argument("--compare-allocations", action="store_true",
-                   help="only compare byte-aware and params-first allocations (objective, bytes; no evaluation)")
     p.add_argument("--rewrite", action="store_true",
                    help="only rewrite the Markdown table and the plot from the existing JSON (no measuring)")
     args = p.parse_args()
@@ -278,21 +247,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     setup_logging()
     bench = Bench(args.model)
-    if args.compare_allocations:
-        pairs = [("svd+int8", "svd+int8 (params first)"), ("svd16+int8dense", "svd16+int8dense (params first)")]
-        fractions = [float(f) for f in args.fractions.split(",") if f]
-        result = compare_allocations(bench, pairs, fractions)
-        lines = [f"#### {args.model}: byte-aware vs params-first allocation (loss-aware objective, lower is better)",
-                 "", "| budget | byte-aware | objective | dense modules | params-first | objective | dense modules | "
-                 "params-first ratio |", "|---|---|---|---|---|---|---|---|"]
-        for r in result["rows"]:
-            a, f = r["aware"], r["first"]
-            ratio = "—" if f["params_first_ratio"] is None else f"{f['params_first_ratio']:.4f}"
-            lines.append(f"| {100 * r['fraction']:.0f}% | {r['byte_aware']} | {a['objective']:.4g} | "
-                         f"{a['dense_modules']} | {r['params_first']} | {f['objective']:.4g} | {f['dense_modules']} | "
-                         f"{ratio} |")
-        write_results(f"{name}_allocation", result, "\n".join(lines))
-        return
     dense, _, _ = load_model(bench.source, dtype=STORAGE)
     tmp = Path(tempfile.mkdtemp(prefix="svdzip-memory-"))
     try:
