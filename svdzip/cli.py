@@ -17,6 +17,9 @@ from svdzip.errors import SvdzipError
 log = logging.getLogger("svdzip")
 
 PAPER_CALIBRATION = (256, 2048)
+# the recommended recipe (README "Results", benchmarks/recovery.py): loss-aware ranks, then distillation
+RECOMMENDED_ALLOCATOR = "loss-aware"
+RECOMMENDED_HEAL = "distill"
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -64,6 +67,69 @@ def _add_task_speed_args(p: argparse.ArgumentParser, default_tasks: str = "") ->
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _add_heal_args(p: argparse.ArgumentParser, default: str, with_none: bool) -> None:
+    """Recovery options shared by `compress --heal` and `svdzip heal` (defaults: HealConfig's)."""
+    from svdzip.recover.config import HEAL_METHODS, ORDERS
+    from svdzip.recover.config import HealConfig as H
+
+    g = p.add_argument_group("recovery (train the factors after truncation, on calibration text only)")
+    g.add_argument("--heal", "--finetune", dest="heal", default=default,
+                   choices=[*(("none",) if with_none else ()), *HEAL_METHODS],
+                   help="distill: train the factors to match the dense model's next-token distribution; seq-lora: "
+                        "SVD-LLM's sequential LoRA (peft) on the left, then the right factors (default: distill; "
+                        "none for --stream, --resume-dir and torchrun runs)")
+    g.add_argument("--heal-steps", type=int, default=H.steps, help="optimiser steps (default: %(default)s)")
+    g.add_argument("--heal-lr", type=float, default=None,
+                   help="peak learning rate (default: 3e-4 for distill, the paper's 1e-4 for seq-lora)")
+    g.add_argument("--heal-objective", default=None, choices=["kl", "ce"],
+                   help="kl: the dense teacher's distribution; ce: the text's next token (default: distill kl, "
+                        "seq-lora ce as in the paper)")
+    g.add_argument("--heal-warmup", type=float, default=H.warmup,
+                   help="warm-up fraction of the steps (default: %(default)s)")
+    g.add_argument("--heal-batch-size", type=int, default=H.batch_size,
+                   help="windows per micro-batch (default: %(default)s)")
+    g.add_argument("--heal-grad-accum", type=int, default=H.grad_accum,
+                   help="micro-batches per optimiser step (default: %(default)s)")
+    g.add_argument("--heal-seq-len", type=int, default=H.seq_len, help="window length in tokens (default: %(default)s)")
+    g.add_argument("--heal-samples", type=int, default=H.train_samples,
+                   help="distinct training windows of the calibration corpus (default: %(default)s)")
+    g.add_argument("--heal-heldout", type=int, default=H.heldout_samples,
+                   help="held-out calibration windows for early stopping (default: %(default)s)")
+    g.add_argument("--heal-eval-every", type=int, default=H.eval_every,
+                   help="steps between held-out checks and checkpoints (default: %(default)s)")
+    g.add_argument("--heal-patience", type=int, default=H.patience,
+                   help="held-out checks without improvement before stopping (default: %(default)s)")
+    g.add_argument("--heal-temperature", type=float, default=H.temperature,
+                   help="distillation temperature (default: %(default)s)")
+    g.add_argument("--heal-topk", type=int, default=H.topk,
+                   help="teacher kept as its top-k log-probabilities + tail (0 = full distribution; "
+                        "default: %(default)s)")
+    g.add_argument("--heal-weight-decay", type=float, default=H.weight_decay)
+    g.add_argument("--heal-corpus", default=None, help="training text (default: the calibration corpus)")
+    g.add_argument("--lora-r", type=int, default=H.lora_r, help="seq-lora rank (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=H.lora_alpha, help="seq-lora α (default: %(default)s)")
+    g.add_argument("--lora-dropout", type=float, default=H.lora_dropout, help="seq-lora dropout (default: %(default)s)")
+    g.add_argument("--seq-lora-order", default=H.order, choices=list(ORDERS),
+                   help="which factor seq-lora trains first (default: %(default)s, as the released code)")
+
+
+def _heal_config(args: argparse.Namespace, corpus: str, device: str):
+    """The HealConfig the flags ask for (validated before any work), or None for --heal none."""
+    from svdzip.recover.config import HealConfig
+
+    if args.heal == "none":
+        return None
+    return HealConfig(
+        method=args.heal, steps=args.heal_steps, lr=args.heal_lr, objective=args.heal_objective,
+        warmup=args.heal_warmup, weight_decay=args.heal_weight_decay, batch_size=args.heal_batch_size,
+        grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len, train_samples=args.heal_samples,
+        heldout_samples=args.heal_heldout, eval_every=args.heal_eval_every, patience=args.heal_patience,
+        temperature=args.heal_temperature, topk=args.heal_topk, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, order=args.seq_lora_order, corpus=args.heal_corpus or corpus,
+        seed=args.seed, device=device,
+    ).validate()
+
+
 def _tasks(text: str) -> list[str]:
     if text.strip() == "all":
         from svdzip.evaluate.zeroshot import ZERO_SHOT_TASKS
@@ -100,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a memory budget: allocate parameters first and fit the bytes by the ratio, instead of "
                         "a byte-aware allocation (for comparison)")
     c.add_argument("--method", default="svdllm", help="factorisation: svd, svdllm, asvd, fwsvd (default: %(default)s)")
-    c.add_argument("--allocator", default="uniform", help="rank allocator (see `svdzip info --allocators`)")
+    c.add_argument("--allocator", default=None,
+                   help=f"rank allocator (see `svdzip info --allocators`; default: {RECOMMENDED_ALLOCATOR}, the "
+                        "recommended recipe with --heal distill; the papers' plain SVD-LLM(W) is --allocator uniform "
+                        "--heal none)")
     c.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator hyperparameter, repeatable (e.g. beta=0.3)")
     c.add_argument("--group-size", type=int, default=1,
@@ -141,8 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write ranks.png / effective_rank.png next to the model")
     c.add_argument("--eval", action="store_true",
                    help="then reload the saved model and compare its perplexity with the dense model's")
+    _add_heal_args(c, default=None, with_none=True)
     _add_eval_args(c)
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    h = sub.add_parser("heal", help="recover an already compressed directory (distillation or sequential LoRA)")
+    h.add_argument("dir", help="a directory written by `svdzip compress`")
+    h.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    h.add_argument("--teacher", default=None,
+                   help="the dense model (default: the one the manifest says DIR was compressed from)")
+    h.add_argument("--corpus", default="wiki", help="training text: wiki, austen or a .txt path (default: %(default)s)")
+    h.add_argument("--resume-dir", default=None,
+                   help="checkpoints go there; rerunning the same command continues a killed heal")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: %(default)s)")
+    h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the saved model (training is float32, bf16 autocast on CUDA)")
+    _add_heal_args(h, default="distill", with_none=False)
+    _add_eval_args(h)
+    h.add_argument("--eval", action="store_true",
+                   help="then compare the healed model's perplexity with the dense one's")
+    h.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
     e = sub.add_parser("eval", help="perplexity of a model (svdzip directory, alias, local dir or hub id)")
     e.add_argument("model", nargs="+", help="one or more models to compare")
@@ -203,10 +292,13 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     ratio = ratio_from_kept(args.kept) if args.kept is not None else (0.2 if args.ratio is None else args.ratio)
     samples, seq_len = PAPER_CALIBRATION if args.paper_calibration else (args.calib_samples, args.calib_seq_len)
     if getattr(args, "tune_beta", False):
-        if args.allocator not in ("uniform", "drank"):
+        if args.allocator not in (None, "uniform", "drank"):
             raise SvdzipError(f"--tune-beta tunes D-Rank's β; it does not apply to --allocator {args.allocator}")
         args.allocator = "drank"
         args.allocator_option = [*args.allocator_option, "tune_beta=true"]
+    from svdzip.streaming import cli_compress, wants_scaled
+
+    _apply_recommended_recipe(args, scaled=wants_scaled(args))
     config = CompressConfig(
         ratio=ratio, method=args.method, allocator=args.allocator, group_size=args.group_size,
         update=args.update, update_samples=args.update_samples,
@@ -228,13 +320,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if out.exists() and not args.overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     dtype = parse_dtype(args.dtype)
-    from svdzip.streaming import cli_compress, wants_scaled
-
+    heal_config = _heal_config(args, config.corpus, config.device)
     if wants_scaled(args):  # --stream, --resume-dir or torchrun (WORLD_SIZE > 1)
         if config.memory_budget or config.quantize:
             raise SvdzipError("memory budgets and --quantize are not supported with --stream, --resume-dir or "
                               "torchrun yet; use --ratio there")
-        summary = cli_compress(args, config, out, dtype)
+        if heal_config is not None:
+            summary = _scaled_then_heal(args, config, out, dtype, heal_config)
+        else:
+            summary = cli_compress(args, config, out, dtype)
         if summary and args.eval:
             summary["evaluation"] = _eval_dense_vs_compressed(args, summary.get("source", args.model), out)
         return summary
@@ -243,28 +337,38 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, source = load_model(args.model, config.device)
     # allocators may write artefacts (ARA's plots) before the output exists: stage them beside it
     staging = Path(tempfile.mkdtemp(prefix="svdzip-alloc-"))
-    result = _compress_loaded(model, tokenizer, source, config, args.stats,
-                              heldout=args.tune_samples if _wants_heldout(config) else 0, out_dir=staging)
-    from svdzip.pipeline import store
+    try:
+        result = _compress_loaded(model, tokenizer, source, config, args.stats,
+                                  heldout=args.tune_samples if _wants_heldout(config) else 0, out_dir=staging)
+        heal_report = _heal_in_memory(model, tokenizer, source, heal_config) if heal_config else None
+        from svdzip.pipeline import store
 
-    quantized = store(result, dtype)
-    manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
-    manifest.details["source_model"] = str(source)
-    if quantized:
-        from svdzip.quantize import quantization_record
+        quantized = store(result, dtype)  # after healing: the factors train in float32, then are stored
+        manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
+        manifest.details["source_model"] = str(source)
+        if quantized:
+            from svdzip.quantize import quantization_record
 
-        manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope, dtype)
-    io.save(model, tokenizer, out, manifest, overwrite=args.overwrite,
-            report={"modules": [r.to_dict() for r in result.modules],
-                    "effective_ranks": result.effective_ranks})
-    for artefact in staging.iterdir():
-        shutil.move(str(artefact), out / artefact.name)
-    shutil.rmtree(staging, ignore_errors=True)
+            manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope, dtype)
+        if heal_report is not None:
+            from svdzip.recover.directory import record_recovery
+
+            record_recovery(manifest, heal_report)
+            result.summary["heal_s"] = round(heal_report.seconds, 2)
+        io.save(model, tokenizer, out, manifest, overwrite=args.overwrite,
+                report={"modules": [r.to_dict() for r in result.modules],
+                        "effective_ranks": result.effective_ranks})
+        for artefact in staging.iterdir():
+            shutil.move(str(artefact), out / artefact.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if not args.no_plots:
         from svdzip.plots import write_plots
 
         write_plots(out, [r.to_dict() for r in result.modules], result.effective_ranks,
-                    title=f"{Path(str(source)).name}: {config.label} at {100 * config.ratio:.0f}% removed")
+                    title=f"{Path(str(source)).name}: {config.label} at "
+                          + (f"{100 * config.budget_fraction:.0f}% of the bf16 bytes" if config.budget_fraction
+                             else "a byte budget" if config.memory_budget else f"{100 * config.ratio:.0f}% removed"))
     wall = time.perf_counter() - t_start
     from svdzip.quantize import parameter_bytes
 
@@ -296,6 +400,95 @@ def parse_bytes(text: str | None) -> int | None:
     if value <= 0:
         raise SvdzipError(f"--budget-bytes must be positive, got '{text}'")
     return value
+
+
+def _heal_in_memory(model, tokenizer, source: str, heal_config):
+    """Heal the just-compressed model against a fresh copy of its dense source."""
+    from svdzip.models.loading import load_model
+    from svdzip.recover import heal, heal_windows
+
+    teacher, _, _ = load_model(source, heal_config.device)
+    report = heal(model, teacher, heal_windows(tokenizer, heal_config), heal_config)
+    _warn_if_stopped(report)
+    return report
+
+
+def _warn_if_stopped(report) -> None:
+    if report.stopped == "nan":
+        log.warning("healing stopped on a non-finite loss; the factors of the last good held-out check were kept")
+
+
+def _scaled_then_heal(args: argparse.Namespace, config, out: Path, dtype, heal_config) -> dict[str, Any]:
+    """Streamed / resumable compression into a staging directory, then the heal from it into `out`.
+
+    With --resume-dir both stages checkpoint there (`compressed/`, `heal/`), so rerunning the command
+    continues where a killed run stopped. torchrun is refused: healing runs on one process.
+    """
+    import os
+
+    import torch
+
+    from svdzip import io
+    from svdzip.recover.directory import heal_directory
+    from svdzip.streaming import cli_compress
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SvdzipError("--heal runs on one process; under torchrun compress first, then run `svdzip heal OUT`")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(args.resume_dir) if args.resume_dir else Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged_args = argparse.Namespace(**{**vars(args), "overwrite": True, "eval": False})
+        summary = cli_compress(staged_args, config, work / "compressed", torch.float32)
+        report, _ = heal_directory(work / "compressed", out, heal_config, resume_dir=work / "heal" if args.resume_dir
+                                   else None, overwrite=args.overwrite, dtype=dtype)
+    finally:
+        if not args.resume_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    _warn_if_stopped(report)
+    return {**summary, "method": f"{summary.get('method', config.label)}+{report.method}", "out": str(out),
+            "size_bytes": io.dir_size(out), "heal_s": round(report.seconds, 2), "peak_rss_bytes": _peak_rss()}
+
+
+def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
+    from svdzip import io
+    from svdzip.models.loading import check_device, parse_dtype
+    from svdzip.recover.directory import heal_directory, teacher_source
+
+    config = _heal_config(args, args.corpus, check_device(args.device))
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
+    manifest = io.read_manifest(args.dir)
+    if manifest is None:
+        raise SvdzipError(f"{args.dir} is a dense model directory: compress it first (`svdzip compress`)")
+    teacher = teacher_source(manifest, args.teacher)
+    t0 = time.perf_counter()
+    report, out = heal_directory(args.dir, out, config, teacher=teacher, resume_dir=args.resume_dir,
+                                 overwrite=args.overwrite, dtype=parse_dtype(args.dtype))
+    _warn_if_stopped(report)
+    healed = io.read_manifest(out)["details"]
+    summary = {**healed.get("summary", {}), "out": str(out), "seconds_total": round(time.perf_counter() - t0, 2),
+               "heal": report.to_dict(), "size_bytes": io.dir_size(out), "peak_rss_bytes": _peak_rss()}
+    phases = [p for p in report.phases if "best_heldout" in p]
+    log.info("%s: %s in %.0f s (%s); held-out loss %s; peak RSS %.1f GiB; saved to %s", args.dir, report.method,
+             report.seconds, report.stopped,
+             ", ".join(f"{p['initial_heldout']:.4f} → {p['best_heldout']:.4f}" for p in phases),
+             summary["peak_rss_bytes"] / 2**30, out)
+    if args.eval:
+        summary["evaluation"] = _eval_dense_vs_compressed(args, teacher, out)
+    return summary
+
+
+def _apply_recommended_recipe(args: argparse.Namespace, scaled: bool) -> None:
+    """Fill the allocator and recovery the user left out: loss-aware + distill in memory; uniform and no
+    recovery for streamed, resumable or distributed runs, whose point is not holding the whole model
+    (loss-aware's sensitivities and healing both need it)."""
+    if args.allocator is None:
+        args.allocator = "uniform" if scaled else RECOMMENDED_ALLOCATOR
+    if args.heal is None:
+        args.heal = "none" if scaled else RECOMMENDED_HEAL
+    if scaled:
+        log.info("streamed / resumable / distributed run: allocator %s, recovery %s", args.allocator, args.heal)
 
 
 def _wants_heldout(config) -> bool:
@@ -556,7 +749,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "sweep": cmd_sweep}
+COMMANDS = {"compress": cmd_compress, "heal": cmd_heal, "eval": cmd_eval, "info": cmd_info, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
-    elif args.command == "compress" and "evaluation" in result:
+    elif args.command in ("compress", "heal") and "evaluation" in result:
         _print_eval_table(result)
     return 0
 

@@ -515,6 +515,9 @@ def _check_streamable(config: CompressConfig) -> None:
         problems.append("fwsvd (its Fisher pass back-propagates through the whole model)")
     if config.allocator in ("ara", "strs"):
         problems.append(f"the '{config.allocator}' allocator (it evaluates the model)")
+    if config.allocator == "loss-aware" and config.allocator_options.get("signal", "fisher") == "fisher":
+        problems.append("the loss-aware allocator's fisher signal (it back-propagates through the model; "
+                        "--allocator-option signal=relative does not)")
     if problems:
         raise SvdzipError("streaming does not support " + "; ".join(problems) + "; run without --stream")
 

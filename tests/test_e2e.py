@@ -75,7 +75,8 @@ def test_whitening_beats_plain_svd_on_held_out_text(default):
 def test_cli_compress_eval_info(default, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["compress", "--out", str(out), "--ratio", "0.3", "--calib-samples", "8", "--calib-seq-len", "128",
-                 "--eval", "--corpora", "wiki", "--eval-tokens", "1024", "--seq-len", "512", "--json"])
+                 "--allocator", "uniform", "--heal", "none", "--eval", "--corpora", "wiki", "--eval-tokens", "1024",
+                 "--seq-len", "512", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     ev = summary["evaluation"]
@@ -84,3 +85,85 @@ def test_cli_compress_eval_info(default, tmp_path, capsys):
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "svdllm" and info["factorised_modules"] == 210
+
+
+HEAL_SMALL = ["--heal-steps", "4", "--heal-seq-len", "64", "--heal-samples", "8", "--heal-heldout", "2",
+              "--heal-batch-size", "2", "--heal-eval-every", "2"]
+
+
+def test_cli_heal_a_compressed_directory(default, tmp_path, capsys):
+    src, out = tmp_path / "c", tmp_path / "h"
+    assert main(["compress", "--out", str(src), "--ratio", "0.3", "--calib-samples", "8", "--calib-seq-len", "128",
+                 "--allocator", "uniform", "--heal", "none", "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["heal", str(src), "--out", str(out), *HEAL_SMALL, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    phase = summary["heal"]["phases"][0]
+    assert phase["best_heldout"] < phase["initial_heldout"]  # a held-out calibration KL, lowered
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "svdllm+distill"
+    assert dir_size(out) == dir_size(src)  # same ranks, same bytes
+    # bad input: a dense directory, an existing output, a second heal into the same place
+    assert main(["heal", str(default[0]), "--out", str(tmp_path / "x"), *HEAL_SMALL]) == 2
+    assert "dense model directory" in capsys.readouterr().err
+    assert main(["heal", str(src), "--out", str(out), *HEAL_SMALL]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["heal", str(src), "--out", str(tmp_path / "y"), "--heal-steps", "0"]) == 2
+    assert "steps must be" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_compress_with_sequential_lora(default, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["compress", "--out", str(out), "--ratio", "0.3", "--calib-samples", "8", "--calib-seq-len", "128",
+                 "--heal", "seq-lora", *HEAL_SMALL, "--no-plots", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "svdllm+loss-aware+seq-lora" and summary["heal_s"] > 0  # the default allocator
+    model, _ = svdzip.load(out, with_tokenizer=False)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(default, tmp_path_factory):
+    """A tiny random LLaMA with the default model's real tokenizer: the CLI end to end in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(default[0])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_default_recipe_is_loss_aware_then_distillation(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["compress", "--model", str(tiny_dir), "--out", str(out), "--calib-samples", "8",
+                 "--calib-seq-len", "64", "--heal-steps", "4", "--heal-seq-len", "64", "--no-plots", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "svdllm+loss-aware+distill"
+    recovery = svdzip.io.read_manifest(out)["details"]["recovery"][0]
+    assert recovery["method"] == "distill" and recovery["phases"][0]["steps_done"] == 4
+
+
+def test_compress_heal_with_resume_dir_continues(tiny_dir, tmp_path, capsys):
+    out, run = tmp_path / "r", tmp_path / "run"
+    argv = ["compress", "--model", str(tiny_dir), "--out", str(out), "--ratio", "0.3", "--calib-samples", "8",
+            "--calib-seq-len", "64", "--resume-dir", str(run), "--heal", "distill", *HEAL_SMALL, "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["method"] == "svdllm+distill"  # resumable runs default to uniform ranks
+    assert (run / "heal" / "distill" / "state.json").is_file()
+    before = {k: v.clone() for k, v in svdzip.load(out, with_tokenizer=False)[0].state_dict().items()}
+    assert main([*argv, "--overwrite"]) == 0  # the rerun finds the finished checkpoint: nothing retrained
+    capsys.readouterr()
+    again = svdzip.load(out, with_tokenizer=False)[0].state_dict()
+    assert all(torch.equal(before[k], again[k]) for k in before)
+    assert main(["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--resume-dir", str(run),
+                 "--heal", "distill", *HEAL_SMALL, "--heal-lr", "0.01", "--calib-samples", "8",
+                 "--calib-seq-len", "64", "--ratio", "0.3"]) == 2
+    assert "another configuration" in capsys.readouterr().err

@@ -200,7 +200,8 @@ def test_cli_compresses_to_a_memory_budget_with_int8(tmp_path, monkeypatch, caps
     out = tmp_path / "o"
     code = main(["compress", "--out", str(out), "--budget-fraction", "0.5", "--quantize", "int8", "--dtype",
                  "bfloat16", "--allocator", "loss-aware", "--allocator-option", "signal=whitened", "--calib-samples",
-                 "4", "--calib-seq-len", "24", "--stats", str(tmp_path / "s.safetensors"), "--no-plots", "--json"])
+                 "4", "--calib-seq-len", "24", "--stats", str(tmp_path / "s.safetensors"), "--no-plots", "--json",
+                 "--heal", "none"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["weight_bytes_in_memory"] <= summary["memory"]["budget_bytes"] == int(

@@ -1,0 +1,99 @@
+"""The options of a recovery run (`--heal …` flags map onto them one to one)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from svdzip.errors import SvdzipError
+
+HEAL_METHODS = ("distill", "seq-lora")
+OBJECTIVES = ("kl", "ce")
+ORDERS = ("u-first", "v-first")
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # distillation trains every factor directly: a larger step than LoRA's, measured best over 1e-4..1e-3
+    "distill": {"lr": 3e-4, "objective": "kl"},
+    # SVD-LLM §3.3 / LLM-Pruner's recipe: LoRA r=8, α=16, dropout 0.05, lr 1e-4, next-token cross-entropy
+    "seq-lora": {"lr": 1e-4, "objective": "ce"},
+}
+
+
+@dataclass
+class HealConfig:
+    """What to train, on which calibration windows, for how long.
+
+    `steps` counts optimiser steps (each `batch_size × grad_accum` windows of `seq_len` tokens); for
+    sequential LoRA they are split evenly between its two phases. Training windows and held-out windows
+    are disjoint draws from the calibration part of `corpus`, never its evaluation part.
+    """
+
+    method: str = "distill"
+    steps: int = 40  # ~5 CPU-minutes on SmolLM2-135M; benchmarks/recovery.py measured it
+    lr: float | None = None  # None: the method's default (METHOD_DEFAULTS)
+    objective: str | None = None  # kl (teacher's next-token distribution) | ce (the text's next token)
+    warmup: float = 0.1  # fraction of the steps with a linear warm-up; cosine decay to 0 after it
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    train_samples: int = 256  # distinct training windows (epochs cycle through them)
+    heldout_samples: int = 8  # held-out calibration windows for early stopping
+    eval_every: int = 20
+    patience: int = 2  # evaluations without improvement before stopping
+    temperature: float = 1.0
+    topk: int = 64  # teacher kept as its top-k log-probabilities + tail mass; 0 = full distribution
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    order: str = "u-first"
+    corpus: str = "wiki"
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.method in METHOD_DEFAULTS:
+            defaults = METHOD_DEFAULTS[self.method]
+            self.lr = defaults["lr"] if self.lr is None else self.lr
+            self.objective = defaults["objective"] if self.objective is None else self.objective
+
+    def validate(self) -> HealConfig:
+        if self.method not in HEAL_METHODS:
+            raise SvdzipError(f"unknown recovery '{self.method}'; choose from {', '.join(HEAL_METHODS)}")
+        if self.objective not in OBJECTIVES:
+            raise SvdzipError(f"unknown heal objective '{self.objective}'; choose from {', '.join(OBJECTIVES)}")
+        if self.order not in ORDERS:
+            raise SvdzipError(f"unknown sequential-LoRA order '{self.order}'; choose from {', '.join(ORDERS)}")
+        positive = ("steps", "batch_size", "grad_accum", "train_samples", "heldout_samples", "eval_every",
+                    "patience", "lora_r")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SvdzipError(f"heal {name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.method == "seq-lora" and self.steps < 2:
+            raise SvdzipError("sequential LoRA needs at least 2 steps (one per phase)")
+        if self.seq_len < 2:
+            raise SvdzipError(f"heal seq-len must be ≥ 2, got {self.seq_len}")
+        if not (self.lr is not None and self.lr > 0):
+            raise SvdzipError(f"heal learning rate must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise SvdzipError(f"heal warm-up is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.temperature <= 0:
+            raise SvdzipError(f"distillation temperature must be > 0, got {self.temperature}")
+        if self.topk < 0:
+            raise SvdzipError(f"heal top-k must be ≥ 0 (0 = full teacher distribution), got {self.topk}")
+        if not 0 <= self.lora_dropout < 1:
+            raise SvdzipError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise SvdzipError("heal weight decay must be ≥ 0 and max grad norm > 0")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint depends on (the device does not change the run's result on resume)."""
+        return {k: v for k, v in self.to_dict().items() if k != "device"}

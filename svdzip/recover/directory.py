@@ -1,0 +1,83 @@
+"""`svdzip heal DIR --out DIR2`: recover an already compressed directory, recorded in its manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svdzip.errors import SvdzipError
+from svdzip.recover.config import HealConfig
+from svdzip.recover.heal import HealReport, heal, heal_windows
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("ranks.png", "effective_rank.png")
+
+
+def record_recovery(manifest: Any, report: HealReport) -> None:
+    """Append what was trained to the manifest (a `SvdzipConfig`), and name it in the method label."""
+    manifest.details.setdefault("recovery", []).append(report.to_dict())
+    manifest.method = f"{manifest.method}+{report.method}"
+    if "summary" in manifest.details:
+        manifest.details["summary"]["method"] = manifest.method
+
+
+def teacher_source(manifest: dict[str, Any], teacher: str | None) -> str:
+    source = teacher or manifest.get("details", {}).get("source_model")
+    if not source:
+        raise SvdzipError("the manifest does not say which dense model this was compressed from; pass --teacher")
+    return source
+
+
+def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealConfig, teacher: str | None = None,
+                   resume_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                   dtype: torch.dtype = torch.float32) -> tuple[HealReport, Path]:
+    """Load the compressed `src`, heal it against its dense model, save to `out` (atomically)."""
+    from svdzip import io
+    from svdzip.models.loading import load_model
+
+    config.validate()
+    src, out = Path(src), Path(out)
+    manifest_dict = io.read_manifest(src)
+    if manifest_dict is None:
+        raise SvdzipError(f"{src} is a dense model directory: compress it first (`svdzip compress`)")
+    if out.exists() and not overwrite:
+        raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
+    source = teacher_source(manifest_dict, teacher)
+    student, tokenizer = io.load(src, device=config.device)
+    if tokenizer is None:
+        raise SvdzipError(f"{src} has no tokenizer: healing needs one to cut calibration windows")
+    dense, _, _ = load_model(source, config.device)
+    report = heal(student, dense, heal_windows(tokenizer, config), config, resume_dir=resume_dir)
+    del dense
+    manifest = io.SvdzipConfig(**{k: v for k, v in manifest_dict.items() if k != "quant_method"})
+    record_recovery(manifest, report)
+    old_report = src / "svdzip_report.json"
+    modules = json.loads(old_report.read_text()).get("modules", []) if old_report.is_file() else []
+    staged = _stage_plots(src, out)
+    try:
+        io.save(student.to(dtype), tokenizer, out, manifest, overwrite=overwrite, report={"modules": modules})
+        for name, copy in staged:
+            shutil.move(str(copy), out / name)
+    finally:
+        for _, copy in staged:
+            copy.unlink(missing_ok=True)
+    return report, out
+
+
+def _stage_plots(src: Path, out: Path) -> list[tuple[str, Path]]:
+    """Copies of the source's plots beside the output (the source may be the output itself)."""
+    staged = []
+    for name in PLOTS:
+        if (src / name).is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            copy = out.parent / f".{out.name}.{name}"
+            shutil.copy2(src / name, copy)
+            staged.append((name, copy))
+    return staged

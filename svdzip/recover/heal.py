@@ -1,0 +1,205 @@
+"""heal(): recover what truncation lost, by distillation into the factors or SVD-LLM's sequential LoRA.
+
+Both train on windows of the calibration corpus only (never its evaluation part) and stop early on
+held-out calibration windows; both leave an ordinary svdzip model at the same ranks.
+
+* ``distill`` trains every low-rank factor itself (they are already small: no adapter is needed)
+  to match the dense teacher's next-token distribution (KL, `losses.py`).
+* ``seq-lora`` is SVD-LLM's recipe (`seq_lora.py`): LoRA from peft on the left factors, merged, then
+  on the right factors, merged; the paper's objective is the text's next token (`objective=ce`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from svdzip.errors import SvdzipError
+from svdzip.recover.config import HealConfig
+from svdzip.recover.losses import TopK, kl_full, kl_topk, next_token_ce, topk_of
+from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules, phase_sides
+from svdzip.recover.trainer import Checkpoint, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HealReport:
+    method: str
+    config: dict[str, Any]
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = "completed"
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    trained_params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint training and held-out windows, both from the calibration part of `config.corpus`."""
+    from svdzip.data import calibration_tokens, load_corpus
+
+    tokens = calibration_tokens(tokenizer, load_corpus(config.corpus),
+                                config.train_samples + config.heldout_samples, config.seq_len, config.seed)
+    return tokens[: config.train_samples], tokens[config.train_samples :]
+
+
+def state_digest(model: nn.Module) -> str:
+    """A hash of every parameter: a checkpoint is only resumed onto the model it was trained from."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class Objective:
+    """The loss on a batch of window indices and on the held-out windows, teacher outputs cached lazily.
+
+    With top-k the teacher runs once per distinct window (the cache holds k values per token); with
+    the full distribution it runs on every batch, since 49k–262k floats per token do not fit a cache.
+    """
+
+    def __init__(self, teacher: nn.Module | None, train_windows: torch.Tensor, heldout: torch.Tensor,
+                 config: HealConfig):
+        if config.objective == "kl" and teacher is None:
+            raise SvdzipError("the kl objective needs the dense teacher model")
+        self.teacher, self.train_windows, self.heldout, self.config = teacher, train_windows, heldout, config
+        self._cache: dict[tuple[str, int], TopK] = {}
+
+    @torch.no_grad()
+    def _teacher_topk(self, split: str, windows: torch.Tensor, indices: list[int]) -> TopK:
+        missing = [i for i in indices if (split, i) not in self._cache]
+        if missing:
+            logits = self.teacher(input_ids=windows[missing].to(self.config.device), use_cache=False).logits
+            top = topk_of(logits, self.config.topk, self.config.temperature).to("cpu")
+            for j, i in enumerate(missing):
+                self._cache[(split, i)] = top[j]
+        parts = [self._cache[(split, i)] for i in indices]
+        return TopK(torch.stack([p.logp for p in parts]), torch.stack([p.ids for p in parts]),
+                    torch.stack([p.tail for p in parts])).to(self.config.device)
+
+    def loss(self, student: nn.Module, split: str, indices: list[int]) -> torch.Tensor:
+        windows = self.train_windows if split == "train" else self.heldout
+        ids = windows[indices].to(self.config.device)
+        logits = student(input_ids=ids, use_cache=False).logits
+        if self.config.objective == "ce":
+            return next_token_ce(logits, ids)
+        if self.config.topk:
+            return kl_topk(logits, self._teacher_topk(split, windows, indices), self.config.temperature)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+        return kl_full(logits, teacher_logits, self.config.temperature)
+
+    def heldout_loss(self, student: nn.Module) -> Callable[[], float]:
+        def run() -> float:
+            n, b = len(self.heldout), self.config.batch_size
+            total = sum(float(self.loss(student, "heldout", list(range(i, min(i + b, n))))) * min(b, n - i)
+                        for i in range(0, n, b))
+            return total / n
+        return run
+
+
+def _trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {}
+    for name in factor_targets(model, "left") + factor_targets(model, "right"):
+        p = model.get_submodule(name).weight
+        p.requires_grad_(True)
+        params[f"{name}.weight"] = p
+    return params
+
+
+def _run_phase(model: nn.Module, params: dict[str, nn.Parameter], objective: Objective, config: HealConfig,
+               steps: int, checkpoint: Checkpoint | None, desc: str) -> TrainResult:
+    return train(
+        model, params,
+        micro_loss=lambda idx: objective.loss(model, "train", idx.tolist()),
+        heldout_loss=objective.heldout_loss(model),
+        n_windows=len(objective.train_windows), steps=steps, lr=config.lr, warmup=config.warmup,
+        batch_size=config.batch_size, grad_accum=config.grad_accum, eval_every=config.eval_every,
+        patience=config.patience, seed=config.seed, device=config.device,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, checkpoint=checkpoint, desc=desc,
+    )
+
+
+def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Tensor, torch.Tensor],
+         config: HealConfig, resume_dir: str | os.PathLike | None = None) -> HealReport:
+    """Train `student` (an svdzip model) in place on `windows` = (training, held-out) token windows
+    (`heal_windows`); `teacher` is the dense model, needed for the kl objective."""
+    config.validate()
+    low_rank_modules(student)  # refuses a model with nothing to recover
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    train_windows, heldout = windows
+    objective = Objective(teacher, train_windows, heldout, config)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    base = {**config.fingerprint(), "student": state_digest(student)} if resume_dir else {}
+    root = Path(resume_dir) if resume_dir else None
+    report = HealReport(method=config.method, config=config.to_dict())
+
+    def checkpoint(phase: str) -> Checkpoint | None:
+        return Checkpoint(root / phase, {**base, "phase": phase}) if root else None
+
+    if config.method == "distill":
+        params = _trainable_factors(student)
+        report.trained_params = sum(p.numel() for p in params.values())
+        result = _run_phase(student, params, objective, config, config.steps, checkpoint("distill"), "distill")
+        report.phases.append({"phase": "distill", **result.to_dict()})
+        report.stopped = result.stopped
+        for p in student.parameters():
+            p.requires_grad_(True)
+    else:
+        first = (config.steps + 1) // 2
+        for index, side in enumerate(phase_sides(config.order)):
+            name = f"seq-lora-{index + 1}-{side}"
+            done = root / name / "merged.safetensors" if root else None
+            if done is not None and done.is_file():
+                _load_side(student, side, done)
+                log.info("%s: merged factors restored from %s", name, done)
+                report.phases.append({"phase": name, "restored": str(done)})
+                continue
+            with lora_on(student, side, config.lora_r, config.lora_alpha, config.lora_dropout) as peft_model:
+                params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+                report.trained_params += sum(p.numel() for p in params.values())
+                result = _run_phase(peft_model, params, objective, config,
+                                    first if index == 0 else config.steps - first, checkpoint(name), name)
+            report.phases.append({"phase": name, **result.to_dict()})
+            if done is not None:
+                _save_side(student, side, done)
+            if result.stopped == "nan":
+                report.stopped = "nan"
+                break
+    student.eval()
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return report
+
+
+def _save_side(model: nn.Module, side: str, path: Path) -> None:
+    tensors = {n: model.get_submodule(n).weight.detach().cpu().contiguous() for n in factor_targets(model, side)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _load_side(model: nn.Module, side: str, path: Path) -> None:
+    tensors = load_file(path)
+    for name in factor_targets(model, side):
+        model.get_submodule(name).weight.copy_(tensors[name])

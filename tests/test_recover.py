@@ -1,0 +1,263 @@
+"""Recovery: the losses against brute force, the training loop, sequential LoRA with peft, distillation."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_model, tiny_tokens
+
+from svdzip import CompressConfig, SvdzipError, compress
+from svdzip.recover import HealConfig, heal
+from svdzip.recover.losses import kl_full, kl_topk, next_token_ce, topk_of
+from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules
+from svdzip.recover.trainer import Checkpoint, batch_order, lr_at
+
+
+def _pair(family="llama", ratio=0.5, group_size=1):
+    teacher = tiny_model(family)
+    with torch.no_grad():  # a random tiny model predicts nearly uniformly: sharpen it so truncation hurts
+        for _, p in teacher.named_parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    student = copy.deepcopy(teacher)
+    compress(student, CompressConfig(ratio=ratio, group_size=group_size, calib_batch_size=4),
+             calib_tokens=tiny_tokens(8, 24))
+    return teacher, student
+
+
+def _windows(n_train=8, n_held=4, seq=16):
+    """Random tokens have nothing to generalise: the 'held-out' windows are training ones here."""
+    train = tiny_tokens(n_train, seq, seed=5)
+    return train, train[:n_held]
+
+
+def _cfg(**kw):
+    base = dict(steps=6, batch_size=2, eval_every=2, patience=10, warmup=0.0, lr=3e-3, seq_len=16)
+    return HealConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------ losses and schedule
+
+
+def test_topk_kl_with_the_whole_vocabulary_is_the_full_kl():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    brute = sum(F.kl_div(F.log_softmax(s[i, j], -1), F.log_softmax(t[i, j], -1), log_target=True,
+                         reduction="sum") for i in range(3) for j in range(5)) / 15
+    assert torch.allclose(kl_full(s, t), brute, atol=1e-6)
+    assert torch.allclose(kl_topk(s, topk_of(t, 11)), brute, atol=1e-5)
+    for T in (0.5, 2.0):
+        assert torch.allclose(kl_topk(s, topk_of(t, 11, T), T), kl_full(s, t, T), atol=1e-5)
+
+
+def test_topk_kl_is_a_lower_bound_and_zero_at_the_teacher():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 7, 50, generator=g), torch.randn(4, 7, 50, generator=g) * 3
+    full = kl_full(s, t)
+    kls = [float(kl_topk(s, topk_of(t, k))) for k in (1, 5, 20, 50)]
+    assert all(k <= float(full) + 1e-5 for k in kls)
+    assert kls[-1] == pytest.approx(float(full), abs=1e-5)
+    assert float(kl_topk(t, topk_of(t, 5))) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_next_token_ce_predicts_the_following_token():
+    ids = torch.tensor([[1, 2, 3]])
+    logits = torch.full((1, 3, 4), -30.0)
+    logits[0, 0, 2] = logits[0, 1, 3] = 30.0  # right on both predicted positions; the last is ignored
+    assert float(next_token_ce(logits, ids)) < 1e-6
+    logits[0, 1, 3], logits[0, 1, 0] = -30.0, 30.0  # now confidently wrong on the second
+    assert float(next_token_ce(logits, ids)) > 10
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lrs = [lr_at(s, 10, 1.0, 0.2) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0) and lrs[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.05
+
+
+def test_batch_order_visits_every_window_once_per_epoch():
+    order = batch_order(6, 2, 6, seed=3)
+    assert order.shape == (6, 2)
+    assert sorted(order[:3].flatten().tolist()) == list(range(6))
+    assert sorted(order[3:].flatten().tolist()) == list(range(6))
+    assert torch.equal(order, batch_order(6, 2, 6, seed=3)) and not torch.equal(order, batch_order(6, 2, 6, 4))
+
+
+def test_bad_options_are_refused():
+    for bad in (dict(steps=0), dict(method="lora"), dict(lr=-1.0), dict(topk=-1), dict(warmup=1.0),
+                dict(objective="mse"), dict(method="seq-lora", steps=1), dict(temperature=0.0)):
+        with pytest.raises(SvdzipError):
+            HealConfig(**bad).validate()
+
+
+# ------------------------------------------------------------------ sequential LoRA (peft)
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_merged_lora_equals_the_unmerged_forward(group_size):
+    _, student = _pair(group_size=group_size)
+    tokens = tiny_tokens(2, 12)
+    for side in ("left", "right"):
+        with lora_on(student, side, r=4, alpha=8, dropout=0.0) as peft_model:
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.05)
+            with torch.no_grad():
+                unmerged = peft_model(tokens).logits
+        with torch.no_grad():
+            merged = student(tokens).logits
+        assert torch.allclose(unmerged, merged, atol=1e-5)
+        assert not any("lora" in n for n, _ in student.named_parameters())
+        assert not torch.allclose(merged, _pair(group_size=group_size)[1](tokens).logits, atol=1e-4) or side == "left"
+
+
+def test_shared_basis_linears_use_the_adapted_basis():
+    _, student = _pair(group_size=2)
+    with lora_on(student, "right", r=2, alpha=4, dropout=0.0):
+        mods = low_rank_modules(student)
+        shared = [m for m in mods.values() if getattr(m, "_tied_weights_keys", None)]
+        assert shared
+        for m in shared:
+            leader = m._tied_weights_keys["right.weight"].rsplit(".", 2)[0]
+            assert m.right is mods[leader].right and "lora" in type(m.right).__module__
+
+
+@pytest.mark.parametrize("side,other", [("left", "right"), ("right", "left")])
+def test_sequential_lora_trains_only_its_side(side, other):
+    _, student = _pair()
+    tokens = tiny_tokens(2, 12)
+    with lora_on(student, side, r=4, alpha=8, dropout=0.0) as peft_model:
+        next_token_ce(peft_model(tokens).logits, tokens).backward()
+        for name in factor_targets(student, side):
+            module = student.get_submodule(name)
+            assert module.lora_A["default"].weight.grad is not None
+            assert module.base_layer.weight.grad is None
+        for name in factor_targets(student, other):
+            assert student.get_submodule(name).weight.grad is None
+
+
+# ------------------------------------------------------------------ distillation and the loop
+
+
+@pytest.mark.parametrize("topk", [0, 8])
+def test_a_few_distillation_steps_lower_the_kl(topk):
+    teacher, student = _pair()
+    windows = _windows()
+    report = heal(student, teacher, windows, _cfg(topk=topk))
+    phase = report.phases[0]
+    assert phase["best_heldout"] < 0.92 * phase["initial_heldout"]
+    with torch.no_grad():
+        after = kl_full(student(windows[1]).logits, teacher(windows[1]).logits)
+        before = kl_full(_pair()[1](windows[1]).logits, teacher(windows[1]).logits)
+    assert after < before
+
+
+def test_sequential_lora_lowers_the_heldout_loss_and_keeps_the_ranks():
+    teacher, student = _pair()
+    ranks = {n: m.rank for n, m in low_rank_modules(student).items()}
+    report = heal(student, teacher, _windows(), _cfg(method="seq-lora", lr=1e-2, steps=8))
+    assert [p["phase"] for p in report.phases] == ["seq-lora-1-left", "seq-lora-2-right"]
+    assert all(p["best_heldout"] < p["initial_heldout"] for p in report.phases)
+    assert {n: m.rank for n, m in low_rank_modules(student).items()} == ranks
+    assert not any("lora" in n for n, _ in student.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["distill", "seq-lora"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, method):
+    teacher, reference = _pair()
+    cfg = _cfg(method=method, steps=8, lora_dropout=0.1)
+    heal(reference, teacher, _windows(), cfg, resume_dir=tmp_path / "a")
+
+    _, student = _pair()
+    calls = {"n": 0}
+    forward = student.forward
+
+    def dies_at_the_seventh_micro_batch(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 7:  # after a checkpoint (seq-lora: in its second phase)
+                raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    student.forward = dies_at_the_seventh_micro_batch
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, teacher, _windows(), cfg, resume_dir=tmp_path / "b")
+    assert list((tmp_path / "b").rglob("state.json"))  # a checkpoint was left to resume from
+    _, student = _pair()
+    report = heal(student, teacher, _windows(), cfg, resume_dir=tmp_path / "b")
+    assert report.phases[-1]["resumed_at"] == (6 if method == "distill" else 2)
+    assert method == "distill" or "restored" in report.phases[0]
+    for (n, a), (_, b) in zip(reference.named_parameters(), student.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_a_resume_dir_of_another_configuration_is_refused(tmp_path):
+    teacher, student = _pair()
+    heal(student, teacher, _windows(), _cfg(steps=2), resume_dir=tmp_path)
+    _, student = _pair()
+    with pytest.raises(SvdzipError, match="another configuration"):
+        heal(student, teacher, _windows(), _cfg(steps=2, lr=1e-3), resume_dir=tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_factors():
+    teacher, student = _pair()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    forward = student.forward
+    calls = {"n": 0}
+
+    def nan_after_three(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                out.logits = out.logits * float("nan")
+        return out
+
+    student.forward = nan_after_three
+    report = heal(student, teacher, _windows(), _cfg(eval_every=2))
+    assert report.stopped == "nan" and report.phases[0]["steps_done"] == 2
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    changed = any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
+    assert changed == (report.phases[0]["best_step"] > 0)
+
+
+def test_a_dense_model_has_nothing_to_heal():
+    with pytest.raises(SvdzipError, match="no factorised"):
+        heal(tiny_model(), tiny_model(), _windows(), _cfg())
+
+
+def test_checkpoint_round_trip(tmp_path):
+    ck = Checkpoint(tmp_path, {"a": 1})
+    ck.save({"step": 3}, {"x": torch.arange(4.0)})
+    state, tensors = ck.load()
+    assert state["step"] == 3 and torch.equal(tensors["x"], torch.arange(4.0))
+    ck.save({"step": 5}, {"x": torch.ones(2)})
+    assert len(list(tmp_path.glob("ckpt-*"))) == 1
+    with pytest.raises(SvdzipError):
+        Checkpoint(tmp_path, {"a": 2}).load()
+    assert VOCAB > 8
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_a_healed_directory_reloads_with_identical_logits(tmp_path, group_size):
+    from transformers import AutoModelForCausalLM
+
+    from svdzip.io import build_manifest, read_manifest, save
+    from svdzip.recover.directory import record_recovery
+
+    teacher = tiny_model()
+    student = copy.deepcopy(teacher)
+    result = compress(student, CompressConfig(ratio=0.5, group_size=group_size, calib_batch_size=4),
+                      calib_tokens=tiny_tokens(8, 24))
+    report = heal(student, teacher, _windows(), _cfg(method="seq-lora" if group_size > 1 else "distill"))
+    manifest = build_manifest(result.modules, result.summary, result.config.to_dict())
+    record_recovery(manifest, report)
+    save(student, None, tmp_path / "h", manifest)
+    tokens = tiny_tokens(2, 12)
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "h")(tokens).logits
+        assert torch.equal(again, student(tokens).logits)
+    saved = read_manifest(tmp_path / "h")
+    assert saved["method"].endswith("+" + report.method)
+    assert saved["details"]["recovery"][0]["phases"][0]["steps_done"] > 0
