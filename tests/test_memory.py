@@ -209,3 +209,25 @@ def test_cli_compresses_to_a_memory_budget_with_int8(tmp_path, monkeypatch, caps
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert quantized_linears(reloaded) and parameter_bytes(reloaded) == summary["weight_bytes_in_memory"]
     assert main(["info", str(out)]) == 0
+
+
+def test_heal_then_int8_keeps_the_budget_and_reloads_identically(tmp_path):
+    """Recovery trains the float factors; quantizing afterwards keeps the shapes, so the bytes stay planned."""
+    import copy
+
+    from svdzip.recover import HealConfig, heal
+
+    teacher, tokens = tiny_model("llama"), tiny_tokens()
+    student = copy.deepcopy(teacher)
+    cfg = CompressConfig(budget_fraction=0.6, quantize="int8", storage_dtype="bfloat16", calib_batch_size=4)
+    result = compress(student, cfg, calib_tokens=tokens)
+    heal(student, teacher, (tiny_tokens(8, 16, seed=5), tiny_tokens(4, 16, seed=5)),
+         HealConfig(steps=2, batch_size=2, eval_every=1, patience=10, warmup=0.0, lr=1e-3, seq_len=16))
+    names = store(result, torch.bfloat16)
+    manifest = build_manifest(result.modules, result.summary, cfg.to_dict())
+    manifest.quantization = quantization_record(names, "int8", "all", torch.bfloat16)
+    save(student, None, tmp_path / "h", manifest)
+    assert parameter_bytes(student) <= result.summary["memory"]["budget_bytes"]
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "h")(tokens).logits,
+                           student(tokens).logits)
