@@ -10,6 +10,7 @@ rank k and M·n dense; a rank that would not save parameters means: keep it dens
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from svdzip.errors import SvdzipError
 
@@ -59,3 +60,38 @@ def normalise_rank(rows: int, cols: int, rank: int | None) -> int | None:
     if rank is DENSE or rank > max_useful_rank(rows, cols):
         return DENSE
     return max(1, int(rank))
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What one unit costs in bytes when factors and dense matrices have their own storage precision.
+
+    A rows×cols unit at rank k stores k·(rows+cols) factor values plus one per-row overhead (a
+    quantization scale) for each of the rows + k rows of its two factors; dense it stores rows·cols
+    values plus one overhead per row. With overheads 0 and values of equal size this is the
+    parameter count times that size, so a byte budget reduces to the parameter budget.
+    """
+
+    factor_value_bytes: float = 1.0
+    dense_value_bytes: float = 1.0
+    factor_row_bytes: float = 0.0
+    dense_row_bytes: float = 0.0
+
+    def factored(self, rows: int, cols: int, rank: int) -> int:
+        return math.ceil(rank * (rows + cols) * self.factor_value_bytes + (rows + rank) * self.factor_row_bytes)
+
+    def dense(self, rows: int, cols: int) -> int:
+        return math.ceil(rows * cols * self.dense_value_bytes + rows * self.dense_row_bytes)
+
+    def cost(self, rows: int, cols: int, rank: int | None) -> int:
+        return self.dense(rows, cols) if rank is DENSE else self.factored(rows, cols, rank)
+
+    def max_useful_rank(self, rows: int, cols: int) -> int:
+        """The largest rank whose factors cost less than the dense matrix (0: factorising never pays)."""
+        dense = self.dense(rows, cols)
+        per_rank = (rows + cols) * self.factor_value_bytes + self.factor_row_bytes
+        k = int((dense - rows * self.factor_row_bytes) // per_rank) if per_rank > 0 else 0
+        k = max(0, min(min(rows, cols), k + 1))
+        while k > 0 and self.factored(rows, cols, k) >= dense:
+            k -= 1
+        return k

@@ -153,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of decoder-linear parameters REMOVED (SVD-LLM/D-Rank convention; default 0.2)")
     ratio.add_argument("--kept", type=float, default=None,
                        help="fraction KEPT instead (ARA/ASVD convention): --kept 0.8 == --ratio 0.2")
+    c.add_argument("--budget-bytes", default=None, metavar="BYTES",
+                   help="memory budget instead of --ratio: weight bytes of the whole saved model (e.g. 80MB, 64MiB)")
+    c.add_argument("--budget-fraction", type=float, default=None,
+                   help="memory budget as a fraction of the dense model's bfloat16 weight bytes (e.g. 0.35)")
+    c.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the stored matrices with torchao (pip install 'svdzip[quant]'); "
+                        "int4 needs CUDA")
+    c.add_argument("--quantize-scope", default="all", choices=["all", "dense", "factors"],
+                   help="what --quantize stores quantized: all matrices, the dense remainder only, or the factors only")
+    c.add_argument("--params-first", action="store_true",
+                   help="with a memory budget: allocate parameters first and fit the bytes by the ratio, instead of "
+                        "a byte-aware allocation (for comparison)")
     c.add_argument("--method", default="svdllm", help="factorisation: svd, svdllm, asvd, fwsvd (default: %(default)s)")
     c.add_argument("--allocator", default=None,
                    help=f"rank allocator (see `svdzip info --allocators`; default: {RECOMMENDED_ALLOCATOR}, the "
@@ -269,6 +281,14 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.config import CompressConfig
     from svdzip.models.loading import check_device, load_model, parse_dtype
 
+    memory = args.budget_bytes is not None or args.budget_fraction is not None
+    if memory and (args.ratio is not None or args.kept is not None):
+        raise SvdzipError("give either a parameter ratio (--ratio/--kept) or a memory budget "
+                          "(--budget-bytes/--budget-fraction), not both")
+    if args.budget_bytes is not None and args.budget_fraction is not None:
+        raise SvdzipError("give --budget-bytes or --budget-fraction, not both")
+    if args.params_first and not memory:
+        raise SvdzipError("--params-first only applies to a memory budget (--budget-bytes/--budget-fraction)")
     ratio = ratio_from_kept(args.kept) if args.kept is not None else (0.2 if args.ratio is None else args.ratio)
     samples, seq_len = PAPER_CALIBRATION if args.paper_calibration else (args.calib_samples, args.calib_seq_len)
     if getattr(args, "tune_beta", False):
@@ -285,8 +305,14 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         allocator_options=dict(_parse_option(o) for o in args.allocator_option),
         asvd_alpha=args.asvd_alpha, asvd_scaling=args.asvd_scaling, calib_samples=samples,
         calib_seq_len=seq_len, calib_batch_size=args.calib_batch_size, corpus=args.corpus, seed=args.seed,
-        device=check_device(args.device),
+        device=check_device(args.device), budget_bytes=parse_bytes(args.budget_bytes),
+        budget_fraction=args.budget_fraction, quantize=args.quantize, quantize_scope=args.quantize_scope,
+        storage_dtype=args.dtype, byte_aware=not args.params_first,
     ).validate()
+    if config.quantize:
+        from svdzip.quantize import require_backend
+
+        require_backend(config.quantize, config.device)  # before any expensive step
     from svdzip.allocate import get_allocator
 
     get_allocator(config.allocator)  # fail before any expensive step
@@ -296,6 +322,9 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     dtype = parse_dtype(args.dtype)
     heal_config = _heal_config(args, config.corpus, config.device)
     if wants_scaled(args):  # --stream, --resume-dir or torchrun (WORLD_SIZE > 1)
+        if config.memory_budget or config.quantize:
+            raise SvdzipError("memory budgets and --quantize are not supported with --stream, --resume-dir or "
+                              "torchrun yet; use --ratio there")
         if heal_config is not None:
             summary = _scaled_then_heal(args, config, out, dtype, heal_config)
         else:
@@ -312,9 +341,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         result = _compress_loaded(model, tokenizer, source, config, args.stats,
                                   heldout=args.tune_samples if _wants_heldout(config) else 0, out_dir=staging)
         heal_report = _heal_in_memory(model, tokenizer, source, heal_config) if heal_config else None
-        model.to(dtype)
+        from svdzip.pipeline import store
+
+        quantized = store(result, dtype)  # after healing: the factors train in float32, then are stored
         manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
         manifest.details["source_model"] = str(source)
+        if quantized:
+            from svdzip.quantize import quantization_record
+
+            manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope, dtype)
         if heal_report is not None:
             from svdzip.recover.directory import record_recovery
 
@@ -331,15 +366,40 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         from svdzip.plots import write_plots
 
         write_plots(out, [r.to_dict() for r in result.modules], result.effective_ranks,
-                    title=f"{Path(str(source)).name}: {config.label} at {100 * config.ratio:.0f}% removed")
+                    title=f"{Path(str(source)).name}: {config.label} at "
+                          + (f"{100 * config.budget_fraction:.0f}% of the bf16 bytes" if config.budget_fraction
+                             else "a byte budget" if config.memory_budget else f"{100 * config.ratio:.0f}% removed"))
     wall = time.perf_counter() - t_start
+    from svdzip.quantize import parameter_bytes
+
     summary = {**result.summary, "out": str(out), "seconds_total": round(wall, 2),
                "size_bytes": io.dir_size(out), "dense_size_bytes": _dense_size(source, model),
-               "peak_rss_bytes": _peak_rss()}
+               "weight_bytes_in_memory": parameter_bytes(model), "peak_rss_bytes": _peak_rss()}
+    budget = summary.get("memory", {}).get("budget_bytes")
+    if budget is not None and summary["weight_bytes_in_memory"] > budget:
+        log.warning("weights take %d bytes in memory, over the budget of %d (planned %d)",
+                    summary["weight_bytes_in_memory"], budget, summary["memory"]["planned_bytes"])
     _log_compress_report(result, summary)
     if args.eval:
         summary["evaluation"] = _eval_dense_vs_compressed(args, source, out)
     return summary
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """'80000000', '80MB', '64MiB', '1.5G' → bytes (decimal for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(i?)[bB]?\s*", str(text))
+    if not m:
+        raise SvdzipError(f"--budget-bytes must be a number of bytes such as 80000000, 80MB or 64MiB, got '{text}'")
+    base = 1024 if m.group(3) else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3}[m.group(2).lower()]
+    value = int(float(m.group(1)) * base**power)
+    if value <= 0:
+        raise SvdzipError(f"--budget-bytes must be positive, got '{text}'")
+    return value
 
 
 def _heal_in_memory(model, tokenizer, source: str, heal_config):
@@ -484,10 +544,18 @@ def _log_compress_report(result, summary: dict[str, Any]) -> None:
     log.info("per-type report:\n%s", table(headers, body))
     headers, body = rank_grid(rows)
     log.info("ranks per layer and type ('dense' = kept dense):\n%s", table(headers, body))
+    if summary.get("memory"):
+        mem = summary["memory"]
+        log.info("memory budget %s (%.1f%% of the dense bf16 weights %s): planned %s, in memory %s, on disk %s",
+                 human_bytes(mem["budget_bytes"]), 100 * mem["budget_bytes"] / mem["reference_bytes"],
+                 human_bytes(mem["reference_bytes"]), human_bytes(mem["planned_bytes"]),
+                 human_bytes(summary["weight_bytes_in_memory"]), human_bytes(summary["size_bytes"]))
+    asked = summary["ratio_requested"]
     log.info(
-        "%s: removed %.2f%% of decoder-linear parameters (asked %.2f%%), %d dense modules; model %s → %s "
+        "%s: removed %.2f%% of decoder-linear parameters (asked %s), %d dense modules; model %s → %s "
         "parameters; %s on disk (dense %s); %.1f s",
-        summary["method"], 100 * summary["ratio_achieved"], 100 * summary["ratio_requested"],
+        summary["method"], 100 * summary["ratio_achieved"],
+        "a memory budget" if asked is None else f"{100 * asked:.2f}%",
         summary["dense_modules"], f"{summary['model_params_before']:,}", f"{summary['model_params_after']:,}",
         human_bytes(summary["size_bytes"]), human_bytes(summary["dense_size_bytes"]), summary["seconds_total"],
     )
@@ -531,8 +599,16 @@ def _print_eval_table(summary: dict[str, Any]) -> None:
     first = next(iter(ev["dense"]["perplexity"].values()))
     any_r = next(iter(first.values()))
     print(f"\nremoved {100 * summary['ratio_achieved']:.2f}% of decoder-linear parameters "
-          f"(asked {100 * summary['ratio_requested']:.0f}%); compression took {summary['seconds_total']:.0f} s; "
+          f"(asked {_asked(summary)}); compression took {summary['seconds_total']:.0f} s; "
           f"perplexity over {any_r['tokens_evaluated']} tokens per corpus in windows of {any_r['seq_len']}.")
+
+
+def _asked(summary: dict[str, Any]) -> str:
+    asked = summary["ratio_requested"]
+    if asked is None:
+        mem = summary["memory"]
+        return f"a memory budget of {100 * mem['budget_bytes'] / mem['reference_bytes']:.0f}% of dense bf16 weights"
+    return f"{100 * asked:.0f}%"
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -641,11 +717,22 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     if report_path.is_file():
         modules = json.loads(report_path.read_text()).get("modules", [])
     info = {"method": manifest.get("method"), "ratio": manifest.get("ratio"),
+            "quantization": {k: v for k, v in (manifest.get("quantization") or {}).items() if k != "modules"} or None,
             "ratio_convention": manifest.get("ratio_convention"), "svdzip_version": manifest.get("svdzip_version"),
             "size_bytes": io.dir_size(args.dir), "summary": summary, "factorised_modules": len(manifest["modules"])}
     if not args.json:
-        print(f"{args.dir}: {info['method']} at ratio {info['ratio']} ({info['ratio_convention']}), "
+        at = "a memory budget" if info["ratio"] is None else f"ratio {info['ratio']} ({info['ratio_convention']})"
+        print(f"{args.dir}: {info['method']} at {at}, "
               f"svdzip {info['svdzip_version']}, {human_bytes(info['size_bytes'])} of weights")
+        q = manifest.get("quantization")
+        if q:
+            print(f"{q['precision']} weight-only ({q['backend']} {q.get('backend_version', '')}, scope {q['scope']}) "
+                  f"for {len(q['modules'])} linears; the rest {q['dtype']}")
+        if summary.get("memory"):
+            mem = summary["memory"]
+            print(f"memory budget {human_bytes(mem['budget_bytes'])} "
+                  f"({100 * mem['budget_bytes'] / mem['reference_bytes']:.1f}% of the dense bf16 weights), "
+                  f"planned {human_bytes(mem['planned_bytes'])}")
         if summary:
             print(f"decoder-linear parameters {summary['decoder_linear_params_before']:,} → "
                   f"{summary['decoder_linear_params_after']:,} (removed {100 * summary['ratio_achieved']:.2f}%); "

@@ -31,8 +31,20 @@ class CompressConfig:
     corpus: str = "wiki"
     seed: int = 0
     device: str = "cpu"
+    # memory budgets (svdzip.memory): either replaces `ratio`
+    budget_bytes: int | None = None  # weight bytes the whole saved model may take
+    budget_fraction: float | None = None  # … as a fraction of the dense model's bfloat16 weight bytes
+    quantize: str | None = None  # weight-only quantization of the stored matrices: int8 (int4 needs CUDA)
+    quantize_scope: str = "all"  # all | dense (the dense remainder only) | factors (the factors only)
+    storage_dtype: str = "float32"  # dtype the unquantized weights are saved in (prices a byte budget)
+    byte_aware: bool = True  # False: allocate parameters first, then fit the byte budget by the ratio
+
+    @property
+    def memory_budget(self) -> bool:
+        return self.budget_bytes is not None or self.budget_fraction is not None
 
     def validate(self) -> CompressConfig:
+        self._validate_memory()
         check_ratio(self.ratio)
         if self.method not in METHODS:
             raise SvdzipError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
@@ -52,6 +64,25 @@ class CompressConfig:
             raise SvdzipError(f"asvd scaling must be abs_mean or abs_max, got '{self.asvd_scaling}'")
         return self
 
+    def _validate_memory(self) -> None:
+        from svdzip.quantize import PRECISIONS, SCOPES
+
+        if self.budget_bytes is not None and self.budget_fraction is not None:
+            raise SvdzipError("give a memory budget either in bytes or as a fraction, not both")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
+            raise SvdzipError(f"budget_bytes must be a positive whole number of bytes, got {self.budget_bytes!r}")
+        if self.budget_fraction is not None and not 0.0 < self.budget_fraction <= 10.0:
+            raise SvdzipError(f"budget_fraction must be a positive fraction of the dense bf16 weight bytes, "
+                              f"got {self.budget_fraction!r}")
+        if self.quantize is not None and self.quantize not in PRECISIONS:
+            raise SvdzipError(f"unknown quantization '{self.quantize}'; choose from {', '.join(PRECISIONS)}")
+        if self.quantize_scope not in SCOPES:
+            raise SvdzipError(f"unknown quantization scope '{self.quantize_scope}'; choose from {', '.join(SCOPES)}")
+        if self.quantize and self.group_size > 1:
+            raise SvdzipError("quantization of Basis Sharing's shared bases is not supported (use --group-size 1)")
+        if self.storage_dtype not in ("float32", "float16", "bfloat16"):
+            raise SvdzipError(f"unknown storage dtype '{self.storage_dtype}'")
+
     @property
     def label(self) -> str:
         """One name per combination, e.g. `svdllm+drank+update` or `svdllm+share2`."""
@@ -62,6 +93,10 @@ class CompressConfig:
             parts.append(self.allocator)
         if self.update:
             parts.append("update" if self.update == "svdllm" else f"update-{self.update}")
+        if self.memory_budget and not self.byte_aware:
+            parts.append("params-first")
+        if self.quantize:
+            parts.append(self.quantize if self.quantize_scope == "all" else f"{self.quantize}-{self.quantize_scope}")
         return "+".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from svdzip.budget import rank_cost
+from svdzip.budget import DENSE, Pricing, max_useful_rank, rank_cost, unit_params
 from svdzip.calibrate import CalibrationStats
 from svdzip.errors import SvdzipError
 from svdzip.linalg import Spectrum, gram_factor, weighted_spectrum
@@ -49,6 +49,7 @@ class Unit:
     spectrum: Spectrum
     seconds: float = 0.0
     extras: dict = field(default_factory=dict)
+    pricing: Pricing | None = None  # byte costs (memory budgets); None = the budget counts parameters
 
     @property
     def name(self) -> str:
@@ -77,6 +78,25 @@ class Unit:
     @property
     def dense_params(self) -> int:
         return self.rows * self.cols
+
+    def cost(self, rank: int | None) -> int:
+        """What the unit spends of the budget at `rank` (None = dense): parameters, or bytes when priced."""
+        if self.pricing is None:
+            return unit_params(self.rows, self.cols, rank)
+        return self.pricing.cost(self.rows, self.cols, rank)
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank that still costs less than keeping the unit dense (0: never factorise)."""
+        if self.pricing is None:
+            return max_useful_rank(self.rows, self.cols)
+        return self.pricing.max_useful_rank(self.rows, self.cols)
+
+    def normalise(self, rank: int | None) -> int | None:
+        """Dense when the rank would not save budget; otherwise the rank, at least 1."""
+        if rank is DENSE or rank > self.max_rank or self.max_rank < 1:
+            return DENSE
+        return max(1, int(rank))
 
 
 def group_linears(

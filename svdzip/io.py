@@ -19,8 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from svdzip.quantize import quiet_backend_import
+
+with quiet_backend_import():  # transformers' quantizer registry imports torchao when it is installed
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from svdzip import __version__
 from svdzip.errors import SvdzipError
@@ -44,6 +48,7 @@ class SvdzipConfig(QuantizationConfigMixin):
         svdzip_version: str = __version__,
         format: int = MANIFEST_FORMAT,
         details: dict[str, Any] | None = None,
+        quantization: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.quant_method = QUANT_METHOD
@@ -54,13 +59,17 @@ class SvdzipConfig(QuantizationConfigMixin):
         self.svdzip_version = svdzip_version
         self.format = format
         self.details = details or {}
+        self.quantization = quantization  # svdzip.quantize.quantization_record(), or None (16/32-bit only)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "quant_method": QUANT_METHOD, "format": self.format, "svdzip_version": self.svdzip_version,
             "method": self.method, "ratio": self.ratio, "ratio_convention": self.ratio_convention,
             "details": self.details, "modules": self.modules,
         }
+        if self.quantization:
+            d["quantization"] = self.quantization
+        return d
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -109,16 +118,50 @@ class SvdzipQuantizer(HfQuantizer):
 
     requires_calibration = False
 
+    def _quantization(self) -> dict[str, Any] | None:
+        return getattr(self.quantization_config, "quantization", None)
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """A quantized directory computes in the dtype its scales were made for; other dtypes are refused quietly."""
+        q = self._quantization()
+        if q and q.get("dtype"):
+            saved = getattr(torch, q["dtype"])
+            if dtype is not None and dtype != saved:
+                log.info("quantized svdzip model: loading in its saved dtype %s instead of %s", saved, dtype)
+            return saved
+        return dtype
+
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         aliases = apply_manifest(model, self.quantization_config.modules)
         if aliases:
             model.all_tied_weights_keys = {**getattr(model, "all_tied_weights_keys", {}), **aliases}
+        q = self._quantization()
+        if q:
+            from svdzip.quantize import require_backend, swap_in_slots
+
+            require_backend(q["precision"], "cpu" if q["precision"] == "int8" else "cuda",
+                            why=f"this directory's {q['precision']} weights ({q.get('backend')} "
+                                f"{q.get('backend_version', '')})")
+            files = kwargs.get("checkpoint_files") or []
+            if not files:
+                raise SvdzipError("a quantized svdzip directory must be loaded from a local directory")
+            self._quantized_file = Path(files[0]).parent / q["file"]
+            swap_in_slots(model, q["modules"])
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self._quantization():
+            from svdzip.quantize import load_quantized
+
+            load_quantized(model, self._quantized_file)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        if self._quantization():
+            log.warning("a quantized svdzip model is saved with svdzip.save(model, tokenizer, out_dir, "
+                        "model.config.quantization_config), which stores its int8 weights in their own file; "
+                        "save_pretrained cannot")
+            return False
         return True
 
     @property
@@ -157,11 +200,29 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest:
     _fill_bias_flags(model, manifest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        quantized = manifest.quantization["modules"] if manifest.quantization else []
+        originals = {}
+        if quantized:
+            from svdzip.quantize import restore, save_quantized, swap_in_slots
+
+            save_quantized(model, quantized, tmp / manifest.quantization["file"])
+            originals = swap_in_slots(model, quantized)  # model.safetensors holds all but the quantized weights
+        previous = getattr(model.config, "quantization_config", None)
         model.config.quantization_config = manifest
+        # a reloaded quantized model carries the quantizer that refuses save_pretrained; its weights are
+        # already written above and swapped out, so the rest saves as a plain checkpoint
+        quantizer = model.__dict__.pop("hf_quantizer", None) if quantized else None
         try:
             model.save_pretrained(tmp, safe_serialization=True)
         finally:
-            del model.config.quantization_config
+            if previous is None:
+                del model.config.quantization_config
+            else:
+                model.config.quantization_config = previous
+            if quantizer is not None:
+                model.hf_quantizer = quantizer
+            if originals:
+                restore(model, originals)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         full_report = {**manifest.details, **(report or {})}

@@ -62,6 +62,10 @@ def compress(
     or train (ARA, ASVD's search) also use `calib_tokens`.
     """
     config.validate()
+    if config.quantize:
+        from svdzip.quantize import require_backend
+
+        require_backend(config.quantize, config.device)
     adapter = ModelAdapter(model)
     check_weights_finite(model)
     timings: dict[str, float] = {}
@@ -95,7 +99,11 @@ def compress(
         adapter=adapter, model=model, stats=stats, calib_tokens=calib_tokens, device=config.device,
         seed=config.seed, out_dir=out_dir,
     )
-    ranks = allocate(config.allocator, units, ctx)
+    memory_plan = None
+    if config.memory_budget:
+        ranks, memory_plan = _allocate_memory(model, units, ctx, config)
+    else:
+        ranks = allocate(config.allocator, units, ctx)
     timings["allocate_s"] = time.perf_counter() - t0
 
     # the update's target is the ORIGINAL weight's output: keep the dense modules (no copy) until then
@@ -119,7 +127,7 @@ def compress(
     params_after = count_params(model)
     summary = {
         "method": config.label,
-        "ratio_requested": config.ratio,
+        "ratio_requested": None if config.memory_budget else config.ratio,
         "ratio_achieved": 1.0 - kept_linear / dense_linear,
         "decoder_linear_params_before": dense_linear,
         "decoder_linear_params_after": kept_linear,
@@ -130,11 +138,62 @@ def compress(
         "calibration_tokens": stats.tokens if stats is not None else 0,
         **{k: round(v, 3) for k, v in timings.items()},
     }
+    if memory_plan is not None:
+        from svdzip.memory import price
+
+        summary["memory"] = {**memory_plan.to_dict(),
+                             "planned_bytes": memory_plan.fixed_bytes + spent(price(units, memory_plan.pricing), ranks),
+                             "params_first_ratio": ctx.options.get("params_first_ratio")}
+    if config.quantize:
+        summary["quantize"] = {"precision": config.quantize, "scope": config.quantize_scope}
     log.info("%s: removed %.4f of decoder linear parameters (asked %.4f); model %d → %d parameters",
              config.label, summary["ratio_achieved"], config.ratio, params_before, params_after)
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
                              units=units)
+
+
+def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: CompressConfig):
+    """Ranks for a byte budget: byte-aware allocators spend bytes, the others are fitted by their ratio."""
+    from svdzip.allocate import is_byte_aware
+    from svdzip.memory import allocate_bytes, allocate_params_first, plan, price
+    from svdzip.models.loading import parse_dtype
+
+    mplan = plan(model, units, config.budget_bytes, config.budget_fraction, parse_dtype(config.storage_dtype),
+                 config.quantize, config.quantize_scope)
+    priced = price(units, mplan.pricing)
+    if config.byte_aware and is_byte_aware(config.allocator):
+        ranks = allocate_bytes(config.allocator, priced, ctx, mplan.unit_budget)
+    else:
+        ranks, ratio = allocate_params_first(config.allocator, units, priced, ctx, mplan.unit_budget)
+        ctx.options["params_first_ratio"] = ratio
+    log.info("memory budget %d bytes: %d fixed (embeddings, norms), %d of %d for the matrices", mplan.budget_bytes,
+             mplan.fixed_bytes, spent(priced, ranks), mplan.unit_budget)
+    return ranks, mplan
+
+
+def store(result: CompressionResult, dtype: torch.dtype) -> list[str]:
+    """Cast the compressed model to its storage dtype and quantize what the config asks; the names quantized.
+
+    Only parameters are cast: buffers such as rotary frequencies stay as the model computed them, exactly
+    as `from_pretrained(dir, dtype=...)` rebuilds them, so the saved model reloads to identical logits.
+    """
+    with torch.no_grad():
+        for p in result.model.parameters():
+            p.data = p.data.to(dtype)
+    if not result.config.quantize:
+        return []
+    from svdzip.quantize import quantize_linears, require_backend
+
+    require_backend(result.config.quantize, result.config.device)
+    scope = result.config.quantize_scope
+    names = []
+    for row in result.modules:
+        if row.rank is None and scope in ("all", "dense"):
+            names.append(row.name)
+        elif row.rank is not None and scope in ("all", "factors"):
+            names += [f"{row.name}.left", f"{row.name}.right"]
+    return quantize_linears(result.model, names, result.config.quantize)
 
 
 def _allocator_options(config: CompressConfig, heldout_tokens: torch.Tensor | None) -> dict[str, Any]:

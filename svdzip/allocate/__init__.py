@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from svdzip.budget import DENSE, normalise_rank, unit_params
+from svdzip.budget import DENSE
 from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
 
@@ -40,8 +40,11 @@ Allocator = Callable[[list[Unit], AllocationContext], list[int | None]]
 ALLOCATORS: dict[str, Allocator] = {}
 
 
-def register(name: str) -> Callable[[Allocator], Allocator]:
+def register(name: str, byte_aware: bool = False) -> Callable[[Allocator], Allocator]:
+    """`byte_aware`: the allocator spends `ctx.budget` through `Unit.cost`, so it can spend bytes of
+    priced units directly; the others are run on parameters and fitted to a byte budget from outside."""
     def wrap(fn: Allocator) -> Allocator:
+        fn.byte_aware = byte_aware
         ALLOCATORS[name] = fn
         return fn
 
@@ -67,7 +70,12 @@ def get_allocator(name: str) -> Allocator:
 
 
 def spent(units: list[Unit], ranks: list[int | None]) -> int:
-    return sum(unit_params(u.rows, u.cols, r) for u, r in zip(units, ranks, strict=True))
+    """Budget spent: parameters, or bytes for priced units."""
+    return sum(u.cost(r) for u, r in zip(units, ranks, strict=True))
+
+
+def is_byte_aware(name: str) -> bool:
+    return bool(getattr(get_allocator(name), "byte_aware", False))
 
 
 def allocate(name: str, units: list[Unit], ctx: AllocationContext) -> list[int | None]:
@@ -75,11 +83,13 @@ def allocate(name: str, units: list[Unit], ctx: AllocationContext) -> list[int |
     ranks = get_allocator(name)(units, ctx)
     if len(ranks) != len(units):
         raise RuntimeError(f"allocator '{name}' returned {len(ranks)} ranks for {len(units)} units")
-    ranks = [normalise_rank(u.rows, u.cols, r) for u, r in zip(units, ranks, strict=True)]
+    ranks = [u.normalise(r) for u, r in zip(units, ranks, strict=True)]
     used = spent(units, ranks)
     if used > ctx.budget:
-        raise RuntimeError(f"allocator '{name}' spent {used} parameters, over the budget of {ctx.budget}")
+        unit = "bytes" if any(u.pricing is not None for u in units) else "parameters"
+        raise RuntimeError(f"allocator '{name}' spent {used} {unit}, over the budget of {ctx.budget}")
     return ranks
 
 
-__all__ = ["DENSE", "AllocationContext", "allocate", "available", "get_allocator", "register", "spent"]
+__all__ = ["DENSE", "AllocationContext", "allocate", "available", "get_allocator", "is_byte_aware", "register",
+           "spent"]

@@ -13,7 +13,7 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 
-from svdzip.budget import DENSE, max_useful_rank, normalise_rank, unit_params
+from svdzip.budget import DENSE
 from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
 
@@ -23,7 +23,8 @@ Gain = Callable[[int, int], float]
 
 
 def params(unit: Unit, rank: Rank) -> int:
-    return unit_params(unit.rows, unit.cols, rank)
+    """Budget the unit spends at `rank`: parameters, or bytes for a priced unit (memory budgets)."""
+    return unit.cost(rank)
 
 
 def total(units: Sequence[Unit], ranks: Sequence[Rank]) -> int:
@@ -34,33 +35,33 @@ def normalise(unit: Unit, rank: float | None) -> Rank:
     """Round a continuous rank; dense where factorising would not save parameters."""
     if rank is None or not math.isfinite(rank):
         return DENSE
-    return normalise_rank(unit.rows, unit.cols, max(1, int(round(rank))))
+    return unit.normalise(max(1, int(round(rank))))
 
 
 def step_up(unit: Unit, rank: Rank) -> tuple[Rank, int] | None:
     """(next rank, its extra cost), or None when the unit is already dense."""
     if rank is DENSE:
         return None
-    if rank >= max_useful_rank(unit.rows, unit.cols):
-        return DENSE, unit.dense_params - rank * unit.cost_per_rank
-    return rank + 1, unit.cost_per_rank
+    if rank >= unit.max_rank:
+        return DENSE, unit.cost(DENSE) - unit.cost(rank)
+    return rank + 1, unit.cost(rank + 1) - unit.cost(rank)
 
 
 def step_down(unit: Unit, rank: Rank) -> tuple[Rank, int] | None:
     """(previous rank, parameters it frees), or None at rank 1."""
     if rank is DENSE:
-        k = max_useful_rank(unit.rows, unit.cols)
-        return k, unit.dense_params - k * unit.cost_per_rank
+        k = unit.max_rank
+        return (k, unit.cost(DENSE) - unit.cost(k)) if k >= 1 else None
     if rank <= 1:
         return None
-    return rank - 1, unit.cost_per_rank
+    return rank - 1, unit.cost(rank) - unit.cost(rank - 1)
 
 
 def marginal_loss(unit: Unit, rank: Rank) -> float:
     """Data-weighted loss the next step up removes: σ²_{k+1}, or the whole tail when going dense."""
     if rank is DENSE:
         return 0.0
-    if rank >= max_useful_rank(unit.rows, unit.cols):
+    if rank >= unit.max_rank:
         return unit.spectrum.tail(rank)
     s = unit.spectrum.sigma2
     return float(s[rank]) if rank < s.numel() else 0.0
@@ -143,15 +144,14 @@ def hull_segments(unit: Unit, weight: float) -> list[tuple[float, Rank, int]]:
     give a concave curve (σ² descends); the dense point can lie above it, in which case the hull jumps
     straight to dense from the rank where that is the better buy — the "one big step" of going dense.
     """
-    kmax = max_useful_rank(unit.rows, unit.cols)
-    c = unit.cost_per_rank
+    kmax = unit.max_rank
     tail = unit.spectrum.tail_curve()
     base = float(tail[1]) if tail.numel() > 1 else 0.0
     pts: list[tuple[int, float, Rank]] = []
     for k in range(1, kmax + 1):
         reached = float(tail[k]) if k < tail.numel() else 0.0
-        pts.append((k * c, weight * (base - reached), k))
-    pts.append((unit.dense_params, weight * base, DENSE))
+        pts.append((unit.cost(k), weight * (base - reached), k))
+    pts.append((unit.cost(DENSE), weight * base, DENSE))
     hull: list[tuple[int, float, Rank]] = []
     for p in pts:
         while len(hull) >= 2:
@@ -173,10 +173,10 @@ def greedy_loss_allocation(units: Sequence[Unit], weights: Sequence[float], budg
     The hull greedy is the exact Lagrangian (convexified) solution; the single-step fill uses what a
     segment that no longer fits leaves over.
     """
-    ranks: list[Rank] = [1] * len(units)
+    ranks: list[Rank] = [1 if u.max_rank >= 1 else DENSE for u in units]
     left = budget - total(units, ranks)
     if left < 0:
-        raise SvdzipError(f"budget of {budget} parameters is below one rank per matrix")
+        raise SvdzipError(f"budget of {budget} is below one rank per matrix ({total(units, ranks)})")
     segs = [hull_segments(u, w) for u, w in zip(units, weights, strict=True)]
     pos = [0] * len(units)
     heap = [(-s[0][0], i) for i, s in enumerate(segs) if s]

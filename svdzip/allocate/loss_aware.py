@@ -110,13 +110,16 @@ def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> 
     return [sum(fisher[m.name] * m.out_features for m in u.members) / u.rows for u in units]
 
 
-@register("loss-aware")
+@register("loss-aware", byte_aware=True)
 def allocate_loss_aware(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
     signal = str(ctx.option("signal", "fisher"))
     weights = unit_weights(units, ctx, signal)
     ranks = greedy_loss_allocation(units, weights, ctx.budget)
     if not truthy(ctx.option("guard", False)):
         return ranks
+    if any(u.pricing is not None for u in units):
+        raise SvdzipError("loss-aware's guard=true compares with uniform ranks at a parameter ratio; it does not "
+                          "support a byte budget yet (drop guard=true)")
     uniform = allocate("uniform", units, ctx)
     choice = tune_on_heldout(units, ctx, "guard (1 = loss-aware, 0 = uniform)", [1.0, 0.0],
                              lambda keep: ranks if keep else uniform)

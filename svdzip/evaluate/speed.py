@@ -46,13 +46,16 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's unique parameters and buffers (a shared basis counted once)."""
+    """Bytes of the model's unique parameters and buffers (a shared basis counted once; a quantized
+    weight by the int8 values and scales it really holds, not its logical dtype)."""
+    from svdzip.quantize import storage_bytes
+
     seen: set[int] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += storage_bytes(t)
     return total
 
 
