@@ -47,6 +47,9 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
     manifest_dict = io.read_manifest(src)
     if manifest_dict is None:
         raise SvdzipError(f"{src} is a dense model directory: compress it first (`svdzip compress`)")
+    if manifest_dict.get("quantization"):
+        raise SvdzipError(f"{src} is quantized: its int8 factors cannot be trained; heal before quantizing "
+                          "(`svdzip compress --heal distill --quantize int8 …`)")
     if out.exists() and not overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     source = teacher_source(manifest_dict, teacher)
