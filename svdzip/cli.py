@@ -76,8 +76,8 @@ def _add_heal_args(p: argparse.ArgumentParser, default: str, with_none: bool) ->
     g.add_argument("--heal", "--finetune", dest="heal", default=default,
                    choices=[*(("none",) if with_none else ()), *HEAL_METHODS],
                    help="distill: train the factors to match the dense model's next-token distribution; seq-lora: "
-                        "SVD-LLM's sequential LoRA (peft) on the left, then the right factors (default: distill; "
-                        "none for --stream, --resume-dir and torchrun runs)")
+                        "SVD-LLM's sequential LoRA (peft) on the left, then the right factors (default: distill"
+                        + ("; none for --stream, --resume-dir and torchrun runs)" if with_none else ")"))
     g.add_argument("--heal-steps", type=int, default=H.steps, help="optimiser steps (default: %(default)s)")
     g.add_argument("--heal-lr", type=float, default=None,
                    help="peak learning rate (default: 3e-4 for distill, the paper's 1e-4 for seq-lora)")
