@@ -87,10 +87,6 @@ class HealConfig:
             raise SvdzipError("heal weight decay must be ≥ 0 and max grad norm > 0")
         return self
 
-    @property
-    def label(self) -> str:
-        return self.method
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
 _TAIL_FLOOR = 1e-6  # keeps log(1 - Σ top-k p) finite when the top k hold (nearly) all the mass
 
@@ -70,15 +68,3 @@ def kl_topk(student_logits: torch.Tensor, teacher: TopK, temperature: float = 1.
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The language-modelling loss: every position but the last predicts the next token of the text."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-@torch.no_grad()
-def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, temperature: float, batch_size: int,
-                 device: str, desc: str = "teacher") -> TopK:
-    """The teacher's top-k distribution on every window, computed once (kept on the CPU)."""
-    parts = []
-    for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
-        logits = teacher(input_ids=windows[i : i + batch_size].to(device), use_cache=False).logits
-        parts.append(topk_of(logits, k, temperature).to("cpu"))
-    return TopK(torch.cat([p.logp for p in parts]), torch.cat([p.ids for p in parts]),
-                torch.cat([p.tail for p in parts]))
