@@ -32,8 +32,8 @@ from svdzip.allocate.drank import effective_ranks
 from svdzip.budget import keep_budget
 from svdzip.config import SHAREABLE_ROLES
 from svdzip.data import calibration_tokens, load_corpus
-from svdzip.decompose import decompose, group_linears
-from svdzip.materialise import materialise
+from svdzip.methods.decompose import decompose, group_linears
+from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter
 
 log = logging.getLogger("benchmarks.allocators")

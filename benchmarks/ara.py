@@ -21,9 +21,9 @@ from common import RESULTS, Bench, setup_logging, write_results
 import svdzip.allocate.ara as ara
 from svdzip.allocate import AllocationContext, allocate, available, spent
 from svdzip.budget import keep_budget
-from svdzip.decompose import Unit, decompose, group_linears
-from svdzip.linalg import Spectrum
-from svdzip.materialise import materialise
+from svdzip.methods.decompose import Unit, decompose, group_linears
+from svdzip.methods.linalg import Spectrum
+from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter
 
 log = logging.getLogger("benchmarks.ara")

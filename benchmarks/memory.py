@@ -39,13 +39,13 @@ import torch
 from common import RESULTS, Bench, setup_logging, write_results
 
 import svdzip
-from svdzip import io
+from svdzip.engine.pipeline import store
 from svdzip.errors import SvdzipError
 from svdzip.evaluate.speed import SpeedSetting, measure_speed, weight_bytes
 from svdzip.models.loading import load_model
-from svdzip.pipeline import store
-from svdzip.quantize import quantization_record
-from svdzip.report import human_bytes
+from svdzip.output import io
+from svdzip.output.quantize import quantization_record
+from svdzip.output.report import human_bytes
 
 log = logging.getLogger("benchmarks.memory")
 

@@ -96,11 +96,12 @@ def _warm_up() -> None:
 
 def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     """Runs inside a fresh process: one compression, peak RSS per phase."""
-    import svdzip.streaming as streaming
-    from svdzip import CompressConfig, io
-    from svdzip.decompose import decompose, group_linears
+    import svdzip.engine.streaming as streaming
+    from svdzip import CompressConfig
+    from svdzip.engine.pipeline import compress
+    from svdzip.methods.decompose import decompose, group_linears
     from svdzip.models.adapter import ModelAdapter
-    from svdzip.pipeline import compress
+    from svdzip.output import io
 
     torch.set_num_threads(1)
     _warm_up()
@@ -128,7 +129,7 @@ def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     else:
         from transformers import AutoModelForCausalLM
 
-        from svdzip.calibrate import collect_statistics
+        from svdzip.engine.calibrate import collect_statistics
 
         meter.enter("load")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -183,9 +184,9 @@ def _proc_worker(rank: int, world: int, port: int, source: str, result_dir: str)
     import torch.distributed as dist
 
     from svdzip import CompressConfig
-    from svdzip.distributed import DistContext
-    from svdzip.pipeline import compress
-    from svdzip.streaming import prepare_scaled
+    from svdzip.engine.distributed import DistContext
+    from svdzip.engine.pipeline import compress
+    from svdzip.engine.streaming import prepare_scaled
 
     torch.set_num_threads(1)
     if world > 1:
@@ -240,9 +241,9 @@ def part_procs(work: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- faults
 def part_faults(work: Path) -> list[dict[str, str]]:
-    import svdzip.streaming as streaming
+    import svdzip.engine.streaming as streaming
     from svdzip import CompressConfig, SvdzipError, load
-    from svdzip.calibrate import CalibrationStats
+    from svdzip.engine.calibrate import CalibrationStats
 
     src = work / "llama-faults"
     write_checkpoint(src, 128, 256, 4, vocab=512)
@@ -362,7 +363,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
 
 
 def _fault_child(src: str, out: str, run_dir: str) -> None:
-    import svdzip.streaming as streaming
+    import svdzip.engine.streaming as streaming
     from svdzip import CompressConfig
 
     config = CompressConfig(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=32, calib_batch_size=4)

@@ -27,7 +27,7 @@ from svdzip.evaluate.speed import (
     speed_table,
     summary_row,
 )
-from svdzip.report import table
+from svdzip.output.report import table
 
 log = logging.getLogger("benchmarks.speed")
 

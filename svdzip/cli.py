@@ -276,10 +276,10 @@ def _ppl_rows(label: str, results: dict[str, dict[str, Any]]) -> dict[str, float
 
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
-    from svdzip import io
     from svdzip.budget import ratio_from_kept
     from svdzip.config import CompressConfig
     from svdzip.models.loading import check_device, load_model, parse_dtype
+    from svdzip.output import io
 
     memory = args.budget_bytes is not None or args.budget_fraction is not None
     if memory and (args.ratio is not None or args.kept is not None):
@@ -296,7 +296,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
             raise SvdzipError(f"--tune-beta tunes D-Rank's β; it does not apply to --allocator {args.allocator}")
         args.allocator = "drank"
         args.allocator_option = [*args.allocator_option, "tune_beta=true"]
-    from svdzip.streaming import cli_compress, wants_scaled
+    from svdzip.engine.streaming import cli_compress, wants_scaled
 
     _apply_recommended_recipe(args, scaled=wants_scaled(args))
     config = CompressConfig(
@@ -310,7 +310,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         storage_dtype=args.dtype, byte_aware=not args.params_first,
     ).validate()
     if config.quantize:
-        from svdzip.quantize import require_backend
+        from svdzip.output.quantize import require_backend
 
         require_backend(config.quantize, config.device)  # before any expensive step
     from svdzip.allocate import get_allocator
@@ -341,13 +341,13 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         result = _compress_loaded(model, tokenizer, source, config, args.stats,
                                   heldout=args.tune_samples if _wants_heldout(config) else 0, out_dir=staging)
         heal_report = _heal_in_memory(model, tokenizer, source, heal_config) if heal_config else None
-        from svdzip.pipeline import store
+        from svdzip.engine.pipeline import store
 
         quantized = store(result, dtype)  # after healing: the factors train in float32, then are stored
         manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
         manifest.details["source_model"] = str(source)
         if quantized:
-            from svdzip.quantize import quantization_record
+            from svdzip.output.quantize import quantization_record
 
             manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope, dtype)
         if heal_report is not None:
@@ -363,14 +363,14 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not args.no_plots:
-        from svdzip.plots import write_plots
+        from svdzip.output.plots import write_plots
 
         write_plots(out, [r.to_dict() for r in result.modules], result.effective_ranks,
                     title=f"{Path(str(source)).name}: {config.label} at "
                           + (f"{100 * config.budget_fraction:.0f}% of the bf16 bytes" if config.budget_fraction
                              else "a byte budget" if config.memory_budget else f"{100 * config.ratio:.0f}% removed"))
     wall = time.perf_counter() - t_start
-    from svdzip.quantize import parameter_bytes
+    from svdzip.output.quantize import parameter_bytes
 
     summary = {**result.summary, "out": str(out), "seconds_total": round(wall, 2),
                "size_bytes": io.dir_size(out), "dense_size_bytes": _dense_size(source, model),
@@ -428,9 +428,9 @@ def _scaled_then_heal(args: argparse.Namespace, config, out: Path, dtype, heal_c
 
     import torch
 
-    from svdzip import io
+    from svdzip.engine.streaming import cli_compress
+    from svdzip.output import io
     from svdzip.recover.directory import heal_directory
-    from svdzip.streaming import cli_compress
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SvdzipError("--heal runs on one process; under torchrun compress first, then run `svdzip heal OUT`")
@@ -450,8 +450,8 @@ def _scaled_then_heal(args: argparse.Namespace, config, out: Path, dtype, heal_c
 
 
 def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
-    from svdzip import io
     from svdzip.models.loading import check_device, parse_dtype
+    from svdzip.output import io
     from svdzip.recover.directory import heal_directory, teacher_source
 
     config = _heal_config(args, args.corpus, check_device(args.device))
@@ -504,8 +504,8 @@ def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | No
     windows the statistics never see (the window draw is a seeded permutation, so the first
     `calib_samples` are exactly the usual ones), for tuning hyperparameters such as D-Rank's β."""
     from svdzip.data import calibration_tokens, load_corpus
-    from svdzip.decompose import DATA_FREE
-    from svdzip.pipeline import compress, prepare_statistics
+    from svdzip.engine.pipeline import compress, prepare_statistics
+    from svdzip.methods.decompose import DATA_FREE
 
     tokens = stats = None
     needs_tokens = (config.method not in DATA_FREE or config.update or heldout
@@ -522,7 +522,7 @@ def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | No
 
 
 def _dense_size(source: str, model) -> int:
-    from svdzip.io import dir_size
+    from svdzip.output.io import dir_size
 
     path = Path(source)
     size = dir_size(path) if path.is_dir() else 0
@@ -536,7 +536,7 @@ def _peak_rss() -> int:
 
 
 def _log_compress_report(result, summary: dict[str, Any]) -> None:
-    from svdzip.report import human_bytes, module_table, rank_grid, role_summary, table
+    from svdzip.output.report import human_bytes, module_table, rank_grid, role_summary, table
 
     rows = [r.to_dict() for r in result.modules]
     log.debug("per-matrix report:\n%s", module_table(rows))
@@ -562,9 +562,9 @@ def _log_compress_report(result, summary: dict[str, Any]) -> None:
 
 
 def _eval_dense_vs_compressed(args: argparse.Namespace, source: str, out: Path) -> dict[str, Any]:
-    from svdzip import io
     from svdzip.evaluate.perplexity import perplexity_on_corpora
     from svdzip.models.loading import load_model
+    from svdzip.output import io
 
     corpora, protocols = _corpora(args.corpora), _protocols(args.protocol)
     max_tokens = args.eval_tokens or None
@@ -585,7 +585,7 @@ def _eval_dense_vs_compressed(args: argparse.Namespace, source: str, out: Path) 
 
 
 def _print_eval_table(summary: dict[str, Any]) -> None:
-    from svdzip.report import human_bytes, table
+    from svdzip.output.report import human_bytes, table
 
     ev = summary["evaluation"]
     cols = [f"{c} ppl ({p})" for c, by in ev["dense"]["perplexity"].items() for p in by]
@@ -614,7 +614,7 @@ def _asked(summary: dict[str, Any]) -> str:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.evaluate.perplexity import perplexity_on_corpora
     from svdzip.models.loading import check_device, load_model
-    from svdzip.report import table
+    from svdzip.output.report import table
 
     check_device(args.device)
     if args.threads:
@@ -696,9 +696,9 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
-    from svdzip import io
     from svdzip.allocate import available
-    from svdzip.report import human_bytes, rank_grid, table
+    from svdzip.output import io
+    from svdzip.output.report import human_bytes, rank_grid, table
 
     if args.allocators:
         names = available()
@@ -742,7 +742,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
             print("\nranks per layer and type ('dense' = kept dense):")
             print(table(headers, rows))
             if args.modules:
-                from svdzip.report import module_table
+                from svdzip.output.report import module_table
 
                 print(module_table(modules))
     info["modules"] = modules

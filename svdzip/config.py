@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from svdzip.budget import check_ratio
-from svdzip.decompose import METHODS
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import METHODS
 
 UPDATES = ("svdllm", "coef")
 SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
@@ -31,7 +31,7 @@ class CompressConfig:
     corpus: str = "wiki"
     seed: int = 0
     device: str = "cpu"
-    # memory budgets (svdzip.memory): either replaces `ratio`
+    # memory budgets (svdzip.allocate.memory): either replaces `ratio`
     budget_bytes: int | None = None  # weight bytes the whole saved model may take
     budget_fraction: float | None = None  # … as a fraction of the dense model's bfloat16 weight bytes
     quantize: str | None = None  # weight-only quantization of the stored matrices: int8 (int4 needs CUDA)
@@ -65,7 +65,7 @@ class CompressConfig:
         return self
 
     def _validate_memory(self) -> None:
-        from svdzip.quantize import PRECISIONS, SCOPES
+        from svdzip.output.quantize import PRECISIONS, SCOPES
 
         if self.budget_bytes is not None and self.budget_fraction is not None:
             raise SvdzipError("give a memory budget either in bytes or as a fraction, not both")

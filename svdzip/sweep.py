@@ -29,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdzip.config import UPDATES, CompressConfig
-from svdzip.decompose import METHODS
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def provenance() -> dict[str, Any]:
     """Commit and machine that produced the sweep."""
     import sys
 
-    from svdzip.report import provenance as run_provenance
+    from svdzip.output.report import provenance as run_provenance
 
     return run_provenance(" ".join(["svdzip", *sys.argv[1:]]))
 
@@ -189,7 +189,7 @@ def load(model: str, device: str) -> tuple[nn.Module, Any, str]:
 def calibration(model: nn.Module, tokenizer: Any, source: str, base: CompressConfig) -> tuple[torch.Tensor, Any]:
     """Calibration tokens and (cached on disk by prepare_statistics) statistics, once per model."""
     from svdzip.data import calibration_tokens, load_corpus
-    from svdzip.pipeline import prepare_statistics
+    from svdzip.engine.pipeline import prepare_statistics
 
     tokens = calibration_tokens(tokenizer, load_corpus(base.corpus), base.calib_samples, base.calib_seq_len,
                                 base.seed)
@@ -201,8 +201,8 @@ _SPECTRA: dict[tuple, Any] = {}  # spectra depend on model, statistics and facto
 
 def compress_cell(model: nn.Module, config: CompressConfig, stats: Any, tokens: torch.Tensor) -> dict[str, Any]:
     """Compress `model` in place; the summary of the pipeline."""
-    from svdzip.decompose import DATA_FREE
-    from svdzip.pipeline import compress
+    from svdzip.engine.pipeline import compress
+    from svdzip.methods.decompose import DATA_FREE
 
     key = (repr(sorted(getattr(stats, "meta", {}).items())), config.method, config.group_size,
            tuple(config.share_roles), config.asvd_alpha, config.asvd_scaling)
@@ -332,7 +332,7 @@ def _row_values(cell: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
 
 def markdown(data: dict[str, Any], spec: SweepSpec) -> str:
     """The papers' layout: ratio, method, perplexity per corpus, accuracy per task, average, speed."""
-    from svdzip.report import table
+    from svdzip.output.report import table
 
     prov = data.get("provenance", {})
     parts = []

@@ -14,11 +14,11 @@ from svdzip.allocate.common import HELDOUT_KEY, greedy_loss_allocation, hull_seg
 from svdzip.allocate.drank import drank_ranks, effective_ranks, lagrange_ranks, rebalance_qk_to_v
 from svdzip.allocate.svdllm_v2 import v2_ratios
 from svdzip.budget import DENSE, keep_budget, max_useful_rank
-from svdzip.calibrate import collect_statistics
 from svdzip.config import SHAREABLE_ROLES, CompressConfig
-from svdzip.decompose import decompose, group_linears
+from svdzip.engine.calibrate import collect_statistics
+from svdzip.engine.pipeline import compress
+from svdzip.methods.decompose import decompose, group_linears
 from svdzip.models.adapter import ModelAdapter
-from svdzip.pipeline import compress
 
 CASES = [("drank", {}), ("drank", {"mode": "code"}), ("drank", {"rebalance": False}), ("svdllm-v2", {}),
          ("loss-aware", {}), ("loss-aware", {"signal": "relative"}), ("uniform", {})]
@@ -187,8 +187,8 @@ def test_allocators_end_to_end_other_families(family):
 
 
 def test_plots_and_info_grid(setup, tmp_path):
-    from svdzip.plots import write_plots
-    from svdzip.report import rank_grid
+    from svdzip.output.plots import write_plots
+    from svdzip.output.report import rank_grid
 
     model, tokens, stats = tiny_model("llama"), setup[1], setup[2]
     result = compress(model, CompressConfig(ratio=0.4, allocator="drank", group_size=2), stats=stats,

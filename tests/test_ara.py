@@ -7,11 +7,11 @@ from conftest import tiny_model, tiny_tokens
 from svdzip import CompressConfig, compress
 from svdzip.allocate import AllocationContext
 from svdzip.allocate.ara import LAST_RUN, AraOptions, _Installed, allocate_ara, finalise, training_windows
-from svdzip.ara_mask import StaircaseMask, candidates, init_logits, staircase
+from svdzip.allocate.ara_mask import StaircaseMask, candidates, init_logits, staircase
 from svdzip.budget import keep_budget
-from svdzip.calibrate import collect_statistics
-from svdzip.decompose import decompose
+from svdzip.engine.calibrate import collect_statistics
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import decompose
 from svdzip.models.adapter import ModelAdapter
 
 
@@ -165,7 +165,7 @@ def test_bad_options_and_windows():
 
 def test_ara_ranks_save_and_reload_like_any_method(tmp_path):
     import svdzip
-    from svdzip.io import build_manifest, save
+    from svdzip.output.io import build_manifest, save
 
     model = tiny_model("llama")
     tokens = tiny_tokens(4, 24)

@@ -8,11 +8,11 @@ from conftest import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, compress
 from svdzip.allocate import strs as strs_mod
-from svdzip.calibrate import collect_statistics
-from svdzip.fisher import collect_fisher
+from svdzip.engine.calibrate import collect_statistics
+from svdzip.methods.fisher import collect_fisher
+from svdzip.methods.update import fitted_loss, refit_left
 from svdzip.models.adapter import ModelAdapter
-from svdzip.modules import LowRankLinear
-from svdzip.update import fitted_loss, refit_left
+from svdzip.models.lowrank import LowRankLinear
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
@@ -145,8 +145,8 @@ def _search_by_scan(units, table, budget):
 
 
 def test_fisher_is_saved_with_the_statistics_and_reused(tmp_path, monkeypatch):
-    from svdzip import fisher as fisher_mod
-    from svdzip.pipeline import prepare_statistics
+    from svdzip.engine.pipeline import prepare_statistics
+    from svdzip.methods import fisher as fisher_mod
 
     model, tokens = tiny_model("llama"), tiny_tokens(4, 16)
     calls = []
@@ -179,7 +179,7 @@ def test_strs_meets_budget_and_caches(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.json"))) == 1
 
     # the binary search equals a linear scan for the largest feasible cut-off
-    from svdzip.decompose import decompose, group_linears
+    from svdzip.methods.decompose import decompose, group_linears
 
     adapter = ModelAdapter(model)
     units = decompose(adapter, stats, "asvd", group_linears(adapter))

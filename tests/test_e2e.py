@@ -9,12 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import svdzip
-from svdzip.calibrate import collect_statistics
 from svdzip.cli import main
 from svdzip.data import calibration_tokens, eval_tokens, load_corpus
+from svdzip.engine.calibrate import collect_statistics
 from svdzip.evaluate.perplexity import perplexity
-from svdzip.io import build_manifest, dir_size, save
 from svdzip.models.loading import load_model
+from svdzip.output.io import build_manifest, dir_size, save
 
 pytestmark = pytest.mark.e2e
 
@@ -146,7 +146,7 @@ def test_default_recipe_is_loss_aware_then_distillation(tiny_dir, tmp_path, caps
                  "--calib-seq-len", "64", "--heal-steps", "4", "--heal-seq-len", "64", "--no-plots", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "svdllm+loss-aware+distill"
-    recovery = svdzip.io.read_manifest(out)["details"]["recovery"][0]
+    recovery = svdzip.output.io.read_manifest(out)["details"]["recovery"][0]
     assert recovery["method"] == "distill" and recovery["phases"][0]["steps_done"] == 4
 
 

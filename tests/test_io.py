@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import svdzip
 from svdzip import CompressConfig, SvdzipError, compress
-from svdzip.io import build_manifest, dir_size, read_manifest, save
+from svdzip.output.io import build_manifest, dir_size, read_manifest, save
 
 
 def _compressed(family="llama", group_size=1, ratio=0.4):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdzip.linalg import data_loss, effective_rank, gram_factor, truncate, weighted_spectrum
+from svdzip.methods.linalg import data_loss, effective_rank, gram_factor, truncate, weighted_spectrum
 
 
 def _problem(m=12, n=9, tokens=40, seed=0, rank_deficient=False):

@@ -13,16 +13,16 @@ from transformers import AutoModelForCausalLM
 import svdzip
 from svdzip import CompressConfig, SvdzipError, compress
 from svdzip.allocate import AllocationContext, allocate, spent
+from svdzip.allocate.memory import allocate_params_first, price, reference_bytes
 from svdzip.budget import DENSE, Pricing, max_useful_rank
 from svdzip.cli import main, parse_bytes
-from svdzip.decompose import Unit
+from svdzip.engine.pipeline import store
 from svdzip.evaluate.speed import weight_bytes
-from svdzip.io import build_manifest, dir_size, save
-from svdzip.linalg import Spectrum
-from svdzip.memory import allocate_params_first, price, reference_bytes
+from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import Spectrum
 from svdzip.models.adapter import LinearInfo
-from svdzip.pipeline import store
-from svdzip.quantize import parameter_bytes, quantization_record, quantized_linears, storage_bytes
+from svdzip.output.io import build_manifest, dir_size, save
+from svdzip.output.quantize import parameter_bytes, quantization_record, quantized_linears, storage_bytes
 
 INT8_BF16 = Pricing(factor_value_bytes=1, dense_value_bytes=1, factor_row_bytes=5, dense_row_bytes=5)
 MIXED = Pricing(factor_value_bytes=2, dense_value_bytes=1, factor_row_bytes=0, dense_row_bytes=5)  # bf16 factors
@@ -178,7 +178,7 @@ def test_cli_refuses_ratio_with_budget_and_parses_sizes(tmp_path, capsys):
 
 def test_missing_backend_is_reported_with_the_install_command(tmp_path, monkeypatch):
     _quantized(tmp_path)
-    import svdzip.quantize as q
+    import svdzip.output.quantize as q
 
     monkeypatch.setattr(q, "backend_installed", lambda: False)
     with pytest.raises(Exception, match=r"svdzip\[quant\]"):

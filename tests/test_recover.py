@@ -243,7 +243,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_a_healed_directory_reloads_with_identical_logits(tmp_path, group_size):
     from transformers import AutoModelForCausalLM
 
-    from svdzip.io import build_manifest, read_manifest, save
+    from svdzip.output.io import build_manifest, read_manifest, save
     from svdzip.recover.directory import record_recovery
 
     teacher = tiny_model()

@@ -16,10 +16,11 @@ import torch.multiprocessing as mp
 from conftest import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import svdzip.streaming as streaming
-from svdzip import CompressConfig, SvdzipError, compress, io, load
-from svdzip.distributed import DistContext, assign_by_cost
-from svdzip.resume import RunState
+import svdzip.engine.streaming as streaming
+from svdzip import CompressConfig, SvdzipError, compress, load
+from svdzip.engine.distributed import DistContext, assign_by_cost
+from svdzip.engine.resume import RunState
+from svdzip.output import io
 
 CFG = dict(ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=2)
 PROBE = tiny_tokens(2, 16, seed=5)
@@ -214,9 +215,9 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, tmp: str, source: str) -> None:
     import torch.distributed as dist
 
-    from svdzip.distributed import DistContext
-    from svdzip.pipeline import compress as compress_
-    from svdzip.streaming import open_state, prepare_scaled, state_key, stream_compress
+    from svdzip.engine.distributed import DistContext
+    from svdzip.engine.pipeline import compress as compress_
+    from svdzip.engine.streaming import open_state, prepare_scaled, state_key, stream_compress
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

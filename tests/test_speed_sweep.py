@@ -13,7 +13,7 @@ from conftest import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, SvdzipError, compress
 from svdzip import sweep as sweep_mod
-from svdzip.calibrate import collect_statistics
+from svdzip.engine.calibrate import collect_statistics
 from svdzip.evaluate.perplexity import perplexity
 from svdzip.evaluate.speed import (
     PeakMemory,
@@ -27,7 +27,7 @@ from svdzip.evaluate.speed import (
     speed_table,
     summary_row,
 )
-from svdzip.modules import LowRankLinear
+from svdzip.models.lowrank import LowRankLinear
 from svdzip.sweep import SweepSpec, config_from_label, parse_label, run_sweep
 
 

@@ -30,7 +30,7 @@ from transformers import (  # noqa: E402
 import svdzip  # noqa: E402
 from svdzip import CompressConfig, compress  # noqa: E402
 from svdzip.evaluate.speed import densify  # noqa: E402
-from svdzip.io import build_manifest, save  # noqa: E402
+from svdzip.output.io import build_manifest, save  # noqa: E402
 
 VOCAB = 128
 # vLLM's CPU attention wants a head size it has kernels for (64 here), so these are larger than conftest's.

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svdzip.budget import DENSE
-from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import Unit
 
 
 @dataclass

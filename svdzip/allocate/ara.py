@@ -32,11 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from svdzip.allocate import AllocationContext, allocate, common, register
-from svdzip.ara_mask import RHO0, MaskedLinear, StaircaseMask, bonus_table, over_complete_rank
+from svdzip.allocate.ara_mask import RHO0, MaskedLinear, StaircaseMask, bonus_table, over_complete_rank
 from svdzip.budget import DENSE, max_useful_rank
-from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
-from svdzip.linalg import truncate
+from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import truncate
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable, Sequence
 
 from svdzip.budget import DENSE
-from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import Unit
 
 Rank = int | None
 #: benefit per parameter of unit i's next step up from `rank` (higher = served first)
@@ -210,7 +210,7 @@ def heldout_loss(units: Sequence[Unit], ranks: Sequence[Rank], model, tokens, ba
     import torch
     import torch.nn.functional as F
 
-    from svdzip.materialise import materialise
+    from svdzip.methods.materialise import materialise
     from svdzip.models.adapter import ModelAdapter
 
     trial = copy.deepcopy(model)

@@ -49,9 +49,9 @@ from svdzip.allocate.common import (
     tune_on_heldout,
 )
 from svdzip.budget import DENSE, keep_budget, uniform_rank
-from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
-from svdzip.linalg import effective_rank
+from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import effective_rank
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ import torch
 
 from svdzip.allocate import AllocationContext, allocate, register
 from svdzip.allocate.common import greedy_loss_allocation, truthy, tune_on_heldout
-from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
-from svdzip.linalg import effective_rank
+from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import effective_rank
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import logging
 import torch
 
 from svdzip.allocate import AllocationContext, get_allocator, register
-from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import Unit
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 
 from svdzip.allocate import AllocationContext, register
 from svdzip.budget import DENSE, max_useful_rank
-from svdzip.calibrate import _non_layers_on, _to, capture_layer_inputs, run_layer
-from svdzip.decompose import Unit
+from svdzip.engine.calibrate import _non_layers_on, _to, capture_layer_inputs, run_layer
 from svdzip.errors import SvdzipError
-from svdzip.linalg import truncate
+from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import truncate
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class _SuffixEvaluator:
     """Calibration perplexity of the model, re-running only the layers from `start` onward."""
 
     def __init__(self, ctx: AllocationContext, tokens: torch.Tensor, batch_size: int):
-        from svdzip.fisher import logits_from_final_hidden, next_token_nll
+        from svdzip.methods.fisher import logits_from_final_hidden, next_token_nll
 
         self.model, self.adapter, self.device = ctx.model, ctx.adapter, torch.device(ctx.device)
         self.tokens, self.batch_size = tokens, batch_size

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from svdzip.allocate import AllocationContext, register
 from svdzip.allocate.common import Rank, fit_budget, normalise, static_gain
 from svdzip.budget import uniform_rank
-from svdzip.decompose import Unit
+from svdzip.methods.decompose import Unit
 
 
 def v2_ratios(losses: Sequence[float], ratio: float) -> list[float]:

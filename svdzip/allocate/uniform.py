@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from svdzip.allocate import AllocationContext, register
 from svdzip.budget import uniform_rank
-from svdzip.decompose import Unit
+from svdzip.methods.decompose import Unit
 
 
 @register("uniform")

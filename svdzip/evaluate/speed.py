@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.modules import LowRankLinear
+from svdzip.models.lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's unique parameters and buffers (a shared basis counted once; a quantized
     weight by the int8 values and scales it really holds, not its logical dtype)."""
-    from svdzip.quantize import storage_bytes
+    from svdzip.output.quantize import storage_bytes
 
     seen: set[int] = set()
     total = 0
@@ -338,7 +338,7 @@ def summary_row(speed: dict[str, Any], label: str) -> dict[str, float]:
 
 def speed_table(speed: dict[str, Any]) -> str:
     """Markdown: one row per model × setting, with ratios to the reference."""
-    from svdzip.report import human_bytes, table
+    from svdzip.output.report import human_bytes, table
 
     rows = []
     for label, by in speed["results"].items():

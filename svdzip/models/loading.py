@@ -25,8 +25,8 @@ def parse_dtype(name: str) -> torch.dtype:
 def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                ) -> tuple[nn.Module, object, str]:
     """Returns (model in eval mode on `device`, tokenizer, resolved source path or hub id)."""
-    from svdzip import io
     from svdzip.assets import resolve_model
+    from svdzip.output import io
 
     source = resolve_model(name_or_path)
     if Path(source).is_dir():

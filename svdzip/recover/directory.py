@@ -39,8 +39,8 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
                    resume_dir: str | os.PathLike | None = None, overwrite: bool = False,
                    dtype: torch.dtype = torch.float32) -> tuple[HealReport, Path]:
     """Load the compressed `src`, heal it against its dense model, save to `out` (atomically)."""
-    from svdzip import io
     from svdzip.models.loading import load_model
+    from svdzip.output import io
 
     config.validate()
     src, out = Path(src), Path(out)

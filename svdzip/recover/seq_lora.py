@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from svdzip.errors import SvdzipError
-from svdzip.modules import LowRankLinear
+from svdzip.models.lowrank import LowRankLinear
 
 
 def phase_sides(order: str) -> list[str]:

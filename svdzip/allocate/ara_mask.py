@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svdzip.linalg import Spectrum
+from svdzip.methods.linalg import Spectrum
 
 RHO0 = 1.2  # ARA's over-complete base ratio
 NUM_CANDIDATES = 101  # c = 1.00 … 0.00 in steps of 0.01

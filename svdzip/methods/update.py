@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.calibrate import _first_output, _to, capture_layer_inputs, run_layer
-from svdzip.decompose import Unit
+from svdzip.engine.calibrate import _first_output, _to, capture_layer_inputs, run_layer
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import Unit
 from svdzip.models.adapter import LinearInfo, ModelAdapter
-from svdzip.modules import LowRankLinear
+from svdzip.models.lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 

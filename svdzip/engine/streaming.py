@@ -8,9 +8,9 @@ Three concerns share one loop, because they all hinge on "one decoder layer at a
   statistics of each layer go to the run directory and are read back lazily (`LayeredStats`); the
   spectra keep only σ² in memory, their bases wait on disk until the output is written, layer by
   layer, one shard per layer.
-* **Distribution** (`svdzip.distributed`): every rank calibrates its slice of the data, per-layer
+* **Distribution** (`svdzip.engine.distributed`): every rank calibrates its slice of the data, per-layer
   statistics are all-reduced, decompositions are spread over ranks by cost and broadcast back.
-* **Resume** (`svdzip.resume`): after every layer, the reduced statistics and this rank's
+* **Resume** (`svdzip.engine.resume`): after every layer, the reduced statistics and this rank's
   activations are checkpointed; every finished spectrum is a file. A rerun skips what exists.
 
 The in-memory path (`pipeline.compress`) is unchanged; this engine only feeds it statistics and
@@ -38,14 +38,14 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.calibrate import CalibrationStats, _Accumulator, capture_layer_inputs, run_layer
 from svdzip.config import CompressConfig
-from svdzip.decompose import DATA_FREE, Unit, decompose, group_linears
-from svdzip.distributed import DistContext, assign_by_cost, data_slice, eigen_cost
+from svdzip.engine.calibrate import CalibrationStats, _Accumulator, capture_layer_inputs, run_layer
+from svdzip.engine.distributed import DistContext, assign_by_cost, data_slice, eigen_cost
+from svdzip.engine.resume import RunState, read_checked, write_checked
 from svdzip.errors import SvdzipError
-from svdzip.linalg import Spectrum
+from svdzip.methods.decompose import DATA_FREE, Unit, decompose, group_linears
+from svdzip.methods.linalg import Spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
-from svdzip.resume import RunState, read_checked, write_checked
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def prepare_scaled(model: nn.Module, tokens: torch.Tensor | None, source: str, c
     adapter = ModelAdapter(model)
     stats = None
     if config.method not in DATA_FREE:
-        from svdzip.pipeline import calibration_meta
+        from svdzip.engine.pipeline import calibration_meta
 
         stats = calibrate_layers(model, adapter, tokens, config.calib_batch_size, config.device,
                                  state=state, ctx=ctx, meta=calibration_meta(source, config))
@@ -533,7 +533,7 @@ def stream_compress(source: str | os.PathLike, tokenizer: Any, tokens: torch.Ten
     """
     from svdzip.allocate import AllocationContext, allocate, spent
     from svdzip.budget import keep_budget
-    from svdzip.pipeline import calibration_meta
+    from svdzip.engine.pipeline import calibration_meta
 
     config.validate()
     _check_streamable(config)
@@ -594,8 +594,8 @@ def write_streamed(model: nn.Module, adapter: ModelAdapter, reader: CheckpointRe
                    dtype: torch.dtype | None, save_dtype: torch.dtype | None, summary_extra: dict[str, Any]
                    ) -> list[Any]:
     """Materialise and save one decoder layer at a time (one shard each), then the rest; atomically."""
-    from svdzip import io
-    from svdzip.materialise import materialise
+    from svdzip.methods.materialise import materialise
+    from svdzip.output import io
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -719,9 +719,9 @@ def wants_scaled(args: Any) -> bool:
 
 def cli_compress(args: Any, config: CompressConfig, out: Path, dtype: torch.dtype) -> dict[str, Any]:
     """The `compress` command on the scaled engine; rank 0 writes and reports, other ranks return {}."""
-    from svdzip import io
     from svdzip.assets import resolve_model
-    from svdzip.distributed import device_for_rank, init_from_env, shutdown
+    from svdzip.engine.distributed import device_for_rank, init_from_env, shutdown
+    from svdzip.output import io
 
     ctx = init_from_env(config.device)
     config.device = device_for_rank(config.device, ctx)
@@ -748,8 +748,8 @@ def cli_compress(args: Any, config: CompressConfig, out: Path, dtype: torch.dtyp
                      summary["method"], 100 * summary["ratio_achieved"], summary["seconds_total"],
                      summary["peak_rss_bytes"] / 2**20)
             return summary
+        from svdzip.engine.pipeline import compress
         from svdzip.models.loading import load_model
-        from svdzip.pipeline import compress
 
         model, tokenizer, source = load_model(args.model, config.device)
         torch.manual_seed(config.seed)

@@ -22,8 +22,8 @@ from torch import nn
 
 from svdzip.allocate import AllocationContext, allocate, spent
 from svdzip.budget import DENSE, Pricing, keep_budget
-from svdzip.decompose import Unit
 from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import Unit
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def reference_bytes(model: nn.Module) -> int:
 
 def pricing_for(dtype: torch.dtype, precision: str | None, scope: str = "all") -> Pricing:
     """Byte costs of factors and of dense matrices for a saved dtype and an optional quantization."""
-    from svdzip.quantize import row_overhead_bytes, value_bytes
+    from svdzip.output.quantize import row_overhead_bytes, value_bytes
 
     factor_q = precision if precision and scope in ("all", "factors") else None
     dense_q = precision if precision and scope in ("all", "dense") else None

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from svdzip.budget import DENSE
-from svdzip.decompose import Unit
-from svdzip.linalg import truncate
+from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import truncate
 from svdzip.models.adapter import ModelAdapter
-from svdzip.modules import LowRankLinear
+from svdzip.models.lowrank import LowRankLinear
 
 
 @dataclass

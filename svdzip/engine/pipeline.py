@@ -15,11 +15,11 @@ from torch import nn
 
 from svdzip.allocate import AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
-from svdzip.calibrate import CalibrationStats, collect_statistics
 from svdzip.config import CompressConfig
-from svdzip.decompose import DATA_FREE, Unit, decompose, group_linears
+from svdzip.engine.calibrate import CalibrationStats, collect_statistics
 from svdzip.errors import SvdzipError
-from svdzip.materialise import ModuleReport, materialise
+from svdzip.methods.decompose import DATA_FREE, Unit, decompose, group_linears
+from svdzip.methods.materialise import ModuleReport, materialise
 from svdzip.models.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def compress(
     """
     config.validate()
     if config.quantize:
-        from svdzip.quantize import require_backend
+        from svdzip.output.quantize import require_backend
 
         require_backend(config.quantize, config.device)
     adapter = ModelAdapter(model)
@@ -113,7 +113,7 @@ def compress(
     timings["materialise_s"] = time.perf_counter() - t0
 
     if config.update:
-        from svdzip.update import apply_update
+        from svdzip.methods.update import apply_update
 
         if calib_tokens is None:
             raise SvdzipError(f"the '{config.update}' update needs calibration tokens")
@@ -139,7 +139,7 @@ def compress(
         **{k: round(v, 3) for k, v in timings.items()},
     }
     if memory_plan is not None:
-        from svdzip.memory import price
+        from svdzip.allocate.memory import price
 
         summary["memory"] = {**memory_plan.to_dict(),
                              "planned_bytes": memory_plan.fixed_bytes + spent(price(units, memory_plan.pricing), ranks),
@@ -156,7 +156,7 @@ def compress(
 def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: CompressConfig):
     """Ranks for a byte budget: byte-aware allocators spend bytes, the others are fitted by their ratio."""
     from svdzip.allocate import is_byte_aware
-    from svdzip.memory import allocate_bytes, allocate_params_first, plan, price
+    from svdzip.allocate.memory import allocate_bytes, allocate_params_first, plan, price
     from svdzip.models.loading import parse_dtype
 
     mplan = plan(model, units, config.budget_bytes, config.budget_fraction, parse_dtype(config.storage_dtype),
@@ -183,7 +183,7 @@ def store(result: CompressionResult, dtype: torch.dtype) -> list[str]:
             p.data = p.data.to(dtype)
     if not result.config.quantize:
         return []
-    from svdzip.quantize import quantize_linears, require_backend
+    from svdzip.output.quantize import quantize_linears, require_backend
 
     require_backend(result.config.quantize, result.config.device)
     scope = result.config.quantize_scope
@@ -208,7 +208,7 @@ def _allocator_options(config: CompressConfig, heldout_tokens: torch.Tensor | No
 
 def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:
     """D-Rank's information density of every unit (cheap: the spectra are already there)."""
-    from svdzip.linalg import effective_rank
+    from svdzip.methods.linalg import effective_rank
 
     return [{"name": u.name, "role": u.role, "layers": list(u.layers),
              "effective_rank": u.extras.get("erank") or effective_rank(u.spectrum.sigma2)} for u in units]
@@ -263,7 +263,7 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
 
 def add_fisher(stats: CalibrationStats, model: nn.Module, calib_tokens: torch.Tensor, config: CompressConfig) -> float:
     """FWSVD's per-input-channel Fisher information into `stats` (one backward pass); returns the seconds spent."""
-    from svdzip.fisher import collect_fisher
+    from svdzip.methods.fisher import collect_fisher
 
     t0 = time.perf_counter()
     stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)

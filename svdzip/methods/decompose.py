@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from svdzip.budget import DENSE, Pricing, max_useful_rank, rank_cost, unit_params
-from svdzip.calibrate import CalibrationStats
+from svdzip.engine.calibrate import CalibrationStats
 from svdzip.errors import SvdzipError
-from svdzip.linalg import Spectrum, gram_factor, weighted_spectrum
+from svdzip.methods.linalg import Spectrum, gram_factor, weighted_spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
 
 log = logging.getLogger(__name__)

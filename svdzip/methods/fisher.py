@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.calibrate import _first_output, _non_layers_on, _to, capture_layer_inputs
+from svdzip.engine.calibrate import _first_output, _non_layers_on, _to, capture_layer_inputs
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from svdzip.quantize import quiet_backend_import
+from svdzip.output.quantize import quiet_backend_import
 
 with quiet_backend_import():  # transformers' quantizer registry imports torchao when it is installed
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -28,7 +28,7 @@ with quiet_backend_import():  # transformers' quantizer registry imports torchao
 
 from svdzip import __version__
 from svdzip.errors import SvdzipError
-from svdzip.modules import LowRankLinear
+from svdzip.models.lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class SvdzipConfig(QuantizationConfigMixin):
         self.svdzip_version = svdzip_version
         self.format = format
         self.details = details or {}
-        self.quantization = quantization  # svdzip.quantize.quantization_record(), or None (16/32-bit only)
+        self.quantization = quantization  # svdzip.output.quantize.quantization_record(), or None (16/32-bit only)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -137,7 +137,7 @@ class SvdzipQuantizer(HfQuantizer):
             model.all_tied_weights_keys = {**getattr(model, "all_tied_weights_keys", {}), **aliases}
         q = self._quantization()
         if q:
-            from svdzip.quantize import require_backend, swap_in_slots
+            from svdzip.output.quantize import require_backend, swap_in_slots
 
             require_backend(q["precision"], "cpu" if q["precision"] == "int8" else "cuda",
                             why=f"this directory's {q['precision']} weights ({q.get('backend')} "
@@ -151,7 +151,7 @@ class SvdzipQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self._quantization():
-            from svdzip.quantize import load_quantized
+            from svdzip.output.quantize import load_quantized
 
             load_quantized(model, self._quantized_file)
         return model
@@ -203,7 +203,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest:
         quantized = manifest.quantization["modules"] if manifest.quantization else []
         originals = {}
         if quantized:
-            from svdzip.quantize import restore, save_quantized, swap_in_slots
+            from svdzip.output.quantize import restore, save_quantized, swap_in_slots
 
             save_quantized(model, quantized, tmp / manifest.quantization["file"])
             originals = swap_in_slots(model, quantized)  # model.safetensors holds all but the quantized weights

@@ -1,0 +1,1 @@
+"""Factorisation methods and what acts on their factors: decompose, materialise, update."""

@@ -1,0 +1,1 @@
+"""What a run leaves behind: the saved directory (io), quantized storage, reports and plots."""
