@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -278,8 +276,7 @@ def _ppl_rows(label: str, results: dict[str, dict[str, Any]]) -> dict[str, float
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.budget import ratio_from_kept
     from svdzip.config import CompressConfig
-    from svdzip.models.loading import check_device, load_model, parse_dtype
-    from svdzip.output import io
+    from svdzip.models.loading import check_device, parse_dtype
 
     memory = args.budget_bytes is not None or args.budget_fraction is not None
     if memory and (args.ratio is not None or args.kept is not None):
@@ -296,9 +293,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
             raise SvdzipError(f"--tune-beta tunes D-Rank's β; it does not apply to --allocator {args.allocator}")
         args.allocator = "drank"
         args.allocator_option = [*args.allocator_option, "tune_beta=true"]
-    from svdzip.engine.streaming import cli_compress, wants_scaled
-
-    _apply_recommended_recipe(args, scaled=wants_scaled(args))
+    scaled = _wants_scaled(args)
+    _apply_recommended_recipe(args, scaled=scaled)
     config = CompressConfig(
         ratio=ratio, method=args.method, allocator=args.allocator, group_size=args.group_size,
         update=args.update, update_samples=args.update_samples,
@@ -313,76 +309,35 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         from svdzip.output.quantize import require_backend
 
         require_backend(config.quantize, config.device)  # before any expensive step
-    from svdzip.allocate import get_allocator
+    from svdzip.engine.driver import CompressRequest, run
 
-    get_allocator(config.allocator)  # fail before any expensive step
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
-    dtype = parse_dtype(args.dtype)
-    heal_config = _heal_config(args, config.corpus, config.device)
-    if wants_scaled(args):  # --stream, --resume-dir or torchrun (WORLD_SIZE > 1)
-        if config.memory_budget or config.quantize:
-            raise SvdzipError("memory budgets and --quantize are not supported with --stream, --resume-dir or "
-                              "torchrun yet; use --ratio there")
-        if heal_config is not None:
-            summary = _scaled_then_heal(args, config, out, dtype, heal_config)
-        else:
-            summary = cli_compress(args, config, out, dtype)
-        if summary and args.eval:
-            summary["evaluation"] = _eval_dense_vs_compressed(args, summary.get("source", args.model), out)
-        return summary
-
-    t_start = time.perf_counter()
-    model, tokenizer, source = load_model(args.model, config.device)
-    # allocators may write artefacts (ARA's plots) before the output exists: stage them beside it
-    staging = Path(tempfile.mkdtemp(prefix="svdzip-alloc-"))
-    try:
-        result = _compress_loaded(model, tokenizer, source, config, args.stats,
-                                  heldout=args.tune_samples if _wants_heldout(config) else 0, out_dir=staging)
-        heal_report = _heal_in_memory(model, tokenizer, source, heal_config) if heal_config else None
-        from svdzip.engine.pipeline import store
-
-        quantized = store(result, dtype)  # after healing: the factors train in float32, then are stored
-        manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
-        manifest.details["source_model"] = str(source)
-        if quantized:
-            from svdzip.output.quantize import quantization_record
-
-            manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope, dtype)
-        if heal_report is not None:
-            from svdzip.recover.directory import record_recovery
-
-            record_recovery(manifest, heal_report)
-            result.summary["heal_s"] = round(heal_report.seconds, 2)
-        io.save(model, tokenizer, out, manifest, overwrite=args.overwrite,
-                report={"modules": [r.to_dict() for r in result.modules],
-                        "effective_ranks": result.effective_ranks})
-        for artefact in staging.iterdir():
-            shutil.move(str(artefact), out / artefact.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not args.no_plots:
-        from svdzip.output.plots import write_plots
-
-        write_plots(out, [r.to_dict() for r in result.modules], result.effective_ranks,
-                    title=f"{Path(str(source)).name}: {config.label} at "
-                          + (f"{100 * config.budget_fraction:.0f}% of the bf16 bytes" if config.budget_fraction
-                             else "a byte budget" if config.memory_budget else f"{100 * config.ratio:.0f}% removed"))
-    wall = time.perf_counter() - t_start
-    from svdzip.output.quantize import parameter_bytes
-
-    summary = {**result.summary, "out": str(out), "seconds_total": round(wall, 2),
-               "size_bytes": io.dir_size(out), "dense_size_bytes": _dense_size(source, model),
-               "weight_bytes_in_memory": parameter_bytes(model), "peak_rss_bytes": _peak_rss()}
+    request = CompressRequest(
+        model=args.model, config=config, out=Path(args.out), overwrite=args.overwrite,
+        stream=True if args.stream else (None if scaled else False),
+        resume_dir=Path(args.resume_dir) if args.resume_dir else None, restart=args.restart,
+        stats_path=args.stats, heldout_samples=args.tune_samples, save_dtype=parse_dtype(args.dtype),
+        heal=_heal_config(args, config.corpus, config.device), plots=not args.no_plots,
+    )
+    result = run(request)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes and reports
+        args.json = False
+        return {}
+    summary = {**result.summary, "peak_rss_bytes": _peak_rss(), "dense_size_bytes": _dense_size(args.model)}
     budget = summary.get("memory", {}).get("budget_bytes")
     if budget is not None and summary["weight_bytes_in_memory"] > budget:
         log.warning("weights take %d bytes in memory, over the budget of %d (planned %d)",
                     summary["weight_bytes_in_memory"], budget, summary["memory"]["planned_bytes"])
     _log_compress_report(result, summary)
     if args.eval:
-        summary["evaluation"] = _eval_dense_vs_compressed(args, source, out)
+        summary["evaluation"] = _eval_dense_vs_compressed(args, summary.get("source", args.model), request.out)
     return summary
+
+
+def _wants_scaled(args: argparse.Namespace) -> bool:
+    """--stream, --resume-dir or torchrun (WORLD_SIZE > 1): the runs whose point is not holding the whole model."""
+    import os
+
+    return bool(args.stream or args.resume_dir or int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def parse_bytes(text: str | None) -> int | None:
@@ -402,54 +357,8 @@ def parse_bytes(text: str | None) -> int | None:
     return value
 
 
-def _heal_in_memory(model, tokenizer, source: str, heal_config):
-    """Heal the just-compressed model against a fresh copy of its dense source."""
-    from svdzip.models.loading import load_model
-    from svdzip.recover import heal, heal_windows
-
-    teacher, _, _ = load_model(source, heal_config.device)
-    report = heal(model, teacher, heal_windows(tokenizer, heal_config), heal_config)
-    _warn_if_stopped(report)
-    return report
-
-
-def _warn_if_stopped(report) -> None:
-    if report.stopped == "nan":
-        log.warning("healing stopped on a non-finite loss; the factors of the last good held-out check were kept")
-
-
-def _scaled_then_heal(args: argparse.Namespace, config, out: Path, dtype, heal_config) -> dict[str, Any]:
-    """Streamed / resumable compression into a staging directory, then the heal from it into `out`.
-
-    With --resume-dir both stages checkpoint there (`compressed/`, `heal/`), so rerunning the command
-    continues where a killed run stopped. torchrun is refused: healing runs on one process.
-    """
-    import os
-
-    import torch
-
-    from svdzip.engine.streaming import cli_compress
-    from svdzip.output import io
-    from svdzip.recover.directory import heal_directory
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SvdzipError("--heal runs on one process; under torchrun compress first, then run `svdzip heal OUT`")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(args.resume_dir) if args.resume_dir else Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        staged_args = argparse.Namespace(**{**vars(args), "overwrite": True, "eval": False})
-        summary = cli_compress(staged_args, config, work / "compressed", torch.float32)
-        report, _ = heal_directory(work / "compressed", out, heal_config, resume_dir=work / "heal" if args.resume_dir
-                                   else None, overwrite=args.overwrite, dtype=dtype)
-    finally:
-        if not args.resume_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    _warn_if_stopped(report)
-    return {**summary, "method": f"{summary.get('method', config.label)}+{report.method}", "out": str(out),
-            "size_bytes": io.dir_size(out), "heal_s": round(report.seconds, 2), "peak_rss_bytes": _peak_rss()}
-
-
 def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
+    from svdzip.engine.driver import warn_if_stopped
     from svdzip.models.loading import check_device, parse_dtype
     from svdzip.output import io
     from svdzip.recover.directory import heal_directory, teacher_source
@@ -465,7 +374,7 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     report, out = heal_directory(args.dir, out, config, teacher=teacher, resume_dir=args.resume_dir,
                                  overwrite=args.overwrite, dtype=parse_dtype(args.dtype))
-    _warn_if_stopped(report)
+    warn_if_stopped(report)
     healed = io.read_manifest(out)["details"]
     summary = {**healed.get("summary", {}), "out": str(out), "seconds_total": round(time.perf_counter() - t0, 2),
                "heal": report.to_dict(), "size_bytes": io.dir_size(out), "peak_rss_bytes": _peak_rss()}
@@ -491,42 +400,12 @@ def _apply_recommended_recipe(args: argparse.Namespace, scaled: bool) -> None:
         log.info("streamed / resumable / distributed run: allocator %s, recovery %s", args.allocator, args.heal)
 
 
-def _wants_heldout(config) -> bool:
-    """Allocators that check themselves on held-out calibration windows: D-Rank's β search, loss-aware's guard."""
-    from svdzip.allocate.common import truthy
-
-    return any(truthy(config.allocator_options.get(k, False)) for k in ("tune_beta", "guard"))
-
-
-def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | None, heldout: int = 0,
-                     out_dir: Path | None = None):
-    """Calibrate (or reuse statistics) and compress; `heldout` > 0 also draws that many calibration-corpus
-    windows the statistics never see (the window draw is a seeded permutation, so the first
-    `calib_samples` are exactly the usual ones), for tuning hyperparameters such as D-Rank's β."""
-    from svdzip.data import calibration_tokens, load_corpus
-    from svdzip.engine.pipeline import compress, prepare_statistics
-    from svdzip.methods.decompose import DATA_FREE
-
-    tokens = stats = None
-    needs_tokens = (config.method not in DATA_FREE or config.update or heldout
-                    or config.allocator in ("ara", "strs", "loss-aware"))
-    held = None
-    if needs_tokens:
-        corpus = load_corpus(config.corpus)
-        tokens = calibration_tokens(tokenizer, corpus, config.calib_samples + heldout, config.calib_seq_len,
-                                    config.seed)
-        tokens, held = tokens[: config.calib_samples], (tokens[config.calib_samples :] if heldout else None)
-    if config.method not in DATA_FREE:
-        stats = prepare_statistics(model, tokens, source, config, stats_path)
-    return compress(model, config, stats=stats, calib_tokens=tokens, heldout_tokens=held, out_dir=out_dir)
-
-
-def _dense_size(source: str, model) -> int:
+def _dense_size(model: str) -> int:
+    from svdzip.assets import resolve_model
     from svdzip.output.io import dir_size
 
-    path = Path(source)
-    size = dir_size(path) if path.is_dir() else 0
-    return size
+    path = Path(str(resolve_model(model)))
+    return dir_size(path) if path.is_dir() else 0
 
 
 def _peak_rss() -> int:
@@ -538,7 +417,7 @@ def _peak_rss() -> int:
 def _log_compress_report(result, summary: dict[str, Any]) -> None:
     from svdzip.output.report import human_bytes, module_table, rank_grid, role_summary, table
 
-    rows = [r.to_dict() for r in result.modules]
+    rows = result.modules
     log.debug("per-matrix report:\n%s", module_table(rows))
     headers, body = role_summary(rows)
     log.info("per-type report:\n%s", table(headers, body))
@@ -551,13 +430,15 @@ def _log_compress_report(result, summary: dict[str, Any]) -> None:
                  human_bytes(mem["reference_bytes"]), human_bytes(mem["planned_bytes"]),
                  human_bytes(summary["weight_bytes_in_memory"]), human_bytes(summary["size_bytes"]))
     asked = summary["ratio_requested"]
+    params = (f"; model {summary['model_params_before']:,} → {summary['model_params_after']:,} parameters"
+              if "model_params_after" in summary else "")
     log.info(
-        "%s: removed %.2f%% of decoder-linear parameters (asked %s), %d dense modules; model %s → %s "
-        "parameters; %s on disk (dense %s); %.1f s",
-        summary["method"], 100 * summary["ratio_achieved"],
-        "a memory budget" if asked is None else f"{100 * asked:.2f}%",
-        summary["dense_modules"], f"{summary['model_params_before']:,}", f"{summary['model_params_after']:,}",
+        "%s%s: removed %.2f%% of decoder-linear parameters (asked %s), %d dense modules%s; %s on disk (dense %s); "
+        "%.1f s with %d process(es)",
+        summary["method"], " (streamed)" if summary.get("streamed") else "", 100 * summary["ratio_achieved"],
+        "a memory budget" if asked is None else f"{100 * asked:.2f}%", summary["dense_modules"], params,
         human_bytes(summary["size_bytes"]), human_bytes(summary["dense_size_bytes"]), summary["seconds_total"],
+        summary.get("world_size", 1),
     )
 
 

@@ -16,9 +16,12 @@ import torch.multiprocessing as mp
 from conftest import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import svdzip.engine.streaming as streaming
+import svdzip.engine.calibrate as calibrate_mod
+import svdzip.engine.spectra as spectra_mod
+import svdzip.engine.writer as writer_mod
 from svdzip import CompressConfig, SvdzipError, compress, load
 from svdzip.engine.distributed import DistContext, assign_by_cost
+from svdzip.engine.driver import CompressRequest, run
 from svdzip.engine.resume import RunState
 from svdzip.output import io
 
@@ -50,8 +53,12 @@ def _logits(model) -> torch.Tensor:
         return model(PROBE).logits
 
 
-def _stream(source: Path, out: Path, run: Path | None, **kw):
-    return streaming.stream_compress(source, None, tiny_tokens(), _config(), out, state_dir=run, **kw)
+def _stream(source: Path, out: Path, run_dir: Path | None, stream: bool = True, ctx: DistContext | None = None,
+            **kw):
+    """The CLI's driver on a local checkpoint with given calibration tokens."""
+    request = CompressRequest(model=str(source), config=_config(), out=out, stream=stream, resume_dir=run_dir,
+                              tokens=tiny_tokens(), plots=False, **kw)
+    return run(request, ctx=ctx or DistContext())
 
 
 def _assert_same(out: Path, ref) -> None:
@@ -103,7 +110,7 @@ def test_resume_after_injected_faults_recomputes_only_the_rest(ckpt, tmp_path, m
             _stream(source, tmp_path / "out", run)
     monkeypatch.delenv("SVDZIP_FAULT")
     calls = {"layers": 0, "units": 0}
-    real_run, real_dec = streaming.run_layer, streaming.decompose
+    real_run, real_dec = calibrate_mod.run_layer, spectra_mod.decompose
 
     def count_layers(*a, **k):
         calls["layers"] += 1
@@ -113,8 +120,8 @@ def test_resume_after_injected_faults_recomputes_only_the_rest(ckpt, tmp_path, m
         calls["units"] += len(groups)
         return real_dec(adapter, stats, method, groups, *a, **k)
 
-    monkeypatch.setattr(streaming, "run_layer", count_layers)
-    monkeypatch.setattr(streaming, "decompose", count_units)
+    monkeypatch.setattr(calibrate_mod, "run_layer", count_layers)
+    monkeypatch.setattr(spectra_mod, "decompose", count_units)
     _stream(source, tmp_path / "out", run)
     assert calls == {"layers": 0, "units": 28 - 10}  # all 4 layers and units 0–9 came from disk
     _assert_same(tmp_path / "out", ref)
@@ -169,7 +176,7 @@ def test_write_error_keeps_previous_output(ckpt, tmp_path, monkeypatch):
     _stream(source, out, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
-    real = streaming.save_file
+    real = writer_mod.save_file
 
     def disk_full(*a, **k):
         calls["n"] += 1
@@ -177,7 +184,7 @@ def test_write_error_keeps_previous_output(ckpt, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(streaming, "save_file", disk_full)
+    monkeypatch.setattr(writer_mod, "save_file", disk_full)
     with pytest.raises(OSError, match="No space"):
         _stream(source, out, tmp_path / "run", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -215,31 +222,23 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, tmp: str, source: str) -> None:
     import torch.distributed as dist
 
+    import svdzip.engine.spectra as spectra_mod
     from svdzip.engine.distributed import DistContext
-    from svdzip.engine.pipeline import compress as compress_
-    from svdzip.engine.streaming import open_state, prepare_scaled, state_key, stream_compress
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     ctx = DistContext(rank=rank, world_size=world, backend="gloo")
-    config = CompressConfig(**CFG)
     computed = {"units": 0}
-    real = streaming.decompose
+    real = spectra_mod.decompose
 
     def counting(adapter, stats, method, groups, *a, **k):
         computed["units"] += len(groups)
         return real(adapter, stats, method, groups, *a, **k)
 
-    streaming.decompose = counting
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    state = open_state(Path(tmp) / "run-mem", state_key(source, config, ctx, False), False, ctx)
-    stats, units = prepare_scaled(model, tiny_tokens(), source, config, ctx, state)
+    spectra_mod.decompose = counting
+    _stream(Path(source), Path(tmp) / "mem", Path(tmp) / "run-mem", stream=False, ctx=ctx)
     owned = computed["units"]
-    if ctx.is_main:
-        result = compress_(model, config, stats=stats, calib_tokens=tiny_tokens(), units=units)
-        io.save(model, None, Path(tmp) / "mem", io.build_manifest(result.modules, result.summary, config.to_dict()))
-    stream_compress(source, None, tiny_tokens(), config, Path(tmp) / "stream", state_dir=Path(tmp) / "run-st",
-                    ctx=ctx)
+    _stream(Path(source), Path(tmp) / "stream", Path(tmp) / "run-st", ctx=ctx)
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps({"units_computed": owned}))
     dist.destroy_process_group()
 

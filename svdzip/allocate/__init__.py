@@ -17,6 +17,7 @@ from typing import Any
 from svdzip.budget import DENSE
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
+from svdzip.needs import Needs
 
 
 @dataclass
@@ -67,6 +68,24 @@ def get_allocator(name: str) -> Allocator:
     if name not in ALLOCATORS:
         raise SvdzipError(f"unknown allocator '{name}'; choose from {', '.join(sorted(ALLOCATORS))}")
     return ALLOCATORS[name]
+
+
+def allocator_needs(name: str, options: dict[str, Any]) -> Needs:
+    """What the allocator `name` needs with these options."""
+    from svdzip.allocate.common import truthy
+
+    get_allocator(name)
+    needs = Needs()
+    if name in ("ara", "strs"):
+        needs = Needs(calib_tokens=True, whole_model=True).because("it evaluates the model")
+    if name == "loss-aware":
+        needs = Needs(calib_tokens=True)
+        if str(options.get("signal", "fisher")) == "fisher":
+            needs = Needs(calib_tokens=True, whole_model=True, gradients=True).because(
+                "its fisher signal back-propagates through the model; --allocator-option signal=relative does not")
+    if any(truthy(options.get(k, False)) for k in ("tune_beta", "guard")):
+        needs = needs | Needs(heldout=True, whole_model=True).because("it checks itself on held-out windows")
+    return needs
 
 
 def spent(units: list[Unit], ranks: list[int | None]) -> int:

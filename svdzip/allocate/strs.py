@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from svdzip.allocate import AllocationContext, register
 from svdzip.budget import DENSE, max_useful_rank
-from svdzip.engine.calibrate import _non_layers_on, _to, capture_layer_inputs, run_layer
+from svdzip.engine.layerwise import capture_layer_inputs, layer_on, non_layers_on, run_layer, to_device
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import truncate
@@ -100,20 +100,15 @@ class _SuffixEvaluator:
         self.dense_ppl = self._head(self.hidden[-1])
 
     def _layer(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        layer = self.adapter.layers[index]
-        home = next(layer.parameters()).device
-        layer.to(self.device)
-        try:
+        with layer_on(self.adapter.layers[index], self.device) as layer:
             return run_layer(layer, hidden, self.kwargs[index], self.device)
-        finally:
-            layer.to(home)
 
     @torch.no_grad()
     def _head(self, hidden: list[torch.Tensor]) -> float:
         total = 0.0
-        with _non_layers_on(self.model, self.adapter, self.device):
+        with non_layers_on(self.model, self.adapter, self.device):
             for b, h in enumerate(hidden):
-                ids = _to(self.tokens[b * self.batch_size : (b + 1) * self.batch_size], self.device)
+                ids = to_device(self.tokens[b * self.batch_size : (b + 1) * self.batch_size], self.device)
                 total += float(self._nll(self._logits(self.model, self.adapter, ids, h.to(self.device)), ids))
         mean = total / self.count
         return math.exp(mean) if mean < 700 else math.inf

@@ -1,9 +1,12 @@
-"""compress(): load → calibrate → decompose → allocate → materialise (→ update), in one direction."""
+"""compress(): calibrate → decompose → allocate → materialise (→ update) on a model in memory.
+
+The Python API's entry point and the in-memory half of the driver (`engine.driver`): the driver passes
+the statistics and spectra it computed in its mode; called alone, compress() computes them with the
+same engine functions.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,9 +19,10 @@ from torch import nn
 from svdzip.allocate import AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
 from svdzip.config import CompressConfig
-from svdzip.engine.calibrate import CalibrationStats, collect_statistics
+from svdzip.engine.calibrate import collect_statistics
+from svdzip.engine.statistics import CalibrationStats, default_stats_path, statistics_key
 from svdzip.errors import SvdzipError
-from svdzip.methods.decompose import DATA_FREE, Unit, decompose, group_linears
+from svdzip.methods.decompose import Unit, group_linears, method_needs
 from svdzip.methods.materialise import ModuleReport, materialise
 from svdzip.models.adapter import ModelAdapter
 
@@ -71,39 +75,26 @@ def compress(
     timings: dict[str, float] = {}
     params_before = count_params(model)
     dense_linear = adapter.decoder_linear_params()
-
-    if config.method == "fwsvd" and (stats is None or not stats.fisher):
-        if calib_tokens is None:
-            raise SvdzipError("fwsvd needs calibration tokens to measure Fisher information")
-        stats = stats or CalibrationStats()
-        timings["fisher_s"] = add_fisher(stats, model, calib_tokens, config)
-    if config.method not in DATA_FREE and stats is None:
+    wanted = method_needs(config).statistics
+    if wanted and (stats is None or not wanted <= stats.kinds):
         if calib_tokens is None:
             raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")
         t0 = time.perf_counter()
-        stats = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device)
+        stats = _complete_statistics(stats, model, calib_tokens, config, wanted)
         timings["calibrate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    groups = group_linears(adapter, config.share_roles, config.group_size)
-    if units is None:  # precomputed spectra come from the distributed / resumable engine (streaming.py)
-        units = decompose(adapter, stats, config.method, groups, config.asvd_alpha, config.asvd_scaling,
-                          device=config.device)
+    if units is None:  # the driver passes spectra it computed in its mode (spread over ranks, resumed)
+        from svdzip.engine.spectra import decompose_units
+
+        groups = group_linears(adapter, config.share_roles, config.group_size)
+        units = decompose_units(adapter, stats, config, groups, device=config.device)
     timings["decompose_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    unit_dense = sum(u.dense_params for u in units)
-    ctx = AllocationContext(
-        ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio),
-        options=_allocator_options(config, heldout_tokens),
-        adapter=adapter, model=model, stats=stats, calib_tokens=calib_tokens, device=config.device,
-        seed=config.seed, out_dir=out_dir,
-    )
-    memory_plan = None
-    if config.memory_budget:
-        ranks, memory_plan = _allocate_memory(model, units, ctx, config)
-    else:
-        ranks = allocate(config.allocator, units, ctx)
+    ranks, memory_plan, options = allocate_units(units, config, adapter, model=model, stats=stats,
+                                                 calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
+                                                 out_dir=out_dir)
     timings["allocate_s"] = time.perf_counter() - t0
 
     # the update's target is the ORIGINAL weight's output: keep the dense modules (no copy) until then
@@ -143,7 +134,7 @@ def compress(
 
         summary["memory"] = {**memory_plan.to_dict(),
                              "planned_bytes": memory_plan.fixed_bytes + spent(price(units, memory_plan.pricing), ranks),
-                             "params_first_ratio": ctx.options.get("params_first_ratio")}
+                             "params_first_ratio": options.get("params_first_ratio")}
     if config.quantize:
         summary["quantize"] = {"precision": config.quantize, "scope": config.quantize_scope}
     log.info("%s: removed %.4f of decoder linear parameters (asked %.4f); model %d → %d parameters",
@@ -151,6 +142,26 @@ def compress(
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
                              units=units)
+
+
+def allocate_units(units: list[Unit], config: CompressConfig, adapter: ModelAdapter, *, model: nn.Module | None,
+                   stats: Any = None, calib_tokens: torch.Tensor | None = None,
+                   heldout_tokens: torch.Tensor | None = None, out_dir: Any = None):
+    """Ranks for the units under the config's budget (parameters, or bytes); the same for every mode.
+
+    Returns (ranks, memory plan or None, the options the allocator saw).
+    """
+    unit_dense = sum(u.dense_params for u in units)
+    ctx = AllocationContext(
+        ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio),
+        options=_allocator_options(config, heldout_tokens),
+        adapter=adapter, model=model, stats=stats, calib_tokens=calib_tokens, device=config.device,
+        seed=config.seed, out_dir=out_dir,
+    )
+    if config.memory_budget:
+        ranks, memory_plan = _allocate_memory(model, units, ctx, config)
+        return ranks, memory_plan, ctx.options
+    return allocate(config.allocator, units, ctx), None, ctx.options
 
 
 def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: CompressConfig):
@@ -215,28 +226,38 @@ def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:
 
 
 def calibration_meta(source: str, config: CompressConfig) -> dict[str, Any]:
-    """What the statistics depend on; a mismatch with a saved file is refused, never silently mixed."""
+    """Where the statistics came from (provenance only; the cache key is their content, `statistics_key`)."""
     return {"model": str(source), "corpus": config.corpus, "samples": config.calib_samples,
             "seq_len": config.calib_seq_len, "seed": config.seed}
 
 
-def default_stats_path(meta: dict[str, Any]) -> Path:
-    from svdzip.assets import cache_dir
-
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "stats" / f"{key}.safetensors"
+def _complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_tokens: torch.Tensor,
+                         config: CompressConfig, wanted: frozenset[str] | set[str]) -> CalibrationStats:
+    """`stats` with every wanted kind: the missing input kinds calibrated, Fisher from its backward pass."""
+    stats = stats or CalibrationStats(tokens=int(calib_tokens.numel()))
+    missing = set(wanted) - stats.kinds
+    inputs = missing - {"fisher"}
+    if inputs:
+        fresh = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, kinds=inputs)
+        stats.tokens, stats.batches = fresh.tokens, fresh.batches
+        stats.merge(fresh)
+    if "fisher" in missing:
+        add_fisher(stats, model, calib_tokens, config)
+    return stats
 
 
 def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str, config: CompressConfig,
-                       stats_path: str | Path | None = None) -> CalibrationStats:
-    """Load the statistics for this (model, corpus, samples, length, seed) or compute and save them.
+                       stats_path: str | Path | None = None, kinds: frozenset[str] | set[str] | None = None
+                       ) -> CalibrationStats:
+    """Load the statistics of these weights and tokens (batch size included) or compute and save them.
 
-    FWSVD's Fisher information needs a backward pass over the calibration text; it is computed on the
-    dense model the first time an fwsvd run asks for it and saved into the same file, so the next
-    fwsvd run at any ratio skips it.
+    The default file is keyed by a hash of the weights' and the tokens' content, so a changed model or
+    corpus can never reuse stale statistics. A kind the file lacks (Gram matrices for an ASVD-only file,
+    FWSVD's Fisher information) is computed and added to it, so the next run at any ratio skips it.
     """
-    meta = calibration_meta(source, config)
-    path = Path(stats_path) if stats_path else default_stats_path(meta)
+    kinds = set(kinds if kinds is not None else method_needs(config).statistics)
+    key = statistics_key(model, calib_tokens, config.calib_batch_size)
+    path = Path(stats_path) if stats_path else default_stats_path(key)
     stats = None
     if path.exists():
         try:
@@ -246,18 +267,18 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
                 raise
             log.warning("%s; recomputing", exc)
         else:
-            if stats.meta != meta:
-                raise SvdzipError(f"statistics at {path} were computed for {stats.meta}, not {meta}; "
-                                  "use another --stats path")
+            if stats.meta.get("key") != key:
+                raise SvdzipError(f"statistics at {path} were computed for other weights, tokens or batch size "
+                                  f"({stats.meta.get('source', stats.meta)}); use another --stats path")
             log.info("reusing calibration statistics from %s", path)
-    if stats is None:
-        stats = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, meta=meta)
+    missing = kinds - (stats.kinds if stats is not None else set())
+    if stats is None or missing:
+        t0 = time.perf_counter()
+        stats = _complete_statistics(stats, model, calib_tokens, config, kinds)
+        stats.meta = {"key": key, "source": calibration_meta(source, config)}
         stats.save(path)
-        log.info("calibration statistics saved to %s", path)
-    if config.method == "fwsvd" and not stats.fisher:
-        seconds = add_fisher(stats, model, calib_tokens, config)
-        stats.save(path)
-        log.info("Fisher information (%.0f s) added to %s", seconds, path)
+        log.info("calibration statistics (%s, %.0f s) saved to %s", ", ".join(sorted(missing)),
+                 time.perf_counter() - t0, path)
     return stats
 
 

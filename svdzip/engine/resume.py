@@ -154,3 +154,18 @@ class RunState:
             log.warning("unit file %s is for %s, not %s; recomputing", self.unit_path(index), info.get("name"), name)
             return None
         return tensors["sigma2"], tensors["basis"], float(info.get("seconds", 0.0))
+
+
+def fault(stage: str, index: int) -> None:
+    """`SVDZIP_FAULT=calib:1` raises after calibrating layer 1; `…:kill` dies like SIGKILL (no cleanup).
+
+    Fault injection for the resume tests and the scale benchmark's fault table.
+    """
+    spec = os.environ.get("SVDZIP_FAULT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == stage and int(parts[1]) == index:
+        if len(parts) > 2 and parts[2] == "kill":
+            os._exit(137)
+        raise RuntimeError(f"injected fault after {stage} {index}")

@@ -24,10 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from svdzip.budget import DENSE, Pricing, max_useful_rank, rank_cost, unit_params
-from svdzip.engine.calibrate import CalibrationStats
+from svdzip.engine.statistics import CalibrationStats
 from svdzip.errors import SvdzipError
 from svdzip.methods.linalg import Spectrum, gram_factor, weighted_spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
+from svdzip.needs import Needs
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +188,17 @@ def decompose(
         spectrum = Spectrum(sigma2=spectrum.sigma2.cpu(), basis=spectrum.basis.cpu())
         result.append(Unit(members=list(members), spectrum=spectrum, seconds=time.perf_counter() - t0))
     return result
+
+
+def method_needs(config) -> Needs:
+    """What a factorisation method needs from the run (its calibration statistics above all)."""
+    if config.method not in METHODS:
+        raise SvdzipError(f"unknown factorisation method '{config.method}'; choose from {', '.join(METHODS)}")
+    if config.method == "svdllm":
+        return Needs(statistics=frozenset({"grams"}))
+    if config.method == "asvd":
+        return Needs(statistics=frozenset({"abs_mean", "abs_max"}))
+    if config.method == "fwsvd":
+        return Needs(statistics=frozenset({"fisher"}), calib_tokens=True, whole_model=True, gradients=True,
+                     distributable=False).because("its Fisher pass back-propagates through the whole model")
+    return Needs()

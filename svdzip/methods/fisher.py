@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.engine.calibrate import _first_output, _non_layers_on, _to, capture_layer_inputs
+from svdzip.engine.layerwise import capture_layer_inputs, first_output, layer_on, non_layers_on, to_device
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
 
@@ -118,7 +118,7 @@ def collect_fisher(
             handles.append(w.register_post_accumulate_grad_hook(reducer(name)))
         inputs = capture_layer_inputs(model, adapter, calib_tokens, batch_size, device, offload)
         n_batches = len(inputs.hidden)
-        with _non_layers_on(model, adapter, device):
+        with non_layers_on(model, adapter, device):
             for b in tqdm(range(n_batches), desc="Fisher (layer-wise backward)", unit="batch"):
                 ids = calib_tokens[b * batch_size : (b + 1) * batch_size].to(device)
                 count = ids.shape[0] * (ids.shape[1] - 1)
@@ -128,15 +128,15 @@ def collect_fisher(
                 with torch.no_grad():
                     for i, layer in enumerate(adapter.layers):
                         layer_in.append(h)
-                        with _layer_on(layer, device):
-                            h = _first_output(layer(h.to(device), **_to(inputs.kwargs[i][b], device))).to(offload)
+                        with layer_on(layer, device):
+                            h = first_output(layer(h.to(device), **to_device(inputs.kwargs[i][b], device))).to(offload)
                 grad = _grad_at_final(model, adapter, ids, h.to(device), count)
                 # backward, one layer at a time (recomputed with grad)
                 for i in reversed(range(adapter.num_layers)):
                     layer = adapter.layers[i]
-                    with _layer_on(layer, device), torch.enable_grad():
+                    with layer_on(layer, device), torch.enable_grad():
                         x = layer_in[i].to(device).requires_grad_(True)
-                        out = _first_output(layer(x, **_to(inputs.kwargs[i][b], device)))
+                        out = first_output(layer(x, **to_device(inputs.kwargs[i][b], device)))
                         out.backward(grad)
                         grad = x.grad
                     layer_in[i] = None  # type: ignore[call-overload]
@@ -154,19 +154,6 @@ def collect_fisher(
     log.info("Fisher information of %d linears from %d tokens in %d batches", len(fisher),
              calib_tokens.numel(), n_batches)
     return fisher
-
-
-@contextmanager
-def _layer_on(layer: nn.Module, device: torch.device):
-    """Move one decoder layer to `device` for a while (a no-op when it already lives there)."""
-    home = next(layer.parameters()).device
-    if home != device:
-        layer.to(device)
-    try:
-        yield
-    finally:
-        if home != device:
-            layer.to(home)
 
 
 __all__ = ["collect_fisher", "logits_from_final_hidden", "next_token_nll"]

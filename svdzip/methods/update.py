@@ -30,11 +30,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.engine.calibrate import _first_output, _to, capture_layer_inputs, run_layer
+from svdzip.engine.layerwise import capture_layer_inputs, first_output, layer_on, run_layer, to_device
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.models.adapter import LinearInfo, ModelAdapter
 from svdzip.models.lowrank import LowRankLinear
+from svdzip.needs import Needs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _capture_grams(layer: nn.Module, hooked: dict[str, nn.Module], hidden: list[
     try:
         for h, kw in zip(hidden, kwargs, strict=True):
             with suppress(_Captured):
-                _first_output(layer(h.to(device), **_to(kw, device)))
+                first_output(layer(h.to(device), **to_device(kw, device)))
     finally:
         for handle in handles:
             handle.remove()
@@ -150,46 +151,44 @@ def apply_update(
     hidden = inputs.hidden
     report: dict[str, tuple[float, float]] = {}
     for index in tqdm(range(adapter.num_layers), desc=f"{name} update", unit="layer"):
-        layer = adapter.layers[index]
         kwargs = inputs.kwargs[index]
         infos = [i for i in adapter.layer_linears(index) if i.name in factorised]
-        home = next(layer.parameters()).device
-        if infos and name == "svdllm":
-            # X' from the ORIGINAL layer on the deviated inputs (SVD-LLM's code): swap the dense
-            # linears back in for one capture pass
-            low_rank = {info.name: adapter.module(info.name) for info in infos}
-            for info in infos:
-                adapter.set_module(info.name, originals[info.name])
-            layer.to(device)
-            try:
-                hooked = {s[0].input_key: originals[s[0].name] for s in _stages(infos)}
-                grams = _capture_grams(layer, hooked, hidden, kwargs, device, stop=False)
-            finally:
-                layer.to(home)
+        with layer_on(adapter.layers[index], device) as layer:
+            if infos and name == "svdllm":
+                # X' from the ORIGINAL layer on the deviated inputs (SVD-LLM's code): swap the dense
+                # linears back in for one capture pass
+                low_rank = {info.name: adapter.module(info.name) for info in infos}
+                homes = {info.name: originals[info.name].weight.device for info in infos}
                 for info in infos:
-                    adapter.set_module(info.name, low_rank[info.name])
-            for info in infos:
-                _refit(info, low_rank[info.name], originals[info.name].weight, grams[info.input_key], report)
-        elif infos:
-            # X' from the compressed layer, stage by stage (Basis Sharing's coefficient update)
-            layer.to(device)
-            try:
+                    adapter.set_module(info.name, originals[info.name].to(device))
+                try:
+                    hooked = {s[0].input_key: originals[s[0].name] for s in _stages(infos)}
+                    grams = _capture_grams(layer, hooked, hidden, kwargs, device, stop=False)
+                finally:
+                    for info in infos:
+                        adapter.set_module(info.name, low_rank[info.name])
+                        originals[info.name].to(homes[info.name])
+                for info in infos:
+                    _refit(info, low_rank[info.name], originals[info.name].weight, grams[info.input_key], report)
+            elif infos:
+                # X' from the compressed layer, stage by stage (Basis Sharing's coefficient update)
                 for stage in _stages(infos):
                     hooked = {stage[0].input_key: adapter.module(stage[0].name)}
                     grams = _capture_grams(layer, hooked, hidden, kwargs, device, stop=True)
                     for info in stage:
                         _refit(info, adapter.module(info.name), originals[info.name].weight,
                                grams[info.input_key], report)
-            finally:
-                layer.to(home)
-        layer.to(device)
-        try:
             hidden = run_layer(layer, hidden, kwargs, device)
-        finally:
-            layer.to(home)
     if report:
         before = sum(b for b, _ in report.values())
         after = sum(a for _, a in report.values())
         log.info("%s update refitted %d linears on %d tokens: fitted output error %.4g → %.4g (%.1f%%)",
                  name, len(report), tokens.numel(), before, after, 100 * (after / before - 1) if before else 0)
     return report
+
+
+def update_needs(name: str) -> Needs:
+    """Both updates re-run every layer on the compressed model's own hidden states, the model in memory."""
+    if name not in UPDATES:
+        raise SvdzipError(f"unknown update '{name}'; choose from {', '.join(UPDATES)}")
+    return Needs(calib_tokens=True, whole_model=True).because(f"the '{name}' update walks the compressed model")

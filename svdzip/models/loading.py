@@ -22,17 +22,25 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-               ) -> tuple[nn.Module, object, str]:
-    """Returns (model in eval mode on `device`, tokenizer, resolved source path or hub id)."""
+def load_tokenizer(source: str) -> object:
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SvdzipError(f"cannot load the tokenizer of '{source}': {first}") from exc
+
+
+def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               with_tokenizer: bool = True) -> tuple[nn.Module, object, str]:
+    """Returns (model in eval mode on `device`, tokenizer or None, resolved source path or hub id)."""
     from svdzip.assets import resolve_model
     from svdzip.output import io
 
     source = resolve_model(name_or_path)
     if Path(source).is_dir():
         io.read_manifest(source)  # clear errors for corrupted or foreign directories
+    tokenizer = load_tokenizer(source) if with_tokenizer else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as exc:  # transformers raises many types for a bad or unreachable model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +189,12 @@ def _fill_bias_flags(model: nn.Module, manifest: SvdzipConfig) -> None:
 
 
 def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest: SvdzipConfig,
-         overwrite: bool = False, report: dict[str, Any] | None = None) -> Path:
+         overwrite: bool = False, report: dict[str, Any] | None = None,
+         artefacts: Callable[[Path], None] | None = None) -> Path:
     """Write the compressed model atomically: into a temporary sibling directory, then rename.
 
-    An existing `out_dir` is refused unless `overwrite`; a failure leaves it as it was.
+    An existing `out_dir` is refused unless `overwrite`; a failure leaves it as it was. `artefacts(tmp)`
+    adds plots and other files before the directory appears, so it never appears without them.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -227,6 +230,8 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest:
             tokenizer.save_pretrained(tmp)
         full_report = {**manifest.details, **(report or {})}
         (tmp / "svdzip_report.json").write_text(json.dumps(full_report, indent=2, default=str))
+        if artefacts is not None:
+            artefacts(tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,391 @@
+"""The one compress driver, for every mode: in memory, streamed from disk, resumable, over torch.distributed.
+
+    plan (refuse what the mode cannot do) → load or skeleton → calibration tokens → statistics →
+    spectra → [rank 0] allocate → materialise (+ update, + recovery) or the streamed writer → output
+
+A mode changes where weights live (`ResidentWeights` or `StreamedWeights`), whether each step is
+checkpointed (`RunState`) and how work is split (`DistContext`); the steps are the same functions.
+What each part needs (`svdzip.needs`) is checked against the mode before any weight is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svdzip.config import CompressConfig
+from svdzip.engine.distributed import DistContext
+from svdzip.engine.resume import RunState
+from svdzip.errors import SvdzipError
+from svdzip.needs import Mode, Needs, refuse_unsupported
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressRequest:
+    """Everything `svdzip compress` is asked; the CLI fills it from its flags."""
+
+    model: str  # alias, local directory or hub id
+    config: CompressConfig
+    out: Path
+    overwrite: bool = False
+    stream: bool | None = False  # None: stream when the model would not fit in memory
+    resume_dir: Path | None = None
+    restart: bool = False
+    stats_path: str | None = None  # in-memory, one process: where the statistics are cached
+    heldout_samples: int = 8  # held-out calibration windows, for parts that declare `heldout`
+    save_dtype: torch.dtype = torch.float32
+    heal: Any = None  # a recover.HealConfig, or None
+    plots: bool = True
+    tokens: torch.Tensor | None = None  # calibration tokens given directly (tests, the Python API)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    summary: dict[str, Any]
+    ranks: dict[str, int | None] = field(default_factory=dict)
+    modules: list[dict[str, Any]] = field(default_factory=list)  # one row per compressible linear
+
+
+def part_needs(config: CompressConfig, heal: Any = None) -> dict[str, Needs]:
+    """What every part of this run declares, by label (the labels name them in error messages)."""
+    from svdzip.allocate import allocator_needs
+    from svdzip.methods.decompose import method_needs
+    from svdzip.methods.update import update_needs
+
+    parts = {f"--method {config.method}": method_needs(config),
+             f"--allocator {config.allocator}": allocator_needs(config.allocator, config.allocator_options)}
+    if config.update:
+        parts[f"--update {config.update}"] = update_needs(config.update)
+    if config.group_size > 1:
+        parts["Basis Sharing across layers (--group-size)"] = Needs(whole_model=True).because(
+            "a shared basis stacks matrices of several layers")
+    if config.memory_budget or config.quantize:
+        parts["memory budgets and --quantize"] = Needs(whole_model=True).because(
+            "bytes are planned and quantized on the model in memory")
+    if heal is not None:
+        parts[f"--heal {heal.method}"] = Needs(calib_tokens=True, distributable=False).because(
+            "healing trains on one process; under torchrun compress first, then run `svdzip heal OUT`")
+    return parts
+
+
+def union(parts: dict[str, Needs]) -> Needs:
+    total = Needs()
+    for needs in parts.values():
+        total = total | needs
+    return total
+
+
+def state_key(source: str, config: CompressConfig, ctx: DistContext, streamed: bool) -> dict[str, Any]:
+    """What calibration statistics and spectra depend on (ratio and allocator are not part of it)."""
+    return {"model": str(source), "corpus": config.corpus, "samples": config.calib_samples,
+            "seq_len": config.calib_seq_len, "seed": config.seed, "batch_size": config.calib_batch_size,
+            "method": config.method, "group_size": config.group_size, "share_roles": list(config.share_roles),
+            "asvd_alpha": config.asvd_alpha, "asvd_scaling": config.asvd_scaling,
+            "world_size": ctx.world_size, "streamed": streamed}
+
+
+def open_state(root: str | Path, key: dict[str, Any], restart: bool, ctx: DistContext) -> RunState:
+    """Rank 0 checks (and with `restart` wipes) the run directory first; the others follow."""
+    state = RunState(root, key, restart=restart, writer=True) if ctx.is_main else None
+    ctx.barrier()
+    return state or RunState(root, key, restart=False, writer=False)
+
+
+def calibration_tokens_for(tokenizer: Any, config: CompressConfig, needs: Needs, heldout_samples: int,
+                           given: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The calibration windows (and held-out ones) if any part needs text; a seeded, disjoint draw."""
+    if not needs.data:
+        return None, None
+    if given is not None:
+        return given, None
+    from svdzip.data import calibration_tokens, load_corpus
+
+    extra = heldout_samples if needs.heldout else 0
+    tokens = calibration_tokens(tokenizer, load_corpus(config.corpus), config.calib_samples + extra,
+                                config.calib_seq_len, config.seed)
+    return tokens[: config.calib_samples], (tokens[config.calib_samples :] if extra else None)
+
+
+def run(request: CompressRequest, ctx: DistContext | None = None) -> RunResult | None:
+    """Compress `request.model` into `request.out` in whatever mode was asked; the result on rank 0."""
+    from svdzip.engine.distributed import device_for_rank, init_from_env, shutdown
+
+    owned = ctx is None
+    ctx = ctx or init_from_env(request.config.device)
+    request.config.device = device_for_rank(request.config.device, ctx)
+    try:
+        return _run(request, ctx)
+    finally:
+        if owned:
+            shutdown(ctx)
+
+
+def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
+    from svdzip.assets import resolve_model
+    from svdzip.engine.checkpoint import should_stream
+
+    config = request.config.validate()
+    out = Path(request.out)
+    if out.exists() and not request.overwrite:
+        raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
+    source = str(resolve_model(request.model))
+    streamed = bool(request.stream)
+    if request.stream is None and should_stream(source):
+        log.warning("the model is larger than 60%% of the available memory: streaming it layer by layer")
+        streamed = True
+    mode = Mode(streamed=streamed, resumable=request.resume_dir is not None, world_size=ctx.world_size)
+    parts = part_needs(config, request.heal)
+    refuse_unsupported(parts, mode)
+    if streamed and ctx.enabled and request.resume_dir is None:
+        raise SvdzipError("distributed streaming needs a shared --resume-dir for the per-layer statistics")
+    if request.heal is not None and (mode.streamed or mode.resumable):
+        return _compress_then_heal(request, source, ctx)
+    return _compress(request, source, mode, union(parts), ctx)
+
+
+def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, ctx: DistContext
+              ) -> RunResult | None:
+    config, out = request.config, Path(request.out)
+    t_start = time.perf_counter()
+    model, tokenizer, weights, reader = _open_model(source, config, mode.streamed, request.tokens is None)
+    from svdzip.models.adapter import ModelAdapter
+
+    adapter = ModelAdapter(model)
+    torch.manual_seed(config.seed)
+    tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens)
+    temp_state = mode.streamed and request.resume_dir is None
+    root = Path(tempfile.mkdtemp(prefix="svdzip-run-")) if temp_state else request.resume_dir
+    timings: dict[str, float] = {}
+    try:
+        state = None
+        if root is not None:
+            state = open_state(root, {**state_key(source, config, ctx, mode.streamed),
+                                      **({"tokens_given": True} if request.tokens is not None else {})},
+                               request.restart, ctx)
+        t0 = time.perf_counter()
+        stats = _statistics(model, adapter, tokens, source, config, needs, weights, state, ctx, mode,
+                            request.stats_path)
+        timings["calibrate_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        from svdzip.engine.spectra import decompose_units
+        from svdzip.methods.decompose import group_linears
+
+        groups = group_linears(adapter, config.share_roles, config.group_size)
+        units = decompose_units(adapter, stats, config, groups, weights=weights, on_disk=mode.streamed, state=state,
+                                ctx=ctx, device=config.device)
+        timings["decompose_s"] = time.perf_counter() - t0
+        ctx.barrier()
+        if not ctx.is_main:
+            return None
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.alloc-", dir=_parent(out)))
+        try:
+            if mode.streamed:
+                result = _write_streamed(request, model, adapter, reader, units, stats, tokenizer, state, staging,
+                                         timings)
+            else:
+                result = _finish_in_memory(request, model, tokenizer, source, stats, units, tokens, heldout, staging,
+                                           timings, ctx.world_size)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if temp_state:
+            shutil.rmtree(root, ignore_errors=True)
+    result.summary.update(seconds_total=round(time.perf_counter() - t_start, 2), world_size=ctx.world_size,
+                          streamed=mode.streamed)
+    return result
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokenizer: bool):
+    """The model in memory, or (streaming) a meta-device skeleton with a checkpoint reader behind it.
+
+    Without `with_tokenizer` (calibration tokens given directly) a bare checkpoint is enough.
+    """
+    from svdzip.engine.layerwise import ResidentWeights
+    from svdzip.models.adapter import ModelAdapter
+    from svdzip.models.loading import load_model, load_tokenizer
+
+    if not streamed:
+        model, tokenizer, _ = load_model(source, config.device, with_tokenizer=with_tokenizer)
+        return model, tokenizer, ResidentWeights(model, ModelAdapter(model)), None
+    from svdzip.engine.checkpoint import CheckpointReader, StreamedWeights, skeleton
+
+    reader = CheckpointReader(source)
+    model = skeleton(source, torch.float32)
+    tokenizer = load_tokenizer(source) if with_tokenizer else None
+    return model, tokenizer, StreamedWeights(model, ModelAdapter(model), reader, torch.float32), reader
+
+
+def _statistics(model, adapter, tokens, source: str, config: CompressConfig, needs: Needs, weights, state, ctx,
+                mode: Mode, stats_path: str | None):
+    """Only the statistics the parts declare: cached by content in memory, checkpointed in a run directory."""
+    kinds = set(needs.statistics) - {"fisher"}
+    if not needs.statistics:
+        return None
+    from svdzip.engine.pipeline import calibration_meta
+
+    if state is None and not ctx.enabled and not mode.streamed:
+        from svdzip.engine.pipeline import prepare_statistics
+
+        return prepare_statistics(model, tokens, source, config, stats_path, kinds=needs.statistics)
+    from svdzip.engine.calibrate import calibrate
+
+    stats = None
+    if kinds:
+        stats = calibrate(model, adapter, tokens, config.calib_batch_size, config.device, kinds, weights=weights,
+                          state=state, ctx=ctx, meta=calibration_meta(source, config), on_disk=mode.streamed)
+    if "fisher" in needs.statistics:  # declared non-streamable and non-distributable: in memory, one process
+        from svdzip.engine.pipeline import add_fisher
+        from svdzip.engine.statistics import CalibrationStats
+
+        stats = stats or CalibrationStats(tokens=int(tokens.numel()), meta=calibration_meta(source, config))
+        add_fisher(stats, model, tokens, config)
+    return stats
+
+
+def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, stats, units, tokens, heldout,
+                      staging: Path, timings: dict[str, float], world_size: int) -> RunResult:
+    """Allocate, materialise (+ update), recover, store and save — artefacts in place before the output appears."""
+    from svdzip.engine.pipeline import compress, store
+    from svdzip.output import io
+
+    config = request.config
+    result = compress(model, config, stats=stats, calib_tokens=tokens, units=units, heldout_tokens=heldout,
+                      out_dir=staging)
+    result.summary.update({k: round(v, 3) for k, v in timings.items()})
+    heal_report = _heal_in_memory(model, tokenizer, source, request.heal) if request.heal is not None else None
+    quantized = store(result, request.save_dtype)  # after healing: the factors train in float32
+    manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
+    manifest.details["source_model"] = str(source)
+    manifest.details["provenance"]["world_size"] = world_size
+    if quantized:
+        from svdzip.output.quantize import quantization_record
+
+        manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope,
+                                                    request.save_dtype)
+    if heal_report is not None:
+        from svdzip.recover.directory import record_recovery
+
+        record_recovery(manifest, heal_report)
+        result.summary["heal_s"] = round(heal_report.seconds, 2)
+    rows = [r.to_dict() for r in result.modules]
+
+    def artefacts(tmp: Path) -> None:
+        _move_artefacts(staging, tmp)
+        if request.plots:
+            _plots(tmp, rows, result.effective_ranks, source, config)
+
+    io.save(model, tokenizer, request.out, manifest, overwrite=request.overwrite,
+            report={"modules": rows, "effective_ranks": result.effective_ranks}, artefacts=artefacts)
+    from svdzip.output.quantize import parameter_bytes
+
+    summary = {**result.summary, "out": str(request.out), "size_bytes": io.dir_size(request.out),
+               "weight_bytes_in_memory": parameter_bytes(model)}
+    return RunResult(out=Path(request.out), summary=summary, ranks=result.ranks, modules=rows)
+
+
+def _write_streamed(request: CompressRequest, model, adapter, reader, units, stats, tokenizer, state: RunState,
+                    staging: Path, timings: dict[str, float]) -> RunResult:
+    from svdzip.engine.pipeline import allocate_units, unit_effective_ranks
+    from svdzip.engine.writer import write_streamed
+    from svdzip.output import io
+
+    config = request.config
+    t0 = time.perf_counter()
+    ranks, _, _ = allocate_units(units, config, adapter, model=None, stats=stats, out_dir=staging)
+    timings["allocate_s"] = time.perf_counter() - t0
+    from svdzip.allocate import spent
+
+    dense = sum(u.dense_params for u in units)
+    effective = unit_effective_ranks(units)
+
+    def artefacts(tmp: Path, rows: list[Any]) -> None:
+        _move_artefacts(staging, tmp)
+        if request.plots:
+            _plots(tmp, [r.to_dict() for r in rows], effective, str(reader.dir), config)
+
+    t0 = time.perf_counter()
+    rows = write_streamed(model, adapter, reader, units, ranks, state, tokenizer, Path(request.out), config,
+                          torch.float32, request.save_dtype,
+                          summary_extra={"ratio_achieved": 1.0 - spent(units, ranks) / dense,
+                                         "effective_ranks": effective, "timings": timings},
+                          artefacts=artefacts)
+    timings["write_s"] = time.perf_counter() - t0
+    summary = {**io.read_manifest(request.out)["details"]["summary"], **{k: round(v, 3) for k, v in timings.items()},
+               "out": str(request.out), "size_bytes": io.dir_size(request.out)}
+    summary.pop("effective_ranks", None)
+    return RunResult(out=Path(request.out), summary=summary, ranks={r.name: r.rank for r in rows},
+                     modules=[r.to_dict() for r in rows])
+
+
+def _move_artefacts(staging: Path, into: Path) -> None:
+    for artefact in staging.iterdir():
+        shutil.move(str(artefact), into / artefact.name)
+
+
+def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str, config: CompressConfig) -> None:
+    from svdzip.output.plots import write_plots
+
+    what = (f"{100 * config.budget_fraction:.0f}% of the bf16 bytes" if config.budget_fraction
+            else "a byte budget" if config.memory_budget else f"{100 * config.ratio:.0f}% removed")
+    write_plots(directory, rows, effective, title=f"{Path(str(source)).name}: {config.label} at {what}")
+
+
+def _heal_in_memory(model, tokenizer, source: str, heal_config):
+    """Heal the just-compressed model against a fresh copy of its dense source."""
+    from svdzip.models.loading import load_model
+    from svdzip.recover import heal, heal_windows
+
+    teacher, _, _ = load_model(source, heal_config.device)
+    report = heal(model, teacher, heal_windows(tokenizer, heal_config), heal_config)
+    warn_if_stopped(report)
+    return report
+
+
+def warn_if_stopped(report) -> None:
+    if report.stopped == "nan":
+        log.warning("healing stopped on a non-finite loss; the factors of the last good held-out check were kept")
+
+
+def _compress_then_heal(request: CompressRequest, source: str, ctx: DistContext) -> RunResult:
+    """Streamed / resumable compression into a staging directory, then the heal from it into `out`.
+
+    With --resume-dir both stages checkpoint there (`compressed/`, `heal/`), so rerunning the command
+    continues where a killed run stopped.
+    """
+    from dataclasses import replace
+
+    from svdzip.output import io
+    from svdzip.recover.directory import heal_directory
+
+    out = Path(request.out)
+    work = request.resume_dir or Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
+    try:
+        staged = replace(request, out=Path(work) / "compressed", overwrite=True, heal=None,
+                         save_dtype=torch.float32, plots=False,
+                         resume_dir=None if request.resume_dir is None else Path(work) / "run")
+        first = _run(staged, ctx)
+        report, _ = heal_directory(staged.out, out, request.heal,
+                                   resume_dir=Path(work) / "heal" if request.resume_dir else None,
+                                   overwrite=request.overwrite, dtype=request.save_dtype)
+    finally:
+        if request.resume_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    warn_if_stopped(report)
+    summary = {**first.summary, "method": f"{first.summary.get('method', request.config.label)}+{report.method}",
+               "out": str(out), "size_bytes": io.dir_size(out), "heal_s": round(report.seconds, 2)}
+    return RunResult(out=out, summary=summary, ranks=first.ranks, modules=first.modules)

@@ -1,0 +1,231 @@
+"""Calibration statistics: what they hold, how one batch adds to them, and where they are kept.
+
+Per shared input (linears reading the very same tensor share one entry):
+
+* the Gram matrix XᵀX (SVD-LLM whitening, D-Rank, ARA, Basis Sharing): each batch's product in float32 on
+  the compute device, the running sum in float64;
+* Σ_batches mean_tokens |x| and max |x| per channel (ASVD's scaling);
+
+and FWSVD's Fisher information per linear. Only the kinds the run's parts declare (`Needs.statistics`)
+are computed. The statistics are an artefact of their own: saved with a checksum, keyed by what they
+depend on (a hash of the weights, of the calibration tokens and the batch size) and reused across
+methods and ratios; a run that needs a kind the file lacks computes just that kind and adds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from svdzip.assets import sha256_file
+from svdzip.engine.resume import RunState, read_checked
+from svdzip.errors import SvdzipError
+
+log = logging.getLogger(__name__)
+
+STATS_FORMAT = 2
+#: the kinds gathered by the layer-wise hooks (Fisher needs a backward pass of its own)
+INPUT_KINDS = ("grams", "abs_mean", "abs_max")
+
+
+@dataclass
+class CalibrationStats:
+    """Per shared input: Gram matrix (fp64), Σ mean|x| and max|x| per channel; plus provenance."""
+
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
+    abs_max: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # per linear name (FWSVD)
+    tokens: int = 0
+    batches: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def check_finite(self) -> None:
+        for kind, table in (("Gram", self.grams), ("|x| mean", self.abs_mean), ("Fisher", self.fisher)):
+            for key, value in table.items():
+                if not torch.isfinite(value).all():
+                    raise SvdzipError(
+                        f"calibration statistics contain NaN/Inf ({kind} of {key}); "
+                        "the model produces non-finite activations on this data"
+                    )
+
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of statistics present."""
+        return {kind for kind in (*INPUT_KINDS, "fisher") if getattr(self, kind)}
+
+    def to_cpu(self) -> CalibrationStats:
+        for kind in (*INPUT_KINDS, "fisher"):
+            table = getattr(self, kind)
+            for key in table:
+                table[key] = table[key].cpu()
+        return self
+
+    def merge(self, other: CalibrationStats) -> None:
+        """Add the kinds `other` has and this lacks (same tokens, same model)."""
+        for kind in other.kinds - self.kinds:
+            setattr(self, kind, dict(getattr(other, kind)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """safetensors file + sidecar JSON with provenance and a checksum, written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for kind in ("grams", "abs_mean", "abs_max", "fisher"):
+            for key, value in getattr(self, kind).items():
+                tensors[f"{kind}/{key}"] = value.contiguous()
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp))
+        digest = sha256_file(tmp)
+        meta = {"format": STATS_FORMAT, "tokens": self.tokens, "batches": self.batches,
+                "sha256": digest, "meta": self.meta}
+        meta_tmp = _meta_path(path).with_name(_meta_path(path).name + ".tmp")
+        meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        os.replace(meta_tmp, _meta_path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        path = Path(path)
+        meta_path = _meta_path(path)
+        if not path.is_file() or not meta_path.is_file():
+            raise SvdzipError(f"no calibration statistics at {path} (expected {path.name} and {meta_path.name})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SvdzipError(f"statistics metadata {meta_path} is corrupted: {exc}") from exc
+        if meta.get("format") != STATS_FORMAT:
+            raise SvdzipError(f"statistics {path} have format {meta.get('format')}, expected {STATS_FORMAT}")
+        if sha256_file(path) != meta.get("sha256"):
+            raise SvdzipError(f"statistics file {path} is corrupted (checksum mismatch); delete it to recompute")
+        stats = cls(tokens=meta["tokens"], batches=meta["batches"], meta=meta["meta"])
+        for name, tensor in load_file(str(path)).items():
+            kind, _, key = name.partition("/")
+            getattr(stats, kind)[key] = tensor
+        return stats
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+class Accumulator:
+    """A forward pre-hook adding one batch's input statistics (only the wanted kinds) to `stats`.
+
+    The sums stay on the compute device during a layer (no per-batch transfer); `finish` moves them to
+    the CPU once the layer is done.
+    """
+
+    def __init__(self, stats: CalibrationStats, key: str, kinds: Iterable[str]):
+        self.stats, self.key = stats, key
+        self.gram = "grams" in kinds
+        self.absolute = "abs_mean" in kinds or "abs_max" in kinds
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        s, key = self.stats, self.key
+        if self.gram:
+            gram = (x.T @ x).double()  # one batch in fp32, the running sum in fp64
+            s.grams[key] = s.grams[key] + gram if key in s.grams else gram
+        if self.absolute:
+            absx = x.abs()
+            mean, amax = absx.mean(0).double(), absx.amax(0).double()
+            if key in s.abs_mean:
+                s.abs_mean[key] += mean
+                s.abs_max[key] = torch.maximum(s.abs_max[key], amax)
+            else:
+                s.abs_mean[key], s.abs_max[key] = mean, amax
+
+
+def flatten(stats: CalibrationStats) -> dict[str, torch.Tensor]:
+    return {f"{kind}/{k}": v for kind in INPUT_KINDS for k, v in getattr(stats, kind).items()}
+
+
+def unflatten(tensors: dict[str, torch.Tensor], into: CalibrationStats) -> None:
+    for name, value in tensors.items():
+        kind, _, key = name.partition("/")
+        getattr(into, kind)[key] = value
+
+
+class _LazyTable(Mapping):
+    def __init__(self, owner: LayeredStats, kind: str):
+        self.owner, self.kind = owner, kind
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.owner.key_layer:
+            raise KeyError(key)
+        return getattr(self.owner.layer(self.owner.key_layer[key]), self.kind)[key]
+
+    def _present(self) -> bool:
+        return self.kind in self.owner.kinds
+
+    def __contains__(self, key: object) -> bool:
+        return self._present() and key in self.owner.key_layer
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.owner.key_layer if self._present() else ())
+
+    def __len__(self) -> int:
+        return len(self.owner.key_layer) if self._present() else 0
+
+
+class LayeredStats:
+    """`CalibrationStats` read layer by layer from the run directory (one layer cached at a time)."""
+
+    def __init__(self, state: RunState, key_layer: dict[str, int], tokens: int, batches: int,
+                 meta: dict[str, Any], kinds: Iterable[str] = INPUT_KINDS):
+        self.state, self.key_layer = state, key_layer
+        self.tokens, self.batches, self.meta = tokens, batches, meta
+        self.grams, self.abs_mean, self.abs_max = (_LazyTable(self, k) for k in INPUT_KINDS)
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.kinds = set(kinds)
+        self._cached: tuple[int, CalibrationStats] | None = None
+
+    def layer(self, index: int) -> CalibrationStats:
+        if self._cached is None or self._cached[0] != index:
+            self._cached = None
+            got = read_checked(self.state.layer_stats_path(index))
+            if got is None:
+                raise SvdzipError(f"statistics of layer {index} are missing or corrupted in {self.state.root}; "
+                                  "rerun the same command to recompute them")
+            stats = CalibrationStats()
+            unflatten(got[0], stats)
+            self._cached = (index, stats)
+        return self._cached[1]
+
+
+def tensor_digest(tensors: Iterable[torch.Tensor], h: Any = None) -> str:
+    """A content hash of tensors (their dtype, shape and bytes, in order)."""
+    h = h or hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def statistics_key(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """What the statistics depend on: the weights' content, the tokens' content and the batch size."""
+    weights = tensor_digest(p for _, p in sorted(model.state_dict().items()))
+    return {"format": STATS_FORMAT, "weights": weights, "tokens": tensor_digest([tokens]),
+            "batch_size": int(batch_size)}
+
+
+def default_stats_path(key: dict[str, Any]) -> Path:
+    from svdzip.assets import cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "stats" / f"{digest}.safetensors"
+
+

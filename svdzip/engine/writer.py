@@ -1,0 +1,122 @@
+"""The streamed writer: materialise and save one decoder layer at a time, one shard per layer.
+
+The in-memory path saves a whole model with `output.io.save`; a streamed run never holds the model, so
+each layer is read from the checkpoint, its units' bases read back from the run directory, materialised
+at their ranks, written as its own safetensors shard and released before the next layer. The output
+appears atomically, with its manifest, report and artefacts, or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from svdzip.config import CompressConfig
+from svdzip.engine.checkpoint import CheckpointReader, load_weights, placeholder, release_memory, unload_weights
+from svdzip.engine.resume import RunState
+from svdzip.errors import SvdzipError
+from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import Spectrum
+from svdzip.models.adapter import ModelAdapter
+
+
+@torch.no_grad()
+def write_streamed(model: nn.Module, adapter: ModelAdapter, reader: CheckpointReader, units: list[Unit],
+                   ranks: list[int | None], state: RunState, tokenizer: Any, out: Path, config: CompressConfig,
+                   dtype: torch.dtype | None, save_dtype: torch.dtype | None, summary_extra: dict[str, Any],
+                   artefacts: Callable[[Path, list[Any]], None] | None = None) -> list[Any]:
+    """Materialise and save one decoder layer at a time (one shard each), then the rest; atomically.
+
+    `artefacts(tmp, rows)` writes plots and reports into the directory before it becomes `out`.
+    """
+    from svdzip.methods.materialise import materialise
+    from svdzip.output import io
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        n = adapter.num_layers
+        shard_names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
+        weight_map: dict[str, str] = {}
+        rows = []
+        bias: dict[str, bool] = {}
+        by_layer: dict[int, list[int]] = {}
+        for u, unit in enumerate(units):
+            by_layer.setdefault(unit.members[0].layer, []).append(u)
+        for index in tqdm(range(n), desc="writing layers", unit="layer"):
+            layer = adapter.layers[index]
+            prefix = f"{adapter.spec.layers_path}.{index}."
+            load_weights(layer, prefix, reader, dtype)
+            mine = by_layer.get(index, [])
+            for u in mine:
+                if ranks[u] is not None:
+                    restored = state.load_unit(u, units[u].name)
+                    if restored is None:
+                        raise SvdzipError(f"spectrum of {units[u].name} is missing or corrupted in {state.root}; "
+                                          "rerun the same command to recompute it")
+                    units[u].spectrum = Spectrum(restored[0], restored[1])
+            rows += materialise(adapter, [units[u] for u in mine], [ranks[u] for u in mine])
+            for u in mine:
+                spec = units[u].spectrum
+                units[u].spectrum = Spectrum(spec.sigma2, placeholder(tuple(spec.basis.shape)))
+                for m in units[u].members:
+                    mod = adapter.module(m.name)
+                    if hasattr(mod, "left"):
+                        bias[m.name] = mod.left.bias is not None
+            tensors = {prefix + k: v.to(save_dtype) if v.is_floating_point() and save_dtype else v
+                       for k, v in layer.state_dict().items()}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard_names[index]),
+                      metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, shard_names[index]))
+            del tensors
+            unload_weights(layer)
+            release_memory()
+        rest = {}
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        out_emb = model.get_output_embeddings()
+        head_names = {f"{name}.weight" for name, mod in model.named_modules() if mod is out_emb} if tied else set()
+        for name, _ in model.named_parameters():
+            if name.startswith(adapter.spec.layers_path + ".") or name in head_names:
+                continue
+            value = reader.get(name)
+            rest[name] = value.to(save_dtype) if save_dtype and value.is_floating_point() else value
+        save_file(rest, str(tmp / shard_names[n]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(rest, shard_names[n]))
+        total = sum((tmp / s).stat().st_size for s in shard_names)
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        summary = {"method": config.label, "ratio_requested": config.ratio, "streamed": True,
+                   "decoder_linear_params_before": adapter.decoder_linear_params(),
+                   "dense_modules": sum(1 for r in rows if r.rank is None), **summary_extra}
+        manifest = io.build_manifest(rows, summary, config.to_dict())
+        manifest.details["provenance"]["streamed"] = True
+        manifest.details["source_model"] = str(reader.dir)
+        for name, entry in manifest.modules.items():
+            entry["bias"] = bias.get(name, False)
+        model.config.quantization_config = manifest
+        try:
+            if save_dtype is not None:
+                model.config.dtype = save_dtype
+            model.config.save_pretrained(tmp)
+        finally:
+            del model.config.quantization_config
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "svdzip_report.json").write_text(json.dumps(
+            {**manifest.details, "modules": [r.to_dict() for r in rows]}, indent=2, default=str))
+        if artefacts is not None:
+            artefacts(tmp, rows)
+        io.replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rows
