@@ -94,9 +94,22 @@ def _warm_up() -> None:
     torch.linalg.eigh(torch.eye(64, dtype=torch.float64))
 
 
+def stream(source: str | Path, tokens: torch.Tensor, config: Any, out: str | Path, run_dir: str | Path | None,
+           **kw: Any) -> Any:
+    """`svdzip compress --stream` through the driver, on given calibration tokens."""
+    from svdzip.engine.distributed import DistContext
+    from svdzip.engine.driver import CompressRequest, run
+
+    request = CompressRequest(model=str(source), config=config, out=Path(out), stream=True,
+                              resume_dir=None if run_dir is None else Path(run_dir), tokens=tokens, plots=False, **kw)
+    return run(request, ctx=DistContext())
+
+
 def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     """Runs inside a fresh process: one compression, peak RSS per phase."""
-    import svdzip.engine.streaming as streaming
+    import svdzip.engine.calibrate as calibrate_mod
+    import svdzip.engine.spectra as spectra_mod
+    import svdzip.engine.writer as writer_mod
     from svdzip import CompressConfig
     from svdzip.engine.pipeline import compress
     from svdzip.methods.decompose import decompose, group_linears
@@ -110,7 +123,7 @@ def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     base = PeakRSS.rss()
     t0 = time.perf_counter()
     if mode == "stream":
-        real_cal, real_dec, real_write = streaming.calibrate_layers, streaming.decompose_units, streaming.write_streamed
+        real_cal, real_dec, real_write = calibrate_mod.calibrate, spectra_mod.decompose_units, writer_mod.write_streamed
 
         def cal(*a, **k):
             meter.enter("calibrate")
@@ -124,8 +137,8 @@ def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
             meter.enter("write")
             return real_write(*a, **k)
 
-        streaming.calibrate_layers, streaming.decompose_units, streaming.write_streamed = cal, dec, wr
-        streaming.stream_compress(source, None, _tokens(), config, out, state_dir=None)
+        calibrate_mod.calibrate, spectra_mod.decompose_units, writer_mod.write_streamed = cal, dec, wr
+        stream(source, _tokens(), config, out, None)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -184,9 +197,12 @@ def _proc_worker(rank: int, world: int, port: int, source: str, result_dir: str)
     import torch.distributed as dist
 
     from svdzip import CompressConfig
+    from svdzip.engine.calibrate import calibrate
     from svdzip.engine.distributed import DistContext
     from svdzip.engine.pipeline import compress
-    from svdzip.engine.streaming import prepare_scaled
+    from svdzip.engine.spectra import decompose_units
+    from svdzip.methods.decompose import group_linears
+    from svdzip.models.adapter import ModelAdapter
 
     torch.set_num_threads(1)
     if world > 1:
@@ -198,7 +214,9 @@ def _proc_worker(rank: int, world: int, port: int, source: str, result_dir: str)
     config = CompressConfig(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=SEQ, calib_batch_size=4)
     ctx.barrier()
     t0 = time.perf_counter()
-    stats, units = prepare_scaled(model, _tokens(), source, config, ctx, None)
+    adapter = ModelAdapter(model)
+    stats = calibrate(model, adapter, _tokens(), config.calib_batch_size, "cpu", ctx=ctx)
+    units = decompose_units(adapter, stats, config, group_linears(adapter), ctx=ctx)
     t1 = time.perf_counter()
     if ctx.is_main:
         result = compress(model, config, stats=stats, units=units)
@@ -241,9 +259,9 @@ def part_procs(work: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- faults
 def part_faults(work: Path) -> list[dict[str, str]]:
-    import svdzip.engine.streaming as streaming
+    import svdzip.engine.writer as writer_mod
     from svdzip import CompressConfig, SvdzipError, load
-    from svdzip.engine.calibrate import CalibrationStats
+    from svdzip.engine.statistics import CalibrationStats
 
     src = work / "llama-faults"
     write_checkpoint(src, 128, 256, 4, vocab=512)
@@ -252,8 +270,8 @@ def part_faults(work: Path) -> list[dict[str, str]]:
     probe = toks[:2, :16]
 
     def run(out: str, run_dir: str | None, **kw: Any):
-        return streaming.stream_compress(src, None, toks, kw.pop("config", config), work / out,
-                                         state_dir=None if run_dir is None else work / run_dir, **kw)
+        return stream(src, toks, kw.pop("config", config), work / out, None if run_dir is None else work / run_dir,
+                      **kw)
 
     def logits(out: str) -> torch.Tensor:
         with torch.no_grad():
@@ -322,7 +340,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
                  "what happened": f"statistics and spectra reused, {time.perf_counter() - t0:.1f} s"})
     # disk full during the write
     before = {p.name: p.stat().st_mtime_ns for p in (work / "o").iterdir()}
-    real = streaming.save_file
+    real = writer_mod.save_file
     calls = {"n": 0}
 
     def disk_full(*a: Any, **k: Any) -> None:
@@ -331,7 +349,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
             raise OSError(28, "No space left on device")
         real(*a, **k)
 
-    streaming.save_file = disk_full
+    writer_mod.save_file = disk_full
     try:
         run("o", "r1", overwrite=True)
         msg = "no error?"
@@ -341,7 +359,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
         msg = (f"OSError '{exc.strerror}' raised; previous output {'intact' if after == before else 'CHANGED'}; "
                f"temporary directories left: {len(leftovers)}")
     finally:
-        streaming.save_file = real
+        writer_mod.save_file = real
     rows.append({"fault": "disk full (ENOSPC) while writing the 3rd shard over an existing output",
                  "what happened": msg})
     # calibration statistics cache (the ordinary, non-streamed path)
@@ -363,11 +381,10 @@ def part_faults(work: Path) -> list[dict[str, str]]:
 
 
 def _fault_child(src: str, out: str, run_dir: str) -> None:
-    import svdzip.engine.streaming as streaming
     from svdzip import CompressConfig
 
     config = CompressConfig(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=32, calib_batch_size=4)
-    streaming.stream_compress(src, None, _tokens()[:, :32] % 512, config, out, state_dir=run_dir)
+    stream(src, _tokens()[:, :32] % 512, config, out, run_dir)
 
 
 def markdown(payload: dict[str, Any]) -> str:

@@ -166,13 +166,13 @@ def test_loss_aware_guard_keeps_whichever_loses_less_on_heldout(setup, monkeypat
         allocate("loss-aware", units, _ctx(setup, units, 0.4, {"guard": True}))
 
 
-def test_cli_draws_heldout_windows_for_tune_beta_and_guard():
-    from svdzip.cli import _wants_heldout
+def test_heldout_windows_are_declared_by_tune_beta_and_guard():
+    from svdzip.allocate import allocator_needs
 
-    assert _wants_heldout(CompressConfig(allocator="drank", allocator_options={"tune_beta": "true"}))
-    assert _wants_heldout(CompressConfig(allocator="loss-aware", allocator_options={"guard": "true"}))
-    assert not _wants_heldout(CompressConfig(allocator="loss-aware", allocator_options={"guard": "false"}))
-    assert not _wants_heldout(CompressConfig(allocator="loss-aware"))
+    assert allocator_needs("drank", {"tune_beta": "true"}).heldout
+    assert allocator_needs("loss-aware", {"guard": "true"}).heldout
+    assert not allocator_needs("loss-aware", {"guard": "false"}).heldout
+    assert not allocator_needs("loss-aware", {}).heldout
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3", "opt"])
@@ -202,10 +202,10 @@ def test_plots_and_info_grid(setup, tmp_path):
     json.dumps(result.effective_ranks)
 
 
-def test_cli_tune_beta_draws_heldout_calibration_windows(setup, tmp_path, monkeypatch, caplog):
+def test_tune_beta_draws_heldout_calibration_windows(setup, monkeypatch, caplog):
     """`--tune-beta`: the statistics see the usual windows; β is chosen on extra calibration windows only."""
     import svdzip.data
-    from svdzip import cli
+    from svdzip.engine.driver import calibration_tokens_for, part_needs, union
 
     drawn = {}
 
@@ -217,8 +217,10 @@ def test_cli_tune_beta_draws_heldout_calibration_windows(setup, tmp_path, monkey
     monkeypatch.setattr(svdzip.data, "calibration_tokens", fake_tokens)
     config = CompressConfig(ratio=0.4, allocator="drank", calib_samples=4, calib_seq_len=24,
                             allocator_options={"tune_beta": True, "beta_grid": [0.0, 0.3]})
+    tokens, held = calibration_tokens_for(None, config, union(part_needs(config)), heldout_samples=2)
+    assert drawn["n"] == 6 and tokens.shape == (4, 24) and held.shape == (2, 24)
+    assert torch.equal(tokens, tiny_tokens(n=6, seq=24, seed=config.seed)[:4])  # the usual windows come first
     with caplog.at_level("INFO"):
-        result = cli._compress_loaded(tiny_model("llama"), None, "tiny", config, str(tmp_path / "s.safetensors"),
-                                      heldout=2)
-    assert drawn["n"] == 6 and "chose beta" in caplog.text and "2 held-out" in caplog.text
+        result = compress(tiny_model("llama"), config, calib_tokens=tokens, heldout_tokens=held)
+    assert "chose beta" in caplog.text and "2 held-out" in caplog.text
     assert result.effective_ranks and "heldout_tokens" not in config.allocator_options

@@ -79,9 +79,7 @@ def compress(
     if wanted and (stats is None or not wanted <= stats.kinds):
         if calib_tokens is None:
             raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")
-        t0 = time.perf_counter()
-        stats = _complete_statistics(stats, model, calib_tokens, config, wanted)
-        timings["calibrate_s"] = time.perf_counter() - t0
+        stats = _complete_statistics(stats, model, calib_tokens, config, wanted, timings)
 
     t0 = time.perf_counter()
     if units is None:  # the driver passes spectra it computed in its mode (spread over ranks, resumed)
@@ -232,17 +230,21 @@ def calibration_meta(source: str, config: CompressConfig) -> dict[str, Any]:
 
 
 def _complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_tokens: torch.Tensor,
-                         config: CompressConfig, wanted: frozenset[str] | set[str]) -> CalibrationStats:
+                         config: CompressConfig, wanted: frozenset[str] | set[str],
+                         timings: dict[str, float] | None = None) -> CalibrationStats:
     """`stats` with every wanted kind: the missing input kinds calibrated, Fisher from its backward pass."""
+    timings = {} if timings is None else timings
     stats = stats or CalibrationStats(tokens=int(calib_tokens.numel()))
     missing = set(wanted) - stats.kinds
     inputs = missing - {"fisher"}
     if inputs:
+        t0 = time.perf_counter()
         fresh = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, kinds=inputs)
         stats.tokens, stats.batches = fresh.tokens, fresh.batches
         stats.merge(fresh)
+        timings["calibrate_s"] = time.perf_counter() - t0
     if "fisher" in missing:
-        add_fisher(stats, model, calib_tokens, config)
+        timings["fisher_s"] = add_fisher(stats, model, calib_tokens, config)
     return stats
 
 
