@@ -65,7 +65,9 @@ def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] |
         side = json.loads(side_path.read_text())
         if sha256_file(path) != side["sha256"]:
             raise ValueError("checksum mismatch")
-        return load_file(str(path)), side.get("info", {})
+        # copies, not views of the file's memory map: a kept σ² must not keep the whole file (basis
+        # included) mapped and resident, or a streamed run's memory would grow with depth
+        return {k: v.clone() for k, v in load_file(str(path)).items()}, side.get("info", {})
     except Exception as exc:  # json, safetensors or checksum: any damage means recompute
         log.warning("state file %s is corrupted (%s); recomputing it", path, exc)
         for p in (path, side_path):
