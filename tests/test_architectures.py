@@ -12,7 +12,7 @@ from svdzip import CompressConfig, SvdzipError, compress
 from svdzip.engine.calibrate import collect_statistics
 from svdzip.methods.decompose import decompose, group_linears
 from svdzip.methods.materialise import materialise
-from svdzip.models.adapter import ModelAdapter, _expand
+from svdzip.models.adapter import ModelAdapter, _expand, open_structure
 from svdzip.models.experts import RoutedExperts, open_experts
 from svdzip.models.families import FusedExperts
 from svdzip.models.lowrank import LowRankLinear
@@ -67,13 +67,20 @@ def test_family_table_finds_every_linear_once(family):
     assert all(not isinstance(r, nn.Linear) for r in routers)
 
 
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt2"])
+def test_opening_the_structure_keeps_the_logits(family):
+    model = tiny_model(family)
+    tokens = tiny_tokens(2, 16)
+    before = _logits(model, tokens)
+    assert open_structure(model) > 0
+    _assert_same(_logits(model, tokens), before)
+    assert open_structure(model) == 0  # idempotent
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_experts_are_opened_with_one_input_per_expert(family):
     model = tiny_model(family)
-    tokens = tiny_tokens(2, 16)
-    fused = _logits(model, tokens)
     adapter = ModelAdapter(model)
-    _assert_same(_logits(model, tokens), fused)
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, RoutedExperts) and len(experts) == 4
     assert ModelAdapter(model).model.model.layers[0].mlp.experts is experts  # opening is idempotent
@@ -186,8 +193,34 @@ def test_missing_linear_and_foreign_expert_layout_are_refused():
         open_experts(fused, FusedExperts("mlp.experts"), "model.layers.0.mlp.experts")
 
 
-@pytest.mark.parametrize("family", ["phi3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["phi3", "mixtral", "qwen3_moe", "gpt2"])
 def test_serving_refuses_what_it_does_not_map(family):
     model = tiny_model(family)
     with pytest.raises(SvdzipError, match="does not support architecture"):
         expected_linears(type(model).__name__, model.config.to_dict())
+
+
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "llama-gqa"])
+def test_checkpoint_names_find_every_parameter_in_both_formats(tmp_path, family):
+    """A reader by name (streaming) finds each opened parameter in the original per-expert format and in
+    transformers 5's fused 3-D one."""
+    from safetensors.torch import load_file
+
+    from svdzip.models.checkpoint import CheckpointNames
+
+    model = tiny_model(family)
+    fused = {k: v.clone() for k, v in model.state_dict().items()}  # the fused layout, as the model holds it
+    model.save_pretrained(tmp_path / "orig")  # transformers writes the original (per-expert) format
+    original = load_file(str(tmp_path / "orig" / "model.safetensors"))
+    ModelAdapter(model)
+    names = CheckpointNames(model)
+    for name, param in model.named_parameters():
+        for checkpoint in (original, fused):
+            source = next((s for s in names.sources(name) if s.key in checkpoint), None)
+            if source is None and name == "lm_head.weight":  # tied: stored once, as the embedding
+                continue
+            assert source is not None, name
+            assert torch.equal(source.take(checkpoint[source.key]), param), name
+    if family == "mixtral":
+        assert names.original("model.layers.0.mlp.experts.2.w1.weight") == \
+            "model.layers.0.block_sparse_moe.experts.2.w1.weight"

@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -37,6 +38,8 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
                                        layer_types=["sliding_attention", "full_attention"]),
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=96, num_hidden_layers=2,
                              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=HIDDEN),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=1, eos_token_id=2),  # Conv1D, fused c_attn
     # fused qkv_proj and gate_up_proj
     "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "mixtral": lambda: MixtralConfig(**{**_COMMON, "intermediate_size": 48}, num_local_experts=4,

@@ -66,11 +66,30 @@ def family_of(model: nn.Module) -> tuple[str, FamilySpec | None]:
 
 def open_structure(model: nn.Module) -> int:
     """Give a known family the module structure svdzip compresses: fused 3-D experts become per-expert
-    linears. Idempotent; also what the reload path does before a checkpoint's weights load."""
+    linears, GPT-2's Conv1D become nn.Linear. Idempotent; also what the reload path does before a
+    checkpoint's weights load."""
     _, spec = family_of(model)
-    if spec is None or spec.experts is None:
+    if spec is None:
         return 0
-    return open_fused_experts(_get(model, spec.layers_path), spec.experts, spec.layers_path)
+    layers = _get(model, spec.layers_path)
+    opened = open_fused_experts(layers, spec.experts, spec.layers_path) if spec.experts else 0
+    return opened + (_open_conv1d(layers) if spec.conv1d else 0)
+
+
+def _open_conv1d(layers: nn.Module) -> int:
+    """Replace transformers' Conv1D (y = x W + b, W in×out) by the equivalent nn.Linear (W out×in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    opened = 0
+    for name, module in list(layers.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = nn.Linear(module.nx, module.nf, device="meta", dtype=module.weight.dtype)
+            linear.weight = nn.Parameter(module.weight.detach().T.contiguous())
+            linear.bias = nn.Parameter(module.bias.detach().clone())
+            parent, _, child = name.rpartition(".")
+            setattr(layers.get_submodule(parent) if parent else layers, child, linear)
+            opened += 1
+    return opened
 
 
 class ModelAdapter:

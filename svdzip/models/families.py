@@ -36,6 +36,7 @@ class FamilySpec:
     shared_inputs: tuple[tuple[str, ...], ...] = ()  # roles that read the very same input tensor
     optional_roles: frozenset[str] = frozenset()  # roles some layers lack (Qwen3-MoE's dense vs sparse MLPs)
     experts: FusedExperts | None = None
+    conv1d: bool = False  # GPT-2's Conv1D layers (weights stored in×out): opened into nn.Linear (out×in)
 
 
 def _paths(**roles: str | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -60,6 +61,12 @@ OPT = FamilySpec(
     linears={**_paths(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj"),
              **_paths(up="fc1", down="fc2")},
     shared_inputs=(_QKV,),
+)
+
+GPT2 = FamilySpec(  # c_attn is q/k/v fused: one factorisation, as for Phi-3
+    layers_path="transformer.h",
+    linears=_paths(qkv="attn.c_attn", o="attn.c_proj", up="mlp.c_fc", down="mlp.c_proj"),
+    conv1d=True,
 )
 
 PHI3 = FamilySpec(  # fused q/k/v and gate/up: one factorisation each
@@ -93,6 +100,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "gemma2": LLAMA_LIKE,
     "gemma3_text": LLAMA_LIKE,
     "opt": OPT,
+    "gpt2": GPT2,
     "phi3": PHI3,
     "mixtral": MIXTRAL,
     "qwen3_moe": QWEN_MOE,
