@@ -4,8 +4,9 @@ A streamed run loads tensors by name from safetensors, but a module's name is no
 name: transformers 5 renames some checkpoints' keys on load (Mixtral's `block_sparse_moe.` is
 `mlp.`), and svdzip opens fused experts into per-expert linears, whose weights a checkpoint stores
 either per expert (the original format, which `save_pretrained` writes back) or fused, as 3-D
-tensors (`experts.gate_up_proj`, `experts.down_proj`). `CheckpointNames.sources` lists the places to
-look, most likely first; `take` cuts an expert's matrix out of a fused tensor.
+tensors (`experts.gate_up_proj`, `experts.down_proj`); GPT-2's Conv1D weights are stored transposed.
+`CheckpointNames.sources` lists the places to look, most likely first; `take` cuts an expert's matrix
+out of a fused tensor (or transposes a Conv1D weight).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ class TensorSource:
     key: str
     expert: int | None = None
     half: int | None = None
+    transpose: bool = False  # a Conv1D weight (in×out) read into the nn.Linear svdzip opened it into
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.transpose:
+            return tensor.T.contiguous()
         if self.expert is None:
             return tensor
         matrix = tensor[self.expert]
@@ -44,6 +48,8 @@ class CheckpointNames:
         conversions = get_model_conversion_mapping(model, add_legacy=False)
         self._renamings = [c.reverse_transform() for c in conversions[::-1] if isinstance(c, WeightRenaming)]
         _, spec = family_of(model)
+        self._model = model
+        self._conv1d_prefix = f"{spec.layers_path}." if spec is not None and spec.conv1d else None
         self._expert = None
         if spec is not None and spec.experts is not None:
             e = spec.experts
@@ -58,6 +64,10 @@ class CheckpointNames:
 
     def sources(self, name: str) -> list[TensorSource]:
         """Where to look for parameter `name`, most likely first."""
+        if self._conv1d_prefix and name.startswith(self._conv1d_prefix) and name.endswith(".weight"):
+            owner = self._model.get_submodule(name.removesuffix(".weight"))
+            if isinstance(owner, nn.Linear):  # in a Conv1D family every linear of a layer was a Conv1D
+                return [TensorSource(self.original(name), transpose=True)]
         found = [TensorSource(self.original(name))]
         if found[0].key != name:
             found.append(TensorSource(name))
