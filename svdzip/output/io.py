@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,6 +30,7 @@ with quiet_backend_import():  # transformers' quantizer registry imports torchao
 
 from svdzip import __version__
 from svdzip.errors import SvdzipError
+from svdzip.models.adapter import open_structure
 from svdzip.models.lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ class SvdzipQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        open_structure(model)  # the structure the model was compressed in: per-expert linears for MoE
         aliases = apply_manifest(model, self.quantization_config.modules)
         if aliases:
             model.all_tied_weights_keys = {**getattr(model, "all_tied_weights_keys", {}), **aliases}
@@ -149,6 +152,21 @@ class SvdzipQuantizer(HfQuantizer):
             self._quantized_file = Path(files[0]).parent / q["file"]
             swap_in_slots(model, q["modules"])
         return model
+
+    def update_weight_conversions(self, weight_conversions: list[Any], model: nn.Module) -> list[Any]:
+        """Drop the checkpoint converters that merge tensors into parameters this model no longer has.
+
+        transformers 5 merges an MoE checkpoint's per-expert tensors into 3-D parameters on load; svdzip
+        saved the experts opened (one module per expert), so those merges must not run. Renamings stay:
+        `save_pretrained` applied their reverse.
+        """
+        from transformers.core_model_loading import WeightConverter
+
+        params = "\n".join(name for name, _ in model.named_parameters())
+        kept = [c for c in super().update_weight_conversions(weight_conversions, model)
+                if not isinstance(c, WeightConverter)
+                or any(re.search(t.replace("*", r"\d+"), params) for t in c._original_target_patterns)]
+        return kept
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self._quantization():
@@ -175,7 +193,7 @@ def build_manifest(module_rows: list[Any], summary: dict[str, Any], config: dict
     for row in module_rows:
         if row.rank is None:
             continue
-        entry = {"in": row.in_features, "out": row.out_features, "rank": row.rank}
+        entry = {"in": row.in_features, "out": row.out_features, "rank": row.rank, "role": row.role}
         if row.shared_with:
             entry["shared_with"] = row.shared_with
         modules[row.name] = entry
