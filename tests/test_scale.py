@@ -260,3 +260,23 @@ def test_distributed_context_is_a_noop_alone():
     ctx = DistContext()
     t = torch.ones(3)
     assert ctx.all_reduce(t) is t and ctx.min_int(4) == 4 and not ctx.enabled
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "mixtral", "qwen3_moe", "gpt2", "opt"])
+def test_streaming_equals_in_memory_for_other_families(family, tmp_path):
+    """Streamed from a saved checkpoint = compressed in memory: experts, fused projections, biases, Conv1D."""
+    import tiny_models
+
+    tiny_models.tiny_model(family).save_pretrained(tmp_path / "dense")
+    tokens = tiny_models.tiny_tokens()
+    config = CompressConfig(**{**CFG, "calib_seq_len": tokens.shape[1]})
+    ref = compress(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval(), config,
+                   calib_tokens=tokens)
+    request = CompressRequest(model=str(tmp_path / "dense"), config=config, out=tmp_path / "out", stream=True,
+                              tokens=tokens, plots=False)
+    res = run(request, ctx=DistContext())
+    assert res.ranks == ref.ranks and any(r is not None for r in ref.ranks.values())
+    model, _ = load(tmp_path / "out", with_tokenizer=False)
+    probe = tokens[:2, :16]
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe).logits, ref.model(probe).logits, rtol=1e-4, atol=1e-5)

@@ -21,13 +21,19 @@ from torch import nn
 
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
+from svdzip.models.checkpoint import CheckpointNames, TensorSource
 
 
 class CheckpointReader:
-    """Tensor by tensor access to a HF checkpoint's safetensors (single file or sharded index)."""
+    """Tensor by tensor access to a HF checkpoint's safetensors (single file or sharded index).
 
-    def __init__(self, directory: str | os.PathLike):
+    With `names` (the model's `CheckpointNames`) a parameter is found under the checkpoint's own key
+    (renamed MoE blocks, one expert of a fused 3-D tensor, a transposed Conv1D weight).
+    """
+
+    def __init__(self, directory: str | os.PathLike, names: CheckpointNames | None = None):
         self.dir = Path(directory)
+        self.names = names
         index = self.dir / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
         if index.is_file():
@@ -42,16 +48,21 @@ class CheckpointReader:
                     for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                         self.where[name] = file
 
-    def resolve(self, name: str) -> str:
+    def resolve(self, name: str) -> str | None:
         for candidate in (name, name.removeprefix("model."), f"model.{name}"):
             if candidate in self.where:
                 return candidate
-        raise SvdzipError(f"checkpoint {self.dir} has no tensor for {name}")
+        return None
 
     def get(self, name: str) -> torch.Tensor:
-        key = self.resolve(name)
-        with safe_open(str(self.where[key]), "pt") as f:
-            return f.get_tensor(key)
+        sources = self.names.sources(name) if self.names is not None else [TensorSource(name)]
+        for source in sources:
+            key = self.resolve(source.key)
+            if key is not None:
+                with safe_open(str(self.where[key]), "pt") as f:
+                    return source.take(f.get_tensor(key))
+        raise SvdzipError(f"checkpoint {self.dir} has no tensor for {name} (looked for "
+                          f"{', '.join(s.key for s in sources)})")
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.where.values()))
@@ -83,6 +94,9 @@ def load_weights(module: nn.Module, prefix: str, reader: CheckpointReader, dtype
         if param.device.type != "meta":
             continue
         value = reader.get(prefix + name)
+        if tuple(value.shape) != tuple(param.shape):
+            raise SvdzipError(f"checkpoint tensor for {prefix + name} has shape {tuple(value.shape)}, the model "
+                              f"expects {tuple(param.shape)}")
         value = value.to(device=device, dtype=dtype if dtype and value.is_floating_point() else value.dtype)
         loaded[id(param)] = owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 

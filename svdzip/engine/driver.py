@@ -224,10 +224,13 @@ def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokeni
         return model, tokenizer, ResidentWeights(model, ModelAdapter(model)), None
     from svdzip.engine.checkpoint import CheckpointReader, StreamedWeights, skeleton
 
-    reader = CheckpointReader(source)
+    from svdzip.models.checkpoint import CheckpointNames
+
     model = skeleton(source, torch.float32)
+    adapter = ModelAdapter(model)  # opens fused experts / Conv1D into the linears svdzip compresses
+    reader = CheckpointReader(source, CheckpointNames(model))
     tokenizer = load_tokenizer(source) if with_tokenizer else None
-    return model, tokenizer, StreamedWeights(model, ModelAdapter(model), reader, torch.float32), reader
+    return model, tokenizer, StreamedWeights(model, adapter, reader, torch.float32), reader
 
 
 def _statistics(model, adapter, tokens, source: str, config: CompressConfig, needs: Needs, weights, state, ctx,
