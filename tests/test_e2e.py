@@ -167,3 +167,60 @@ def test_compress_heal_with_resume_dir_continues(tiny_dir, tmp_path, capsys):
                  "--heal", "distill", *HEAL_SMALL, "--heal-lr", "0.01", "--calib-samples", "8",
                  "--calib-seq-len", "64", "--ratio", "0.3"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+SMALL = ["--calib-samples", "8", "--calib-seq-len", "64", "--no-plots", "--json"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--method", "svd", "--allocator", "loss-aware"],
+    ["--tune-beta", "--tune-samples", "2"],
+    ["--allocator", "loss-aware", "--allocator-option", "guard=true", "--allocator-option", "signal=relative"],
+])
+def test_resumable_runs_take_the_in_memory_options(tiny_dir, tmp_path, capsys, extra):
+    """--resume-dir goes through the same driver: what failed after calibration there now works."""
+    argv = ["compress", "--model", str(tiny_dir), "--ratio", "0.3", "--heal", "none", *SMALL, *extra]
+    assert main([*argv, "--out", str(tmp_path / "mem")]) == 0
+    mem = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--out", str(tmp_path / "res"), "--resume-dir", str(tmp_path / "run")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert mem["method"] == res["method"]
+    ranks = [{k: v["rank"] for k, v in svdzip.output.io.read_manifest(tmp_path / d)["modules"].items()}
+             for d in ("mem", "res")]
+    assert ranks[0] == ranks[1]
+
+
+def test_resumable_run_writes_the_plots_and_report(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(tiny_dir), "--out", str(out), "--ratio", "0.3", "--calib-samples", "8",
+                 "--calib-seq-len", "64", "--resume-dir", str(tmp_path / "run")]) == 0
+    assert (out / "ranks.png").is_file() and (out / "effective_rank.png").is_file()
+    assert json.loads((out / "svdzip_report.json").read_text())["effective_ranks"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--allocator", "loss-aware"], "loss-aware needs the whole model"),
+    (["--allocator", "drank", "--allocator-option", "tune_beta=true"], "held-out"),
+    (["--method", "fwsvd"], "fwsvd needs the whole model"),
+    (["--update", "svdllm"], "update"),
+])
+def test_streaming_refuses_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, extra, needle):
+    import svdzip.data
+
+    def no_work(*a, **k):
+        raise AssertionError("calibration text was drawn before the refusal")
+
+    monkeypatch.setattr(svdzip.data, "calibration_tokens", no_work)
+    assert main(["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--stream", *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "--stream" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_m_svdzip_is_the_command():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "svdzip", "compress", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--resume-dir" in proc.stdout

@@ -223,7 +223,6 @@ def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokeni
         model, tokenizer, _ = load_model(source, config.device, with_tokenizer=with_tokenizer)
         return model, tokenizer, ResidentWeights(model, ModelAdapter(model)), None
     from svdzip.engine.checkpoint import CheckpointReader, StreamedWeights, skeleton
-
     from svdzip.models.checkpoint import CheckpointNames
 
     model = skeleton(source, torch.float32)
