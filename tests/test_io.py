@@ -105,3 +105,13 @@ def test_manifest_records_method_ratio_and_ranks(tmp_path):
     assert q["quant_method"] == "svdzip" and q["ratio"] == 0.4 and q["ratio_convention"] == "removed"
     assert q["svdzip_version"] == svdzip.__version__
     assert all(set(v) >= {"in", "out", "rank"} for v in q["modules"].values())
+
+
+def test_rank_grid_shows_every_expert_of_a_layer():
+    from svdzip.output.report import rank_grid
+
+    rows = [{"layer": 0, "role": "expert_gate", "rank": r} for r in (4, 9, None)]
+    rows.append({"layer": 0, "role": "q", "rank": 7})
+    headers, body = rank_grid(rows)
+    assert headers == ["layer", "q", "expert_gate"]
+    assert body == [[0, 7, "4–9 (1 dense)"]]

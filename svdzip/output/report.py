@@ -34,17 +34,34 @@ def human_bytes(n: float) -> str:
 
 
 def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[list[str], list[list[Any]]]:
-    """Layers × roles: the rank (or kept fraction) of every module; 'dense' where kept dense."""
-    grid: dict[int, dict[str, Any]] = defaultdict(dict)
+    """Layers × roles: the rank (or kept fraction) of every module; 'dense' where kept dense.
+
+    Several modules of one role in a layer (the experts of an MoE block) show as their range, "lo–hi".
+    """
+    cells: dict[int, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     roles_seen: list[str] = []
     for m in modules:
         if m["role"] not in roles_seen:
             roles_seen.append(m["role"])
         v = m.get(value)
-        grid[m["layer"]][m["role"]] = "dense" if m.get("rank") is None and value == "rank" else v
-    roles = [r for r in ROLES if r in roles_seen]
+        cells[m["layer"]][m["role"]].append("dense" if m.get("rank") is None and value == "rank" else v)
+    grid = {layer: {role: _cell(values) for role, values in by_role.items()} for layer, by_role in cells.items()}
+    roles = [r for r in ROLES if r in roles_seen] + [r for r in roles_seen if r not in ROLES]
     rows = [[layer, *(grid[layer].get(r, "") for r in roles)] for layer in sorted(grid)]
     return ["layer", *roles], rows
+
+
+def _cell(values: list[Any]) -> Any:
+    if len(values) == 1:
+        return values[0]
+    numbers = [v for v in values if isinstance(v, int | float)]
+    dense = len(values) - len(numbers)
+    if not numbers:
+        return "dense"
+    lo, hi = min(numbers), max(numbers)
+    fmt = (lambda x: f"{x:.2f}") if any(isinstance(v, float) for v in numbers) else str
+    text = fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+    return text + (f" ({dense} dense)" if dense else "")
 
 
 def role_summary(modules: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
