@@ -357,6 +357,7 @@ def extrapolate(payload: dict[str, Any]) -> dict[str, Any]:
     llama, mix = payload["llama7b_layer"], payload["mixtral_layer"]
     a_llama = anchors_from(llama["decompositions"], k)
     a_mix = {**a_llama, **anchors_from(mix["decompositions"], k)}
+    a_mix["v"] = a_mix["k"]  # v was not decomposed: it has k's shape (GQA) and path
     per_1k = {"LLaMA-2-7B": _cal_per_1k(llama), "Mixtral-8x7B": _cal_per_1k(mix)}
     base = per_1k["LLaMA-2-7B"]
     per_1k["LLaMA-2-70B"] = {  # forward ~ n² (linear FLOPs per token), Grams ~ n² (Σ d² per token)
@@ -455,7 +456,12 @@ def markdown(p: dict[str, Any]) -> str:
                   else f"**{m['shape']} layer**",
                   "", f"forward {m['forward_only_s']} s, forward + Grams {m['forward_and_grams_s']} s, Grams alone "
                   f"{m['grams_s']} s on {m['tokens']} tokens; weights {m['weight_bytes'] / 2**30:.2f} GiB, Grams "
-                  f"{m['gram_bytes'] / 2**30:.2f} GiB.", "",
+                  f"{m['gram_bytes'] / 2**30:.2f} GiB."
+                  + (f" Routing is real top-{MIXTRAL.top_k}: with {m['experts_built']} experts every expert sees every "
+                     "token, so the forward and Gram FLOPs per token equal the 8-expert layer's (each token still "
+                     "visits 2 experts); decomposed: attention and expert 0 — v is taken as k (same shape), experts "
+                     "1–7 as expert 0; weights and Grams scale linearly to 8 experts." if m["experts_built"] else ""),
+                  "",
                   table(["matrix", "rows × cols", "kept basis", "CPU s", "of which Gram factor s",
                          "peak above its start MiB"],
                         [[r["role"], f"{r['rows']}×{r['cols']}", r["kept_basis"], r["seconds"], r["factor_s"],
