@@ -240,6 +240,7 @@ def measure_patched(engine_root: Path, model: nn.Module, tokens: torch.Tensor, b
 
     spec = importlib.util.spec_from_file_location("patched_calibrate", engine_root / "svdzip/engine/calibrate.py")
     patched = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = patched  # dataclasses look their module up there
     spec.loader.exec_module(patched)
     small = tokens[:batch_size, :128]
     a = today.collect_statistics(model, small, batch_size)
