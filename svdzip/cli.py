@@ -493,9 +493,9 @@ def _apply_recommended_recipe(args: argparse.Namespace, scaled: bool) -> None:
 
 def _wants_heldout(config) -> bool:
     """Allocators that check themselves on held-out calibration windows: D-Rank's β search, loss-aware's guard."""
-    from svdzip.allocate.common import truthy
+    from svdzip.allocate import allocator_needs
 
-    return any(truthy(config.allocator_options.get(k, False)) for k in ("tune_beta", "guard"))
+    return allocator_needs(config.allocator, config.allocator_options).heldout
 
 
 def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | None, heldout: int = 0,
@@ -503,20 +503,22 @@ def _compress_loaded(model, tokenizer, source: str, config, stats_path: str | No
     """Calibrate (or reuse statistics) and compress; `heldout` > 0 also draws that many calibration-corpus
     windows the statistics never see (the window draw is a seeded permutation, so the first
     `calib_samples` are exactly the usual ones), for tuning hyperparameters such as D-Rank's β."""
+    from svdzip.allocate import allocator_needs
     from svdzip.data import calibration_tokens, load_corpus
     from svdzip.engine.pipeline import compress, prepare_statistics
-    from svdzip.methods.decompose import DATA_FREE
+    from svdzip.methods.factorisations import get_method
 
     tokens = stats = None
-    needs_tokens = (config.method not in DATA_FREE or config.update or heldout
-                    or config.allocator in ("ara", "strs", "loss-aware"))
+    method_needs = get_method(config.method).needs(config)
+    needs_tokens = (method_needs.data or config.update or heldout
+                    or allocator_needs(config.allocator, config.allocator_options).data)
     held = None
     if needs_tokens:
         corpus = load_corpus(config.corpus)
         tokens = calibration_tokens(tokenizer, corpus, config.calib_samples + heldout, config.calib_seq_len,
                                     config.seed)
         tokens, held = tokens[: config.calib_samples], (tokens[config.calib_samples :] if heldout else None)
-    if config.method not in DATA_FREE:
+    if method_needs.statistics:
         stats = prepare_statistics(model, tokens, source, config, stats_path)
     return compress(model, config, stats=stats, calib_tokens=tokens, heldout_tokens=held, out_dir=out_dir)
 

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdzip.allocate import AllocationContext, allocate, spent
+from svdzip.allocate import AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
 from svdzip.config import CompressConfig
 from svdzip.engine.calibrate import CalibrationStats, collect_statistics
 from svdzip.errors import SvdzipError
-from svdzip.methods.decompose import DATA_FREE, Unit, decompose, group_linears
+from svdzip.methods.decompose import Unit, decompose, group_linears
+from svdzip.methods.factorisations import get_method
 from svdzip.methods.materialise import ModuleReport, materialise
 from svdzip.models.adapter import ModelAdapter
 
@@ -39,6 +40,7 @@ class CompressionResult:
     ranks: dict[str, int | None] = field(default_factory=dict)
     effective_ranks: list[dict[str, Any]] = field(default_factory=list)  # per unit, for plots and reports
     units: list[Unit] | None = None  # the spectra, reusable for another ratio or allocator of the same method
+    allocation_report: dict[str, Any] = field(default_factory=dict)  # what the allocator reported (ARA's history)
 
 
 def check_weights_finite(model: nn.Module) -> None:
@@ -55,6 +57,7 @@ def compress(
     out_dir: Any = None,
     units: list[Unit] | None = None,
     heldout_tokens: torch.Tensor | None = None,
+    allocation_cache: AllocationCache | None = None,
 ) -> CompressionResult:
     """Compress `model` in place to `config.ratio` and report what was done.
 
@@ -77,7 +80,7 @@ def compress(
             raise SvdzipError("fwsvd needs calibration tokens to measure Fisher information")
         stats = stats or CalibrationStats()
         timings["fisher_s"] = add_fisher(stats, model, calib_tokens, config)
-    if config.method not in DATA_FREE and stats is None:
+    if get_method(config.method).needs(config).statistics and stats is None:
         if calib_tokens is None:
             raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")
         t0 = time.perf_counter()
@@ -95,16 +98,21 @@ def compress(
     unit_dense = sum(u.dense_params for u in units)
     ctx = AllocationContext(
         ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio),
-        options=_allocator_options(config, heldout_tokens),
-        adapter=adapter, model=model, stats=stats, calib_tokens=calib_tokens, device=config.device,
-        seed=config.seed, out_dir=out_dir,
+        options=dict(config.allocator_options), adapter=adapter, model=model, calib_tokens=calib_tokens,
+        heldout_tokens=heldout_tokens, device=config.device, seed=config.seed,
+        cache=allocation_cache if allocation_cache is not None else AllocationCache(),
     )
     memory_plan = None
     if config.memory_budget:
-        ranks, memory_plan = _allocate_memory(model, units, ctx, config)
+        allocation, memory_plan = _allocate_memory(model, units, ctx, config)
     else:
-        ranks = allocate(config.allocator, units, ctx)
+        allocation = allocate(config.allocator, units, ctx)
+    ranks = allocation.ranks
     timings["allocate_s"] = time.perf_counter() - t0
+    if out_dir is not None:
+        from svdzip.output.plots import write_allocation_report
+
+        write_allocation_report(out_dir, units, allocation)
 
     # the update's target is the ORIGINAL weight's output: keep the dense modules (no copy) until then
     originals = {m.name: adapter.module(m.name) for u in units for m in u.members} if config.update else None
@@ -150,7 +158,7 @@ def compress(
              config.label, summary["ratio_achieved"], config.ratio, params_before, params_after)
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
-                             units=units)
+                             units=units, allocation_report=allocation.report)
 
 
 def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: CompressConfig):
@@ -163,13 +171,13 @@ def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext
                  config.quantize, config.quantize_scope)
     priced = price(units, mplan.pricing)
     if config.byte_aware and is_byte_aware(config.allocator):
-        ranks = allocate_bytes(config.allocator, priced, ctx, mplan.unit_budget)
+        allocation = allocate_bytes(config.allocator, priced, ctx, mplan.unit_budget)
     else:
-        ranks, ratio = allocate_params_first(config.allocator, units, priced, ctx, mplan.unit_budget)
+        allocation, ratio = allocate_params_first(config.allocator, units, priced, ctx, mplan.unit_budget)
         ctx.options["params_first_ratio"] = ratio
     log.info("memory budget %d bytes: %d fixed (embeddings, norms), %d of %d for the matrices", mplan.budget_bytes,
-             mplan.fixed_bytes, spent(priced, ranks), mplan.unit_budget)
-    return ranks, mplan
+             mplan.fixed_bytes, spent(priced, allocation.ranks), mplan.unit_budget)
+    return allocation, mplan
 
 
 def store(result: CompressionResult, dtype: torch.dtype) -> list[str]:
@@ -194,16 +202,6 @@ def store(result: CompressionResult, dtype: torch.dtype) -> list[str]:
         elif row.rank is not None and scope in ("all", "factors"):
             names += [f"{row.name}.left", f"{row.name}.right"]
     return quantize_linears(result.model, names, result.config.quantize)
-
-
-def _allocator_options(config: CompressConfig, heldout_tokens: torch.Tensor | None) -> dict[str, Any]:
-    """The config's options, plus held-out calibration windows for hyperparameter tuning (never saved)."""
-    from svdzip.allocate.common import HELDOUT_KEY
-
-    options = dict(config.allocator_options)
-    if heldout_tokens is not None:
-        options[HELDOUT_KEY] = heldout_tokens
-    return options
 
 
 def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:

@@ -43,7 +43,8 @@ from svdzip.engine.calibrate import CalibrationStats, _Accumulator, capture_laye
 from svdzip.engine.distributed import DistContext, assign_by_cost, data_slice, eigen_cost
 from svdzip.engine.resume import RunState, read_checked, write_checked
 from svdzip.errors import SvdzipError
-from svdzip.methods.decompose import DATA_FREE, Unit, decompose, group_linears
+from svdzip.methods.decompose import Unit, decompose, group_linears
+from svdzip.methods.factorisations import get_method
 from svdzip.methods.linalg import Spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
 
@@ -484,7 +485,7 @@ def prepare_scaled(model: nn.Module, tokens: torch.Tensor | None, source: str, c
         raise SvdzipError("fwsvd's Fisher pass is not distributed yet; run it with one process")
     adapter = ModelAdapter(model)
     stats = None
-    if config.method not in DATA_FREE:
+    if get_method(config.method).needs(config).statistics:
         from svdzip.engine.pipeline import calibration_meta
 
         stats = calibrate_layers(model, adapter, tokens, config.calib_batch_size, config.device,
@@ -554,7 +555,7 @@ def stream_compress(source: str | os.PathLike, tokenizer: Any, tokens: torch.Ten
     timings: dict[str, float] = {}
     try:
         stats = None
-        if config.method not in DATA_FREE:
+        if get_method(config.method).needs(config).statistics:
             t0 = time.perf_counter()
             stats = calibrate_layers(model, adapter, tokens, config.calib_batch_size, config.device, reader=reader,
                                      dtype=dtype, state=state, ctx=ctx, meta=calibration_meta(str(source), config))
@@ -570,9 +571,9 @@ def stream_compress(source: str | os.PathLike, tokenizer: Any, tokens: torch.Ten
         t0 = time.perf_counter()
         dense = sum(u.dense_params for u in units)
         actx = AllocationContext(ratio=config.ratio, budget=keep_budget(dense, config.ratio),
-                                 options=config.allocator_options, adapter=adapter, stats=stats,
-                                 device=config.device, seed=config.seed, out_dir=out)
-        ranks = allocate(config.allocator, units, actx)
+                                 options=config.allocator_options, adapter=adapter,
+                                 device=config.device, seed=config.seed)
+        ranks = allocate(config.allocator, units, actx).ranks
         timings["allocate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         rows = write_streamed(model, adapter, reader, units, ranks, state, tokenizer, out, config, dtype,
@@ -780,7 +781,8 @@ def cli_compress(args: Any, config: CompressConfig, out: Path, dtype: torch.dtyp
 def _tokens(tokenizer: Any, config: CompressConfig) -> torch.Tensor | None:
     from svdzip.data import calibration_tokens, load_corpus
 
-    needs = config.method not in DATA_FREE or config.update or config.allocator in ("ara", "strs")
+    needs = (get_method(config.method).needs(config).statistics or config.update
+             or config.allocator in ("ara", "strs"))
     if not needs:
         return None
     return calibration_tokens(tokenizer, load_corpus(config.corpus), config.calib_samples, config.calib_seq_len,
