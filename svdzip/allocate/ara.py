@@ -112,7 +112,7 @@ def mask_rank_max(unit: Unit, rho0: float) -> int:
 
 def retention_scale(unit: Unit, rank_max: int, rho0: float) -> float:
     """Parameter ratio per unit of retention (ρ = scale·r̂): ρ₀ exactly unless the basis caps rank_max."""
-    return rho0 * rank_max / max(over_complete_rank(unit.rows, unit.cols, rho0), 1)
+    return rho0 * (rank_max / max(over_complete_rank(unit.rows, unit.cols, rho0), 1))  # exactly ρ₀ when uncapped
 
 
 class _Installed:
