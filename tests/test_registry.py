@@ -19,9 +19,9 @@ from svdzip.needs import Mode, Needs, refuse_unsupported
 def test_method_registry_and_errors():
     assert available_methods() == ["svd", "svdllm", "asvd", "fwsvd"]
     assert get_method("asvd").name == "asvd" and get_method(get_method("svd")) is get_method("svd")
-    with pytest.raises(SvdzipError, match=r"unknown factorisation method 'svdlm'; choose from: svd \(.*fwsvd \("):
+    with pytest.raises(SvdzipError, match=r"unknown method 'svdlm'; choose a factorisation from: svd \(.*fwsvd \("):
         get_method("svdlm")
-    with pytest.raises(SvdzipError, match="unknown factorisation method"):
+    with pytest.raises(SvdzipError, match="unknown method"):
         CompressConfig(method="svdlm").validate()
 
 

@@ -183,7 +183,7 @@ def get_method(name: str | FactorisationMethod) -> FactorisationMethod:
     method = REGISTRY.get(name)
     if method is None:
         choices = ", ".join(f"{m.name} ({m.summary})" for m in REGISTRY.values())
-        raise SvdzipError(f"unknown factorisation method '{name}'; choose from: {choices}")
+        raise SvdzipError(f"unknown method '{name}'; choose a factorisation from: {choices}")
     return method
 
 
