@@ -27,7 +27,6 @@ import torch
 from common import Bench, setup_logging, write_results
 
 from svdzip.allocate import AllocationContext, allocate, spent
-from svdzip.allocate.common import HELDOUT_KEY
 from svdzip.allocate.drank import effective_ranks
 from svdzip.budget import keep_budget
 from svdzip.config import SHAREABLE_ROLES
@@ -117,11 +116,10 @@ def main() -> None:
                     analysis[model_name] = {"effective_rank": _erank_by_type(units)}
                 t0 = time.perf_counter()
                 budget = keep_budget(sum(u.dense_params for u in units), ratio)
-                wants_heldout = options.get("tune_beta") or options.get("guard")
-                opts = {**options, HELDOUT_KEY: heldout} if wants_heldout else options
-                ctx = AllocationContext(ratio=ratio, budget=budget, options=opts, adapter=adapter, model=dense,
-                                        stats=bench.stats, calib_tokens=bench.tokens)
-                ranks = allocate(allocator, units, ctx)
+                ctx = AllocationContext(ratio=ratio, budget=budget, options=options, adapter=adapter, model=dense,
+                                        calib_tokens=bench.tokens, heldout_tokens=heldout,
+                                        cache=bench.allocation_cache)
+                ranks = allocate(allocator, units, ctx).ranks
                 model = copy.deepcopy(dense)
                 materialise(ModelAdapter(model), units, ranks)
                 ppl = bench.perplexity(model, corpora, args.eval_tokens, args.seq_len)

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from common import RESULTS, Bench, setup_logging, write_results
 
-import svdzip.allocate.ara as ara
 from svdzip.allocate import AllocationContext, allocate, available, spent
 from svdzip.budget import keep_budget
 from svdzip.methods.decompose import Unit, decompose, group_linears
 from svdzip.methods.linalg import Spectrum
 from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter
+from svdzip.output.plots import write_allocation_report
 
 log = logging.getLogger("benchmarks.ara")
 
@@ -55,23 +55,26 @@ def run_cell(bench: Bench, units: list, ratio: float, allocator: str, options: d
     adapter = ModelAdapter(model)
     budget = keep_budget(sum(u.dense_params for u in units), ratio)
     ctx = AllocationContext(ratio=ratio, budget=budget, options=dict(options), adapter=adapter, model=model,
-                            stats=bench.stats, calib_tokens=bench.tokens, device=bench.device,
-                            seed=bench.base.seed, out_dir=plot_dir)
+                            calib_tokens=bench.tokens, device=bench.device, seed=bench.base.seed,
+                            cache=bench.allocation_cache)
     t0 = time.perf_counter()
-    ranks = allocate(allocator, units, ctx)
+    allocation = allocate(allocator, units, ctx)
+    ranks, report = allocation.ranks, allocation.report
     alloc_s = time.perf_counter() - t0
+    if plot_dir is not None:
+        write_allocation_report(plot_dir, units, allocation)
     materialise(adapter, units, ranks)
     used = spent(units, ranks)
     ppl = bench.perplexity(model, max_tokens=bench_eval_tokens)
     row = {"ratio": ratio, "allocator": allocator, "options": options, "ppl": ppl,
            "ratio_achieved": 1 - used / sum(u.dense_params for u in units),
            "dense_modules": sum(r is None for r in ranks), "allocate_s": round(alloc_s, 1)}
-    if allocator == "ara":
-        row["train_s"] = round(ara.LAST_RUN["train_s"], 1)
-        hist = ara.LAST_RUN["history"]
+    if "history" in report:
+        row["train_s"] = round(report["train_s"], 1)
+        hist = report["history"]
         row["ce_first_last"] = [round(hist[0]["ce"], 4), round(hist[-1]["ce"], 4)]
         row["kept_expected_last"] = round(hist[-1]["kept"], 5)
-        row["lr"] = ara.LAST_RUN["lr"]
+        row["lr"] = report["lr"]
     log.info("%s", row)
     return row
 

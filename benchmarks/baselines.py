@@ -111,7 +111,7 @@ def main() -> None:
                 "eval_s": round(time.perf_counter() - t0, 1)}
             log.info("%s at %g: %s", m, ratio, ppl)
             payload.update(settings=settings, cells=cells, fisher_s=fisher_s or payload.get("fisher_s"))
-            write_results(args.name, payload, markdown(cells, settings))
+            write_results(args.name, payload, markdown(cells, settings), run=bench.run)
 
 
 def markdown(cells: dict[str, Any], settings: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from svdzip.allocate import AllocationCache
 from svdzip.config import CompressConfig
 from svdzip.data import calibration_tokens, load_corpus
 from svdzip.engine.pipeline import compress, prepare_statistics
@@ -41,6 +42,8 @@ class Bench:
         self.tokens = calibration_tokens(self.tokenizer, load_corpus(corpus), samples, seq_len, seed)
         self.stats = prepare_statistics(model_, self.tokens, self.source, self.base)
         self._spectra: dict[tuple, list] = {}  # spectra depend on the factorisation, not on ratio or allocator
+        self.allocation_cache = AllocationCache()  # loss-aware's Fisher, speedaware's timings: the same every cell
+        self.run = provenance()  # this process's provenance record, however often it writes results
         del model_
 
     def fresh(self):
@@ -51,7 +54,8 @@ class Bench:
         model = self.fresh()
         key = (cfg.method, cfg.group_size, tuple(cfg.share_roles), cfg.asvd_alpha, cfg.asvd_scaling)
         t0 = time.perf_counter()
-        result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens, units=self._spectra.get(key))
+        result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens, units=self._spectra.get(key),
+                          allocation_cache=self.allocation_cache)
         result.summary["wall_s"] = round(time.perf_counter() - t0, 2)
         if result.units is not None:
             self._spectra[key] = result.units
@@ -64,17 +68,17 @@ class Bench:
         return {c: by[protocols[0]].ppl for c, by in res.items()}
 
 
-_THIS_RUN: dict[str, Any] = {}
+def write_results(name: str, payload: dict[str, Any], markdown: str, run: dict[str, Any] | None = None) -> None:
+    """Write <name>.json and .md; a benchmark that adds cells to an earlier file keeps every run's provenance.
 
-
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
-    """Write <name>.json and .md; a benchmark that adds cells to an earlier file keeps every run's provenance."""
+    `run` is this run's provenance (`provenance()`, e.g. `Bench.run`): a benchmark that writes after every
+    cell passes the same record each time, so it is listed once.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if not _THIS_RUN:
-        _THIS_RUN.update(provenance())
+    run = dict(run) if run is not None else provenance()
     earlier = payload.get("runs") or ([payload["provenance"]] if "provenance" in payload else [])
-    runs = [r for r in earlier if r != _THIS_RUN] + [dict(_THIS_RUN)]
-    payload = {**payload, "provenance": dict(_THIS_RUN), "runs": runs}
+    runs = [r for r in earlier if r != run] + [run]
+    payload = {**payload, "provenance": run, "runs": runs}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
     lines = [f"`{r['command']}` at commit {r['commit']} on {r['machine']}, {r['date']}" for r in runs]
     footer = ("Produced by " + lines[0] + "." if len(lines) == 1 else

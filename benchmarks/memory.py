@@ -282,9 +282,9 @@ def main() -> None:
                 if RECIPES[recipe].get("only", fraction) != fraction or (recipe, fraction) in done:
                     continue
                 data["cells"].append(run_cell(bench, recipe, fraction, dense, tmp, args, seen))
-                write_results(name, data, markdown(data))
+                write_results(name, data, markdown(data), run=bench.run)
         plot(data, RESULTS / f"{name}.png")
-        write_results(name, data, markdown(data))
+        write_results(name, data, markdown(data), run=bench.run)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -156,7 +156,7 @@ def main() -> None:
             cell.update(evaluate(bench, model, args))
             log.info("%s", {k: v for k, v in cell.items() if k != "heal"})
             data["cells"].append(cell)
-            write_results(name, data, markdown(data))
+            write_results(name, data, markdown(data), run=bench.run)
             del model
 
 

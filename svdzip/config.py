@@ -7,9 +7,7 @@ from typing import Any
 
 from svdzip.budget import check_ratio
 from svdzip.errors import SvdzipError
-from svdzip.methods.decompose import METHODS
 
-UPDATES = ("svdllm", "coef")
 SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
 
 
@@ -46,10 +44,14 @@ class CompressConfig:
     def validate(self) -> CompressConfig:
         self._validate_memory()
         check_ratio(self.ratio)
-        if self.method not in METHODS:
-            raise SvdzipError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
-        if self.update is not None and self.update not in UPDATES:
-            raise SvdzipError(f"unknown update '{self.update}'; choose from {', '.join(UPDATES)}")
+        from svdzip.allocate import parse_allocator_options
+        from svdzip.methods.factorisations import get_method
+        from svdzip.methods.update import get_update
+
+        get_method(self.method)
+        if self.update is not None:
+            get_update(self.update)
+        parse_allocator_options(self.allocator, self.allocator_options)  # unknown keys, malformed values
         if self.group_size < 1:
             raise SvdzipError(f"group size must be ≥ 1, got {self.group_size}")
         bad = [r for r in self.share_roles if r not in SHAREABLE_ROLES]

@@ -28,9 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.config import UPDATES, CompressConfig
+from svdzip.allocate import AllocationCache
+from svdzip.config import CompressConfig
 from svdzip.errors import SvdzipError
-from svdzip.methods.decompose import METHODS
+from svdzip.methods.factorisations import get_method
+from svdzip.methods.update import get_update
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,10 @@ def parse_label(label: str) -> dict[str, Any]:
     if not parts or not parts[0]:
         raise SvdzipError(f"empty method spec '{label}'")
     method, rest = parts[0], parts[1:]
-    if method not in METHODS:
-        raise SvdzipError(f"method spec '{label}': unknown factorisation '{method}'; choose from {', '.join(METHODS)}")
+    try:
+        get_method(method)
+    except SvdzipError as exc:
+        raise SvdzipError(f"method spec '{label}': {exc}") from None
     fields: dict[str, Any] = {"method": method, "allocator": "uniform", "group_size": 1, "update": None}
     seen_allocator = False
     for part in rest:
@@ -60,8 +64,10 @@ def parse_label(label: str) -> dict[str, Any]:
             fields["group_size"] = int(part[5:])
         elif part == "update" or part.startswith("update-"):
             upd = "svdllm" if part == "update" else part[len("update-"):]
-            if upd not in UPDATES:
-                raise SvdzipError(f"method spec '{label}': unknown update '{upd}'; choose from {', '.join(UPDATES)}")
+            try:
+                get_update(upd)
+            except SvdzipError as exc:
+                raise SvdzipError(f"method spec '{label}': {exc}") from None
             fields["update"] = upd
         elif part and not seen_allocator:
             fields["allocator"], seen_allocator = part, True
@@ -196,21 +202,29 @@ def calibration(model: nn.Module, tokenizer: Any, source: str, base: CompressCon
     return tokens, prepare_statistics(model, tokens, source, base)
 
 
-_SPECTRA: dict[tuple, Any] = {}  # spectra depend on model, statistics and factorisation — not on ratio or allocator
+@dataclass
+class SweepCache:
+    """What the cells of one model share, owned by `run_sweep`: spectra (they depend on the model, statistics
+    and factorisation, not on the ratio or the allocator) and the allocators' reusable results."""
+
+    spectra: dict[tuple, Any] = field(default_factory=dict)
+    allocation: AllocationCache = field(default_factory=AllocationCache)
 
 
-def compress_cell(model: nn.Module, config: CompressConfig, stats: Any, tokens: torch.Tensor) -> dict[str, Any]:
+def compress_cell(model: nn.Module, config: CompressConfig, stats: Any, tokens: torch.Tensor,
+                  cache: SweepCache | None = None) -> dict[str, Any]:
     """Compress `model` in place; the summary of the pipeline."""
     from svdzip.engine.pipeline import compress
-    from svdzip.methods.decompose import DATA_FREE
 
+    cache = cache if cache is not None else SweepCache()
     key = (repr(sorted(getattr(stats, "meta", {}).items())), config.method, config.group_size,
            tuple(config.share_roles), config.asvd_alpha, config.asvd_scaling)
     t0 = time.perf_counter()
-    result = compress(model, config, stats=None if config.method in DATA_FREE else stats, calib_tokens=tokens,
-                      units=_SPECTRA.get(key))
+    uses_stats = bool(get_method(config.method).needs(config).statistics)
+    result = compress(model, config, stats=stats if uses_stats else None, calib_tokens=tokens,
+                      units=cache.spectra.get(key), allocation_cache=cache.allocation)
     if result.units is not None:
-        _SPECTRA[key] = result.units
+        cache.spectra[key] = result.units
     summary = dict(result.summary)
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     summary["dense_modules"] = sum(1 for r in result.ranks.values() if r is None)
@@ -267,6 +281,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     for model_name, cells in by_model.items():
         dense, tokenizer, source = load(model_name, spec.device)
         calib: tuple[torch.Tensor, Any] | None = None
+        cache = SweepCache()
         for method, ratio in cells:
             key = cell_key(model_name, method, ratio)
             cell = store.cell(key)
@@ -281,7 +296,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
                     calib = calibration(dense, tokenizer, source, base)
                 config = config_from_label(method, ratio, base)
                 model = copy.deepcopy(dense)
-                summary = compress_cell(model, config, calib[1], calib[0])
+                summary = compress_cell(model, config, calib[1], calib[0], cache)
                 cell["summary"] = summary
             store.save(prov)
             if parts["corpora"]:

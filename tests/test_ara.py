@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, compress
-from svdzip.allocate import AllocationContext
-from svdzip.allocate.ara import LAST_RUN, AraOptions, _Installed, allocate_ara, finalise, training_windows
+from svdzip.allocate import AllocationContext, allocate
+from svdzip.allocate.ara import AraOptions, _Installed, _targets, finalise, mask_rank_max, training_windows
 from svdzip.allocate.ara_mask import StaircaseMask, candidates, init_logits, staircase
 from svdzip.budget import keep_budget
 from svdzip.engine.calibrate import collect_statistics
@@ -23,7 +23,7 @@ def _setup(family: str = "llama", ratio: float = 0.3, **options):
     units = decompose(adapter, stats, "svdllm")
     total = sum(u.dense_params for u in units)
     ctx = AllocationContext(ratio=ratio, budget=keep_budget(total, ratio), options=options, adapter=adapter,
-                            model=model, stats=stats, calib_tokens=tokens, seed=0)
+                            model=model, calib_tokens=tokens, seed=0)
     return model, units, ctx
 
 
@@ -119,17 +119,78 @@ def test_finalise_meets_the_budget_and_snaps_dense():
 
 
 def test_allocator_trains_and_meets_budget(tmp_path):
+    from svdzip.output.plots import write_allocation_report
+
     model, units, ctx = _setup(steps=6, seq_len=12, lr=0.05)
-    ctx.out_dir = tmp_path
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    ranks = allocate_ara(units, ctx)
+    allocation = allocate("ara", units, ctx)
+    ranks = allocation.ranks
     used = sum(u.dense_params if r is None else r * u.cost_per_rank for u, r in zip(units, ranks, strict=True))
     assert used <= ctx.budget
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # model untouched
-    assert len(LAST_RUN["history"]) == 6
-    assert (tmp_path / "ara_loss.png").exists() and (tmp_path / "ara_ratios.png").exists()
-    again = allocate_ara(units, ctx)
-    assert again == ranks  # deterministic with the seed
+    assert len(allocation.report["history"]) == 6 and allocation.allocator == "ara"
+    assert list(tmp_path.iterdir()) == []  # the allocator itself writes nothing
+    written = write_allocation_report(tmp_path, units, allocation)
+    assert {p.name for p in written} == {"ara_loss.png", "ara_ratios.png", "ara_history.json"}
+    assert all(p.stat().st_size > 500 for p in written)
+    again = allocate("ara", units, ctx)
+    assert again.ranks == ranks  # deterministic with the seed
+
+
+def test_compress_writes_ara_plots_from_the_report(tmp_path):
+    model = tiny_model("llama")
+    cfg = CompressConfig(ratio=0.3, allocator="ara", allocator_options={"steps": 2, "seq_len": 12},
+                         calib_batch_size=2)
+    result = compress(model, cfg, calib_tokens=tiny_tokens(4, 24), out_dir=tmp_path)
+    assert len(result.allocation_report["history"]) == 2
+    assert {p.name for p in tmp_path.iterdir()} == {"ara_loss.png", "ara_ratios.png", "ara_history.json"}
+    plain = tmp_path / "no_plots"
+    cfg.allocator_options["plot"] = "false"
+    compress(tiny_model("llama"), cfg, calib_tokens=tiny_tokens(4, 24), out_dir=plain)
+    assert {p.name for p in plain.iterdir()} == {"ara_history.json"}
+
+
+@pytest.mark.parametrize("rho0", [1.2, 1.6])
+def test_one_rank_max_for_targets_mask_and_dense_test(rho0):
+    """Where the basis caps rank_max (rho0 above the spectra's 1.2 headroom, or a very skewed matrix), the
+    targets, the mask's dense branch and finalise all measure retention against that same rank_max."""
+    from svdzip.allocate.ara_mask import over_complete_rank
+
+    _, units, ctx = _setup(ratio=0.3)
+    opts = AraOptions.from_options({"rho0": rho0})
+    kept = ctx.budget / sum(u.dense_params for u in units)
+    targets = _targets(units, ctx, opts, kept)
+    capped = 0
+    for unit, target in zip(units, targets, strict=True):
+        r_max = mask_rank_max(unit, rho0)
+        capped += r_max < over_complete_rank(unit.rows, unit.cols, rho0)
+        # the uniform start keeps `kept` of the unit's parameters, whatever caps rank_max
+        assert target * r_max * unit.cost_per_rank / unit.dense_params == pytest.approx(kept, abs=2 / r_max)
+    assert (capped > 0) == (rho0 > 1.2)
+    inst = _Installed(units, ctx, targets, opts)
+    try:
+        for unit, mask, r_max in zip(units, inst.masks, inst.rank_max, strict=True):
+            assert r_max == mask_rank_max(unit, rho0)
+            # the dense branch starts where the mask's rank would cost what the dense matrix costs
+            for r_hat in (0.5, 0.8, 0.9, 0.999):
+                with torch.no_grad():
+                    mask.logits.copy_(init_logits(r_hat))
+                mask.refresh()
+                rank_cost = float(mask.retention().detach()) * r_max * unit.cost_per_rank
+                rounding = 1.5 / over_complete_rank(unit.rows, unit.cols, rho0)  # of int(m·n·ρ₀/(m+n))
+                if rank_cost >= unit.dense_params:
+                    assert mask.dense, (unit.name, r_hat)
+                elif rank_cost < (1 - rounding) * unit.dense_params:
+                    assert not mask.dense, (unit.name, r_hat)
+    finally:
+        inst.restore()
+    # finalise: a retention whose rank costs more than dense is kept dense, one well below is factorised
+    r_max = inst.rank_max
+    full = [min(0.999, 1.05 * u.dense_params / (rm * u.cost_per_rank)) for u, rm in zip(units, r_max, strict=True)]
+    ranks = finalise(units, full, r_max, 1.0, sum(u.dense_params for u in units), rho0)
+    over = [i for i, (u, f, rm) in enumerate(zip(units, full, r_max, strict=True))
+            if f * rm * u.cost_per_rank >= 0.99 * u.dense_params]
+    assert over and all(ranks[i] is None for i in over)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
@@ -146,17 +207,22 @@ def test_compress_with_ara_end_to_end(family):
 
 
 def test_init_from_another_allocator():
-    _, units, ctx = _setup(steps=2, seq_len=12, init="uniform")
-    ranks = allocate_ara(units, ctx)
+    _, units, ctx = _setup(steps=2, seq_len=12, init="drank", init_mode="code")
+    ranks = allocate("ara", units, ctx).ranks
     assert len(ranks) == len(units)
     ctx.options = {"steps": 1, "seq_len": 12, "init": "ara"}
     with pytest.raises(SvdzipError, match="itself"):
-        allocate_ara(units, ctx)
+        allocate("ara", units, ctx)
+    ctx.options = {"steps": 1, "init": "drank", "init_mode": "fancy"}
+    with pytest.raises(SvdzipError, match="mode=fancy.*init=drank"):
+        allocate("ara", units, ctx)
 
 
 def test_bad_options_and_windows():
-    with pytest.raises(SvdzipError, match="unknown ARA option"):
+    with pytest.raises(SvdzipError, match="unknown option.*stepz.*'ara'"):
         AraOptions.from_options({"stepz": 3})
+    with pytest.raises(SvdzipError, match="rho0"):
+        AraOptions.from_options({"rho0": 1.0})
     assert AraOptions.from_options({"steps": "64"}).learning_rate == pytest.approx(0.04)
     tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
     w = training_windows(tokens, 3, 0, bos_id=1)

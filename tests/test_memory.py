@@ -64,7 +64,7 @@ def test_byte_aware_loss_aware_matches_brute_force(pricing, seed):
 
     def run(budget):
         ctx = AllocationContext(ratio=0.5, budget=budget, options={"signal": "whitened"})
-        return allocate("loss-aware", units, ctx)
+        return allocate("loss-aware", units, ctx).ranks
 
     segments = sorted((s for u in units for s in hull_segments(u, 1.0)), key=lambda s: -s[0])
     budget, checked = spent(units, [1] * 3), 0
@@ -86,7 +86,9 @@ def test_params_first_fits_the_byte_budget_and_byte_aware_is_no_worse():
     budget = spent(priced, [2, 2, DENSE])
     ctx = AllocationContext(ratio=0.5, budget=0, options={"signal": "whitened"})
     pf, ratio = allocate_params_first("loss-aware", units, priced, ctx, budget)
-    aware = allocate("loss-aware", priced, AllocationContext(ratio=0.5, budget=budget, options={"signal": "whitened"}))
+    pf = pf.ranks
+    aware = allocate("loss-aware", priced,
+                     AllocationContext(ratio=0.5, budget=budget, options={"signal": "whitened"})).ranks
     assert spent(priced, pf) <= budget and spent(priced, aware) <= budget and 0 < ratio < 1
 
     def loss(ranks):

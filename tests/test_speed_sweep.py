@@ -27,6 +27,8 @@ from svdzip.evaluate.speed import (
     speed_table,
     summary_row,
 )
+from svdzip.methods.decompose import decompose
+from svdzip.models.adapter import ModelAdapter
 from svdzip.models.lowrank import LowRankLinear
 from svdzip.sweep import SweepSpec, config_from_label, parse_label, run_sweep
 
@@ -129,9 +131,10 @@ def patched_sweep(monkeypatch):
         calls["calibration"] += 1
         return tokens, collect_statistics(model, tokens, 4, "cpu")
 
-    def compress_cell(model, config, stats, toks):
+    def compress_cell(model, config, stats, toks, cache=None):
         calls["compress"] += 1
-        return real_compress(model, config, stats, toks)
+        calls["spectra_reused"] += bool(cache is not None and cache.spectra)
+        return real_compress(model, config, stats, toks, cache)
 
     def perplexities(model, tokenizer, corpora, spec, label):
         calls["ppl"] += len(corpora)
@@ -179,6 +182,12 @@ def test_sweep_is_resumable_and_writes_table_and_plots(patched_sweep, tmp_path):
     assert calls["speed"] == before["speed"]
 
 
+def test_sweep_reuses_spectra_across_ratios_through_its_own_cache(patched_sweep, tmp_path):
+    run_sweep(_spec(methods=["svdllm"], ratios=[0.3, 0.5], speed=False, tasks=[], corpora=["wiki"]), tmp_path)
+    assert patched_sweep["compress"] == 2 and patched_sweep["spectra_reused"] == 1
+    assert not hasattr(sweep_mod, "_SPECTRA")  # no module-level state carries results between sweeps
+
+
 def test_sweep_refuses_to_mix_settings(patched_sweep, tmp_path):
     run_sweep(_spec(methods=["svd"], ratios=[0.4], speed=False, tasks=[]), tmp_path)
     with pytest.raises(SvdzipError, match="other settings"):
@@ -212,17 +221,66 @@ def test_speed_aware_allocator_keeps_slow_matrices_dense_within_budget(monkeypat
     from svdzip.allocate import speed_aware
 
     # pretend that k and v (32→16 in the tiny model) lose at any rank, everything else wins
-    monkeypatch.setattr(speed_aware, "measured_speedup", lambda rows, cols, rank, tokens, clock:
-                        0.5 if rows == 16 else 2.0)
+    monkeypatch.setattr(speed_aware, "measured_speedup", lambda unit, rank, tokens, clock, cache:
+                        0.5 if unit.rows == 16 else 2.0)
     model = tiny_model("llama")
     res = compress(model, CompressConfig(method="svd", ratio=0.3, allocator="speedaware"))
     dense = {name.rsplit(".", 1)[-1] for name, r in res.ranks.items() if r is None}
     assert dense == {"k_proj", "v_proj"}
     assert res.summary["ratio_achieved"] >= 0.3 - 1e-9  # the others were cut deeper to pay for it
     assert res.config.label == "svd+speedaware" and parse_label(res.config.label)["allocator"] == "speedaware"
+    assert {n.rsplit(".", 1)[-1] for n in res.allocation_report["kept_dense_for_speed"]} == {"k_proj", "v_proj"}
     monkeypatch.setattr(speed_aware, "measured_speedup", lambda *a: 0.5)  # nothing pays off
     with pytest.raises(SvdzipError, match="no feasible budget"):
         compress(tiny_model("llama"), CompressConfig(method="svd", ratio=0.3, allocator="speedaware"))
+
+
+def test_speed_aware_never_returns_factorised_what_it_kept_dense(monkeypatch):
+    """Each re-allocation finds one more slow matrix, for more rounds than the old cap of 8: every matrix
+    found slow (and logged as kept dense) must come back dense."""
+    from svdzip.allocate import speed_aware
+
+    state = {"last": None, "rounds": 0}
+    slow: list[str] = []
+
+    def one_new_slow_matrix_per_round(unit, rank, tokens, clock, cache):
+        index = order[unit.name]
+        first = state["last"] is None or index <= state["last"]  # a new allocation round starts
+        state["last"] = index
+        if first:
+            state["rounds"] += 1
+        if first and state["rounds"] <= 11:
+            slow.append(unit.name)
+            return 0.5
+        return 2.0
+
+    monkeypatch.setattr(speed_aware, "measured_speedup", one_new_slow_matrix_per_round)
+    model = tiny_model("llama")
+    order = {info.name: i for i, info in enumerate(ModelAdapter(model).linears())}
+    res = compress(model, CompressConfig(method="svd", ratio=0.2, allocator="speedaware"))
+    assert len(slow) == 11 and state["rounds"] == 12
+    assert all(res.ranks[name] is None for name in slow)
+    assert sorted(res.allocation_report["kept_dense_for_speed"]) == sorted(slow)
+
+
+def test_speed_aware_options_and_cache():
+    from svdzip.allocate import AllocationCache, allocator_needs, parse_allocator_options, speed_aware
+
+    opts = parse_allocator_options("speedaware", {"base": "drank", "beta": "0.2", "tokens": "4"})
+    assert opts["base"] == "drank" and opts["beta"] == 0.2 and opts["tokens"] == 4 and opts["mode"] == "paper"
+    assert parse_allocator_options("speedaware", opts) == opts  # idempotent
+    with pytest.raises(SvdzipError, match="its base allocator 'uniform'"):
+        parse_allocator_options("speedaware", {"beta": 0.2})
+    with pytest.raises(SvdzipError, match="cannot wrap itself"):
+        parse_allocator_options("speedaware", {"base": "speedaware"})
+    assert allocator_needs("speedaware", {"base": "drank", "tune_beta": True}).heldout
+    assert not allocator_needs("speedaware").data
+    # timings are kept in the caller's cache, per shape and rank
+    model = tiny_model("llama")
+    unit = decompose(ModelAdapter(model), None, "svd")[0]
+    cache = AllocationCache()
+    first = speed_aware.measured_speedup(unit, 2, 1, "cpu", cache)
+    assert speed_aware.measured_speedup(unit, 2, 1, "cpu", cache) == first and len(cache.entries) == 1
 
 
 def test_cli_eval_speed_and_tasks(monkeypatch, capsys):

@@ -16,36 +16,44 @@ Options (`--allocator-option key=value`):
   capped at 0.05, i.e. the logit travel of the paper's 10 epochs × 256 steps at lr 1e-3; give 0.001 for
   the paper's per-step rate), alpha (100), beta (50), rho0 (1.2), snap (0.99), init ("uniform" or any allocator
   name, e.g. drank; its own options as init_<key>=value), sticky_dense (false; the reference code's
-  "once dense, always dense"), plot (true).
+  "once dense, always dense"), plot (true: the caller draws the training curve from the report).
+
+One `rank_max` per unit (`mask_rank_max`: the over-complete rank, capped by the basis the spectrum
+kept) serves the mask, the targets and the dense test: a retention r̂ is worth the parameter ratio
+ρ = scale·r̂ with scale = ρ₀·rank_max / over_complete_rank, which is ρ₀ exactly when the basis does not
+cap (the paper's ρ = ρ₀·r̂) and smaller when it does (skewed GQA projections, rho0 above the headroom).
+
+The allocator returns its training history, timings and learned retentions in `Allocation.report`;
+`svdzip.output.plots.write_allocation_report` draws `ara_loss.png` / `ara_ratios.png` from it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from svdzip.allocate import AllocationContext, allocate, common, register
+from svdzip.allocate import common
+from svdzip.allocate import options as opt
 from svdzip.allocate.ara_mask import RHO0, MaskedLinear, StaircaseMask, bonus_table, over_complete_rank
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.budget import DENSE, max_useful_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import truncate
+from svdzip.needs import Needs
 
 log = logging.getLogger(__name__)
 
 PAPER_STEPS = 2560  # 10 epochs × 256 sequences, batch 1
 PAPER_LR = 1e-3
 MAX_AUTO_LR = 0.05  # the "auto" rate stops growing below ~51 steps: Adam steps that large overshoot
-
-#: Diagnostics of the most recent run in this process (history, timings), for benchmarks and plots.
-LAST_RUN: dict[str, Any] = {}
+INIT_PREFIX = "init_"  # options of the allocator ARA starts from
 
 
 @dataclass
@@ -65,29 +73,9 @@ class AraOptions:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> AraOptions:
-        known = {f.name: f for f in fields(cls)}
-        options = {k: v for k, v in options.items() if not k.startswith("init_")}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise SvdzipError(f"unknown ARA option(s) {unknown}; known: {', '.join(known)}")
-        out = cls()
-        for key, value in options.items():
-            default = getattr(out, key)
-            try:
-                if key == "lr":
-                    value = value if value == "auto" else float(value)
-                elif isinstance(default, bool):
-                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-                else:
-                    value = type(default)(value)
-            except (TypeError, ValueError) as exc:
-                raise SvdzipError(f"ARA option {key}={value!r} is not a valid {type(default).__name__}") from exc
-            setattr(out, key, value)
-        if out.steps < 1 or out.seq_len < 2 or out.batch < 1 or out.sequences < 0:
-            raise SvdzipError("ARA needs steps ≥ 1, seq_len ≥ 2, batch ≥ 1, sequences ≥ 0")
-        if out.rho0 <= 1.0:
-            raise SvdzipError(f"ARA's rho0 must exceed 1 (it must be able to express dense), got {out.rho0}")
-        return out
+        """Typed options (raw or parsed); a clear error for unknown keys and bad values."""
+        parsed = ARA().parse_options(options)
+        return cls(**{f.name: parsed[f.name] for f in fields(cls)})
 
     @property
     def learning_rate(self) -> float:
@@ -117,6 +105,16 @@ def training_windows(tokens: torch.Tensor, seq_len: int, sequences: int, bos_id:
     return torch.stack(out)
 
 
+def mask_rank_max(unit: Unit, rho0: float) -> int:
+    """The one rank_max of a unit: ARA's over-complete rank, capped by the basis its spectrum kept."""
+    return max(1, min(over_complete_rank(unit.rows, unit.cols, rho0), unit.spectrum.basis.shape[1]))
+
+
+def retention_scale(unit: Unit, rank_max: int, rho0: float) -> float:
+    """Parameter ratio per unit of retention (ρ = scale·r̂): ρ₀ exactly unless the basis caps rank_max."""
+    return rho0 * (rank_max / max(over_complete_rank(unit.rows, unit.cols, rho0), 1))  # exactly ρ₀ when uncapped
+
+
 class _Installed:
     """Masked modules swapped into the model for training, and the way back to the dense model."""
 
@@ -128,10 +126,11 @@ class _Installed:
         for unit, target in zip(units, targets, strict=True):
             modules = [self.adapter.module(m.name) for m in unit.members]
             weight = modules[0].weight
-            r_max = max(1, min(over_complete_rank(unit.rows, unit.cols, opts.rho0), unit.spectrum.basis.shape[1]))
+            r_max = mask_rank_max(unit, opts.rho0)
             stacked = torch.cat([mod.weight.detach() for mod in modules], 0)
             a, b = truncate(stacked, unit.spectrum.basis.to(stacked.device), r_max)
-            mask = StaircaseMask(r_max, target, opts.rho0, opts.sticky_dense).to(weight.device)
+            scale = retention_scale(unit, r_max, opts.rho0)
+            mask = StaircaseMask(r_max, target, scale, opts.sticky_dense).to(weight.device)
             offset = 0
             for info, mod in zip(unit.members, modules, strict=True):
                 left = a[offset : offset + info.out_features].to(weight.dtype)
@@ -148,18 +147,19 @@ class _Installed:
 
 
 def _targets(units: list[Unit], ctx: AllocationContext, opts: AraOptions, kept: float) -> list[float]:
-    """Initial retention (fraction of rank_max) per unit: the uniform target, or another allocator's ranks."""
+    """Initial retention (fraction of each unit's rank_max): the uniform target, or another allocator's ranks."""
+    rank_max = [mask_rank_max(u, opts.rho0) for u in units]
+    scales = [retention_scale(u, r, opts.rho0) for u, r in zip(units, rank_max, strict=True)]
     if opts.init == "uniform":
-        return [kept / opts.rho0] * len(units)
-    if opts.init == "ara":
-        raise SvdzipError("ARA cannot be initialised from itself")
+        return [kept / scale for scale in scales]
+    from svdzip.allocate import allocate
+
     # options meant for the initialising allocator are passed as init_<key>=value
-    sub = replace(ctx, options={k[5:]: v for k, v in ctx.options.items() if k.startswith("init_")})
-    ranks = allocate(opts.init, units, sub)
-    out = []
-    for unit, rank in zip(units, ranks, strict=True):
-        r_max = over_complete_rank(unit.rows, unit.cols, opts.rho0)
-        out.append(1.0 / opts.rho0 + 0.01 if rank is DENSE else rank / max(r_max, 1))
+    n = len(INIT_PREFIX)
+    sub = replace(ctx, options={k[n:]: v for k, v in ctx.options.items() if k.startswith(INIT_PREFIX)})
+    ranks = allocate(opts.init, units, sub).ranks
+    out = [1.0 / scale + 0.01 if rank is DENSE else rank / r_max
+           for rank, r_max, scale in zip(ranks, rank_max, scales, strict=True)]
     log.info("ARA logits start from '%s' ranks (%d dense)", opts.init, sum(r is DENSE for r in ranks))
     return out
 
@@ -169,6 +169,7 @@ def _train(model: torch.nn.Module, inst: _Installed, units: list[Unit], windows:
     """Train the mask logits (AdamW, no weight decay); returns the per-step history."""
     device = next(inst.masks[0].buffers()).device
     sizes = torch.tensor([float(u.dense_params) for u in units], device=device)
+    scales = torch.tensor([m.rho0 for m in inst.masks], device=device)
     total = float(sizes.sum())
     bonus = torch.stack([bonus_table(u.spectrum, u.rows, u.cols) for u in units]).to(device)  # (U, 99)
     params = [m.logits for m in inst.masks]
@@ -184,7 +185,7 @@ def _train(model: torch.nn.Module, inst: _Installed, units: list[Unit], windows:
         ids = windows[idx].to(device)
         r_hat = torch.stack([m.refresh() for m in inst.masks])
         ce = model(input_ids=ids, labels=ids, use_cache=False).loss
-        rho = torch.clamp(opts.rho0 * r_hat, max=1.0)
+        rho = torch.clamp(scales * r_hat, max=1.0)
         r_tot = (rho * sizes).sum() / total
         comp = (r_tot - kept) ** 2
         with torch.no_grad():  # bonus looked up at the nearest 0.01 key
@@ -206,8 +207,10 @@ def _train(model: torch.nn.Module, inst: _Installed, units: list[Unit], windows:
 def finalise(units: list[Unit], r_hats: list[float], rank_max: list[int], kept: float, budget: int,
              rho0: float = RHO0, snap: float = 0.99) -> list[int | None]:
     """ARA's finalisation: snap ρ ≥ `snap` to dense, rescale the rest proportionally to hit the target,
-    floor to integer ranks, then spend / trim the integer leftover greedily so the budget holds exactly."""
-    rho = [rho0 * r for r in r_hats]
+    floor to integer ranks, then spend / trim the integer leftover greedily so the budget holds exactly.
+
+    ρ = scale·r̂ with each unit's `retention_scale` of the `rank_max` its ranks are taken from."""
+    rho = [retention_scale(u, rm, rho0) * r for u, r, rm in zip(units, r_hats, rank_max, strict=True)]
     dense = [p >= snap for p in rho]
     total = sum(u.dense_params for u in units)
     r_tot = sum(u.dense_params * (1.0 if d else p) for u, p, d in zip(units, rho, dense, strict=True)) / total
@@ -229,93 +232,99 @@ def fit_budget(units: list[Unit], ranks: list[int | None], budget: int) -> list[
     return common.fit_budget(units, list(ranks), budget, common.loss_gain(units, weights))
 
 
-def _plots(out_dir: Path, units: list[Unit], ranks: list[int | None], history: list[dict[str, float]]) -> None:
-    """Loss curve and learned parameter ratio per layer and role (PNG); skipped without matplotlib."""
-    try:
-        import matplotlib
+def _init_name(value: Any) -> str:
+    from svdzip.allocate import available
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; ARA plots skipped")
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["loss"] for h in history], label="total loss", lw=1)
-    ax.plot(steps, [h["ce"] for h in history], label="LM cross-entropy", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [h["kept"] for h in history], color="k", ls="--", lw=1, label="expected kept ratio")
-    ax2.set_ylabel("kept ratio R_tot")
-    ax.legend(loc="upper right")
-    ax.set_title("ARA mask training")
-    fig.tight_layout()
-    fig.savefig(out_dir / "ara_loss.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    by_role: dict[str, list[tuple[int, float]]] = {}
-    for u, r in zip(units, ranks, strict=True):
-        ratio = 1.0 if r is DENSE else r * u.cost_per_rank / u.dense_params
-        by_role.setdefault(u.role, []).append((u.layers[0], ratio))
-    for role, pts in by_role.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=role)
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("kept parameter ratio (1 = dense)")
-    ax.set_title("ARA: learned ratio per layer")
-    ax.legend(ncol=4, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "ara_ratios.png", dpi=110)
-    plt.close(fig)
+    name = opt.one_of(*available())(value)
+    if name == ARA.name:
+        raise opt.BadValue("ARA cannot be initialised from itself")
+    return name
 
 
-@register("ara")
-def allocate_ara(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
-    opts = AraOptions.from_options(dict(ctx.options))
-    if ctx.model is None or ctx.adapter is None:
-        raise SvdzipError("ARA trains masks on the model: the allocation context has no model")
-    total = sum(u.dense_params for u in units)
-    kept = ctx.budget / total
-    targets = _targets(units, ctx, opts, kept)
-    bos = getattr(ctx.model.config, "bos_token_id", None)
-    windows = training_windows(ctx.calib_tokens, opts.seq_len, opts.sequences, bos)
-    log.info("ARA: %d units, target kept %.4f, %d steps × batch %d × %d tokens (%d windows), lr %.3g",
-             len(units), kept, opts.steps, opts.batch, windows.shape[1], windows.shape[0], opts.learning_rate)
-    model = ctx.model
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-    torch.manual_seed(ctx.seed)
-    t0 = time.perf_counter()
-    inst = _Installed(units, ctx, targets, opts)
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        history = _train(model, inst, units, windows, kept, opts, ctx.seed)
-        with torch.no_grad():
-            r_hats = [float(m.retention()) for m in inst.masks]
-    finally:
-        inst.restore()
-        for n, p in model.named_parameters():
-            p.requires_grad_(grad_flags.get(n, False))
-        model.train(was_training)
-    train_s = time.perf_counter() - t0
-    ranks = finalise(units, r_hats, inst.rank_max, kept, ctx.budget, opts.rho0, opts.snap)
-    n_dense = sum(r is DENSE for r in ranks)
-    log.info("ARA: trained in %.1f s; expected kept %.4f → final %d dense of %d units", train_s,
-             history[-1]["kept"] if history else float("nan"), n_dense, len(units))
-    LAST_RUN.clear()
-    LAST_RUN.update(train_s=train_s, history=history, r_hats=r_hats, ranks=ranks, options=vars(opts).copy(),
-                    lr=opts.learning_rate, windows=list(windows.shape))
-    if ctx.out_dir is not None and opts.plot:
-        out = Path(ctx.out_dir)
-        _plots(out, units, ranks, history)
-        (out / "ara_history.json").write_text(json.dumps(
-            {"train_s": train_s, "options": LAST_RUN["options"], "lr": opts.learning_rate, "history": history,
-             "units": [{"name": u.name, "r_hat": r, "rank": k} for u, r, k in zip(units, r_hats, ranks, strict=True)]},
-            indent=1))
-    return ranks
+class ARA(Allocator):
+    name = "ara"
+    summary = "ARA: trains one mask distribution per matrix against the LM loss (learned allocation)"
+    options = (
+        opt.integer("steps", AraOptions.steps, "training steps", minimum=1),
+        opt.integer("seq_len", AraOptions.seq_len, "tokens per training window", minimum=2),
+        opt.integer("sequences", AraOptions.sequences, "calibration rows to train on (0 = all)", minimum=0),
+        opt.integer("batch", AraOptions.batch, "windows per step", minimum=1),
+        opt.number("lr", AraOptions.lr, "AdamW rate of the logits; auto = the paper's logit travel in `steps`",
+                   parse=opt.or_word(opt.at_least(opt.as_number, 0.0, strict=True), "auto"),
+                   kind="number > 0 or auto"),
+        opt.number("alpha", AraOptions.alpha, "weight of the compression-ratio loss"),
+        opt.number("beta", AraOptions.beta, "weight of the guidance (go-dense) loss"),
+        opt.number("rho0", AraOptions.rho0, "over-complete base ratio (must exceed 1 to express dense)",
+                   parse=opt.at_least(opt.as_number, 1.0, strict=True), kind="number > 1"),
+        opt.number("snap", AraOptions.snap, "final ρ at or above which a matrix is kept dense"),
+        opt.Option("init", "allocator name", AraOptions.init,
+                   "start the logits from this allocator's ranks (its options as init_<key>=value)", _init_name),
+        opt.flag("sticky_dense", AraOptions.sticky_dense, "the reference code's once dense, always dense"),
+        opt.flag("plot", AraOptions.plot, "draw the training curve and learned ratios next to the output"),
+    )
+
+    def parse_options(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """ARA's own options, and init_<key> options parsed by the initialising allocator."""
+        from svdzip.allocate import get_allocator
+
+        own = opt.parse_options(self.name, self.options, {k: v for k, v in raw.items()
+                                                          if not k.startswith(INIT_PREFIX)})
+        n = len(INIT_PREFIX)
+        sub = {k[n:]: v for k, v in raw.items() if k.startswith(INIT_PREFIX)}
+        try:
+            init = get_allocator(own["init"]).parse_options(sub)
+        except SvdzipError as exc:
+            raise SvdzipError(f"{exc} (given to ARA as {INIT_PREFIX}<key>=value for init={own['init']})") from None
+        if own["init"] == "uniform":
+            init = {}
+        return {**own, **{INIT_PREFIX + k: v for k, v in init.items()}}
+
+    def needs(self, options: Mapping[str, Any] | None = None) -> Needs:
+        from svdzip.allocate import allocator_needs
+
+        o = self.parse_options(options or {})
+        n = len(INIT_PREFIX)
+        init = allocator_needs(o["init"], {k[n:]: v for k, v in o.items() if k.startswith(INIT_PREFIX)})
+        return init | Needs(calib_tokens=True, gradients=True, whole_model=True,
+                            why=("ARA trains its masks by back-propagating the LM loss on calibration tokens through "
+                                 "the whole model",))
+
+    def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
+        opts = AraOptions.from_options(ctx.options)
+        if ctx.model is None or ctx.adapter is None:
+            raise SvdzipError("ARA trains masks on the model: the allocation context has no model")
+        total = sum(u.dense_params for u in units)
+        kept = ctx.budget / total
+        targets = _targets(units, ctx, opts, kept)
+        bos = getattr(ctx.model.config, "bos_token_id", None)
+        windows = training_windows(ctx.calib_tokens, opts.seq_len, opts.sequences, bos)
+        log.info("ARA: %d units, target kept %.4f, %d steps × batch %d × %d tokens (%d windows), lr %.3g",
+                 len(units), kept, opts.steps, opts.batch, windows.shape[1], windows.shape[0], opts.learning_rate)
+        model = ctx.model
+        grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        was_training = model.training
+        torch.manual_seed(ctx.seed)
+        t0 = time.perf_counter()
+        inst = _Installed(units, ctx, targets, opts)
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            history = _train(model, inst, units, windows, kept, opts, ctx.seed)
+            with torch.no_grad():
+                r_hats = [float(m.retention()) for m in inst.masks]
+        finally:
+            inst.restore()
+            for n, p in model.named_parameters():
+                p.requires_grad_(grad_flags.get(n, False))
+            model.train(was_training)
+        train_s = time.perf_counter() - t0
+        ranks = finalise(units, r_hats, inst.rank_max, kept, ctx.budget, opts.rho0, opts.snap)
+        n_dense = sum(r is DENSE for r in ranks)
+        log.info("ARA: trained in %.1f s; expected kept %.4f → final %d dense of %d units", train_s,
+                 history[-1]["kept"] if history else float("nan"), n_dense, len(units))
+        report = {"train_s": train_s, "options": vars(opts).copy(), "lr": opts.learning_rate,
+                  "windows": list(windows.shape), "history": history, "plots": opts.plot,
+                  "units": [{"name": u.name, "r_hat": r, "rank_max": rm, "rank": k}
+                            for u, r, rm, k in zip(units, r_hats, inst.rank_max, ranks, strict=True)]}
+        return Allocation(ranks, report)

@@ -195,14 +195,6 @@ def greedy_loss_allocation(units: Sequence[Unit], weights: Sequence[float], budg
     return fill_budget(units, ranks, budget, loss_gain(units, weights))
 
 
-HELDOUT_KEY = "heldout_tokens"  # AllocationContext.options key: calibration-corpus windows not used for stats
-
-
-def truthy(value: object) -> bool:
-    """An allocator option given on the command line as true/1/yes/on."""
-    return value is True or str(value).lower() in ("1", "true", "yes", "on")
-
-
 def heldout_loss(units: Sequence[Unit], ranks: Sequence[Rank], model, tokens, batch_size: int = 4) -> float:
     """Mean next-token loss of the model compressed to `ranks` (on a copy) over held-out tokens."""
     import copy
@@ -233,11 +225,11 @@ def tune_on_heldout(units: Sequence[Unit], ctx, name: str, grid: Sequence[float]
     """Pick the hyperparameter value whose allocation has the lowest loss on held-out CALIBRATION text.
 
     The held-out windows come from the calibration corpus but were not used for the statistics
-    (`svdzip compress --tune-beta` draws them); evaluation text is never seen.
+    (`svdzip compress` draws them when the allocator's needs say `heldout`); evaluation text is never seen.
     """
     import logging
 
-    tokens = (ctx.options or {}).get(HELDOUT_KEY)
+    tokens = ctx.heldout_tokens
     if tokens is None:
         raise SvdzipError(f"tuning {name} needs held-out calibration tokens: `svdzip compress` draws them for "
                           "--tune-beta and for --allocator-option guard=true; in Python pass heldout_tokens to "

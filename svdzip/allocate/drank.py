@@ -26,7 +26,8 @@ for MHA up to rounding).
 
 Options: beta (float; default 0.3 paper / 0.2 code-MHA / 0.1 code-GQA), mode (paper | code),
 rebalance (true), tune_beta (false: choose β on held-out calibration text, see `tune`),
-beta_grid (list, default [0, 0.1, 0.2, 0.3, 0.4]). Group size n is `--group-size` (n = 1 default,
+beta_grid (list, default [0, 0.1, 0.2, 0.3, 0.4]; `beta_grid=0,0.1` or `beta_grid=[0,0.1]` on the command
+line); they are declared on `DRank` and parsed before any work. Group size n is `--group-size` (n = 1 default,
 right for GQA; the paper uses n = 2 for MHA LLaMA-1/2).
 """
 
@@ -34,9 +35,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from svdzip.allocate import AllocationContext, register
+from svdzip.allocate import options as opt
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.allocate.common import (
     Rank,
     fill_budget,
@@ -45,13 +48,13 @@ from svdzip.allocate.common import (
     static_gain,
     step_down,
     total,
-    truthy,
     tune_on_heldout,
 )
 from svdzip.budget import DENSE, keep_budget, uniform_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import effective_rank
+from svdzip.needs import NOTHING, Needs
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +167,43 @@ def _tail(group: Sequence[Unit], ranks: Sequence[Rank]) -> float:
     return sum(0.0 if r is DENSE else u.spectrum.tail(r) for u, r in zip(group, ranks, strict=True))
 
 
-@register("drank")
-def allocate_drank(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
-    mode = str(ctx.option("mode", "paper"))
-    rebalance = truthy(ctx.option("rebalance", True))
-    beta = ctx.option("beta", None)
-    if truthy(ctx.option("tune_beta", False)):
-        grid = [float(b) for b in ctx.option("beta_grid", [0.0, 0.1, 0.2, 0.3, 0.4])]
-        beta = tune_on_heldout(units, ctx, "beta", grid,
-                               lambda b: drank_ranks(units, ctx.ratio, ctx.budget, b, mode, rebalance))
-    ranks = drank_ranks(units, ctx.ratio, ctx.budget, beta, mode, rebalance)
-    _log_shift(units, ranks, ctx.ratio)
-    return ranks
+def _grid(value) -> list[float]:
+    grid = opt.as_numbers(value)
+    if not all(0.0 <= b < 1.0 for b in grid):
+        raise opt.BadValue("every β must lie in [0, 1)")
+    return grid
+
+
+class DRank(Allocator):
+    name = "drank"
+    summary = "D-Rank: effective-rank Lagrangian per matrix type, Q/K → V rebalancing"
+    options = (
+        opt.number("beta", None, "Q/K → V rebalancing tax (default 0.3 paper, 0.2 code-MHA, 0.1 code-GQA)",
+                   parse=opt.or_none(opt.between(opt.as_number, 0.0, 1.0)), kind="number in [0, 1) or auto"),
+        opt.choice("mode", MODES, "paper", "paper's allocation, or the released code's extra heuristics"),
+        opt.flag("rebalance", True, "move ranks from Q and K to V"),
+        opt.flag("tune_beta", False, "choose β on held-out calibration windows (svdzip compress --tune-beta)"),
+        opt.numbers("beta_grid", [0.0, 0.1, 0.2, 0.3, 0.4], "the β values tune_beta tries",
+                    parse=_grid),
+    )
+
+    def needs(self, options: Mapping[str, Any] | None = None) -> Needs:
+        if self.parse_options(options or {})["tune_beta"]:
+            return Needs(heldout=True, whole_model=True,
+                         why=("D-Rank's tune_beta scores every β of the grid on held-out calibration windows "
+                              "with the whole model",))
+        return NOTHING
+
+    def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
+        o = ctx.options
+        beta, report = o["beta"], {}
+        if o["tune_beta"]:
+            beta = tune_on_heldout(units, ctx, "beta", o["beta_grid"],
+                                   lambda b: drank_ranks(units, ctx.ratio, ctx.budget, b, o["mode"], o["rebalance"]))
+            report["tuned_beta"] = beta
+        ranks = drank_ranks(units, ctx.ratio, ctx.budget, beta, o["mode"], o["rebalance"])
+        _log_shift(units, ranks, ctx.ratio)
+        return Allocation(ranks, report)
 
 
 def _log_shift(units: Sequence[Unit], ranks: Sequence[Rank], ratio: float) -> None:

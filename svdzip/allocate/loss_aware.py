@@ -8,8 +8,8 @@ a global greedy over each unit's concave hull of (parameters, loss removed), ran
 
 * `fisher` (default): w_u = mean over the unit's output channels and calibration tokens of (∂L/∂y)²,
   the empirical-Fisher (diagonal, output-side) estimate of the calibration loss's curvature, so
-  w_u·tail_u ≈ 2·ΔL. One forward+backward over `fisher_samples` calibration windows, cached in
-  memory across calls (ratios) for the same model, units and tokens.
+  w_u·tail_u ≈ 2·ΔL. One forward+backward over `fisher_samples` calibration windows, kept in the
+  caller's `AllocationCache` (`ctx.cache`) across calls (ratios) for the same model, units and tokens.
 * `whitened`: w_u = 1, the raw output error (layers with large activations dominate).
 * `relative`: w_u = 1/energy_u, the relative whitened loss (the reference run of the issue).
 * `erank`: w_u = R_eff/energy: D-Rank's information density as the weight (for comparison).
@@ -25,22 +25,25 @@ evaluation text (`svdzip compress --allocator loss-aware --allocator-option guar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from svdzip.allocate import AllocationContext, allocate, register
-from svdzip.allocate.common import greedy_loss_allocation, truthy, tune_on_heldout
+from svdzip.allocate import options as opt
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator
+from svdzip.allocate.common import greedy_loss_allocation, tune_on_heldout
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import effective_rank
+from svdzip.needs import NOTHING, Needs
 
 log = logging.getLogger(__name__)
 
 SIGNALS = ("fisher", "whitened", "relative", "erank")
-_FISHER_CACHE: dict[str, dict[str, float]] = {}
 
 
 def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Tensor,
@@ -84,6 +87,17 @@ def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Te
     return {n: acc[n] / max(counts[n], 1) for n in names}
 
 
+def fisher_key(units: Sequence[Unit], tokens: torch.Tensor, batch_size: int) -> str:
+    """What the output Fisher depends on: the tokens, the batching of the loss, and the model (through the
+    units' names and leading spectra, which fix its weights and statistics)."""
+    h = hashlib.sha256(tokens.to(torch.int64).numpy().tobytes())
+    h.update(str(batch_size).encode())
+    for u in units:
+        h.update(u.name.encode())
+        h.update(u.spectrum.sigma2[:4].double().numpy().tobytes())
+    return h.hexdigest()
+
+
 def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> list[float]:
     if signal == "whitened":
         return [1.0] * len(units)
@@ -95,35 +109,54 @@ def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> 
         raise SvdzipError(f"unknown loss-aware signal '{signal}'; choose from {', '.join(SIGNALS)}")
     if ctx.model is None or ctx.calib_tokens is None:
         raise SvdzipError("the fisher signal needs the model and calibration tokens")
-    n = int(ctx.option("fisher_samples", 8))
-    tokens = ctx.calib_tokens[:n]
+    tokens = ctx.calib_tokens[: ctx.options["fisher_samples"]]
+    batch = ctx.options["fisher_batch"]
     names = [m.name for u in units for m in u.members]
-    h = hashlib.sha256(tokens.to(torch.int64).numpy().tobytes())
-    for u in units:
-        h.update(u.name.encode())
-        h.update(u.spectrum.sigma2[:4].double().numpy().tobytes())
-    key = h.hexdigest()
-    if key not in _FISHER_CACHE:
-        _FISHER_CACHE[key] = output_fisher(ctx.model, names, tokens, int(ctx.option("fisher_batch", 2)))
-    fisher = _FISHER_CACHE[key]
+    fisher = ctx.cache.get("loss-aware", fisher_key(units, tokens, batch),
+                           lambda: output_fisher(ctx.model, names, tokens, batch))
     # a shared unit's stacked loss sums its members' output errors: weight by their mean Fisher
     return [sum(fisher[m.name] * m.out_features for m in u.members) / u.rows for u in units]
 
 
-@register("loss-aware", byte_aware=True)
-def allocate_loss_aware(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
-    signal = str(ctx.option("signal", "fisher"))
-    weights = unit_weights(units, ctx, signal)
-    ranks = greedy_loss_allocation(units, weights, ctx.budget)
-    if not truthy(ctx.option("guard", False)):
-        return ranks
-    if any(u.pricing is not None for u in units):
-        raise SvdzipError("loss-aware's guard=true compares with uniform ranks at a parameter ratio; it does not "
-                          "support a byte budget yet (drop guard=true)")
-    uniform = allocate("uniform", units, ctx)
-    choice = tune_on_heldout(units, ctx, "guard (1 = loss-aware, 0 = uniform)", [1.0, 0.0],
-                             lambda keep: ranks if keep else uniform)
-    if not choice:
-        log.warning("loss-aware: uniform ranks lose less on held-out calibration text at ratio %.2f; using them",
-                    ctx.ratio)
-    return ranks if choice else uniform
+class LossAware(Allocator):
+    name = "loss-aware"
+    summary = "greedy over every unit's loss-vs-parameters hull, weighted by what the loss costs the model"
+    byte_aware = True
+    options = (
+        opt.choice("signal", SIGNALS, "fisher", "what converts a unit's whitened loss into model loss"),
+        opt.integer("fisher_samples", 8, "calibration windows the fisher signal back-propagates", minimum=1),
+        opt.integer("fisher_batch", 2, "windows per backward pass of the fisher signal", minimum=1),
+        opt.flag("guard", False, "keep uniform ranks instead if they lose less on held-out calibration windows"),
+    )
+
+    def needs(self, options: Mapping[str, Any] | None = None) -> Needs:
+        o = self.parse_options(options or {})
+        needs = NOTHING
+        if o["signal"] == "fisher":
+            needs = needs | Needs(calib_tokens=True, gradients=True, whole_model=True,
+                                  why=("loss-aware's fisher signal back-propagates the LM loss through the whole "
+                                       "model (signal=relative does not)",))
+        if o["guard"]:
+            needs = needs | Needs(heldout=True, whole_model=True,
+                                  why=("loss-aware's guard compares with uniform ranks on held-out calibration "
+                                       "windows with the whole model",))
+        return needs
+
+    def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
+        o = ctx.options
+        weights = unit_weights(units, ctx, o["signal"])
+        ranks = greedy_loss_allocation(units, weights, ctx.budget)
+        if not o["guard"]:
+            return Allocation(ranks)
+        if any(u.pricing is not None for u in units):
+            raise SvdzipError("loss-aware's guard=true compares with uniform ranks at a parameter ratio; it does not "
+                              "support a byte budget yet (drop guard=true)")
+        from svdzip.allocate import allocate
+
+        uniform = allocate("uniform", units, dataclasses.replace(ctx, options={})).ranks
+        choice = tune_on_heldout(units, ctx, "guard (1 = loss-aware, 0 = uniform)", [1.0, 0.0],
+                                 lambda keep: ranks if keep else uniform)
+        if not choice:
+            log.warning("loss-aware: uniform ranks lose less on held-out calibration text at ratio %.2f; using them",
+                        ctx.ratio)
+        return Allocation(ranks if choice else uniform, {"guard_kept": "loss-aware" if choice else "uniform"})

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdzip.allocate import AllocationContext, allocate, spent
+from svdzip.allocate import Allocation, AllocationContext, allocate, parse_allocator_options, spent
 from svdzip.budget import DENSE, Pricing, keep_budget
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
@@ -103,36 +103,39 @@ def equivalent_ratio(priced: list[Unit], budget: int) -> float:
     return min(max(1.0 - budget / max(dense, 1), 1e-6), 1.0 - 1e-6)
 
 
-def allocate_bytes(name: str, priced: list[Unit], ctx: AllocationContext, budget: int) -> list[int | None]:
+def allocate_bytes(name: str, priced: list[Unit], ctx: AllocationContext, budget: int) -> Allocation:
     """Run a byte-aware allocator on priced units with the byte budget."""
     ctx = dataclasses.replace(ctx, budget=budget, ratio=equivalent_ratio(priced, budget))
     return allocate(name, priced, ctx)
 
 
 def allocate_params_first(name: str, units: list[Unit], priced: list[Unit], ctx: AllocationContext, budget: int,
-                          iterations: int = 16) -> tuple[list[int | None], float]:
-    """Allocate parameters at the smallest ratio whose stored result fits `budget` bytes; (ranks, that ratio).
+                          iterations: int = 16) -> tuple[Allocation, float]:
+    """Allocate parameters at the smallest ratio whose stored result fits `budget` bytes; (allocation, that ratio).
 
     A rank that would cost more bytes than the dense matrix at its precision (factors 16-bit, dense int8)
     is stored dense: the obvious thing to do after allocating parameters.
     """
     if spent(priced, [DENSE] * len(priced)) <= budget:
-        return [DENSE] * len(priced), 0.0
+        return Allocation([DENSE] * len(priced), allocator=name), 0.0
+    # malformed options fail here, not as "too deep" inside the bisection
+    ctx = dataclasses.replace(ctx, options=parse_allocator_options(name, ctx.options))
     dense = sum(u.dense_params for u in units)
     lo, hi, best = 0.0, 1.0, None
     for _ in range(iterations):
         r = (lo + hi) / 2
         try:
-            ranks = allocate(name, units, dataclasses.replace(ctx, ratio=r, budget=keep_budget(dense, r)))
+            result = allocate(name, units, dataclasses.replace(ctx, ratio=r, budget=keep_budget(dense, r)))
         except SvdzipError:  # below one rank per matrix: too deep
             hi = r
             continue
-        ranks = [p.normalise(k) for p, k in zip(priced, ranks, strict=True)]
+        ranks = [p.normalise(k) for p, k in zip(priced, result.ranks, strict=True)]
         if spent(priced, ranks) <= budget:
-            best, hi = (ranks, r), r
+            best, hi = (dataclasses.replace(result, ranks=ranks), r), r
         else:
             lo = r
     if best is None:
         raise SvdzipError(f"allocator '{name}' found no parameter ratio whose result fits {budget:,} bytes")
-    log.info("params first: %s at ratio %.4f spends %d of %d bytes", name, best[1], spent(priced, best[0]), budget)
+    log.info("params first: %s at ratio %.4f spends %d of %d bytes", name, best[1], spent(priced, best[0].ranks),
+             budget)
     return best

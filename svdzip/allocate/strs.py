@@ -18,8 +18,8 @@ Cost is what makes STRS slow (ASVD: 5.5 A100-hours on LLaMA-7B), so here:
 * the table is cached on disk, keyed by the units' spectra (which fix model, statistics and method),
   the tokens used and the candidates: a second run, at any ratio, skips straight to the search.
 
-Options: candidates (list of kept ratios), samples (8), seq_len (0 = calibration length),
-batch_size (samples), stop_factor (0), cache (true | false | a directory).
+Options (declared on `STRS`): candidates (list of kept ratios), samples (8), seq_len (0 = calibration
+length), batch_size (samples), stop_factor (0), cache (true | false | a directory).
 """
 
 from __future__ import annotations
@@ -28,18 +28,21 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from svdzip.allocate import AllocationContext, register
+from svdzip.allocate import options as opt
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.budget import DENSE, max_useful_rank
 from svdzip.engine.layerwise import capture_layer_inputs, layer_on, non_layers_on, run_layer, to_device
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import truncate
+from svdzip.needs import Needs
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +74,10 @@ def _cache_key(units: list[Unit], tokens: torch.Tensor, candidates: tuple[float,
     return h.hexdigest()[:20]
 
 
-def _cache_path(ctx: AllocationContext, key: str) -> Path | None:
-    where = ctx.option("cache", True)
-    if where is False or where in ("false", "0", "no", "off"):
+def _cache_path(where: bool | str, key: str) -> Path | None:
+    if where is False:
         return None
-    if where is True or where in ("true", "1", "yes", "on"):
+    if where is True:
         from svdzip.assets import cache_dir
 
         return cache_dir() / "strs" / f"{key}.json"
@@ -186,47 +188,73 @@ def search(units: list[Unit], table: list[dict[float, float]], budget: int) -> l
     return choice(lo)
 
 
-@register("strs")
-def allocate_strs(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
-    if ctx.model is None or ctx.adapter is None or ctx.calib_tokens is None:
-        raise SvdzipError("the strs allocator measures perplexity: it needs the model and calibration tokens")
-    candidates = tuple(sorted(float(c) for c in ctx.option("candidates", DEFAULT_CANDIDATES)))
-    if not candidates or not all(0.0 < c < 1.0 for c in candidates):
-        raise SvdzipError(f"STRS candidates must be kept ratios strictly between 0 and 1, got {candidates}")
-    samples = int(ctx.option("samples", 8))
-    seq_len = int(ctx.option("seq_len", 0)) or ctx.calib_tokens.shape[1]
-    tokens = ctx.calib_tokens[:samples, :seq_len].cpu()
-    if tokens.shape[1] < 2:
-        raise SvdzipError("STRS needs calibration sequences of at least 2 tokens")
-    batch_size = int(ctx.option("batch_size", tokens.shape[0]))
-    stop_factor = float(ctx.option("stop_factor", 0.0))
+def _candidates(value: Any) -> list[float]:
+    values = opt.as_numbers(value)
+    if not all(0.0 < c < 1.0 for c in values):
+        raise opt.BadValue("candidates are kept ratios strictly between 0 and 1")
+    return values
 
-    key = _cache_key(units, tokens, candidates, stop_factor, ctx.adapter.model_type)
-    path = _cache_path(ctx, key)
-    table: list[dict[float, float]] | None = None
-    if path is not None and path.is_file():
-        try:
-            saved: dict[str, Any] = json.loads(path.read_text())
-            rows = saved["table"]
-            table = [{float(k): float(v) for k, v in rows[u.name].items()} for u in units]
-            log.info("STRS: reusing the sensitivity table %s (dense calibration ppl %.3f)", path, saved["dense_ppl"])
-        except (OSError, KeyError, ValueError) as exc:
-            log.warning("STRS: ignoring unreadable sensitivity cache %s (%s)", path, exc)
-            table = None
-    if table is None:
-        log.info("STRS: measuring %d units × %d candidates on %d × %d calibration tokens", len(units),
-                 len(candidates), tokens.shape[0], tokens.shape[1])
-        dense, table = sensitivity_table(units, ctx, candidates, tokens, batch_size, stop_factor)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"dense_ppl": dense, "candidates": candidates,
-                                       "table": {u.name: {str(k): v for k, v in row.items()}
-                                                 for u, row in zip(units, table, strict=True)}}, indent=1))
-            tmp.replace(path)
-            log.info("STRS: sensitivity table cached at %s", path)
-    kept = search(units, table, ctx.budget)
-    ranks = [DENSE if k >= 1.0 else candidate_rank(u, k) for u, k in zip(units, kept, strict=True)]
-    log.info("STRS: %d of %d units kept dense; kept ratios %s", sum(r is DENSE for r in ranks), len(units),
-             {k: kept.count(k) for k in sorted(set(kept))})
-    return ranks
+
+class STRS(Allocator):
+    name = "strs"
+    summary = "ASVD's sensitivity-based truncation rank search (calibration perplexity per matrix and ratio)"
+    options = (
+        opt.numbers("candidates", list(DEFAULT_CANDIDATES), "kept ratios each matrix is measured at",
+                    parse=_candidates),
+        opt.integer("samples", 8, "calibration rows the perplexity uses", minimum=1),
+        opt.integer("seq_len", 0, "tokens per row (0 = the calibration length)", minimum=0),
+        opt.Option("batch_size", "whole number ≥ 1 or auto", None, "rows per forward (auto = samples)",
+                   opt.or_none(opt.at_least(opt.as_integer, 1))),
+        opt.number("stop_factor", 0.0, "stop measuring a matrix once ppl exceeds this × dense (0 = off)",
+                   parse=opt.at_least(opt.as_number, 0.0), kind="number ≥ 0"),
+        opt.Option("cache", "true, false or a directory", True, "keep the sensitivity table on disk",
+                   opt.flag_or_path),
+    )
+
+    def needs(self, options: Mapping[str, Any] | None = None) -> Needs:
+        return Needs(calib_tokens=True, whole_model=True,
+                     why=("STRS measures calibration perplexity of the whole model with one matrix factorised at a "
+                          "time",))
+
+    def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
+        if ctx.model is None or ctx.adapter is None or ctx.calib_tokens is None:
+            raise SvdzipError("the strs allocator measures perplexity: it needs the model and calibration tokens")
+        o = ctx.options
+        candidates = tuple(sorted(o["candidates"]))
+        seq_len = o["seq_len"] or ctx.calib_tokens.shape[1]
+        tokens = ctx.calib_tokens[: o["samples"], :seq_len].cpu()
+        if tokens.shape[1] < 2:
+            raise SvdzipError("STRS needs calibration sequences of at least 2 tokens")
+        batch_size = o["batch_size"] or tokens.shape[0]
+        stop_factor = o["stop_factor"]
+
+        key = _cache_key(units, tokens, candidates, stop_factor, ctx.adapter.model_type)
+        path = _cache_path(o["cache"], key)
+        table: list[dict[float, float]] | None = None
+        if path is not None and path.is_file():
+            try:
+                saved: dict[str, Any] = json.loads(path.read_text())
+                rows = saved["table"]
+                table = [{float(k): float(v) for k, v in rows[u.name].items()} for u in units]
+                log.info("STRS: reusing the sensitivity table %s (dense calibration ppl %.3f)", path,
+                         saved["dense_ppl"])
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("STRS: ignoring unreadable sensitivity cache %s (%s)", path, exc)
+                table = None
+        if table is None:
+            log.info("STRS: measuring %d units × %d candidates on %d × %d calibration tokens", len(units),
+                     len(candidates), tokens.shape[0], tokens.shape[1])
+            dense, table = sensitivity_table(units, ctx, candidates, tokens, batch_size, stop_factor)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps({"dense_ppl": dense, "candidates": candidates,
+                                           "table": {u.name: {str(k): v for k, v in row.items()}
+                                                     for u, row in zip(units, table, strict=True)}}, indent=1))
+                tmp.replace(path)
+                log.info("STRS: sensitivity table cached at %s", path)
+        kept = search(units, table, ctx.budget)
+        ranks = [DENSE if k >= 1.0 else candidate_rank(u, k) for u, k in zip(units, kept, strict=True)]
+        log.info("STRS: %d of %d units kept dense; kept ratios %s", sum(r is DENSE for r in ranks), len(units),
+                 {k: kept.count(k) for k in sorted(set(kept))})
+        return Allocation(ranks, {"kept_ratios": dict(zip((u.name for u in units), kept, strict=True))})

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from svdzip.allocate import AllocationContext, register
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.allocate.common import Rank, fit_budget, normalise, static_gain
 from svdzip.budget import uniform_rank
 from svdzip.methods.decompose import Unit
@@ -54,6 +54,9 @@ def v2_ranks(units: Sequence[Unit], ratio: float, budget: int) -> list[Rank]:
     return fit_budget(units, ranks, budget, static_gain(prio))
 
 
-@register("svdllm-v2")
-def allocate_svdllm_v2(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
-    return v2_ranks(units, ctx.ratio, ctx.budget)
+class SVDLLMV2(Allocator):
+    name = "svdllm-v2"
+    summary = "SVD-LLM V2's heterogeneous ratios from each matrix's truncation loss"
+
+    def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
+        return Allocation(v2_ranks(units, ctx.ratio, ctx.budget))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from svdzip.allocate import AllocationContext, register
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.budget import uniform_rank
 from svdzip.methods.decompose import Unit
 
 
-@register("uniform")
-def allocate_uniform(units: list[Unit], ctx: AllocationContext) -> list[int | None]:
-    return [uniform_rank(u.rows, u.cols, ctx.ratio) for u in units]
+class Uniform(Allocator):
+    name = "uniform"
+    summary = "the same ratio for every matrix (the papers' baseline)"
+
+    def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
+        return Allocation([uniform_rank(u.rows, u.cols, ctx.ratio) for u in units])

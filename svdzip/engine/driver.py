@@ -59,13 +59,13 @@ class RunResult:
 def part_needs(config: CompressConfig, heal: Any = None) -> dict[str, Needs]:
     """What every part of this run declares, by label (the labels name them in error messages)."""
     from svdzip.allocate import allocator_needs
-    from svdzip.methods.decompose import method_needs
-    from svdzip.methods.update import update_needs
+    from svdzip.methods.factorisations import get_method
+    from svdzip.methods.update import get_update
 
-    parts = {f"--method {config.method}": method_needs(config),
+    parts = {f"--method {config.method}": get_method(config.method).needs(config),
              f"--allocator {config.allocator}": allocator_needs(config.allocator, config.allocator_options)}
     if config.update:
-        parts[f"--update {config.update}"] = update_needs(config.update)
+        parts[f"--update {config.update}"] = get_update(config.update).needs()
     if config.group_size > 1:
         parts["Basis Sharing across layers (--group-size)"] = Needs(whole_model=True).because(
             "a shared basis stacks matrices of several layers")
@@ -308,7 +308,11 @@ def _write_streamed(request: CompressRequest, model, adapter, reader, units, sta
 
     config = request.config
     t0 = time.perf_counter()
-    ranks, _, _ = allocate_units(units, config, adapter, model=None, stats=stats, out_dir=staging)
+    allocation, _, _ = allocate_units(units, config, adapter, model=None)
+    ranks = allocation.ranks
+    from svdzip.output.plots import write_allocation_report
+
+    write_allocation_report(staging, units, allocation)
     timings["allocate_s"] = time.perf_counter() - t0
     from svdzip.allocate import spent
 

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdzip.allocate import AllocationContext, allocate, spent
+from svdzip.allocate import Allocation, AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
 from svdzip.config import CompressConfig
 from svdzip.engine.calibrate import collect_statistics
 from svdzip.engine.statistics import CalibrationStats, default_stats_path, statistics_key
 from svdzip.errors import SvdzipError
-from svdzip.methods.decompose import Unit, group_linears, method_needs
+from svdzip.methods.decompose import Unit, group_linears
+from svdzip.methods.factorisations import get_method
 from svdzip.methods.materialise import ModuleReport, materialise
 from svdzip.models.adapter import ModelAdapter
 
@@ -43,6 +44,7 @@ class CompressionResult:
     ranks: dict[str, int | None] = field(default_factory=dict)
     effective_ranks: list[dict[str, Any]] = field(default_factory=list)  # per unit, for plots and reports
     units: list[Unit] | None = None  # the spectra, reusable for another ratio or allocator of the same method
+    allocation_report: dict[str, Any] = field(default_factory=dict)  # what the allocator reported (ARA's history)
 
 
 def check_weights_finite(model: nn.Module) -> None:
@@ -59,6 +61,7 @@ def compress(
     out_dir: Any = None,
     units: list[Unit] | None = None,
     heldout_tokens: torch.Tensor | None = None,
+    allocation_cache: AllocationCache | None = None,
 ) -> CompressionResult:
     """Compress `model` in place to `config.ratio` and report what was done.
 
@@ -75,7 +78,7 @@ def compress(
     timings: dict[str, float] = {}
     params_before = count_params(model)
     dense_linear = adapter.decoder_linear_params()
-    wanted = method_needs(config).statistics
+    wanted = get_method(config.method).needs(config).statistics
     if wanted and (stats is None or not wanted <= stats.kinds):
         if calib_tokens is None:
             raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")
@@ -90,10 +93,15 @@ def compress(
     timings["decompose_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ranks, memory_plan, options = allocate_units(units, config, adapter, model=model, stats=stats,
+    allocation, memory_plan, options = allocate_units(units, config, adapter, model=model,
                                                  calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
-                                                 out_dir=out_dir)
+                                                 cache=allocation_cache)
+    ranks = allocation.ranks
     timings["allocate_s"] = time.perf_counter() - t0
+    if out_dir is not None:
+        from svdzip.output.plots import write_allocation_report
+
+        write_allocation_report(out_dir, units, allocation)
 
     # the update's target is the ORIGINAL weight's output: keep the dense modules (no copy) until then
     originals = {m.name: adapter.module(m.name) for u in units for m in u.members} if config.update else None
@@ -139,26 +147,26 @@ def compress(
              config.label, summary["ratio_achieved"], config.ratio, params_before, params_after)
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
-                             units=units)
+                             units=units, allocation_report=allocation.report)
 
 
 def allocate_units(units: list[Unit], config: CompressConfig, adapter: ModelAdapter, *, model: nn.Module | None,
-                   stats: Any = None, calib_tokens: torch.Tensor | None = None,
-                   heldout_tokens: torch.Tensor | None = None, out_dir: Any = None):
-    """Ranks for the units under the config's budget (parameters, or bytes); the same for every mode.
+                   calib_tokens: torch.Tensor | None = None, heldout_tokens: torch.Tensor | None = None,
+                   cache: AllocationCache | None = None) -> tuple[Allocation, Any, dict[str, Any]]:
+    """The allocation of the units under the config's budget (parameters, or bytes); the same for every mode.
 
-    Returns (ranks, memory plan or None, the options the allocator saw).
+    Returns (the allocation, the memory plan or None, the options the allocator saw).
     """
     unit_dense = sum(u.dense_params for u in units)
     ctx = AllocationContext(
         ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio),
-        options=_allocator_options(config, heldout_tokens),
-        adapter=adapter, model=model, stats=stats, calib_tokens=calib_tokens, device=config.device,
-        seed=config.seed, out_dir=out_dir,
+        options=dict(config.allocator_options), adapter=adapter, model=model, calib_tokens=calib_tokens,
+        heldout_tokens=heldout_tokens, device=config.device, seed=config.seed,
+        cache=cache if cache is not None else AllocationCache(),
     )
     if config.memory_budget:
-        ranks, memory_plan = _allocate_memory(model, units, ctx, config)
-        return ranks, memory_plan, ctx.options
+        allocation, memory_plan = _allocate_memory(model, units, ctx, config)
+        return allocation, memory_plan, ctx.options
     return allocate(config.allocator, units, ctx), None, ctx.options
 
 
@@ -172,13 +180,13 @@ def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext
                  config.quantize, config.quantize_scope)
     priced = price(units, mplan.pricing)
     if config.byte_aware and is_byte_aware(config.allocator):
-        ranks = allocate_bytes(config.allocator, priced, ctx, mplan.unit_budget)
+        allocation = allocate_bytes(config.allocator, priced, ctx, mplan.unit_budget)
     else:
-        ranks, ratio = allocate_params_first(config.allocator, units, priced, ctx, mplan.unit_budget)
+        allocation, ratio = allocate_params_first(config.allocator, units, priced, ctx, mplan.unit_budget)
         ctx.options["params_first_ratio"] = ratio
     log.info("memory budget %d bytes: %d fixed (embeddings, norms), %d of %d for the matrices", mplan.budget_bytes,
-             mplan.fixed_bytes, spent(priced, ranks), mplan.unit_budget)
-    return ranks, mplan
+             mplan.fixed_bytes, spent(priced, allocation.ranks), mplan.unit_budget)
+    return allocation, mplan
 
 
 def store(result: CompressionResult, dtype: torch.dtype) -> list[str]:
@@ -203,16 +211,6 @@ def store(result: CompressionResult, dtype: torch.dtype) -> list[str]:
         elif row.rank is not None and scope in ("all", "factors"):
             names += [f"{row.name}.left", f"{row.name}.right"]
     return quantize_linears(result.model, names, result.config.quantize)
-
-
-def _allocator_options(config: CompressConfig, heldout_tokens: torch.Tensor | None) -> dict[str, Any]:
-    """The config's options, plus held-out calibration windows for hyperparameter tuning (never saved)."""
-    from svdzip.allocate.common import HELDOUT_KEY
-
-    options = dict(config.allocator_options)
-    if heldout_tokens is not None:
-        options[HELDOUT_KEY] = heldout_tokens
-    return options
 
 
 def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:
@@ -257,7 +255,7 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
     corpus can never reuse stale statistics. A kind the file lacks (Gram matrices for an ASVD-only file,
     FWSVD's Fisher information) is computed and added to it, so the next run at any ratio skips it.
     """
-    kinds = set(kinds if kinds is not None else method_needs(config).statistics)
+    kinds = set(kinds if kinds is not None else get_method(config.method).needs(config).statistics)
     key = statistics_key(model, calib_tokens, config.calib_batch_size)
     path = Path(stats_path) if stats_path else default_stats_path(key)
     stats = None

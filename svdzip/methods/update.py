@@ -23,7 +23,10 @@ arithmetic; the check guards round-off on ill-conditioned H. Any allocator compo
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from contextlib import suppress
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -38,8 +41,6 @@ from svdzip.models.lowrank import LowRankLinear
 from svdzip.needs import Needs
 
 log = logging.getLogger(__name__)
-
-UPDATES = ("svdllm", "coef")
 
 
 class _Captured(Exception):
@@ -97,8 +98,11 @@ def _capture_grams(layer: nn.Module, hooked: dict[str, nn.Module], hidden: list[
     return grams
 
 
-def _refit(info: LinearInfo, module: LowRankLinear, weight: torch.Tensor, gram: torch.Tensor,
+def _refit(info: LinearInfo, module: LowRankLinear, weight: torch.Tensor, gram: torch.Tensor | None,
            report: dict[str, tuple[float, float]]) -> None:
+    if gram is None:  # an MoE expert the router sent no update token to: nothing to fit on
+        log.info("%s received no tokens in the update pass; its factors are kept", info.name)
+        return
     w = weight.detach().to(gram.device)
     left, right = module.left.weight.detach().to(gram.device), module.right.weight.detach().to(gram.device)
     before = fitted_loss(w, left, right, gram)
@@ -119,6 +123,75 @@ def _stages(infos: list[LinearInfo]) -> list[list[LinearInfo]]:
     return list(order.values())
 
 
+class WeightUpdate(ABC):
+    """A refit of the left factors after truncation; it re-runs the model's layers on calibration tokens."""
+
+    name: str = ""
+    summary: str = ""
+
+    def needs(self) -> Needs:
+        return Needs(calib_tokens=True, whole_model=True,
+                     why=(f"the '{self.name}' update re-runs every layer of the compressed model on the "
+                          "calibration tokens",))
+
+    @abstractmethod
+    def refit_layer(self, layer: nn.Module, infos: list[LinearInfo], adapter: ModelAdapter,
+                    originals: dict[str, nn.Module], hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
+                    device: torch.device, report: dict[str, tuple[float, float]]) -> None:
+        """Refit the factorised linears `infos` of one layer on its deviated inputs `hidden`."""
+
+
+class SVDLLMUpdate(WeightUpdate):
+    name = "svdllm"
+    summary = "SVD-LLM's closed-form layer-wise update: X' from the original layer on the deviated inputs"
+
+    def refit_layer(self, layer, infos, adapter, originals, hidden, kwargs, device, report) -> None:
+        # X' from the ORIGINAL layer on the deviated inputs (SVD-LLM's code): swap the dense
+        # linears back in (on the layer's device) for one capture pass
+        low_rank = {info.name: adapter.module(info.name) for info in infos}
+        homes = {info.name: originals[info.name].weight.device for info in infos}
+        for info in infos:
+            adapter.set_module(info.name, originals[info.name].to(device))
+        try:
+            hooked = {s[0].input_key: originals[s[0].name] for s in _stages(infos)}
+            grams = _capture_grams(layer, hooked, hidden, kwargs, device, stop=False)
+        finally:
+            for info in infos:
+                adapter.set_module(info.name, low_rank[info.name])
+                originals[info.name].to(homes[info.name])
+        for info in infos:
+            _refit(info, low_rank[info.name], originals[info.name].weight, grams.get(info.input_key), report)
+
+
+class CoefficientUpdate(WeightUpdate):
+    name = "coef"
+    summary = "Basis Sharing's coefficient update: X' from the compressed layer, stage by stage"
+
+    def refit_layer(self, layer, infos, adapter, originals, hidden, kwargs, device, report) -> None:
+        for stage in _stages(infos):
+            hooked = {stage[0].input_key: adapter.module(stage[0].name)}
+            grams = _capture_grams(layer, hooked, hidden, kwargs, device, stop=True)
+            for info in stage:
+                _refit(info, adapter.module(info.name), originals[info.name].weight, grams.get(info.input_key),
+                       report)
+
+
+REGISTRY: Mapping[str, WeightUpdate] = MappingProxyType({u.name: u for u in (SVDLLMUpdate(), CoefficientUpdate())})
+
+
+def available_updates() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_update(name: str) -> WeightUpdate:
+    """The update called `name`; a clear error listing the choices."""
+    update = REGISTRY.get(name)
+    if update is None:
+        choices = ", ".join(f"{u.name} ({u.summary})" for u in REGISTRY.values())
+        raise SvdzipError(f"unknown update '{name}'; choose from: {choices}")
+    return update
+
+
 def apply_update(
     name: str,
     model: nn.Module,
@@ -135,8 +208,7 @@ def apply_update(
     `originals` maps each factorised linear's name to its dense module from before materialisation
     (the target W X' needs W; `compress()` passes them).
     """
-    if name not in UPDATES:
-        raise SvdzipError(f"unknown update '{name}'; choose from {', '.join(UPDATES)}")
+    update = get_update(name)
     if originals is None:
         raise SvdzipError("the update needs the dense linears from before materialisation (originals=...)")
     factorised = {m.name for u, r in zip(units, ranks, strict=True) if r is not None for m in u.members}
@@ -150,45 +222,17 @@ def apply_update(
     inputs = capture_layer_inputs(model, adapter, tokens, batch_size, device)
     hidden = inputs.hidden
     report: dict[str, tuple[float, float]] = {}
-    for index in tqdm(range(adapter.num_layers), desc=f"{name} update", unit="layer"):
+    for index in tqdm(range(adapter.num_layers), desc=f"{update.name} update", unit="layer"):
         kwargs = inputs.kwargs[index]
         infos = [i for i in adapter.layer_linears(index) if i.name in factorised]
         with layer_on(adapter.layers[index], device) as layer:
-            if infos and name == "svdllm":
-                # X' from the ORIGINAL layer on the deviated inputs (SVD-LLM's code): swap the dense
-                # linears back in for one capture pass
-                low_rank = {info.name: adapter.module(info.name) for info in infos}
-                homes = {info.name: originals[info.name].weight.device for info in infos}
-                for info in infos:
-                    adapter.set_module(info.name, originals[info.name].to(device))
-                try:
-                    hooked = {s[0].input_key: originals[s[0].name] for s in _stages(infos)}
-                    grams = _capture_grams(layer, hooked, hidden, kwargs, device, stop=False)
-                finally:
-                    for info in infos:
-                        adapter.set_module(info.name, low_rank[info.name])
-                        originals[info.name].to(homes[info.name])
-                for info in infos:
-                    _refit(info, low_rank[info.name], originals[info.name].weight, grams[info.input_key], report)
-            elif infos:
-                # X' from the compressed layer, stage by stage (Basis Sharing's coefficient update)
-                for stage in _stages(infos):
-                    hooked = {stage[0].input_key: adapter.module(stage[0].name)}
-                    grams = _capture_grams(layer, hooked, hidden, kwargs, device, stop=True)
-                    for info in stage:
-                        _refit(info, adapter.module(info.name), originals[info.name].weight,
-                               grams[info.input_key], report)
+            if infos:
+                update.refit_layer(layer, infos, adapter, originals, hidden, kwargs, device, report)
             hidden = run_layer(layer, hidden, kwargs, device)
     if report:
         before = sum(b for b, _ in report.values())
         after = sum(a for _, a in report.values())
         log.info("%s update refitted %d linears on %d tokens: fitted output error %.4g → %.4g (%.1f%%)",
-                 name, len(report), tokens.numel(), before, after, 100 * (after / before - 1) if before else 0)
+                 update.name, len(report), tokens.numel(), before, after, 100 * (after / before - 1) if before else 0)
     return report
 
-
-def update_needs(name: str) -> Needs:
-    """Both updates re-run every layer on the compressed model's own hidden states, the model in memory."""
-    if name not in UPDATES:
-        raise SvdzipError(f"unknown update '{name}'; choose from {', '.join(UPDATES)}")
-    return Needs(calib_tokens=True, whole_model=True).because(f"the '{name}' update walks the compressed model")

@@ -2,19 +2,26 @@
 
 * `ranks.png`: kept-parameter fraction per layer × type (a heatmap; dense modules show 1.0).
 * `effective_rank.png`: D-Rank's effective rank of every unit per layer, one line per type.
+* `<allocator>_loss.png`, `<allocator>_ratios.png`, `<allocator>_history.json`: for an allocator that
+  trains (ARA), drawn from the training history in its `Allocation.report` (`write_allocation_report`).
 
 matplotlib runs headless (Agg); it is an optional dependency, so a missing install only logs a warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from svdzip.models.adapter import ROLES
+
+if TYPE_CHECKING:
+    from svdzip.allocate.base import Allocation
+    from svdzip.methods.decompose import Unit
 
 log = logging.getLogger(__name__)
 
@@ -99,4 +106,73 @@ def write_plots(out_dir: str | Path, modules: Sequence[dict[str, Any]],
     if effective_ranks:
         written.append(effective_rank_plot(effective_ranks, out / "effective_rank.png", title))
     log.info("allocation plots: %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def training_curve(history: Sequence[dict[str, float]], path: str | Path, title: str) -> Path:
+    """Total loss and LM cross-entropy per step, with the expected kept ratio on a second axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], label="total loss", lw=1)
+    ax.plot(steps, [h["ce"] for h in history], label="LM cross-entropy", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["kept"] for h in history], color="k", ls="--", lw=1, label="expected kept ratio")
+    ax2.set_ylabel("kept ratio R_tot")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def kept_ratio_per_layer(units: Sequence[Unit], ranks: Sequence[int | None], path: str | Path, title: str) -> Path:
+    """Kept parameter ratio of every unit per layer, one line per type (1 = dense)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    by_role: dict[str, list[tuple[int, float]]] = {}
+    for u, r in zip(units, ranks, strict=True):
+        ratio = 1.0 if r is None else r * u.cost_per_rank / u.dense_params
+        by_role.setdefault(u.role, []).append((u.layers[0], ratio))
+    for role, pts in by_role.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=role)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept parameter ratio (1 = dense)")
+    ax.set_title(title)
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_allocation_report(out_dir: str | Path, units: Sequence[Unit], allocation: Allocation) -> list[Path]:
+    """What a training allocator reported, into `out_dir`: its history as JSON and, unless the report says
+    `plots: false`, the training curve and the learned ratio per layer. Nothing for other allocators."""
+    report = allocation.report
+    if "history" not in report:
+        return []
+    name = allocation.allocator or "allocator"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    history_path = out / f"{name}_history.json"
+    history_path.write_text(json.dumps({k: v for k, v in report.items() if k != "plots"}, indent=1, default=str))
+    written = [history_path]
+    if not report.get("plots", True):
+        return written
+    try:
+        _pyplot()
+    except ImportError:
+        log.warning("matplotlib is not installed; %s plots skipped", name)
+        return written
+    written.append(training_curve(report["history"], out / f"{name}_loss.png", f"{name.upper()} mask training"))
+    written.append(kept_ratio_per_layer(units, allocation.ranks, out / f"{name}_ratios.png",
+                                        f"{name.upper()}: learned ratio per layer"))
     return written
