@@ -54,7 +54,8 @@ def decompose_units(adapter: ModelAdapter, stats: Any, config: CompressConfig, g
     owner_of = {u: owners[j] for j, job in enumerate(jobs) for u in job}
     done: dict[int, Unit] = {}
     mine = [job for job, owner in zip(jobs, owners, strict=True) if owner == ctx.rank]
-    for job in tqdm(mine, desc=f"decomposing ({config.method}, rank {ctx.rank})", unit="group"):
+    for job in tqdm(mine, desc=f"decomposing ({config.method})" + (f", rank {ctx.rank}" if ctx.enabled else ""),
+                    unit="group"):
         todo = []
         for u in job:
             restored = state.load_unit(u, _unit_name(groups[u])) if state else None
@@ -68,7 +69,7 @@ def decompose_units(adapter: ModelAdapter, stats: Any, config: CompressConfig, g
         names = [m.name for u in todo for m in groups[u]]
         with weights.linears(names):
             units = decompose(adapter, stats, config.method, [groups[u] for u in todo], config.asvd_alpha,
-                              config.asvd_scaling, device=device)
+                              config.asvd_scaling, device=device, progress=False)
         for u, unit in zip(todo, units, strict=True):
             if state is not None:
                 state.save_unit(u, unit.name, unit.spectrum.sigma2, unit.spectrum.basis, unit.seconds)

@@ -119,8 +119,9 @@ def decompose(
     asvd_alpha: float = 0.5,
     asvd_scaling: str = "abs_mean",
     device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> list[Unit]:
-    """Spectrum of every unit under the method's metric (float64, on `device`)."""
+    """Spectrum of every unit under the method's metric (float64, on `device`); `progress`: a bar of its own."""
     method = get_method(method)
     settings = Settings(asvd_alpha=asvd_alpha, asvd_scaling=asvd_scaling)
     if method.needs(settings).statistics and stats is None:
@@ -128,7 +129,7 @@ def decompose(
     units = units if units is not None else group_linears(adapter)
     factors: dict[tuple[str, ...], torch.Tensor] = {}
     result = []
-    for members in tqdm(units, desc=f"decomposing ({method.name})", unit="matrix"):
+    for members in tqdm(units, desc=f"decomposing ({method.name})", unit="matrix", disable=not progress):
         t0 = time.perf_counter()
         weights = [adapter.module(m.name).weight.detach() for m in members]
         stacked = torch.cat(weights, 0).to(device)

@@ -98,7 +98,10 @@ class SVDLLM(FactorisationMethod):
         keys = tuple(m.input_key for m in members)
         missing = [k for k in keys if k not in stats.grams]
         if missing:
-            raise SvdzipError(f"statistics have no Gram matrix for {missing[0]} (wrong model?)")
+            hint = ("an MoE expert the router sent no calibration token: calibrate on more text "
+                    "(--calib-samples) or keep experts out of this run" if ".experts." in missing[0]
+                    else "statistics from another model?")
+            raise SvdzipError(f"statistics have no Gram matrix for {missing[0]} ({hint})")
         gram = sum(stats.grams[k].to(device) for k in keys)
         if gram.shape[0] != cols:
             raise SvdzipError(f"statistics do not match the model: Gram of {keys[0]} is "
