@@ -224,3 +224,18 @@ def test_python_m_svdzip_is_the_command():
     proc = subprocess.run([sys.executable, "-m", "svdzip", "compress", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--resume-dir" in proc.stdout
+
+
+def test_a_failed_compress_leaves_neither_output_nor_staging(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Artefacts are written into the directory before it appears; any error removes every temporary directory."""
+    import svdzip.output.plots as plots
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "write_plots", broken)
+    out = tmp_path / "sub" / "o"
+    with pytest.raises(OSError, match="No space"):
+        main(["compress", "--model", str(tiny_dir), "--out", str(out), "--ratio", "0.3", "--heal", "none",
+              "--allocator", "uniform", "--calib-samples", "8", "--calib-seq-len", "64"])
+    assert not out.exists() and list(out.parent.iterdir()) == []
