@@ -72,7 +72,9 @@ def run(out: Path, only: list[str] | None) -> None:
 
     def context(options: dict) -> alloc.AllocationContext:
         kw = dict(ratio=ratio, budget=keep_budget(total, ratio), options=dict(options), adapter=adapter, model=model,
-                  stats=stats, calib_tokens=calib, seed=0)
+                  calib_tokens=calib, seed=0)
+        if "stats" in fields:  # the API before issue 12
+            kw["stats"] = stats
         if "heldout_tokens" in fields:
             kw["heldout_tokens"] = held
         elif options.get("tune_beta") or options.get("guard"):  # the API before issue 12
