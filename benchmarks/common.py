@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,32 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, run: dict[s
               "Produced by these runs, later ones adding or replacing cells:\n\n" + "\n".join(f"- {x}" for x in lines))
     (RESULTS / f"{name}.md").write_text(f"{markdown}\n\n{footer}\n")
     log.info("wrote %s", RESULTS / f"{name}.md")
+
+
+class PeakRSS:
+    """Peak resident memory per phase, sampled by a background thread."""
+
+    def __init__(self) -> None:
+        self.phase, self.peaks, self._stop = "start", {}, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
+            time.sleep(0.005)
+
+    def enter(self, phase: str) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
+        self.phase = phase
+
+    def stop(self) -> dict[str, int]:
+        self.enter("end")
+        self._stop = True
+        self.thread.join()
+        return self.peaks

@@ -22,7 +22,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, setup_logging, write_results
+from benchmarks.common import RESULTS, PeakRSS, setup_logging, write_results
 from svdzip.engine.distributed import assign_by_cost, eigen_cost
 from svdzip.methods.decompose import BASIS_HEADROOM
 from svdzip.methods.linalg import gram_factor, weighted_spectrum
 from svdzip.output.report import table
 
 log = logging.getLogger("benchmarks.extrapolate")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 SEQ = 2048  # calibration sequence length of the measurement (the papers' 2048)
 MIXTRAL_EXPERTS_BUILT = 2  # of 8: the full layer's Grams alone (14 GB) do not fit beside the others here
 
@@ -95,35 +93,6 @@ MIXTRAL = Shape("Mixtral-8x7B", 32, 4096, 14336, 32, 8, experts=8, top_k=2)
 
 
 # ------------------------------------------------------------------------------------- peak memory
-class PeakRSS:
-    """Peak resident memory per phase, sampled by a background thread."""
-
-    def __init__(self) -> None:
-        self.phase, self.peaks, self._stop = "start", {}, False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
-            time.sleep(0.005)
-
-    def enter(self, phase: str) -> None:
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
-        self.phase = phase
-
-    def stop(self) -> dict[str, int]:
-        self.enter("end")
-        self._stop = True
-        self.thread.join()
-        return self.peaks
-
-
 # -------------------------------------------------------------------------------- one layer, timed
 class GramHooks:
     """XᵀX per shared input in plain torch (fp32 product, fp64 running sum), timed on the CPU clock."""

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance, write_results  # noqa: E402
+from common import PeakRSS, provenance, write_results  # noqa: E402
 
 log = logging.getLogger("benchmarks.scale")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 SAMPLES, SEQ = 8, 128
 
 
@@ -46,35 +44,6 @@ def write_checkpoint(path: Path, hidden: int, inter: int, layers: int, vocab: in
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
-
-
-class PeakRSS:
-    """Peak resident memory per phase, sampled by a background thread."""
-
-    def __init__(self) -> None:
-        self.phase, self.peaks, self._stop = "start", {}, False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
-            time.sleep(0.005)
-
-    def enter(self, phase: str) -> None:
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
-        self.phase = phase
-
-    def stop(self) -> dict[str, int]:
-        self.enter("end")
-        self._stop = True
-        self.thread.join()
-        return self.peaks
 
 
 def _tokens() -> torch.Tensor:

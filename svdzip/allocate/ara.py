@@ -232,15 +232,6 @@ def fit_budget(units: list[Unit], ranks: list[int | None], budget: int) -> list[
     return common.fit_budget(units, list(ranks), budget, common.loss_gain(units, weights))
 
 
-def _init_name(value: Any) -> str:
-    from svdzip.allocate import available
-
-    name = opt.one_of(*available())(value)
-    if name == ARA.name:
-        raise opt.BadValue("ARA cannot be initialised from itself")
-    return name
-
-
 class ARA(Allocator):
     name = "ara"
     summary = "ARA: trains one mask distribution per matrix against the LM loss (learned allocation)"
@@ -258,7 +249,8 @@ class ARA(Allocator):
                    parse=opt.at_least(opt.as_number, 1.0, strict=True), kind="number > 1"),
         opt.number("snap", AraOptions.snap, "final ρ at or above which a matrix is kept dense"),
         opt.Option("init", "allocator name", AraOptions.init,
-                   "start the logits from this allocator's ranks (its options as init_<key>=value)", _init_name),
+                   "start the logits from this allocator's ranks (its options as init_<key>=value)",
+                   opt.other_allocator("ara")),
         opt.flag("sticky_dense", AraOptions.sticky_dense, "the reference code's once dense, always dense"),
         opt.flag("plot", AraOptions.plot, "draw the training curve and learned ratios next to the output"),
     )

@@ -166,6 +166,18 @@ def one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def other_allocator(own: str) -> Callable[[Any], str]:
+    """The name of another registered allocator (for allocators that start from or wrap one)."""
+    def check(value: Any) -> str:
+        from svdzip.allocate import available
+
+        name = one_of(*available())(value)
+        if name == own:
+            raise BadValue(f"{own} cannot start from or wrap itself")
+        return name
+    return check
+
+
 def or_none(parse: Callable[[Any], Any], word: str = "auto") -> Callable[[Any], Any]:
     """None (JSON null, or the word) keeps the allocator's own default."""
     def check(value: Any) -> Any:

@@ -43,20 +43,12 @@ def measured_speedup(unit: Unit, rank: int, tokens: int, clock: str, cache: Allo
                                                               repeats=5)["ranks"][0]["speedup"])
 
 
-def _base_name(value: Any) -> str:
-    from svdzip.allocate import available
-
-    name = opt.one_of(*available())(value)
-    if name == SpeedAware.name:
-        raise opt.BadValue("speedaware cannot wrap itself")
-    return name
-
-
 class SpeedAware(Allocator):
     name = "speedaware"
     summary = "another allocator's ranks, but a matrix whose low-rank form is not faster stays dense"
     options = (
-        opt.Option("base", "allocator name", "uniform", "the allocator whose ranks are checked", _base_name),
+        opt.Option("base", "allocator name", "uniform", "the allocator whose ranks are checked",
+                   opt.other_allocator("speedaware")),
         opt.integer("tokens", 1, "input rows the timing uses (1 = decode)", minimum=1),
         opt.number("min_speedup", 1.0, "a factorised matrix must be at least this much faster than dense",
                    parse=opt.at_least(opt.as_number, 0.0, strict=True), kind="number > 0"),
