@@ -46,6 +46,7 @@ class CompressRequest:
     heal: Any = None  # a recover.HealConfig, or None
     plots: bool = True
     tokens: torch.Tensor | None = None  # calibration tokens given directly (tests, the Python API)
+    heldout_tokens: torch.Tensor | None = None  # with `tokens`: the held-out windows, for parts that declare them
 
 
 @dataclass
@@ -102,12 +103,15 @@ def open_state(root: str | Path, key: dict[str, Any], restart: bool, ctx: DistCo
 
 
 def calibration_tokens_for(tokenizer: Any, config: CompressConfig, needs: Needs, heldout_samples: int,
-                           given: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                           given: torch.Tensor | None = None, given_heldout: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The calibration windows (and held-out ones) if any part needs text; a seeded, disjoint draw."""
     if not needs.data:
         return None, None
     if given is not None:
-        return given, None
+        if needs.heldout and given_heldout is None:
+            raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
+        return given, given_heldout
     from svdzip.data import calibration_tokens, load_corpus
 
     extra = heldout_samples if needs.heldout else 0
@@ -146,6 +150,8 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     mode = Mode(streamed=streamed, resumable=request.resume_dir is not None, world_size=ctx.world_size)
     parts = part_needs(config, request.heal)
     refuse_unsupported(parts, mode)
+    if request.tokens is not None and union(parts).heldout and request.heldout_tokens is None:
+        raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
     if streamed and ctx.enabled and request.resume_dir is None:
         raise SvdzipError("distributed streaming needs a shared --resume-dir for the per-layer statistics")
     if request.heal is not None and (mode.streamed or mode.resumable):
@@ -162,7 +168,8 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
 
     adapter = ModelAdapter(model)
     torch.manual_seed(config.seed)
-    tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens)
+    tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens,
+                                             request.heldout_tokens)
     temp_state = mode.streamed and request.resume_dir is None
     root = Path(tempfile.mkdtemp(prefix="svdzip-run-")) if temp_state else request.resume_dir
     timings: dict[str, float] = {}
