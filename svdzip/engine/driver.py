@@ -164,9 +164,7 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
     config, out = request.config, Path(request.out)
     t_start = time.perf_counter()
     model, tokenizer, weights, reader = _open_model(source, config, mode.streamed, request.tokens is None)
-    from svdzip.models.adapter import ModelAdapter
-
-    adapter = ModelAdapter(model)
+    adapter = weights.adapter
     torch.manual_seed(config.seed)
     tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens,
                                              request.heldout_tokens)
