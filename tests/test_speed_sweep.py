@@ -271,7 +271,7 @@ def test_speed_aware_options_and_cache():
     assert parse_allocator_options("speedaware", opts) == opts  # idempotent
     with pytest.raises(SvdzipError, match="its base allocator 'uniform'"):
         parse_allocator_options("speedaware", {"beta": 0.2})
-    with pytest.raises(SvdzipError, match="cannot wrap itself"):
+    with pytest.raises(SvdzipError, match="cannot start from or wrap itself"):
         parse_allocator_options("speedaware", {"base": "speedaware"})
     assert allocator_needs("speedaware", {"base": "drank", "tune_beta": True}).heldout
     assert not allocator_needs("speedaware").data
