@@ -126,6 +126,26 @@ def test_expert_statistics_count_only_routed_tokens(family):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_abs_mean_is_averaged_over_the_batches_that_reached_it(family):
+    """ASVD's mean |x| of an expert: Σ over the batches routed to it of the batch mean, / those batches."""
+    tokens = tiny_tokens(8, 4)
+    x, chosen = _routing(tiny_model(family), tokens, layer=0)  # rows in token order, batch by batch of 1 sequence
+    stats = collect_statistics(tiny_model(family), tokens, batch_size=1, kinds={"abs_mean"})
+    per_batch = tokens.shape[1]
+    missed = 0
+    for e in range(4):
+        hit = (chosen == e).any(-1)
+        means = [x[b * per_batch:(b + 1) * per_batch][hit[b * per_batch:(b + 1) * per_batch]].abs().mean(0)
+                 for b in range(tokens.shape[0]) if hit[b * per_batch:(b + 1) * per_batch].any()]
+        missed += tokens.shape[0] - len(means)
+        key = f"model.layers.0.mlp.experts.{e}:expert_gate+expert_up"
+        assert float(stats.abs_batches[key]) == len(means)
+        torch.testing.assert_close(stats.abs_mean[key].float(), torch.stack(means).sum(0).float(), rtol=1e-4, atol=1e-5)
+    assert missed > 0  # some expert skipped some batch, so dividing by all batches would be wrong
+    assert float(stats.abs_batches["model.layers.0:q+k+v"]) == tokens.shape[0]  # a dense input sees every batch
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_experts_kept_dense_reload(tmp_path, family):
     """A dense expert is saved as experts.N.<name>.weight, which transformers' own MoE converters would
     otherwise try to merge into a 3-D parameter on load."""

@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 from svdzip.engine.distributed import DistContext, data_slice
 from svdzip.engine.layerwise import ResidentWeights, WeightSource, capture_layer_inputs, forward_pre_hooks, run_layer
 from svdzip.engine.resume import RunState, fault, read_checked, write_checked
-from svdzip.engine.statistics import INPUT_KINDS, Accumulator, CalibrationStats, LayeredStats, flatten, unflatten
+from svdzip.engine.statistics import (
+    AUXILIARY,
+    INPUT_KINDS,
+    Accumulator,
+    CalibrationStats,
+    LayeredStats,
+    flatten,
+    unflatten,
+)
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
 
@@ -70,7 +78,8 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     `kinds` ⊆ ("grams", "abs_mean", "abs_max"): only those are computed. With `on_disk` (streaming) each
     layer's statistics stay in the run directory and a lazily reading `LayeredStats` is returned.
     """
-    kinds = tuple(k for k in INPUT_KINDS if k in set(kinds))
+    wanted = set(kinds) | {AUXILIARY[k] for k in kinds if k in AUXILIARY}
+    kinds = tuple(k for k in INPUT_KINDS if k in wanted)
     if tokens is None or tokens.ndim != 2 or tokens.shape[0] == 0:
         raise SvdzipError("calibration needs a non-empty [samples, seq_len] token tensor")
     if on_disk and state is None:

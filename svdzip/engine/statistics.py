@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 STATS_FORMAT = 2
 #: the kinds gathered by the layer-wise hooks (Fisher needs a backward pass of its own)
-INPUT_KINDS = ("grams", "abs_mean", "abs_max")
+INPUT_KINDS = ("grams", "abs_mean", "abs_max", "abs_batches")
+#: batches that reached each input, kept with the |x| statistics: an MoE expert sees only the batches that
+#: routed tokens to it, so its mean |x| is averaged over those, not over all batches
+AUXILIARY = {"abs_mean": "abs_batches", "abs_max": "abs_batches"}
 
 
 @dataclass
@@ -45,6 +48,7 @@ class CalibrationStats:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
     abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
     abs_max: dict[str, torch.Tensor] = field(default_factory=dict)
+    abs_batches: dict[str, torch.Tensor] = field(default_factory=dict)  # batches counted in abs_mean, per input
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # per linear name (FWSVD)
     tokens: int = 0
     batches: int = 0
@@ -83,7 +87,7 @@ class CalibrationStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for kind in ("grams", "abs_mean", "abs_max", "fisher"):
+        for kind in (*INPUT_KINDS, "fisher"):
             for key, value in getattr(self, kind).items():
                 tensors[f"{kind}/{key}"] = value.contiguous()
         tmp = path.with_name(path.name + ".tmp")
@@ -151,8 +155,10 @@ class Accumulator:
             if key in s.abs_mean:
                 s.abs_mean[key].add_(mean)
                 torch.maximum(s.abs_max[key], amax, out=s.abs_max[key])
+                s.abs_batches[key] += 1
             else:
                 s.abs_mean[key], s.abs_max[key] = mean, amax
+                s.abs_batches[key] = torch.ones((), dtype=torch.float64, device=mean.device)
 
 
 def flatten(stats: CalibrationStats) -> dict[str, torch.Tensor]:
@@ -194,7 +200,7 @@ class LayeredStats:
                  meta: dict[str, Any], kinds: Iterable[str] = INPUT_KINDS):
         self.state, self.key_layer = state, key_layer
         self.tokens, self.batches, self.meta = tokens, batches, meta
-        self.grams, self.abs_mean, self.abs_max = (_LazyTable(self, k) for k in INPUT_KINDS)
+        self.grams, self.abs_mean, self.abs_max, self.abs_batches = (_LazyTable(self, k) for k in INPUT_KINDS)
         self.fisher: dict[str, torch.Tensor] = {}
         self.kinds = set(kinds)
         self._cached: tuple[int, CalibrationStats] | None = None
