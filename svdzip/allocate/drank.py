@@ -167,13 +167,6 @@ def _tail(group: Sequence[Unit], ranks: Sequence[Rank]) -> float:
     return sum(0.0 if r is DENSE else u.spectrum.tail(r) for u, r in zip(group, ranks, strict=True))
 
 
-def _grid(value) -> list[float]:
-    grid = opt.as_numbers(value)
-    if not all(0.0 <= b < 1.0 for b in grid):
-        raise opt.BadValue("every β must lie in [0, 1)")
-    return grid
-
-
 class DRank(Allocator):
     name = "drank"
     summary = "D-Rank: effective-rank Lagrangian per matrix type, Q/K → V rebalancing"
@@ -184,7 +177,7 @@ class DRank(Allocator):
         opt.flag("rebalance", True, "move ranks from Q and K to V"),
         opt.flag("tune_beta", False, "choose β on held-out calibration windows (svdzip compress --tune-beta)"),
         opt.numbers("beta_grid", [0.0, 0.1, 0.2, 0.3, 0.4], "the β values tune_beta tries",
-                    parse=_grid),
+                    parse=opt.numbers_where(lambda b: 0.0 <= b < 1.0, "every β must lie in [0, 1)")),
     )
 
     def needs(self, options: Mapping[str, Any] | None = None) -> Needs:

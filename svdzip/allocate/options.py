@@ -117,6 +117,16 @@ def as_integer(value: Any) -> int:
     return int(number)
 
 
+def numbers_where(accept: Callable[[float], bool], rule: str) -> Callable[[Any], list[float]]:
+    """A list of numbers (`as_numbers`) each of which `accept`s; `rule` says which in the error."""
+    def check(value: Any) -> list[float]:
+        values = as_numbers(value)
+        if not all(accept(v) for v in values):
+            raise BadValue(rule)
+        return values
+    return check
+
+
 def as_numbers(value: Any) -> list[float]:
     """A list of numbers: a JSON list, one number, or comma-separated text (`0,0.1,0.2`)."""
     if isinstance(value, str):

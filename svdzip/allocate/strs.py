@@ -188,19 +188,13 @@ def search(units: list[Unit], table: list[dict[float, float]], budget: int) -> l
     return choice(lo)
 
 
-def _candidates(value: Any) -> list[float]:
-    values = opt.as_numbers(value)
-    if not all(0.0 < c < 1.0 for c in values):
-        raise opt.BadValue("candidates are kept ratios strictly between 0 and 1")
-    return values
-
-
 class STRS(Allocator):
     name = "strs"
     summary = "ASVD's sensitivity-based truncation rank search (calibration perplexity per matrix and ratio)"
     options = (
         opt.numbers("candidates", list(DEFAULT_CANDIDATES), "kept ratios each matrix is measured at",
-                    parse=_candidates),
+                    parse=opt.numbers_where(lambda c: 0.0 < c < 1.0,
+                                            "candidates are kept ratios strictly between 0 and 1")),
         opt.integer("samples", 8, "calibration rows the perplexity uses", minimum=1),
         opt.integer("seq_len", 0, "tokens per row (0 = the calibration length)", minimum=0),
         opt.Option("batch_size", "whole number ≥ 1 or auto", None, "rows per forward (auto = samples)",
