@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -642,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = COMMANDS[args.command](args)
     except SvdzipError as exc:
-        print(f"svdzip: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike; one says so
+            print(f"svdzip: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdzip: interrupted; nothing was written to the output directory", file=sys.stderr)
