@@ -155,7 +155,7 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     if streamed and ctx.enabled and request.resume_dir is None:
         raise SvdzipError("distributed streaming needs a shared --resume-dir for the per-layer statistics")
     if request.heal is not None and (mode.streamed or mode.resumable):
-        return _compress_then_heal(request, source, ctx)
+        return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, union(parts), ctx)
 
 
@@ -195,8 +195,7 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.alloc-", dir=_parent(out)))
         try:
             if mode.streamed:
-                result = _write_streamed(request, model, adapter, reader, units, stats, tokenizer, state, staging,
-                                         timings)
+                result = _write_streamed(request, model, adapter, reader, units, tokenizer, state, staging, timings)
             else:
                 result = _finish_in_memory(request, model, tokenizer, source, stats, units, tokens, heldout, staging,
                                            timings, ctx.world_size)
@@ -305,7 +304,7 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, s
     return RunResult(out=Path(request.out), summary=summary, ranks=result.ranks, modules=rows)
 
 
-def _write_streamed(request: CompressRequest, model, adapter, reader, units, stats, tokenizer, state: RunState,
+def _write_streamed(request: CompressRequest, model, adapter, reader, units, tokenizer, state: RunState,
                     staging: Path, timings: dict[str, float]) -> RunResult:
     from svdzip.engine.pipeline import allocate_units, unit_effective_ranks
     from svdzip.engine.writer import write_streamed
@@ -372,7 +371,7 @@ def warn_if_stopped(report) -> None:
         log.warning("healing stopped on a non-finite loss; the factors of the last good held-out check were kept")
 
 
-def _compress_then_heal(request: CompressRequest, source: str, ctx: DistContext) -> RunResult:
+def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult:
     """Streamed / resumable compression into a staging directory, then the heal from it into `out`.
 
     With --resume-dir both stages checkpoint there (`compressed/`, `heal/`), so rerunning the command
