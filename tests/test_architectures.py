@@ -226,7 +226,7 @@ def test_checkpoint_names_find_every_parameter_in_both_formats(tmp_path, family)
     transformers 5's fused 3-D one."""
     from safetensors.torch import load_file
 
-    from svdzip.models.checkpoint import CheckpointNames
+    from svdzip.models.checkpoint_names import CheckpointNames
 
     model = tiny_model(family)
     fused = {k: v.clone() for k, v in model.state_dict().items()}  # the fused layout, as the model holds it

@@ -107,9 +107,10 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     desc = "calibrating layers" + (f" (rank {ctx.rank})" if ctx.enabled else "")
     for index in tqdm(range(start, n_layers), desc=desc, unit="layer", initial=start, total=n_layers):
         layer_stats = CalibrationStats()
-        hooks = {}
+        hooks, seen = {}, set()
         for info in adapter.layer_linears(index):
-            if info.input_key not in {h.key for h in hooks.values()}:
+            if info.input_key not in seen:
+                seen.add(info.input_key)
                 hooks[adapter.module(info.name)] = Accumulator(layer_stats, info.input_key, kinds)
         with weights.layer(index, device) as layer, forward_pre_hooks(hooks):
             hidden = run_layer(layer, hidden, inputs.kwargs[index], device)

@@ -21,7 +21,7 @@ from torch import nn
 
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
-from svdzip.models.checkpoint import CheckpointNames, TensorSource
+from svdzip.models.checkpoint_names import CheckpointNames, TensorSource
 
 
 class CheckpointReader:

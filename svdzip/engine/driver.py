@@ -150,20 +150,21 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     mode = Mode(streamed=streamed, resumable=request.resume_dir is not None, world_size=ctx.world_size)
     parts = part_needs(config, request.heal)
     refuse_unsupported(parts, mode)
-    if request.tokens is not None and union(parts).heldout and request.heldout_tokens is None:
+    needs = union(parts)
+    if request.tokens is not None and needs.heldout and request.heldout_tokens is None:
         raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
     if streamed and ctx.enabled and request.resume_dir is None:
         raise SvdzipError("distributed streaming needs a shared --resume-dir for the per-layer statistics")
     if request.heal is not None and (mode.streamed or mode.resumable):
         return _compress_then_heal(request, ctx)
-    return _compress(request, source, mode, union(parts), ctx)
+    return _compress(request, source, mode, needs, ctx)
 
 
 def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, ctx: DistContext
               ) -> RunResult | None:
     config, out = request.config, Path(request.out)
     t_start = time.perf_counter()
-    model, tokenizer, weights, reader = _open_model(source, config, mode.streamed, request.tokens is None)
+    model, tokenizer, weights = _open_model(source, config, mode.streamed, request.tokens is None)
     adapter = weights.adapter
     torch.manual_seed(config.seed)
     tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens,
@@ -195,7 +196,7 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.alloc-", dir=_parent(out)))
         try:
             if mode.streamed:
-                result = _write_streamed(request, model, adapter, reader, units, tokenizer, state, staging, timings)
+                result = _write_streamed(request, weights, units, tokenizer, state, staging, timings)
             else:
                 result = _finish_in_memory(request, model, tokenizer, source, stats, units, tokens, heldout, staging,
                                            timings, ctx.world_size)
@@ -225,15 +226,15 @@ def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokeni
 
     if not streamed:
         model, tokenizer, _ = load_model(source, config.device, with_tokenizer=with_tokenizer)
-        return model, tokenizer, ResidentWeights(model, ModelAdapter(model)), None
+        return model, tokenizer, ResidentWeights(model, ModelAdapter(model))
     from svdzip.engine.checkpoint import CheckpointReader, StreamedWeights, skeleton
-    from svdzip.models.checkpoint import CheckpointNames
+    from svdzip.models.checkpoint_names import CheckpointNames
 
     model = skeleton(source, torch.float32)
     adapter = ModelAdapter(model)  # opens fused experts / Conv1D into the linears svdzip compresses
     reader = CheckpointReader(source, CheckpointNames(model))
     tokenizer = load_tokenizer(source) if with_tokenizer else None
-    return model, tokenizer, StreamedWeights(model, adapter, reader, torch.float32), reader
+    return model, tokenizer, StreamedWeights(model, adapter, reader, torch.float32)
 
 
 def _statistics(model, adapter, tokens, source: str, config: CompressConfig, needs: Needs, weights, state, ctx,
@@ -304,15 +305,15 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, s
     return RunResult(out=Path(request.out), summary=summary, ranks=result.ranks, modules=rows)
 
 
-def _write_streamed(request: CompressRequest, model, adapter, reader, units, tokenizer, state: RunState,
-                    staging: Path, timings: dict[str, float]) -> RunResult:
+def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: RunState, staging: Path,
+                    timings: dict[str, float]) -> RunResult:
     from svdzip.engine.pipeline import allocate_units, unit_effective_ranks
     from svdzip.engine.writer import write_streamed
     from svdzip.output import io
 
     config = request.config
     t0 = time.perf_counter()
-    allocation, _, _ = allocate_units(units, config, adapter, model=None)
+    allocation, _, _ = allocate_units(units, config, weights.adapter, model=None)
     ranks = allocation.ranks
     from svdzip.output.plots import write_allocation_report
 
@@ -326,11 +327,10 @@ def _write_streamed(request: CompressRequest, model, adapter, reader, units, tok
     def artefacts(tmp: Path, rows: list[Any]) -> None:
         _move_artefacts(staging, tmp)
         if request.plots:
-            _plots(tmp, [r.to_dict() for r in rows], effective, str(reader.dir), config)
+            _plots(tmp, [r.to_dict() for r in rows], effective, str(weights.reader.dir), config)
 
     t0 = time.perf_counter()
-    rows = write_streamed(model, adapter, reader, units, ranks, state, tokenizer, Path(request.out), config,
-                          torch.float32, request.save_dtype,
+    rows = write_streamed(weights, units, ranks, state, tokenizer, Path(request.out), config, request.save_dtype,
                           summary_extra={"ratio_achieved": 1.0 - spent(units, ranks) / dense,
                                          "effective_ranks": effective, "timings": timings},
                           artefacts=artefacts)

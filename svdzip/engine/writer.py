@@ -17,23 +17,21 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from svdzip.config import CompressConfig
-from svdzip.engine.checkpoint import CheckpointReader, load_weights, placeholder, release_memory, unload_weights
+from svdzip.engine.checkpoint import StreamedWeights, placeholder
 from svdzip.engine.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import Spectrum
-from svdzip.models.adapter import ModelAdapter
 
 
 @torch.no_grad()
-def write_streamed(model: nn.Module, adapter: ModelAdapter, reader: CheckpointReader, units: list[Unit],
-                   ranks: list[int | None], state: RunState, tokenizer: Any, out: Path, config: CompressConfig,
-                   dtype: torch.dtype | None, save_dtype: torch.dtype | None, summary_extra: dict[str, Any],
-                   artefacts: Callable[[Path, list[Any]], None] | None = None) -> list[Any]:
+def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int | None], state: RunState,
+                   tokenizer: Any, out: Path, config: CompressConfig, save_dtype: torch.dtype | None,
+                   summary_extra: dict[str, Any], artefacts: Callable[[Path, list[Any]], None] | None = None
+                   ) -> list[Any]:
     """Materialise and save one decoder layer at a time (one shard each), then the rest; atomically.
 
     `artefacts(tmp, rows)` writes plots and reports into the directory before it becomes `out`.
@@ -41,6 +39,7 @@ def write_streamed(model: nn.Module, adapter: ModelAdapter, reader: CheckpointRe
     from svdzip.methods.materialise import materialise
     from svdzip.output import io
 
+    model, adapter, reader = weights.model, weights.adapter, weights.reader
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -53,33 +52,30 @@ def write_streamed(model: nn.Module, adapter: ModelAdapter, reader: CheckpointRe
         for u, unit in enumerate(units):
             by_layer.setdefault(unit.members[0].layer, []).append(u)
         for index in tqdm(range(n), desc="writing layers", unit="layer"):
-            layer = adapter.layers[index]
-            prefix = f"{adapter.spec.layers_path}.{index}."
-            load_weights(layer, prefix, reader, dtype)
-            mine = by_layer.get(index, [])
-            for u in mine:
-                if ranks[u] is not None:
-                    restored = state.load_unit(u, units[u].name)
-                    if restored is None:
-                        raise SvdzipError(f"spectrum of {units[u].name} is missing or corrupted in {state.root}; "
-                                          "rerun the same command to recompute it")
-                    units[u].spectrum = Spectrum(restored[0], restored[1])
-            rows += materialise(adapter, [units[u] for u in mine], [ranks[u] for u in mine])
-            for u in mine:
-                spec = units[u].spectrum
-                units[u].spectrum = Spectrum(spec.sigma2, placeholder(tuple(spec.basis.shape)))
-                for m in units[u].members:
-                    mod = adapter.module(m.name)
-                    if hasattr(mod, "left"):
-                        bias[m.name] = mod.left.bias is not None
-            tensors = {prefix + k: v.to(save_dtype) if v.is_floating_point() and save_dtype else v
-                       for k, v in layer.state_dict().items()}
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard_names[index]),
-                      metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, shard_names[index]))
-            del tensors
-            unload_weights(layer)
-            release_memory()
+            prefix = weights.prefix(index)
+            with weights.layer(index, "cpu") as layer:  # read for its turn, released after
+                mine = by_layer.get(index, [])
+                for u in mine:
+                    if ranks[u] is not None:
+                        restored = state.load_unit(u, units[u].name)
+                        if restored is None:
+                            raise SvdzipError(f"spectrum of {units[u].name} is missing or corrupted in "
+                                              f"{state.root}; rerun the same command to recompute it")
+                        units[u].spectrum = Spectrum(restored[0], restored[1])
+                rows += materialise(adapter, [units[u] for u in mine], [ranks[u] for u in mine])
+                for u in mine:
+                    spec = units[u].spectrum
+                    units[u].spectrum = Spectrum(spec.sigma2, placeholder(tuple(spec.basis.shape)))
+                    for m in units[u].members:
+                        mod = adapter.module(m.name)
+                        if hasattr(mod, "left"):
+                            bias[m.name] = mod.left.bias is not None
+                tensors = {prefix + k: v.to(save_dtype) if v.is_floating_point() and save_dtype else v
+                           for k, v in layer.state_dict().items()}
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard_names[index]),
+                          metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, shard_names[index]))
+                del tensors
         rest = {}
         tied = getattr(model.config, "tie_word_embeddings", False)
         out_emb = model.get_output_embeddings()

@@ -144,7 +144,7 @@ class ASVD(DiagonalMethod):
             raise SvdzipError(f"statistics have no activation scales for {member.input_key}")
         s = table[member.input_key].double()
         if scaling == "abs_mean":  # Σ_batches mean|x| → mean over the batches that reached this input
-            count = stats.abs_batches.get(member.input_key) if hasattr(stats, "abs_batches") else None
+            count = stats.abs_batches.get(member.input_key)
             s = s / (float(count) if count is not None else max(stats.batches, 1))
         s = (s + 1e-6) ** float(config.asvd_alpha)
         return s * s

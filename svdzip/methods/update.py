@@ -33,7 +33,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.engine.layerwise import capture_layer_inputs, first_output, layer_on, run_layer, to_device
+from svdzip.engine.layerwise import (
+    capture_layer_inputs,
+    first_output,
+    forward_pre_hooks,
+    layer_on,
+    run_layer,
+    to_device,
+)
+from svdzip.engine.statistics import Accumulator, CalibrationStats
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.models.adapter import LinearInfo, ModelAdapter
@@ -70,12 +78,12 @@ def fitted_loss(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, g
     return float(((e @ gram.double()) * e).sum())
 
 
-def _gram_hook(store: dict[str, torch.Tensor], key: str, stop: bool):
+def _gram_hook(stats: CalibrationStats, key: str, stop: bool):
+    """Calibration's own Gram accumulator (fp32 product, fp64 sum); `stop` ends the layer's forward there."""
+    accumulate = Accumulator(stats, key, ("grams",))
+
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        g = (x.T @ x).double()
-        store[key] = store[key] + g if key in store else g
+        accumulate(module, args)
         if stop:
             raise _Captured
 
@@ -86,16 +94,12 @@ def _gram_hook(store: dict[str, torch.Tensor], key: str, stop: bool):
 def _capture_grams(layer: nn.Module, hooked: dict[str, nn.Module], hidden: list[torch.Tensor],
                    kwargs: list[dict[str, Any]], device: torch.device, stop: bool) -> dict[str, torch.Tensor]:
     """H = X'ᵀX' of the input of each hooked module (one per input key), over every batch."""
-    grams: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(_gram_hook(grams, key, stop)) for key, m in hooked.items()]
-    try:
+    stats = CalibrationStats()
+    with forward_pre_hooks({m: _gram_hook(stats, key, stop) for key, m in hooked.items()}):
         for h, kw in zip(hidden, kwargs, strict=True):
             with suppress(_Captured):
                 first_output(layer(h.to(device), **to_device(kw, device)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grams
+    return stats.grams
 
 
 def _refit(info: LinearInfo, module: LowRankLinear, weight: torch.Tensor, gram: torch.Tensor | None,

@@ -85,37 +85,16 @@ class LayerLayout:
 
     def stack_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> rows of the stack (own right factors first, then dense weights)."""
-        out: dict[int, tuple[int, int]] = {}
-        row = 0
-        for i, s in enumerate(self.shards):
-            if s.owns_right:
-                out[i] = (row, row + s.rank)
-                row += s.rank
-        for i, s in enumerate(self.shards):
-            if not s.low_rank:
-                out[i] = (row, row + s.out)
-                row += s.out
-        return out
+        return _packed([(i, s.rank) for i, s in enumerate(self.shards) if s.owns_right]
+                       + [(i, s.out) for i, s in enumerate(self.shards) if not s.low_rank])
 
     def left_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> (start, stop) of its flattened left factor in the left buffer."""
-        out: dict[int, tuple[int, int]] = {}
-        pos = 0
-        for i, s in enumerate(self.shards):
-            if s.low_rank:
-                out[i] = (pos, pos + s.out * s.rank)
-                pos += s.out * s.rank
-        return out
+        return _packed([(i, s.out * s.rank) for i, s in enumerate(self.shards) if s.low_rank])
 
     def dense_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> rows of the `weight` parameter (dense shards only, in shard order)."""
-        out: dict[int, tuple[int, int]] = {}
-        row = 0
-        for i, s in enumerate(self.shards):
-            if not s.low_rank:
-                out[i] = (row, row + s.out)
-                row += s.out
-        return out
+        return _packed([(i, s.out) for i, s in enumerate(self.shards) if not s.low_rank])
 
     def own_right_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> rows of the `lowrank_right` parameter (own right factors only)."""
@@ -290,3 +269,12 @@ def weight_bytes(modules: Mapping[str, Mapping[str, Any]], expected: Mapping[str
         read += k * (o + i)
     return {"dense": (dense + other_params) * bytes_per_value, "stored": (stored + other_params) * bytes_per_value,
             "read_per_token": (read + other_params) * bytes_per_value}
+
+
+def _packed(sizes: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
+    """(index, size) pairs laid out one after another: index -> (start, stop)."""
+    out, pos = {}, 0
+    for index, size in sizes:
+        out[index] = (pos, pos + size)
+        pos += size
+    return out
