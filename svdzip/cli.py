@@ -80,7 +80,9 @@ def _add_heal_args(p: argparse.ArgumentParser, default: str, with_none: bool) ->
                         + ("; none for --stream, --resume-dir and torchrun runs)" if with_none else ")"))
     g.add_argument("--heal-steps", type=int, default=H.steps, help="optimiser steps (default: %(default)s)")
     g.add_argument("--heal-lr", type=float, default=None,
-                   help="peak learning rate (default: 3e-4 for distill, the paper's 1e-4 for seq-lora)")
+                   help="peak learning rate, used as given (default: found on the held-out windows, starting at "
+                        "3e-4 for distill, the paper's 1e-4 for seq-lora, divided by 3 on each held-out check "
+                        "that is no better than the best, at most 3 times)")
     g.add_argument("--heal-objective", default=None, choices=["kl", "ce"],
                    help="kl: the dense teacher's distribution; ce: the text's next token (default: distill kl, "
                         "seq-lora ce as in the paper)")
@@ -387,10 +389,11 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     summary = {**healed.get("summary", {}), "out": str(out), "seconds_total": round(time.perf_counter() - t0, 2),
                "heal": report.to_dict(), "size_bytes": io.dir_size(out), "peak_rss_bytes": _peak_rss()}
     phases = [p for p in report.phases if "best_heldout" in p]
-    log.info("%s: %s in %.0f s (%s); held-out loss %s; peak RSS %.1f GiB; saved to %s", args.dir, report.method,
-             report.seconds, report.stopped,
+    log.info("%s: %s in %.0f s (%s); held-out loss %s; lr %s; peak RSS %.1f GiB; saved to %s%s", args.dir,
+             report.method, report.seconds, report.stopped,
              ", ".join(f"{p['initial_heldout']:.4f} → {p['best_heldout']:.4f}" for p in phases),
-             summary["peak_rss_bytes"] / 2**30, out)
+             ", ".join(f"{p['lr_final']:.3g}" for p in phases), summary["peak_rss_bytes"] / 2**30, out,
+             "" if report.improved else " (not improved: the un-healed factors)")
     if args.eval:
         summary["evaluation"] = _eval_dense_vs_compressed(args, teacher, out)
     return summary

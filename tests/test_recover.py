@@ -76,6 +76,19 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.05
 
 
+def test_a_back_off_warms_up_again_from_where_it_restarts():
+    assert [lr_at(s, 10, 1.0, 0.2, restart=0) for s in range(10)] == [lr_at(s, 10, 1.0, 0.2) for s in range(10)]
+    assert lr_at(6, 10, 1.0, 0.2, restart=6) == pytest.approx(0.5 * lr_at(6, 10, 1.0, 0.2))
+    assert lr_at(7, 10, 1.0, 0.2, restart=6) == pytest.approx(lr_at(7, 10, 1.0, 0.2))
+
+
+def test_the_learning_rate_is_searched_unless_one_is_given():
+    assert HealConfig().auto_lr and HealConfig().lr == 3e-4
+    assert HealConfig(lr="auto").auto_lr and HealConfig(method="seq-lora").lr == 1e-4
+    assert not HealConfig(lr=1e-4).auto_lr and HealConfig(lr=1e-4).lr == 1e-4
+    assert HealConfig(lr=1e-3, auto_lr=True).auto_lr  # a given start for the search
+
+
 def test_batch_order_visits_every_window_once_per_epoch():
     order = batch_order(6, 2, 6, seed=3)
     assert order.shape == (6, 2)
@@ -86,7 +99,8 @@ def test_batch_order_visits_every_window_once_per_epoch():
 
 def test_bad_options_are_refused():
     for bad in (dict(steps=0), dict(method="lora"), dict(lr=-1.0), dict(topk=-1), dict(warmup=1.0),
-                dict(objective="mse"), dict(method="seq-lora", steps=1), dict(temperature=0.0)):
+                dict(objective="mse"), dict(method="seq-lora", steps=1), dict(temperature=0.0),
+                dict(lr_backoff=1.0), dict(max_backoffs=-1)):
         with pytest.raises(SvdzipError):
             HealConfig(**bad).validate()
 
@@ -167,7 +181,7 @@ def test_sequential_lora_lowers_the_heldout_loss_and_keeps_the_ranks():
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, method):
     teacher, reference = _pair()
     cfg = _cfg(method=method, steps=8, lora_dropout=0.1)
-    heal(reference, teacher, _windows(), cfg, resume_dir=tmp_path / "a")
+    expected = heal(reference, teacher, _windows(), cfg, resume_dir=tmp_path / "a")
 
     _, student = _pair()
     calls = {"n": 0}
@@ -190,6 +204,93 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, method):
     assert method == "distill" or "restored" in report.phases[0]
     for (n, a), (_, b) in zip(reference.named_parameters(), student.named_parameters(), strict=True):
         assert torch.equal(a, b), n
+    assert report.improved and (report.initial_heldout, report.final_heldout, report.lr) == (
+        expected.initial_heldout, expected.final_heldout, expected.lr)
+
+
+def _reported(report):
+    return (report.improved, report.initial_heldout, report.final_heldout, report.lr, report.backoffs,
+            [p["backoffs"] for p in report.phases])
+
+
+def test_a_far_too_large_learning_rate_backs_off_to_one_that_heals():
+    """At lr 0.3 every check is worse than step 0: a fixed lr keeps the un-healed factors, the search
+    rolls back twice (÷10), and heals at 0.003."""
+    teacher, fixed = _pair()
+    stuck = heal(fixed, teacher, _windows(), _cfg(lr=0.3, steps=12, eval_every=4))
+    assert not stuck.improved and stuck.phases[0]["best_step"] == 0 and stuck.backoffs == 0
+
+    _, student = _pair()
+    report = heal(student, teacher, _windows(), _cfg(lr=0.3, auto_lr=True, lr_backoff=10.0, steps=12, eval_every=4))
+    phase = report.phases[0]
+    assert report.lr_auto and report.improved and report.final_heldout < report.initial_heldout
+    assert report.initial_heldout == stuck.initial_heldout and report.final_heldout == phase["best_heldout"]
+    assert report.backoffs == 2 and report.lr == pytest.approx(0.003) and phase["lr_start"] == 0.3
+    assert [(b["step"], b["lr"], b["new_lr"]) for b in phase["backoffs"]] == [(1, 0.3, 0.03), (2, 0.03, 0.003)]
+    assert all(b["heldout"] >= b["best"] for b in phase["backoffs"])
+    assert [h["lr"] for h in phase["history"]][-1] == pytest.approx(0.003) and phase["best_step"] > 2
+    assert report.to_dict()["lr"] == report.lr and report.brief()["heldout_step0"] == report.initial_heldout
+
+
+@pytest.mark.parametrize("method", ["distill", "seq-lora"])
+@pytest.mark.parametrize("auto_lr", [True, False])
+def test_a_heal_that_cannot_improve_keeps_the_factors_and_claims_nothing(monkeypatch, caplog, method, auto_lr):
+    """Training that climbs the loss (every update worsens it): the searched lr runs out of back-offs,
+    a fixed one out of patience; either way the model is bit for bit the un-healed one."""
+    from svdzip.output.io import build_manifest
+    from svdzip.recover.directory import healed_label, record_recovery
+    from svdzip.recover.heal import Objective
+
+    loss = Objective.loss
+    monkeypatch.setattr(Objective, "loss", lambda self, student, split, idx: (
+        -loss(self, student, split, idx) if split == "train" else loss(self, student, split, idx)))
+    teacher = tiny_model()
+    student = copy.deepcopy(teacher)
+    result = compress(student, CompressConfig(ratio=0.5, calib_batch_size=4), calib_tokens=tiny_tokens(8, 24))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cfg = _cfg(method=method, steps=16, eval_every=4, patience=1, lr=3e-3, auto_lr=auto_lr, lora_dropout=0.0)
+    report = heal(student, teacher, _windows(), cfg)
+    assert not report.improved and report.final_heldout == report.initial_heldout
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+    assert report.backoffs == (3 * len(report.phases) if auto_lr else 0)
+    assert "did not lower the held-out" in caplog.text and "not labelled +" + method in caplog.text
+    manifest = build_manifest(result.modules, result.summary, result.config.to_dict())
+    label = manifest.method
+    record_recovery(manifest, report)
+    assert manifest.method == label == healed_label(label, report) and "+" + method not in manifest.method
+    assert manifest.details["summary"]["method"] == label and manifest.details["summary"]["heal"]["improved"] is False
+    assert manifest.details["recovery"][0]["improved"] is False
+
+
+@pytest.mark.parametrize("kill_at", [3, 7])
+def test_resume_after_back_offs_equals_an_uninterrupted_run(tmp_path, kill_at):
+    """Killed right after the second back-off (fresh optimiser moments, a restarted warm-up) or later."""
+    teacher, reference = _pair()
+    cfg = _cfg(lr=0.3, auto_lr=True, lr_backoff=10.0, steps=10, eval_every=4, warmup=0.2)
+    expected = heal(reference, teacher, _windows(), cfg, resume_dir=tmp_path / "a")
+    assert expected.backoffs == 2 and expected.improved
+
+    _, student = _pair()
+    calls = {"n": 0}
+    forward = student.forward
+
+    def dies(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    student.forward = dies
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, teacher, _windows(), cfg, resume_dir=tmp_path / "b")
+    _, student = _pair()
+    report = heal(student, teacher, _windows(), cfg, resume_dir=tmp_path / "b")
+    assert report.phases[0]["resumed_at"] == {3: 2, 7: 4}[kill_at]
+    for (n, a), (_, b) in zip(reference.named_parameters(), student.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    assert _reported(report) == _reported(expected)
+    assert report.phases[0]["history"] == expected.phases[0]["history"]
 
 
 def test_a_resume_dir_of_another_configuration_is_refused(tmp_path):

@@ -380,7 +380,7 @@ def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult
     from dataclasses import replace
 
     from svdzip.output import io
-    from svdzip.recover.directory import heal_directory
+    from svdzip.recover.directory import heal_directory, healed_label
 
     out = Path(request.out)
     work = request.resume_dir or Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
@@ -396,6 +396,7 @@ def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult
         if request.resume_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     warn_if_stopped(report)
-    summary = {**first.summary, "method": f"{first.summary.get('method', request.config.label)}+{report.method}",
-               "out": str(out), "size_bytes": io.dir_size(out), "heal_s": round(report.seconds, 2)}
+    summary = {**first.summary, "method": healed_label(first.summary.get("method", request.config.label), report),
+               "out": str(out), "size_bytes": io.dir_size(out), "heal_s": round(report.seconds, 2),
+               "heal": report.brief()}
     return RunResult(out=out, summary=summary, ranks=first.ranks, modules=first.modules)

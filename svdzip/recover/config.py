@@ -11,7 +11,8 @@ HEAL_METHODS = ("distill", "seq-lora")
 OBJECTIVES = ("kl", "ce")
 ORDERS = ("u-first", "v-first")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    # distillation trains every factor directly: a larger step than LoRA's, measured best over 1e-4..1e-3
+    # distillation trains every factor directly: a larger step than LoRA's, measured best over 1e-4..1e-3 on
+    # SmolLM2-135M; too large for Qwen2.5-0.5B (its held-out KL rose), hence where the automatic search starts
     "distill": {"lr": 3e-4, "objective": "kl"},
     # SVD-LLM §3.3 / LLM-Pruner's recipe: LoRA r=8, α=16, dropout 0.05, lr 1e-4, next-token cross-entropy
     "seq-lora": {"lr": 1e-4, "objective": "ce"},
@@ -29,7 +30,13 @@ class HealConfig:
 
     method: str = "distill"
     steps: int = 40  # ~5 CPU-minutes on SmolLM2-135M; benchmarks/recovery.py measured it
-    lr: float | None = None  # None: the method's default (METHOD_DEFAULTS)
+    lr: float | None = None  # None: the method's default (METHOD_DEFAULTS), searched downwards (auto_lr)
+    # True: `lr` is only where the search starts; a held-out check no better than the best so far rolls the
+    # factors back to the best and divides the learning rate by `lr_backoff`, at most `max_backoffs` times.
+    # None: True unless `lr` is given (an explicit learning rate is used as it is)
+    auto_lr: bool | None = None
+    lr_backoff: float = 3.0
+    max_backoffs: int = 3
     objective: str | None = None  # kl (teacher's next-token distribution) | ce (the text's next token)
     warmup: float = 0.1  # fraction of the steps with a linear warm-up; cosine decay to 0 after it
     weight_decay: float = 0.0
@@ -52,6 +59,10 @@ class HealConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.lr == "auto":
+            self.lr = None
+        if self.auto_lr is None:
+            self.auto_lr = self.lr is None
         if self.method in METHOD_DEFAULTS:
             defaults = METHOD_DEFAULTS[self.method]
             self.lr = defaults["lr"] if self.lr is None else self.lr
@@ -75,6 +86,9 @@ class HealConfig:
             raise SvdzipError(f"heal seq-len must be ≥ 2, got {self.seq_len}")
         if not (self.lr is not None and self.lr > 0):
             raise SvdzipError(f"heal learning rate must be > 0, got {self.lr}")
+        if self.lr_backoff <= 1 or self.max_backoffs < 0:
+            raise SvdzipError(f"heal lr back-off must be > 1 and its count ≥ 0, got {self.lr_backoff} and "
+                              f"{self.max_backoffs}")
         if not 0 <= self.warmup < 1:
             raise SvdzipError(f"heal warm-up is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.temperature <= 0:

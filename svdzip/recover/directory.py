@@ -20,12 +20,19 @@ log = logging.getLogger(__name__)
 PLOTS = ("ranks.png", "effective_rank.png")
 
 
+def healed_label(label: str, report: HealReport) -> str:
+    """The method label after a heal: `+distill` / `+seq-lora` only when it lowered the held-out loss."""
+    return f"{label}+{report.method}" if report.improved else label
+
+
 def record_recovery(manifest: Any, report: HealReport) -> None:
-    """Append what was trained to the manifest (a `SvdzipConfig`), and name it in the method label."""
+    """Append what was trained (or tried) to the manifest (a `SvdzipConfig`); name it in the method label
+    only if it improved the model, and show its outcome in the run summary."""
     manifest.details.setdefault("recovery", []).append(report.to_dict())
-    manifest.method = f"{manifest.method}+{report.method}"
+    manifest.method = healed_label(manifest.method, report)
     if "summary" in manifest.details:
         manifest.details["summary"]["method"] = manifest.method
+        manifest.details["summary"]["heal"] = report.brief()
 
 
 def teacher_source(manifest: dict[str, Any], teacher: str | None) -> str:

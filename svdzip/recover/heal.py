@@ -1,7 +1,9 @@
 """heal(): recover what truncation lost, by distillation into the factors or SVD-LLM's sequential LoRA.
 
 Both train on windows of the calibration corpus only (never its evaluation part) and stop early on
-held-out calibration windows; both leave an ordinary svdzip model at the same ranks.
+held-out calibration windows; both leave an ordinary svdzip model at the same ranks. The learning rate
+is found on those held-out windows unless one is given (`trainer.Backoff`); a heal that does not lower
+the held-out loss below step 0's keeps the un-healed factors and says so (`HealReport.improved`).
 
 * ``distill`` trains every low-rank factor itself (they are already small: no adapter is needed)
   to match the dense teacher's next-token distribution (KL, `losses.py`).
@@ -12,6 +14,7 @@ held-out calibration windows; both leave an ordinary svdzip model at the same ra
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -29,7 +32,7 @@ from svdzip.errors import SvdzipError
 from svdzip.recover.config import HealConfig
 from svdzip.recover.losses import TopK, kl_full, kl_topk, next_token_ce, topk_of
 from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules, phase_sides
-from svdzip.recover.trainer import Checkpoint, TrainResult, train
+from svdzip.recover.trainer import Backoff, Checkpoint, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,20 @@ class HealReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     trained_params: int = 0
+    initial_heldout: float | None = None  # held-out loss at step 0 (the un-healed model)
+    final_heldout: float | None = None  # held-out loss of the factors kept
+    improved: bool = False  # False: the un-healed factors were kept, and the label does not claim a heal
+    lr_auto: bool = False  # the learning rate was searched on the held-out windows
+    lr: float | None = None  # the peak learning rate in force at the end (the last trained phase's)
+    backoffs: int = 0  # learning-rate back-offs over all phases (each phase's are in `phases`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def brief(self) -> dict[str, Any]:
+        """What a run summary shows of the heal."""
+        return {"improved": self.improved, "heldout_step0": self.initial_heldout, "heldout_final": self.final_heldout,
+                "lr": self.lr, "lr_auto": self.lr_auto, "backoffs": self.backoffs, "stopped": self.stopped}
 
 
 def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +148,8 @@ def _run_phase(model: nn.Module, params: dict[str, nn.Parameter], objective: Obj
         batch_size=config.batch_size, grad_accum=config.grad_accum, eval_every=config.eval_every,
         patience=config.patience, seed=config.seed, device=config.device,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, checkpoint=checkpoint, desc=desc,
+        backoff=Backoff(config.lr_backoff, config.max_backoffs, max(1, config.eval_every // 4))
+        if config.auto_lr else None,
     )
 
 
@@ -172,7 +188,9 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
             if done is not None and done.is_file():
                 _load_side(student, side, done)
                 log.info("%s: merged factors restored from %s", name, done)
-                report.phases.append({"phase": name, "restored": str(done)})
+                record = done.with_name("result.json")
+                restored = json.loads(record.read_text()) if record.is_file() else {}
+                report.phases.append({"phase": name, **restored, "restored": str(done)})
                 continue
             with lora_on(student, side, config.lora_r, config.lora_alpha, config.lora_dropout) as peft_model:
                 params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -181,17 +199,49 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
                                     first if index == 0 else config.steps - first, checkpoint(name), name)
             report.phases.append({"phase": name, **result.to_dict()})
             if done is not None:
-                _save_side(student, side, done)
+                _save_side(student, side, done, result)
             if result.stopped == "nan":
                 report.stopped = "nan"
                 break
     student.eval()
+    _conclude(report, config)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
 
 
-def _save_side(model: nn.Module, side: str, path: Path) -> None:
+def _conclude(report: HealReport, config: HealConfig) -> None:
+    """Step 0's and the final held-out loss, the learning rate used, and whether the heal helped at all.
+
+    Every phase keeps its best held-out state, step 0's included, and the next phase starts from it on
+    the same windows: when the last phase's best is not below the first phase's step 0, no phase
+    improved, each kept its starting factors, and the model is the un-healed one."""
+    trained = [p for p in report.phases if "best_heldout" in p]
+    report.lr_auto = bool(config.auto_lr)
+    if not trained:  # an older resume directory without the phase records
+        return
+    report.initial_heldout, report.final_heldout = trained[0]["initial_heldout"], trained[-1]["best_heldout"]
+    report.improved = report.final_heldout < report.initial_heldout
+    report.lr = trained[-1]["lr_final"]
+    report.backoffs = sum(len(p["backoffs"]) for p in trained)
+    searched = f" (found on the held-out windows: {report.backoffs} back-off(s) from {config.lr:.3g})" \
+        if config.auto_lr else ""
+    if report.improved:
+        log.info("%s: held-out %s loss %.4f at step 0 → %.4f, lr %.3g%s", report.method, config.objective,
+                 report.initial_heldout, report.final_heldout, report.lr, searched)
+    else:
+        log.warning("%s did not lower the held-out %s loss below step 0's (%.4f; best after it %.4f, last lr "
+                     "%.3g%s): the un-healed factors are kept, and the output is not labelled +%s", report.method,
+                     config.objective, report.initial_heldout,
+                     min((h["heldout"] for p in trained for h in p["history"][1:]), default=float("nan")),
+                     report.lr, searched, report.method)
+
+
+def _save_side(model: nn.Module, side: str, path: Path, result: TrainResult) -> None:
+    """The merged factors of a finished phase, and its record (written first: the factors mark it done)."""
+    record = path.with_name("result.json")
+    record.with_name(".result.json.tmp").write_text(json.dumps(result.to_dict(), indent=1))
+    os.replace(record.with_name(".result.json.tmp"), record)
     tensors = {n: model.get_submodule(n).weight.detach().cpu().contiguous() for n in factor_targets(model, side)}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, tmp)

@@ -5,7 +5,15 @@ indices, a `heldout_loss`); the loop owns what every recovery needs alike: a det
 order from the seed, held-out checks with early stopping and the best parameters kept, a stop on a
 non-finite loss that keeps the last good parameters, and checkpoints that a killed run resumes from
 bit for bit (parameters, optimiser moments, RNG state; the batch order and the learning rate are
-functions of the step). Checkpoints are safetensors plus a JSON record: no pickles.
+functions of the step and of the back-offs recorded). Checkpoints are safetensors plus a JSON record:
+no pickles.
+
+The learning rate can find itself (`backoff`): a held-out check that is not better than the best so
+far (step 0 included) rolls the parameters back to the best, starts the optimiser afresh with a new
+warm-up, and divides the learning rate by `backoff.factor`, at most `backoff.limit` times; the first
+check at each learning rate comes early (`backoff.first_check`), so a step too large costs a few
+steps, not `eval_every`. The rolled-back state is the best copy the loop keeps anyway, and fresh
+moments (instead of a copy of the best ones) cost no memory: the search adds nothing to the peak.
 """
 
 from __future__ import annotations
@@ -30,16 +38,27 @@ from svdzip.errors import SvdzipError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the learning-rate search's state and the running loss
 
 
-def lr_at(step: int, steps: int, base: float, warmup: float) -> float:
-    """Learning rate of optimiser step `step` (0-based): linear warm-up, then cosine decay to 0."""
+def lr_at(step: int, steps: int, base: float, warmup: float, restart: int = 0) -> float:
+    """Learning rate of optimiser step `step` (0-based): linear warm-up, then cosine decay to 0 over
+    the run; after a back-off at step `restart` the warm-up starts again from there."""
     warm = int(round(warmup * steps))
-    if step < warm:
-        return base * (step + 1) / warm
-    span = max(1, steps - warm)
-    return base * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / span))
+    decay = 1.0 if step < warm else 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    since = step - restart
+    if since < warm:
+        return base * decay * (since + 1) / warm
+    return base * decay
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The learning-rate search: divide by `factor` on a held-out check that is no better, `limit` times."""
+
+    factor: float = 3.0
+    limit: int = 3
+    first_check: int = 5  # steps from a (re)start to the first held-out check at that learning rate
 
 
 def batch_order(n_windows: int, batch_size: int, n_batches: int, seed: int) -> torch.Tensor:
@@ -64,9 +83,12 @@ class TrainResult:
     initial_heldout: float
     best_heldout: float
     best_step: int
-    history: list[dict[str, float]] = field(default_factory=list)  # {"step", "heldout", "train"}
+    history: list[dict[str, float]] = field(default_factory=list)  # {"step", "heldout", "train", "lr"}
     seconds: float = 0.0
     resumed_at: int | None = None
+    lr_start: float = 0.0
+    lr_final: float = 0.0  # the peak learning rate in force at the end (after the back-offs)
+    backoffs: list[dict[str, float]] = field(default_factory=list)  # {"step", "heldout", "best", "lr", "new_lr"}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,16 +165,25 @@ def train(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     checkpoint: Checkpoint | None = None,
+    backoff: Backoff | None = None,
     desc: str = "heal",
 ) -> TrainResult:
-    """Minimise `micro_loss` over `params` for `steps` optimiser steps; the best held-out state is kept."""
+    """Minimise `micro_loss` over `params` for `steps` optimiser steps; the best held-out state is kept.
+
+    With `backoff` the learning rate `lr` is where the search starts; without it, it is fixed."""
     t0 = time.perf_counter()
     names = list(params)
-    opt = torch.optim.AdamW([params[n] for n in names], lr=lr, weight_decay=weight_decay)
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([params[n] for n in names], lr=lr, weight_decay=weight_decay)
+
+    opt = optimizer()
     order = batch_order(n_windows, batch_size, steps * grad_accum, seed)
     start, resumed = 0, None
     history: list[dict[str, float]] = []
     best: dict[str, torch.Tensor] = {}
+    # the search's state: the peak lr now, the step its warm-up restarted at, whether a check at it improved
+    search: dict[str, Any] = {"lr": lr, "restart": 0, "confirmed": backoff is None, "backoffs": []}
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         state, tensors = saved
@@ -165,22 +196,23 @@ def train(
         start = resumed = state["step"]
         history, best_loss, best_step, initial, bad = (state["history"], state["best_heldout"],
                                                        state["best_step"], state["initial_heldout"], state["bad"])
+        search, running = state["search"], state["running"]
         log.info("%s: resumed from the checkpoint at step %d in %s", desc, start, checkpoint.path)
     else:
         initial = best_loss = _evaluate(model, heldout_loss, device)
         best_step, bad = 0, 0
         best = {n: p.detach().clone() for n, p in params.items()}
-        history.append({"step": 0, "heldout": initial})
+        history.append({"step": 0, "heldout": initial, "lr": lr})
+        running = None  # the training loss's moving average, as the history shows it
     stopped = "completed"
     if saved is not None and bad >= patience:  # the run had already stopped early when it was saved
         start, stopped = steps, "early-stop"
-    running = None
     bar = tqdm(range(start, steps), desc=desc, unit="step", initial=start, total=steps, leave=False)
     step = start
     for step in bar:
         model.train()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(step, steps, search["lr"], warmup, search["restart"])
         opt.zero_grad(set_to_none=True)
         total = 0.0
         finite = True
@@ -202,17 +234,34 @@ def train(
         running = total if running is None else 0.9 * running + 0.1 * total
         bar.set_postfix(loss=f"{running:.4f}", best=f"{best_loss:.4f}")
         done = step + 1
-        if done % eval_every == 0 or done == steps:
+        early = not search["confirmed"] and done - search["restart"] == backoff.first_check
+        if early or done % eval_every == 0 or done == steps:
             h = _evaluate(model, heldout_loss, device)
-            history.append({"step": done, "heldout": h, "train": running})
-            log.info("%s: step %d/%d, train loss %.4f, held-out %.4f", desc, done, steps, running, h)
+            history.append({"step": done, "heldout": h, "train": running, "lr": search["lr"]})
+            log.info("%s: step %d/%d, lr %.3g, train loss %.4f, held-out %.4f", desc, done, steps, search["lr"],
+                     running, h)
             if h < best_loss:
                 best_loss, best_step, bad = h, done, 0
                 best = {n: p.detach().clone() for n, p in params.items()}
+                search["confirmed"] = True
+            elif backoff is not None and len(search["backoffs"]) < backoff.limit and done < steps:
+                new_lr = search["lr"] / backoff.factor
+                log.info("%s: held-out %.4f at step %d is no better than %.4f (step %d): back to step %d's "
+                         "parameters, lr %.3g → %.3g", desc, h, done, best_loss, best_step, best_step,
+                         search["lr"], new_lr)
+                search["backoffs"].append({"step": done, "heldout": h, "best": best_loss, "best_step": best_step,
+                                           "lr": search["lr"], "new_lr": new_lr})
+                search.update(lr=new_lr, restart=done, confirmed=False)
+                with torch.no_grad():
+                    for n in names:
+                        params[n].copy_(best[n])
+                opt = optimizer()  # fresh moments, warmed up again: no copy of the best ones to keep
+                running = None
             else:
                 bad += 1
             if checkpoint is not None:
-                _save(checkpoint, params, best, opt, done, history, best_loss, best_step, initial, bad)
+                _save(checkpoint, params, best, opt, done, history, best_loss, best_step, initial, bad, search,
+                      running)
             if bad >= patience and done < steps:
                 log.info("%s: no held-out improvement in %d checks; stopping at step %d", desc, bad, done)
                 stopped = "early-stop"
@@ -227,7 +276,8 @@ def train(
     model.eval()
     opt.zero_grad(set_to_none=True)
     return TrainResult(steps_done=step, stopped=stopped, initial_heldout=initial, best_heldout=best_loss,
-                       best_step=best_step, history=history, seconds=time.perf_counter() - t0, resumed_at=resumed)
+                       best_step=best_step, history=history, seconds=time.perf_counter() - t0, resumed_at=resumed,
+                       lr_start=lr, lr_final=search["lr"], backoffs=search["backoffs"])
 
 
 @torch.no_grad()
@@ -237,9 +287,11 @@ def _evaluate(model: nn.Module, heldout_loss: Callable[[], float], device: str) 
         return float(heldout_loss())
 
 
-def _save(checkpoint: Checkpoint, params, best, opt, step, history, best_loss, best_step, initial, bad) -> None:
+def _save(checkpoint: Checkpoint, params, best, opt, step, history, best_loss, best_step, initial, bad,
+          search, running) -> None:
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors = {**{f"param.{n}": p for n, p in params.items()}, **{f"best.{n}": p for n, p in best.items()},
                **opt_tensors, "rng.cpu": torch.get_rng_state()}
     checkpoint.save({"step": step, "history": history, "best_heldout": best_loss, "best_step": best_step,
-                     "initial_heldout": initial, "bad": bad, "optimizer": opt_meta}, tensors)
+                     "initial_heldout": initial, "bad": bad, "optimizer": opt_meta, "search": search,
+                     "running": running}, tensors)
