@@ -93,6 +93,34 @@ def test_streaming_equals_in_memory(ckpt, tmp_path):
     assert len(shards) == 5  # one per decoder layer + embeddings/norm/head
 
 
+@pytest.mark.parametrize("update", [None, "svdllm"])
+def test_in_memory_run_with_grams_on_disk_equals_grams_in_memory(ckpt, tmp_path, monkeypatch, update):
+    """Above GRAMS_IN_MEMORY_BYTES an in-memory run keeps its Gram matrices on disk, layer by layer: same result."""
+    import svdzip.engine.driver as driver_mod
+
+    source, _ = ckpt
+    calls = []
+    real = calibrate_mod.calibrate
+
+    def spy(*args, **kw):
+        calls.append(kw.get("on_disk"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(calibrate_mod, "calibrate", spy)
+    config = CompressConfig(**CFG, update=update)
+    results = {}
+    for limit in (driver_mod.GRAMS_IN_MEMORY_BYTES, 0):
+        monkeypatch.setattr(driver_mod, "GRAMS_IN_MEMORY_BYTES", limit)
+        out = tmp_path / f"out-{limit}"
+        run(CompressRequest(model=str(source), config=config, out=out, stream=False, tokens=tiny_tokens(),
+                            plots=False), ctx=DistContext())
+        results[limit] = load(out, with_tokenizer=False)[0]
+    assert calls.count(True) == 1  # only the small limit calibrated on disk (the default: in memory, or cached)
+    torch.testing.assert_close(_logits(results[0]), _logits(results[driver_mod.GRAMS_IN_MEMORY_BYTES]),
+                               rtol=1e-5, atol=1e-6)
+    assert not list(tmp_path.glob("svdzip-run-*"))
+
+
 def test_streaming_tied_embeddings_without_run_dir(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "dense")
     ref = compress(tiny_model("llama"), _config(), calib_tokens=tiny_tokens())

@@ -169,7 +169,8 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
     torch.manual_seed(config.seed)
     tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens,
                                              request.heldout_tokens)
-    temp_state = mode.streamed and request.resume_dir is None
+    stats_on_disk = mode.streamed or (request.stats_path is None and _grams_too_large(adapter, needs))
+    temp_state = stats_on_disk and request.resume_dir is None
     root = Path(tempfile.mkdtemp(prefix="svdzip-run-")) if temp_state else request.resume_dir
     timings: dict[str, float] = {}
     try:
@@ -180,7 +181,7 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
                                request.restart, ctx)
         t0 = time.perf_counter()
         stats = _statistics(model, adapter, tokens, source, config, needs, weights, state, ctx, mode,
-                            request.stats_path)
+                            request.stats_path, stats_on_disk)
         timings["calibrate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         from svdzip.engine.spectra import decompose_units
@@ -193,12 +194,16 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
         ctx.barrier()
         if not ctx.is_main:
             return None
+        # handed over, not kept here: the finishing step frees the statistics and spectra once it no longer needs
+        # them, before the Fisher pass and the heal (on Qwen2.5-0.5B they are 5 GB of Gram matrices and 1 GB of bases)
+        analysis = Analysis(stats=stats if config.update else None, units=units)
+        del stats, units
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.alloc-", dir=_parent(out)))
         try:
             if mode.streamed:
-                result = _write_streamed(request, weights, units, tokenizer, state, staging, timings)
+                result = _write_streamed(request, weights, analysis.take_units(), tokenizer, state, staging, timings)
             else:
-                result = _finish_in_memory(request, model, tokenizer, source, stats, units, tokens, heldout, staging,
+                result = _finish_in_memory(request, model, tokenizer, source, analysis, tokens, heldout, staging,
                                            timings, ctx.world_size)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -208,6 +213,43 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
     result.summary.update(seconds_total=round(time.perf_counter() - t_start, 2), world_size=ctx.world_size,
                           streamed=mode.streamed)
     return result
+
+
+@dataclass
+class Analysis:
+    """The statistics and spectra of a run, owned by whoever finishes it, so that they can be freed early."""
+
+    stats: Any
+    units: list[Any] | None
+
+    def take_units(self) -> list[Any]:
+        units, self.units = self.units, None
+        return units
+
+    def release(self) -> None:
+        self.stats = self.units = None
+
+
+#: Gram matrices (float64) above this size stay on disk, one layer at a time, even for a model held in memory
+#: (Qwen2.5-0.5B's are 5 GB, the 1.5B's 18 GB; SmolLM2-135M's 0.8 GB stay in memory and in the statistics cache)
+GRAMS_IN_MEMORY_BYTES = 2 * 2**30
+
+
+def gram_bytes(adapter) -> int:
+    """Bytes of every float64 Gram matrix calibration would hold (one per distinct linear input)."""
+    sizes = {info.input_key: info.in_features for info in adapter.linears()}
+    return sum(8 * n * n for n in sizes.values())
+
+
+def _grams_too_large(adapter, needs: Needs) -> bool:
+    if "grams" not in needs.statistics:
+        return False
+    size = gram_bytes(adapter)
+    if size <= GRAMS_IN_MEMORY_BYTES:
+        return False
+    log.info("the Gram matrices take %.1f GiB: calibrated layer by layer into a run directory instead of memory "
+             "(and not cached for another run; --stats FILE keeps them, in memory)", size / 2**30)
+    return True
 
 
 def _parent(out: Path) -> Path:
@@ -238,14 +280,15 @@ def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokeni
 
 
 def _statistics(model, adapter, tokens, source: str, config: CompressConfig, needs: Needs, weights, state, ctx,
-                mode: Mode, stats_path: str | None):
-    """Only the statistics the parts declare: cached by content in memory, checkpointed in a run directory."""
+                mode: Mode, stats_path: str | None, on_disk: bool):
+    """Only the statistics the parts declare: cached by content in memory, checkpointed in a run directory
+    (`on_disk`: each layer's statistics stay there and are read back lazily)."""
     kinds = set(needs.statistics) - {"fisher"}
     if not needs.statistics:
         return None
     from svdzip.engine.pipeline import calibration_meta
 
-    if state is None and not ctx.enabled and not mode.streamed:
+    if state is None and not ctx.enabled and not on_disk:
         from svdzip.engine.pipeline import prepare_statistics
 
         return prepare_statistics(model, tokens, source, config, stats_path, kinds=needs.statistics)
@@ -254,7 +297,7 @@ def _statistics(model, adapter, tokens, source: str, config: CompressConfig, nee
     stats = None
     if kinds:
         stats = calibrate(model, adapter, tokens, config.calib_batch_size, config.device, kinds, weights=weights,
-                          state=state, ctx=ctx, meta=calibration_meta(source, config), on_disk=mode.streamed)
+                          state=state, ctx=ctx, meta=calibration_meta(source, config), on_disk=on_disk)
     if "fisher" in needs.statistics:  # declared non-streamable and non-distributable: in memory, one process
         from svdzip.engine.pipeline import add_fisher
         from svdzip.engine.statistics import CalibrationStats
@@ -264,15 +307,17 @@ def _statistics(model, adapter, tokens, source: str, config: CompressConfig, nee
     return stats
 
 
-def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, stats, units, tokens, heldout,
+def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, analysis: Analysis, tokens, heldout,
                       staging: Path, timings: dict[str, float], world_size: int) -> RunResult:
     """Allocate, materialise (+ update), recover, store and save — artefacts in place before the output appears."""
     from svdzip.engine.pipeline import compress, store
     from svdzip.output import io
 
     config = request.config
-    result = compress(model, config, stats=stats, calib_tokens=tokens, units=units, heldout_tokens=heldout,
-                      out_dir=staging)
+    result = compress(model, config, stats=analysis.stats, calib_tokens=tokens, units=analysis.take_units(),
+                      heldout_tokens=heldout, out_dir=staging)
+    analysis.release()
+    result.units = None  # the bases are in the factors now; the heal needs the memory
     result.summary.update({k: round(v, 3) for k, v in timings.items()})
     heal_report = _heal_in_memory(model, tokenizer, source, request.heal) if request.heal is not None else None
     quantized = store(result, request.save_dtype)  # after healing: the factors train in float32

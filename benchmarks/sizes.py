@@ -1,0 +1,135 @@
+"""One table across model sizes: perplexity ÷ dense for uniform SVD-LLM(W), the best allocator without recovery,
+and the recommended recipe, at every ratio measured, and a plot of it (issue 22).
+
+    python benchmarks/sizes.py            # reads benchmarks/results/recovery_*.json, writes sizes.{json,md,png}
+
+It computes nothing itself: every number comes from a `benchmarks/recovery.py` run (one JSON per model and
+ratio set, e.g. `recovery.py --model qwen2.5-0.5b --ratios 0.2,0.4 --cells uniform:none,loss-aware:none,\
+loss-aware:distill --name recovery_qwen05`), so a cell here can be traced to the command that produced it.
+Where several files measured the same cell the latest run wins. A model's size is its parameter count (the
+float32 checkpoint's bytes / 4, `svdzip.assets.MODELS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, setup_logging, write_results
+
+from svdzip.assets import MODELS
+
+CORPORA = ("wiki", "austen")
+RECOMMENDED = ("loss-aware", "distill")
+
+
+def params_of(model: str) -> float:
+    spec = MODELS.get(model)
+    return spec.float32_bytes / 4 if spec and spec.float32_bytes else float("nan")
+
+
+def collect(files: list[Path]) -> dict[str, dict[str, Any]]:
+    """model -> {"dense": ppl, "cells": {(ratio, start, recovery): ppl}, "sources": [...]}, later runs winning."""
+    by_model: dict[str, dict[str, Any]] = {}
+    runs = []
+    for f in files:
+        data = json.loads(f.read_text())
+        if "dense" not in data or "cells" not in data:
+            continue
+        runs.append((data.get("provenance", {}).get("date", ""), f.name, data))
+    for _date, name, data in sorted(runs, key=lambda r: (r[0], r[1])):
+        entry = by_model.setdefault(data["model"], {"dense": None, "cells": {}, "sources": []})
+        entry["dense"] = data["dense"]["ppl"]
+        entry["sources"].append(name)
+        for c in data["cells"]:
+            ratios = {k: c["ppl"][k] / data["dense"]["ppl"][k] for k in CORPORA if k in c["ppl"]}
+            entry["cells"][(round(c["ratio"], 2), c["start"], c["recovery"])] = {"ppl": c["ppl"], "x_dense": ratios,
+                                                                                "file": name}
+    return by_model
+
+
+def summarise(by_model: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows: model, ratio, and ×dense for uniform, the best allocator without recovery, the recommended recipe."""
+    rows = []
+    for model, entry in sorted(by_model.items(), key=lambda kv: params_of(kv[0])):
+        for ratio in sorted({k[0] for k in entry["cells"]}):
+            cells = {k[1:]: v for k, v in entry["cells"].items() if k[0] == ratio}
+            unrecovered = {start: v for (start, rec), v in cells.items() if rec == "none" and start != "uniform"}
+            best = min(unrecovered.items(), key=lambda kv: kv[1]["x_dense"].get("austen", float("inf")),
+                       default=(None, None))
+            rows.append({
+                "model": model, "params": params_of(model), "ratio": ratio,
+                "uniform": cells.get(("uniform", "none"), {}).get("x_dense"),
+                "best_allocator": best[0], "best": best[1]["x_dense"] if best[1] else None,
+                "recommended": cells.get(RECOMMENDED, {}).get("x_dense"),
+            })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], by_model: dict[str, dict[str, Any]]) -> str:
+    def fmt(x: dict[str, float] | None) -> str:
+        return " / ".join(f"{x[c]:.2f}×" for c in CORPORA if c in x) if x else "—"
+
+    lines = ["| model | params | removed | uniform SVD-LLM(W) | best allocator, no recovery | "
+             "recommended (loss-aware + distill) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        best = f"{r['best_allocator']}: {fmt(r['best'])}" if r["best_allocator"] else "—"
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {100 * r['ratio']:.0f}% | {fmt(r['uniform'])} | "
+                     f"{best} | {fmt(r['recommended'])} |")
+    dense = "; ".join(f"{m}: " + " / ".join(f"{e['dense'][c]:.2f}" for c in CORPORA) for m, e in by_model.items())
+    sources = "; ".join(f"{m}: {', '.join(e['sources'])}" for m, e in by_model.items())
+    return ("### Perplexity ÷ dense across model sizes (`wiki` / `austen`)\n\n" + "\n".join(lines)
+            + f"\n\nDense perplexity (`wiki` / `austen`): {dense}.\n\nFrom `benchmarks/results/`: {sources}.")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = sorted({r["ratio"] for r in rows})
+    fig, axes = plt.subplots(len(CORPORA), len(ratios), figsize=(5 * len(ratios), 3.6 * len(CORPORA)),
+                             squeeze=False)
+    for i, corpus in enumerate(CORPORA):
+        for j, ratio in enumerate(ratios):
+            ax = axes[i][j]
+            for key, label, style in (("uniform", "uniform SVD-LLM(W)", "o--"),
+                                      ("best", "best allocator, no recovery", "s-"),
+                                      ("recommended", "recommended (+ distill)", "^-")):
+                pts = [(r["params"], r[key][corpus]) for r in rows
+                       if r["ratio"] == ratio and r[key] and corpus in r[key]]
+                if pts:
+                    ax.plot(*zip(*sorted(pts), strict=True), style, label=label)
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{corpus}, {100 * ratio:.0f}% removed")
+            ax.set_xlabel("parameters")
+            ax.set_ylabel("perplexity ÷ dense")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--glob", default="recovery_*.json", help="result files to read in benchmarks/results/")
+    p.add_argument("--name", default="sizes")
+    args = p.parse_args()
+    setup_logging()
+    by_model = collect(sorted(RESULTS.glob(args.glob)))
+    rows = summarise(by_model)
+    plot(rows, RESULTS / f"{args.name}.png")
+    payload = {"rows": rows, "models": {m: {"dense": e["dense"], "sources": e["sources"],
+                                            "cells": [{"ratio": k[0], "start": k[1], "recovery": k[2], **v}
+                                                      for k, v in e["cells"].items()]}
+                                        for m, e in by_model.items()}}
+    write_results(args.name, payload, markdown(rows, by_model) + f"\n\n![sizes]({args.name}.png)")
+
+
+if __name__ == "__main__":
+    main()
