@@ -405,8 +405,8 @@ def _heal_in_memory(model, tokenizer, source: str, heal_config):
     from svdzip.models.loading import load_model
     from svdzip.recover import heal, heal_windows
 
-    teacher, _, _ = load_model(source, heal_config.device)
-    report = heal(model, teacher, heal_windows(tokenizer, heal_config), heal_config)
+    # the teacher is passed without a name here, so that heal() can free it once its top-k are cached
+    report = heal(model, load_model(source, heal_config.device)[0], heal_windows(tokenizer, heal_config), heal_config)
     warn_if_stopped(report)
     return report
 

@@ -63,9 +63,9 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
     student, tokenizer = io.load(src, device=config.device)
     if tokenizer is None:
         raise SvdzipError(f"{src} has no tokenizer: healing needs one to cut calibration windows")
-    dense, _, _ = load_model(source, config.device)
-    report = heal(student, dense, heal_windows(tokenizer, config), config, resume_dir=resume_dir)
-    del dense
+    # the teacher is passed without a name here, so that heal() can free it once its top-k are cached
+    report = heal(student, load_model(source, config.device)[0], heal_windows(tokenizer, config), config,
+                  resume_dir=resume_dir)
     manifest = io.SvdzipConfig(**{k: v for k, v in manifest_dict.items() if k != "quant_method"})
     record_recovery(manifest, report)
     old_report = src / "svdzip_report.json"
