@@ -169,7 +169,7 @@ def test_a_few_distillation_steps_lower_the_kl(topk):
 
 def test_the_teacher_runs_before_training_only_and_is_then_freed():
     """With top-k distillation the teacher's outputs are cached for exactly the windows training reads; then the
-    teacher is let go, so a heal holds one model while it trains; the result equals a lazily cached run."""
+    teacher is let go, so a heal holds one model while it trains."""
     import gc
     import weakref
 
@@ -177,14 +177,14 @@ def test_the_teacher_runs_before_training_only_and_is_then_freed():
     seen: list[int] = []
     teacher.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
     alive = weakref.ref(teacher)
-    windows, cfg = _windows(n_train=32), _cfg(topk=8, steps=4, eval_every=4)
+    windows, cfg = _windows(n_train=32), _cfg(topk=8)
     report = heal(student, teacher, windows, cfg)
     del teacher
     gc.collect()
     assert alive() is None  # nothing inside heal() still holds it
     used = set(batch_order(32, cfg.batch_size, cfg.steps, cfg.seed).flatten().tolist())
-    assert sum(seen) == len(used) + len(windows[1])  # each window read once, none of the 32 - len(used) others
-    assert report.phases[0]["best_heldout"] < report.phases[0]["initial_heldout"]
+    assert len(used) < 32 and sum(seen) == len(used) + len(windows[1])  # each read once, no unused one
+    assert report.phases[0]["steps_done"] == cfg.steps  # the training ran on the cache alone
 
 
 def test_sequential_lora_lowers_the_heldout_loss_and_keeps_the_ranks():
