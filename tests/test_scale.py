@@ -121,6 +121,39 @@ def test_in_memory_run_with_grams_on_disk_equals_grams_in_memory(ckpt, tmp_path,
     assert not list(tmp_path.glob("svdzip-run-*"))
 
 
+def test_an_in_memory_run_that_cannot_fit_is_refused_before_loading(ckpt, tmp_path, monkeypatch):
+    import svdzip.engine.checkpoint as checkpoint_mod
+    import svdzip.models.loading as loading_mod
+
+    source, _ = ckpt
+    monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: 64 * 2**20)
+    monkeypatch.setattr(loading_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SvdzipError, match=r"--stream") as info:
+        run(CompressRequest(model=str(source), config=_config(), out=tmp_path / "out", stream=False,
+                            tokens=tiny_tokens(), plots=False), ctx=DistContext())
+    assert "calibration" in str(info.value) or "allocation" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: 64 * 2**30)
+    monkeypatch.undo()
+    run(CompressRequest(model=str(source), config=_config(), out=tmp_path / "out", stream=False,
+                        tokens=tiny_tokens(), plots=False), ctx=DistContext())
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_footprint_terms_grow_with_what_the_run_holds():
+    from svdzip.engine import footprint
+    from svdzip.recover import HealConfig
+
+    cfg = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "vocab_size": 151936}
+    plain = footprint.estimate(2 * 2**30, cfg, gram_bytes=footprint.gram_bytes_of(cfg), grams_in_memory=False)
+    held = footprint.estimate(2 * 2**30, cfg, gram_bytes=footprint.gram_bytes_of(cfg), grams_in_memory=True)
+    assert footprint.gram_bytes_of(cfg) == 8 * 24 * (3 * 896**2 + 4864**2)
+    assert held.peak - plain.peak == footprint.gram_bytes_of(cfg)
+    healed = footprint.estimate(2 * 2**30, cfg, gram_bytes=0, grams_in_memory=False, heal=HealConfig())
+    assert healed.peak_stage == "heal (training)" and healed.peak > plain.peak
+    assert footprint.backward_bytes(cfg, 2048) == 2 * footprint.backward_bytes(cfg, 1024)
+
+
 def test_streaming_tied_embeddings_without_run_dir(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "dense")
     ref = compress(tiny_model("llama"), _config(), calib_tokens=tiny_tokens())

@@ -204,14 +204,19 @@ def memory_limit_bytes() -> int:
     return 1 << 62
 
 
-def should_stream(source: str | os.PathLike, dtype_bytes: int = 4, fraction: float = 0.6) -> bool:
-    """Stream when the float model would take more than `fraction` of the available memory."""
+def checkpoint_elements(source: str | os.PathLike) -> int:
+    """Values in a local safetensors checkpoint, read from its headers (0 for anything else)."""
     path = Path(source)
     if not path.is_dir() or not any(path.glob("*.safetensors")):
-        return False
+        return 0
     reader = CheckpointReader(path)
     elements = 0
     for name, file in reader.where.items():
         with safe_open(str(file), "pt") as f:
             elements += math.prod(f.get_slice(name).get_shape())
-    return elements * dtype_bytes > fraction * memory_limit_bytes()
+    return elements
+
+
+def should_stream(source: str | os.PathLike, dtype_bytes: int = 4, fraction: float = 0.6) -> bool:
+    """Stream when the float model would take more than `fraction` of the available memory."""
+    return checkpoint_elements(source) * dtype_bytes > fraction * memory_limit_bytes()

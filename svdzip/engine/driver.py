@@ -151,6 +151,8 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     parts = part_needs(config, request.heal)
     refuse_unsupported(parts, mode)
     needs = union(parts)
+    if not streamed:
+        refuse_if_too_large(source, config, needs, request.heal, ctx.world_size)
     if request.tokens is not None and needs.heldout and request.heldout_tokens is None:
         raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
     if streamed and ctx.enabled and request.resume_dir is None:
@@ -250,6 +252,30 @@ def _grams_too_large(adapter, needs: Needs) -> bool:
     log.info("the Gram matrices take %.1f GiB: calibrated layer by layer into a run directory instead of memory "
              "(and not cached for another run; --stats FILE keeps them, in memory)", size / 2**30)
     return True
+
+
+def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal: Any, world_size: int = 1) -> None:
+    """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory."""
+    from svdzip.engine import footprint
+    from svdzip.engine.checkpoint import checkpoint_elements, memory_limit_bytes
+
+    model_config, elements = footprint.read_config(source), checkpoint_elements(source)
+    if model_config is None or not elements:
+        return  # a hub id: nothing to read before loading
+    grams = footprint.gram_bytes_of(model_config) if "grams" in needs.statistics else 0
+    estimate = footprint.estimate(
+        4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
+        fisher_tokens=footprint.fisher_tokens(config), heal=heal,
+        calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
+    available = memory_limit_bytes()
+    log.info("estimated peak memory of this in-memory run: %s (%s); %s available",
+             footprint.human(estimate.peak), estimate.describe(), footprint.human(available))
+    if estimate.peak > available:
+        raise SvdzipError(
+            f"this run would need about {footprint.human(estimate.peak)} of memory at its peak "
+            f"({estimate.describe()}) and {footprint.human(available)} are available: compress it streamed "
+            "instead (--stream [--resume-dir DIR]: one decoder layer in memory at a time), or with fewer "
+            "windows per backward (--heal-batch-size, --allocator-option fisher_batch=1)")
 
 
 def _parent(out: Path) -> Path:

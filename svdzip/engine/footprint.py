@@ -1,0 +1,114 @@
+"""The peak memory of an in-memory run, estimated before the model is loaded, so that a run that cannot fit
+is refused up front (with the streamed alternative) instead of being killed by the kernel halfway.
+
+The terms are the ones measured on Qwen2.5-0.5B (benchmarks/results/memory_stages_qwen05.md): the float32
+model; the float64 Gram matrices while they are held in memory (small models only, `driver.GRAMS_IN_MEMORY_BYTES`);
+a backward pass through the whole model (the loss-aware Fisher signal, healing): every layer's activations for
+the tokens of one micro-batch plus the logits over the vocabulary and their gradient; and, while a heal caches
+its teacher's top-k, a second copy of the model. Each stage's peak is the sum of what lives during it; the run's
+peak is the largest stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: float32 values kept per token and decoder layer for a backward pass, as multiples of (hidden, intermediate)
+#: (attention inputs/outputs, norms, residuals; the MLP's gate, up, their product and activation)
+ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE = 12, 5
+#: copies of the [tokens × vocabulary] float32 logits alive at a backward's peak (logits, float copy, log-softmax,
+#: gradient)
+LOGIT_COPIES = 4
+OVERHEAD_BYTES = 600 * 2**20  # the interpreter, torch, tokenizer and allocator slack
+
+
+@dataclass
+class Footprint:
+    """Bytes per stage of a run; `peak` is the largest."""
+
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, stage: str, **parts: int) -> None:
+        self.stages[stage] = {k: int(v) for k, v in parts.items()}
+
+    @property
+    def peak(self) -> int:
+        return max((sum(p.values()) for p in self.stages.values()), default=0) + OVERHEAD_BYTES
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=lambda s: sum(self.stages[s].values())) if self.stages else "load"
+
+    def describe(self) -> str:
+        parts = self.stages.get(self.peak_stage, {})
+        return f"{self.peak_stage}: " + " + ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts.items())
+
+
+def _shape(config: dict[str, Any]) -> tuple[int, int, int, int]:
+    text = config.get("text_config", config)
+    hidden = text.get("hidden_size") or text.get("n_embd") or 0
+    inter = text.get("intermediate_size") or text.get("ffn_dim") or text.get("n_inner") or 4 * hidden
+    layers = text.get("num_hidden_layers") or text.get("n_layer") or 0
+    return int(hidden), int(inter), int(layers), int(text.get("vocab_size") or 0)
+
+
+def backward_bytes(config: dict[str, Any], tokens: int) -> int:
+    """Activations and logits of one forward + backward through the whole model over `tokens` tokens."""
+    hidden, inter, layers, vocab = _shape(config)
+    per_token = 4 * layers * (ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * inter)
+    return tokens * (per_token + 4 * LOGIT_COPIES * vocab)
+
+
+def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams_in_memory: bool,
+             fisher_tokens: int = 0, heal: Any = None, calib_tokens: int = 0) -> Footprint:
+    """The stages of an in-memory run: calibration, the allocator's backward (if any), the heal (if any)."""
+    fp = Footprint()
+    hidden, inter, _, _ = _shape(config)
+    layer_activations = 2 * 4 * calib_tokens * max(hidden, inter)  # one layer's input and output, all windows
+    fp.add("calibration", model=model_bytes, grams=gram_bytes if grams_in_memory else 0,
+           activations=layer_activations)
+    if fisher_tokens:
+        fp.add("allocation (Fisher backward)", model=model_bytes, grams=gram_bytes if grams_in_memory else 0,
+               backward=backward_bytes(config, fisher_tokens))
+    if heal is not None:
+        micro = heal.batch_size * heal.seq_len
+        fp.add("heal (training)", student=model_bytes, backward=backward_bytes(config, micro))
+        if heal.objective == "kl":
+            _, _, _, vocab = _shape(config)
+            fp.add("heal (teacher top-k)", student=model_bytes, teacher=model_bytes,
+                   logits=2 * 4 * micro * vocab)
+    return fp
+
+
+def read_config(source: str | Path) -> dict[str, Any] | None:
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def human(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def fisher_tokens(config: Any) -> int:
+    """Tokens per backward of the allocator's Fisher signal (loss-aware's `fisher_batch` windows), 0 if none."""
+    if config.allocator != "loss-aware":
+        return 0
+    from svdzip.allocate import parse_allocator_options
+
+    options = parse_allocator_options(config.allocator, config.allocator_options)
+    return int(options["fisher_batch"]) * config.calib_seq_len if options["signal"] == "fisher" else 0
+
+
+def gram_bytes_of(config: dict[str, Any]) -> int:
+    """float64 Gram matrices of a decoder's distinct linear inputs: q/k/v, o, gate/up (hidden) and down
+    (intermediate) per layer (the adapter's exact count needs the model; this is for before loading it)."""
+    hidden, inter, layers, _ = _shape(config)
+    return 8 * layers * (3 * hidden * hidden + inter * inter)
+
+
+__all__ = ["Footprint", "backward_bytes", "estimate", "fisher_tokens", "gram_bytes_of", "human", "read_config"]
