@@ -167,24 +167,46 @@ def test_a_few_distillation_steps_lower_the_kl(topk):
     assert after < before
 
 
-def test_the_teacher_runs_before_training_only_and_is_then_freed():
+def test_the_teacher_runs_before_training_only_and_is_then_freed(monkeypatch):
     """With top-k distillation the teacher's outputs are cached for exactly the windows training reads; then the
-    teacher is let go, so a heal holds one model while it trains."""
+    teacher is let go (checked during training), so a heal holds one model while it trains."""
     import gc
+    import importlib
     import weakref
+
+    heal_mod = importlib.import_module("svdzip.recover.heal")  # the package re-exports a function of that name
 
     teacher, student = _pair()
     seen: list[int] = []
     teacher.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
     alive = weakref.ref(teacher)
+    alive_at_training_steps: list[bool] = []
+    real_loss = heal_mod.Objective.loss
+
+    def watched(self, student_, split, indices):
+        if split == "train":
+            gc.collect()
+            alive_at_training_steps.append(alive() is not None)
+        return real_loss(self, student_, split, indices)
+
+    monkeypatch.setattr(heal_mod.Objective, "loss", watched)
     windows, cfg = _windows(n_train=32), _cfg(topk=8)
-    report = heal(student, teacher, windows, cfg)
+    holder = [teacher]
     del teacher
-    gc.collect()
-    assert alive() is None  # nothing inside heal() still holds it
+    report = heal(student, holder.pop(), windows, cfg)  # handed over: no name outside heal() keeps it
+    assert alive_at_training_steps and not any(alive_at_training_steps)
     used = set(batch_order(32, cfg.batch_size, cfg.steps, cfg.seed).flatten().tolist())
     assert len(used) < 32 and sum(seen) == len(used) + len(windows[1])  # each read once, no unused one
     assert report.phases[0]["steps_done"] == cfg.steps  # the training ran on the cache alone
+
+
+def test_the_ce_objective_needs_no_teacher():
+    from svdzip.recover.heal import load_teacher
+
+    assert load_teacher("no/such-model", HealConfig(method="seq-lora")) is None  # ce: nothing is loaded
+    _, student = _pair()
+    report = heal(student, None, _windows(), _cfg(method="seq-lora", steps=4))
+    assert report.phases and report.phases[0]["initial_heldout"] > 0
 
 
 def test_sequential_lora_lowers_the_heldout_loss_and_keeps_the_ranks():

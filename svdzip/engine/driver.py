@@ -171,9 +171,12 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
     torch.manual_seed(config.seed)
     tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens,
                                              request.heldout_tokens)
-    stats_on_disk = mode.streamed or (request.stats_path is None and _grams_too_large(adapter, needs))
+    # (a distributed run needs a shared --resume-dir for that: each rank's temporary directory is its own)
+    stats_on_disk = mode.streamed or (request.stats_path is None and (request.resume_dir is not None or not ctx.enabled)
+                                      and _grams_too_large(adapter, needs))
     temp_state = stats_on_disk and request.resume_dir is None
-    root = Path(tempfile.mkdtemp(prefix="svdzip-run-")) if temp_state else request.resume_dir
+    # beside the output, not in /tmp: gigabytes of statistics on a disk the user chose, never in a RAM-backed tmpfs
+    root = Path(tempfile.mkdtemp(prefix=f".{out.name}.run-", dir=_parent(out))) if temp_state else request.resume_dir
     timings: dict[str, float] = {}
     try:
         state = None
@@ -196,9 +199,9 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
         ctx.barrier()
         if not ctx.is_main:
             return None
-        # handed over, not kept here: the finishing step frees the statistics and spectra once it no longer needs
-        # them, before the Fisher pass and the heal (on Qwen2.5-0.5B they are 5 GB of Gram matrices and 1 GB of bases)
-        analysis = Analysis(stats=stats if config.update else None, units=units)
+        # the spectra are handed over, not kept here, so that the finishing step can free them before the Fisher pass
+        # and the heal; the statistics are done with (on Qwen2.5-0.5B: 1 GB of bases, 5 GB of Gram matrices)
+        analysis = Analysis(units=units, calibration_tokens=int(stats.tokens) if stats is not None else 0)
         del stats, units
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.alloc-", dir=_parent(out)))
         try:
@@ -219,17 +222,14 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
 
 @dataclass
 class Analysis:
-    """The statistics and spectra of a run, owned by whoever finishes it, so that they can be freed early."""
+    """The spectra of a run, owned by whoever finishes it, so that they can be freed early."""
 
-    stats: Any
     units: list[Any] | None
+    calibration_tokens: int = 0
 
     def take_units(self) -> list[Any]:
         units, self.units = self.units, None
         return units
-
-    def release(self) -> None:
-        self.stats = self.units = None
 
 
 #: Gram matrices (float64) above this size stay on disk, one layer at a time, even for a model held in memory
@@ -265,8 +265,10 @@ def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal:
     grams = footprint.gram_bytes_of(model_config) if "grams" in needs.statistics else 0
     estimate = footprint.estimate(
         4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
-        fisher_tokens=footprint.fisher_tokens(config), heal=heal,
+        fisher_tokens=footprint.fisher_tokens(config), heal=heal, grams_freed_after_calibration=True,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
+    if torch.device(config.device).type != "cpu":
+        return  # the model and its activations live on the accelerator, not in this machine's memory
     available = memory_limit_bytes()
     log.info("estimated peak memory of this in-memory run: %s (%s); %s available",
              footprint.human(estimate.peak), estimate.describe(), footprint.human(available))
@@ -340,11 +342,10 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
     from svdzip.output import io
 
     config = request.config
-    result = compress(model, config, stats=analysis.stats, calib_tokens=tokens, units=analysis.take_units(),
-                      heldout_tokens=heldout, out_dir=staging)
-    analysis.release()
+    result = compress(model, config, calib_tokens=tokens, units=analysis.take_units(), heldout_tokens=heldout,
+                      out_dir=staging)
     result.units = None  # the bases are in the factors now; the heal needs the memory
-    result.summary.update({k: round(v, 3) for k, v in timings.items()})
+    result.summary.update({k: round(v, 3) for k, v in timings.items()}, calibration_tokens=analysis.calibration_tokens)
     heal_report = _heal_in_memory(model, tokenizer, source, request.heal) if request.heal is not None else None
     quantized = store(result, request.save_dtype)  # after healing: the factors train in float32
     manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
@@ -428,11 +429,11 @@ def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str
 
 def _heal_in_memory(model, tokenizer, source: str, heal_config):
     """Heal the just-compressed model against a fresh copy of its dense source."""
-    from svdzip.models.loading import load_model
     from svdzip.recover import heal, heal_windows
+    from svdzip.recover.heal import load_teacher
 
-    # the teacher is passed without a name here, so that heal() can free it once its top-k are cached
-    report = heal(model, load_model(source, heal_config.device)[0], heal_windows(tokenizer, heal_config), heal_config)
+    # the teacher is handed over without a name here: heal() frees it once its top-k are cached
+    report = heal(model, load_teacher(source, heal_config), heal_windows(tokenizer, heal_config), heal_config)
     warn_if_stopped(report)
     return report
 

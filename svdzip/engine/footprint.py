@@ -1,7 +1,7 @@
 """The peak memory of an in-memory run, estimated before the model is loaded, so that a run that cannot fit
 is refused up front (with the streamed alternative) instead of being killed by the kernel halfway.
 
-The terms are the ones measured on Qwen2.5-0.5B (benchmarks/results/memory_stages_qwen05.md): the float32
+The terms are the ones measured on Qwen2.5-0.5B (README, "Real models"): the float32
 model; the float64 Gram matrices while they are held in memory (small models only, `driver.GRAMS_IN_MEMORY_BYTES`);
 a backward pass through the whole model (the loss-aware Fisher signal, healing): every layer's activations for
 the tokens of one micro-batch plus the logits over the vocabulary and their gradient; and, while a heal caches
@@ -63,19 +63,26 @@ def backward_bytes(config: dict[str, Any], tokens: int) -> int:
 
 
 def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams_in_memory: bool,
-             fisher_tokens: int = 0, heal: Any = None, calib_tokens: int = 0) -> Footprint:
-    """The stages of an in-memory run: calibration, the allocator's backward (if any), the heal (if any)."""
+             fisher_tokens: int = 0, heal: Any = None, calib_tokens: int = 0,
+             grams_freed_after_calibration: bool = False) -> Footprint:
+    """The stages of an in-memory run: calibration, the allocator's backward (if any), the heal (if any).
+
+    `grams_freed_after_calibration`: the driver drops the statistics once the spectra exist (the Python API's
+    caller may keep them)."""
     fp = Footprint()
     hidden, inter, _, _ = _shape(config)
     layer_activations = 2 * 4 * calib_tokens * max(hidden, inter)  # one layer's input and output, all windows
     fp.add("calibration", model=model_bytes, grams=gram_bytes if grams_in_memory else 0,
            activations=layer_activations)
     if fisher_tokens:
-        fp.add("allocation (Fisher backward)", model=model_bytes, grams=gram_bytes if grams_in_memory else 0,
+        held = grams_in_memory and not grams_freed_after_calibration
+        fp.add("allocation (Fisher backward)", model=model_bytes, grams=gram_bytes if held else 0,
                backward=backward_bytes(config, fisher_tokens))
     if heal is not None:
         micro = heal.batch_size * heal.seq_len
-        fp.add("heal (training)", student=model_bytes, backward=backward_bytes(config, micro))
+        # with the top-k cache the teacher is freed before training; the full distribution keeps it running
+        teacher = model_bytes if heal.objective == "kl" and not heal.topk else 0
+        fp.add("heal (training)", student=model_bytes, teacher=teacher, backward=backward_bytes(config, micro))
         if heal.objective == "kl":
             _, _, _, vocab = _shape(config)
             fp.add("heal (teacher top-k)", student=model_bytes, teacher=model_bytes,

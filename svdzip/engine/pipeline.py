@@ -78,8 +78,8 @@ def compress(
     timings: dict[str, float] = {}
     params_before = count_params(model)
     dense_linear = adapter.decoder_linear_params()
-    # given spectra need no statistics unless the update refits on them
-    wanted = get_method(config.method).needs(config).statistics if units is None or config.update else frozenset()
+    # given spectra need no statistics (the update captures its own inputs)
+    wanted = get_method(config.method).needs(config).statistics if units is None else frozenset()
     if wanted and (stats is None or not wanted <= stats.kinds):
         if calib_tokens is None:
             raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")

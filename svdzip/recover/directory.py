@@ -13,7 +13,7 @@ import torch
 
 from svdzip.errors import SvdzipError
 from svdzip.recover.config import HealConfig
-from svdzip.recover.heal import HealReport, heal, heal_windows
+from svdzip.recover.heal import HealReport, heal, heal_windows, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
                    resume_dir: str | os.PathLike | None = None, overwrite: bool = False,
                    dtype: torch.dtype = torch.float32) -> tuple[HealReport, Path]:
     """Load the compressed `src`, heal it against its dense model, save to `out` (atomically)."""
-    from svdzip.models.loading import load_model
     from svdzip.output import io
 
     config.validate()
@@ -63,8 +62,9 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
     student, tokenizer = io.load(src, device=config.device)
     if tokenizer is None:
         raise SvdzipError(f"{src} has no tokenizer: healing needs one to cut calibration windows")
-    # the teacher is passed without a name here, so that heal() can free it once its top-k are cached
-    report = heal(student, load_model(source, config.device)[0], heal_windows(tokenizer, config), config,
+    # the teacher (only the kl objective has one) is passed without a name here, so that heal() can free it once
+    # its top-k are cached
+    report = heal(student, load_teacher(source, config), heal_windows(tokenizer, config), config,
                   resume_dir=resume_dir)
     manifest = io.SvdzipConfig(**{k: v for k, v in manifest_dict.items() if k != "quant_method"})
     record_recovery(manifest, report)

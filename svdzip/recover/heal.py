@@ -63,6 +63,16 @@ class HealReport:
                 "lr": self.lr, "lr_auto": self.lr_auto, "backoffs": self.backoffs, "stopped": self.stopped}
 
 
+def load_teacher(source: str, config: HealConfig) -> nn.Module | None:
+    """The dense model the kl objective distils from (None for ce, which needs none). Pass the result straight
+    into `heal()` without keeping a name for it, so that heal() can free it once its top-k are cached."""
+    if config.objective != "kl":
+        return None
+    from svdzip.models.loading import load_model
+
+    return load_model(source, config.device)[0]
+
+
 def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint training and held-out windows, both from the calibration part of `config.corpus`."""
     from svdzip.data import calibration_tokens, load_corpus
@@ -194,8 +204,11 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
     def checkpoint(phase: str) -> Checkpoint | None:
         return Checkpoint(root / phase, {**base, "phase": phase}) if root else None
 
+    if config.objective != "kl":  # the text's next token: no teacher at all
+        teacher = objective.teacher = None
     if objective.caches_teacher and teacher is not None:
-        steps = config.steps if config.method == "distill" else config.steps + 1  # seq-lora: both phases' windows
+        # seq-lora's two phases replay the same seeded order: the longer phase's windows cover both
+        steps = config.steps if config.method == "distill" else (config.steps + 1) // 2
         objective.precompute(batch_order(len(train_windows), config.batch_size, steps * config.grad_accum,
                                          config.seed).flatten().tolist())
         teacher = None  # the caller passed its only reference (`heal(student, load_model(...)[0], ...)`)
