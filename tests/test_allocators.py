@@ -389,3 +389,30 @@ def test_no_module_level_state_carries_results():
 
     assert not hasattr(ara, "LAST_RUN") and not hasattr(loss_aware, "_FISHER_CACHE")
     assert not hasattr(speed_aware, "_CACHE")
+
+
+def test_output_fisher_equals_the_batch_mean_loss_gradient():
+    """One window at a time, the output Fisher is the batch's: Σ (∂ mean-batch-loss / ∂y)² per linear output."""
+    from conftest import tiny_model, tiny_tokens
+
+    from svdzip.allocate.loss_aware import output_fisher
+
+    model = tiny_model("llama")
+    tokens = tiny_tokens(4, 12)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.2.self_attn.q_proj"]
+    got = output_fisher(model, names, tokens, batch_size=2)
+    outs, acc = {}, {n: 0.0 for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o))
+             for n in names]
+    for start in (0, 2):
+        ids = tokens[start : start + 2]
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, [outs[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            acc[n] += float(g.double().pow(2).sum())
+    for h in hooks:
+        h.remove()
+    for n in names:
+        count = tokens.shape[0] * tokens.shape[1] * model.get_submodule(n).out_features
+        assert got[n] == pytest.approx(acc[n] / count, rel=1e-4)

@@ -74,11 +74,17 @@ def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Te
     try:
         with torch.enable_grad():
             for start in range(0, tokens.shape[0], batch_size):
-                ids = tokens[start : start + batch_size].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         ids[:, 1:].reshape(-1))
-                loss.backward()
+                batch = tokens[start : start + batch_size]
+                count = batch.shape[0] * (batch.shape[1] - 1)
+                # the batch's mean loss, back-propagated one window at a time: a window's outputs get gradient
+                # from its own tokens only, so every output gradient is the batch's, with one window's activations
+                # and logits in memory instead of the batch's
+                for row in batch:
+                    ids = row[None].to(device)
+                    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             ids[:, 1:].reshape(-1), reduction="sum") / count
+                    loss.backward()
     finally:
         for h in handles:
             h.remove()

@@ -266,6 +266,7 @@ def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal:
     estimate = footprint.estimate(
         4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
         fisher_tokens=footprint.fisher_tokens(config), heal=heal, grams_freed_after_calibration=True,
+        kept=1.0 if config.memory_budget else 1.0 - config.ratio,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
     if torch.device(config.device).type != "cpu":
         return  # the model and its activations live on the accelerator, not in this machine's memory
@@ -277,7 +278,7 @@ def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal:
             f"this run would need about {footprint.human(estimate.peak)} of memory at its peak "
             f"({estimate.describe()}) and {footprint.human(available)} are available: compress it streamed "
             "instead (--stream [--resume-dir DIR]: one decoder layer in memory at a time), or with fewer "
-            "windows per backward (--heal-batch-size, --allocator-option fisher_batch=1)")
+            "windows per micro-batch (--heal-batch-size 1 --heal-grad-accum N)")
 
 
 def _parent(out: Path) -> Path:

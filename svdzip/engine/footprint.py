@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 #: float32 values kept per token and decoder layer for a backward pass, as multiples of (hidden, intermediate)
-#: (attention inputs/outputs, norms, residuals; the MLP's gate, up, their product and activation)
-ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE = 12, 5
-#: copies of the [tokens × vocabulary] float32 logits alive at a backward's peak (logits, float copy, log-softmax,
-#: gradient)
-LOGIT_COPIES = 4
+#: (attention inputs/outputs, norms, residuals; the MLP's gate, up, their product and activation), fitted to the
+#: stages measured on Qwen2.5-0.5B
+ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE = 6, 3
+#: copies of the [tokens × vocabulary] float32 logits alive at a backward's peak (logits, log-softmax, gradient)
+LOGIT_COPIES = 3
+#: float32 values per trained parameter besides the parameter: AdamW's two moments and the best held-out copy
+TRAINER_COPIES = 3
 OVERHEAD_BYTES = 600 * 2**20  # the interpreter, torch, tokenizer and allocator slack
 
 
@@ -55,20 +57,31 @@ def _shape(config: dict[str, Any]) -> tuple[int, int, int, int]:
     return int(hidden), int(inter), int(layers), int(text.get("vocab_size") or 0)
 
 
-def backward_bytes(config: dict[str, Any], tokens: int) -> int:
-    """Activations and logits of one forward + backward through the whole model over `tokens` tokens."""
+def backward_bytes(config: dict[str, Any], tokens: int, seq_len: int | None = None) -> int:
+    """Activations and logits of one forward + backward through the whole model over `tokens` tokens (in windows
+    of `seq_len`: eager attention keeps heads × seq_len² probabilities per window and layer, twice)."""
     hidden, inter, layers, vocab = _shape(config)
     per_token = 4 * layers * (ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * inter)
-    return tokens * (per_token + 4 * LOGIT_COPIES * vocab)
+    heads = int(config.get("text_config", config).get("num_attention_heads") or 0)
+    attention = 2 * 4 * layers * heads * (seq_len or 0) * tokens
+    return tokens * (per_token + 4 * LOGIT_COPIES * vocab) + attention
+
+
+def decoder_linear_bytes(config: dict[str, Any], model_bytes: int) -> int:
+    """float32 bytes of the model without its embeddings and head: what a heal trains (at most)."""
+    text = config.get("text_config", config)
+    hidden, _, _, vocab = _shape(config)
+    tables = 1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)) else 2
+    return max(model_bytes - 4 * tables * vocab * hidden, 0)
 
 
 def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams_in_memory: bool,
              fisher_tokens: int = 0, heal: Any = None, calib_tokens: int = 0,
-             grams_freed_after_calibration: bool = False) -> Footprint:
+             grams_freed_after_calibration: bool = False, kept: float = 1.0) -> Footprint:
     """The stages of an in-memory run: calibration, the allocator's backward (if any), the heal (if any).
 
     `grams_freed_after_calibration`: the driver drops the statistics once the spectra exist (the Python API's
-    caller may keep them)."""
+    caller may keep them); `kept`: the fraction of the decoder linears' parameters left to train."""
     fp = Footprint()
     hidden, inter, _, _ = _shape(config)
     layer_activations = 2 * 4 * calib_tokens * max(hidden, inter)  # one layer's input and output, all windows
@@ -77,12 +90,14 @@ def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams
     if fisher_tokens:
         held = grams_in_memory and not grams_freed_after_calibration
         fp.add("allocation (Fisher backward)", model=model_bytes, grams=gram_bytes if held else 0,
-               backward=backward_bytes(config, fisher_tokens))
+               backward=backward_bytes(config, fisher_tokens, fisher_tokens))
     if heal is not None:
         micro = heal.batch_size * heal.seq_len
         # with the top-k cache the teacher is freed before training; the full distribution keeps it running
         teacher = model_bytes if heal.objective == "kl" and not heal.topk else 0
-        fp.add("heal (training)", student=model_bytes, teacher=teacher, backward=backward_bytes(config, micro))
+        fp.add("heal (training)", student=model_bytes, teacher=teacher,
+               optimizer=int(TRAINER_COPIES * kept * decoder_linear_bytes(config, model_bytes)),
+               backward=backward_bytes(config, micro, heal.seq_len))
         if heal.objective == "kl":
             _, _, _, vocab = _shape(config)
             fp.add("heal (teacher top-k)", student=model_bytes, teacher=model_bytes,
@@ -102,13 +117,13 @@ def human(n: float) -> str:
 
 
 def fisher_tokens(config: Any) -> int:
-    """Tokens per backward of the allocator's Fisher signal (loss-aware's `fisher_batch` windows), 0 if none."""
+    """Tokens per backward of the allocator's Fisher signal (loss-aware's, one window at a time), 0 if none."""
     if config.allocator != "loss-aware":
         return 0
     from svdzip.allocate import parse_allocator_options
 
     options = parse_allocator_options(config.allocator, config.allocator_options)
-    return int(options["fisher_batch"]) * config.calib_seq_len if options["signal"] == "fisher" else 0
+    return config.calib_seq_len if options["signal"] == "fisher" else 0
 
 
 def gram_bytes_of(config: dict[str, Any]) -> int:

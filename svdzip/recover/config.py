@@ -41,8 +41,8 @@ class HealConfig:
     warmup: float = 0.1  # fraction of the steps with a linear warm-up; cosine decay to 0 after it
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = 1  # windows per micro-batch; 4 accumulated: the same 4-window step, a quarter of the activations
+    grad_accum: int = 4
     seq_len: int = 256
     train_samples: int = 256  # distinct training windows (epochs cycle through them)
     heldout_samples: int = 8  # held-out calibration windows for early stopping
