@@ -33,7 +33,7 @@ def _windows(n_train=8, n_held=4, seq=16):
 
 
 def _cfg(**kw):
-    base = dict(steps=6, batch_size=2, eval_every=2, patience=10, warmup=0.0, lr=3e-3, seq_len=16)
+    base = dict(steps=6, batch_size=2, grad_accum=1, eval_every=2, patience=10, warmup=0.0, lr=3e-3, seq_len=16)
     return HealConfig(**{**base, **kw})
 
 
