@@ -88,7 +88,8 @@ def markdown(data: dict[str, Any]) -> str:
     cfg = data["heal_config"]
     return (f"### Recovery on {data['model']}\n\nPerplexity on {data['eval_tokens']} evaluation tokens per corpus "
             f"in windows of {data['eval_seq_len']}; calibration and healing on `wiki` calibration text only. "
-            f"Healing: {cfg['steps']} steps of {cfg['batch_size']}×{cfg['seq_len']} tokens, lr {cfg['lr']}, "
+            f"Healing: {cfg['steps']} steps of {cfg['batch_size'] * cfg.get('grad_accum', 1)}×{cfg['seq_len']} tokens, "
+            f"lr {cfg['lr']}{' (start of the held-out search)' if cfg.get('auto_lr') else ''}, "
             f"top-k {cfg['topk']} (distill), LoRA r={cfg['lora_r']} (seq-lora, lr {data['seq_lora_lr']}).\n\n"
             + "\n".join(lines))
 
@@ -104,7 +105,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: HealConfig's)")
     p.add_argument("--seq-lora-lr", type=float, default=None, help="(default: HealConfig's, the paper's 1e-4)")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="windows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=HealConfig.grad_accum, help="micro-batches per step")
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=512)
@@ -117,9 +119,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     name = args.name or f"recovery_{args.model.split('-')[0]}"
     bench = Bench(args.model)
-    heal_cfg = HealConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, topk=args.topk,
+    heal_cfg = HealConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                          grad_accum=args.grad_accum, topk=args.topk,
                           **({"lr": args.lr} if args.lr else {}))
     lora_cfg = HealConfig(method="seq-lora", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                          grad_accum=args.grad_accum,
                           **({"lr": args.seq_lora_lr} if args.seq_lora_lr else {}))
     windows = heal_windows(bench.tokenizer, heal_cfg)
     teacher = bench.fresh()
