@@ -185,8 +185,8 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
                                       **({"tokens_given": True} if request.tokens is not None else {})},
                                request.restart, ctx)
         t0 = time.perf_counter()
-        stats = _statistics(model, adapter, tokens, source, config, needs, weights, state, ctx, mode,
-                            request.stats_path, stats_on_disk)
+        stats = _statistics(model, adapter, tokens, source, config, needs, weights, state, ctx, request.stats_path,
+                            stats_on_disk)
         timings["calibrate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         from svdzip.engine.spectra import decompose_units
@@ -256,6 +256,8 @@ def _grams_too_large(adapter, needs: Needs) -> bool:
 
 def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal: Any, world_size: int = 1) -> None:
     """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory."""
+    if torch.device(config.device).type != "cpu":
+        return  # the model and its activations live on the accelerator, not in this machine's memory
     from svdzip.engine import footprint
     from svdzip.engine.checkpoint import checkpoint_elements, memory_limit_bytes
 
@@ -268,8 +270,6 @@ def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal:
         fisher_tokens=footprint.fisher_tokens(config), heal=heal, grams_freed_after_calibration=True,
         kept=1.0 if config.memory_budget else 1.0 - config.ratio,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
-    if torch.device(config.device).type != "cpu":
-        return  # the model and its activations live on the accelerator, not in this machine's memory
     available = memory_limit_bytes()
     log.info("estimated peak memory of this in-memory run: %s (%s); %s available",
              footprint.human(estimate.peak), estimate.describe(), footprint.human(available))
@@ -309,7 +309,7 @@ def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokeni
 
 
 def _statistics(model, adapter, tokens, source: str, config: CompressConfig, needs: Needs, weights, state, ctx,
-                mode: Mode, stats_path: str | None, on_disk: bool):
+                stats_path: str | None, on_disk: bool):
     """Only the statistics the parts declare: cached by content in memory, checkpointed in a run directory
     (`on_disk`: each layer's statistics stay there and are read back lazily)."""
     kinds = set(needs.statistics) - {"fisher"}
