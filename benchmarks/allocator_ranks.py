@@ -48,15 +48,15 @@ def _cases() -> list[tuple[str, str, dict]]:
 
 
 def run(out: Path, only: list[str] | None) -> None:
-    import svdzip.evaluate.speed as speed_mod
+    import svdzip.allocate.latency as speed_mod
     from svdzip import allocate as alloc
     from svdzip.allocate import memory
     from svdzip.budget import keep_budget
     from svdzip.data import calibration_tokens, load_corpus
-    from svdzip.engine.calibrate import collect_statistics
     from svdzip.methods.decompose import decompose, group_linears
     from svdzip.models.adapter import ModelAdapter
-    from svdzip.models.loading import load_model
+    from svdzip.output.loading import load_model
+    from svdzip.passes.calibrate import collect_statistics
 
     speed_mod.linear_timing = _fake_timing
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from svdzip.methods.decompose import Unit, decompose, group_linears
 from svdzip.methods.linalg import Spectrum
 from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter
-from svdzip.output.plots import write_allocation_report
+from svdzip.report.plots import write_allocation_report
 
 log = logging.getLogger("benchmarks.ara")
 

@@ -85,7 +85,7 @@ def main() -> None:
                                 "eval_s": round(time.perf_counter() - t0, 1)}}
     fisher_s = None
     if "fwsvd" in methods:
-        from svdzip.methods.fisher import collect_fisher
+        from svdzip.passes.fisher import collect_fisher
 
         t0 = time.perf_counter()
         bench.stats.fisher = collect_fisher(bench.fresh(), bench.tokens[: args.fisher_samples], 4, "cpu")

@@ -20,8 +20,8 @@ from svdzip.config import CompressConfig
 from svdzip.data import calibration_tokens, load_corpus
 from svdzip.engine.pipeline import compress, prepare_statistics
 from svdzip.evaluate.perplexity import perplexity_on_corpora
-from svdzip.models.loading import load_model
-from svdzip.output.report import provenance
+from svdzip.output.loading import load_model
+from svdzip.report.tables import provenance
 
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("benchmarks")

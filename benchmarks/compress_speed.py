@@ -35,8 +35,8 @@ from torch import nn
 
 from benchmarks.common import setup_logging, write_results
 from svdzip.data import calibration_tokens, load_corpus
-from svdzip.models.loading import load_model
-from svdzip.output.report import table
+from svdzip.output.loading import load_model
+from svdzip.report.tables import table
 
 log = logging.getLogger("benchmarks.compress_speed")
 
@@ -176,7 +176,7 @@ def _short(func: tuple[str, int, str]) -> str:
 def profile_calibration(model: nn.Module, tokens: torch.Tensor, batch_size: int, clock: Callable[[], float],
                         out_file: Path | None) -> dict[str, Any]:
     """cProfile (on `clock`) of svdzip's calibration: where its time goes, by function and inside the Gram hook."""
-    from svdzip.engine import calibrate
+    from svdzip.passes import calibrate
 
     profiler = cProfile.Profile(clock)
     t0 = clock()
@@ -219,7 +219,7 @@ def op_profile_calibration(model: nn.Module, tokens: torch.Tensor, batch_size: i
     with one thread on an idle core it matches CPU time, so read it as shares)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from svdzip.engine import calibrate
+    from svdzip.passes import calibrate
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         calibrate.collect_statistics(model, tokens, batch_size, "cpu", kinds={"grams"})
@@ -232,13 +232,13 @@ def op_profile_calibration(model: nn.Module, tokens: torch.Tensor, batch_size: i
 
 def measure_patched(engine_root: Path, model: nn.Module, tokens: torch.Tensor, batch_size: int,
                     clock: Callable[[], float], repeats: int) -> dict[str, Any]:
-    """A proposed svdzip/engine/calibrate.py (from a patched checkout at `engine_root`), Grams only, timed
+    """A proposed svdzip/passes/calibrate.py (from a patched checkout at `engine_root`), Grams only, timed
     alternately with the floor so machine load hits both alike; its Grams must equal today's bit for bit."""
     import importlib.util
 
-    from svdzip.engine import calibrate as today
+    from svdzip.passes import calibrate as today
 
-    spec = importlib.util.spec_from_file_location("patched_calibrate", engine_root / "svdzip/engine/calibrate.py")
+    spec = importlib.util.spec_from_file_location("patched_calibrate", engine_root / "svdzip/passes/calibrate.py")
     patched = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = patched  # dataclasses look their module up there
     spec.loader.exec_module(patched)
@@ -348,7 +348,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--name", default="compress_speed")
     ap.add_argument("--patched-engine", type=Path, default=None,
-                    help="a checkout with a proposed svdzip/engine/calibrate.py: time it against the floor")
+                    help="a checkout with a proposed svdzip/passes/calibrate.py: time it against the floor")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the saved .json")
     args = ap.parse_args()
     setup_logging()

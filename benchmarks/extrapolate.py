@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from benchmarks.common import RESULTS, PeakRSS, setup_logging, write_results
-from svdzip.engine.distributed import assign_by_cost, eigen_cost
+from svdzip.core.distributed import assign_by_cost, eigen_cost
 from svdzip.methods.decompose import BASIS_HEADROOM
 from svdzip.methods.linalg import gram_factor, weighted_spectrum
-from svdzip.output.report import table
+from svdzip.report.tables import table
 
 log = logging.getLogger("benchmarks.extrapolate")
 SEQ = 2048  # calibration sequence length of the measurement (the papers' 2048)

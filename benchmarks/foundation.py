@@ -21,9 +21,9 @@ from common import RESULTS, setup_logging, write_results
 
 from svdzip.data import eval_tokens, load_corpus
 from svdzip.evaluate.perplexity import bos_for, perplexity
-from svdzip.models.loading import load_model
 from svdzip.output.io import dir_size
-from svdzip.output.report import human_bytes, table
+from svdzip.output.loading import load_model
+from svdzip.report.tables import human_bytes, table
 
 SVDZIP = [sys.executable, "-m", "svdzip.cli"]
 

@@ -1,7 +1,7 @@
 """Gram matrix of one calibration batch: plain `xᵀx` against the blocks on and above the diagonal only.
 
 Calibration adds each batch's XᵀX (fp32 product) into a float64 running sum. XᵀX is symmetric, so
-`svdzip.engine.statistics.add_gram_` splits the columns into b blocks and computes only the b(b+1)/2 block
+`svdzip.core.statistics.add_gram_` splits the columns into b blocks and computes only the b(b+1)/2 block
 products X_iᵀX_j (i ≤ j), mirroring the off-diagonal ones: (b+1)/(2b) of the flops. Both sides are timed as
 what `Accumulator` does per batch (product + in-place add into the float64 sum); the bare product `xᵀx` is
 listed too. One thread, CPU clock (`time.process_time`: the machine is shared), median of `--repeats`,
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import setup_logging, write_results  # noqa: E402
-from svdzip.engine.statistics import GRAM_BLOCKED_MIN, GRAM_BLOCKED_MIN_OTHER, GRAM_BLOCKS, add_gram_  # noqa: E402
+from svdzip.core.statistics import GRAM_BLOCKED_MIN, GRAM_BLOCKED_MIN_OTHER, GRAM_BLOCKS, add_gram_  # noqa: E402
 
 
 def cpu_seconds(fn) -> float:

@@ -42,10 +42,10 @@ import svdzip
 from svdzip.engine.pipeline import store
 from svdzip.errors import SvdzipError
 from svdzip.evaluate.speed import SpeedSetting, measure_speed, weight_bytes
-from svdzip.models.loading import load_model
 from svdzip.output import io
+from svdzip.output.loading import load_model
 from svdzip.output.quantize import quantization_record
-from svdzip.output.report import human_bytes
+from svdzip.report.tables import human_bytes
 
 log = logging.getLogger("benchmarks.memory")
 

@@ -66,7 +66,7 @@ def _warm_up() -> None:
 def stream(source: str | Path, tokens: torch.Tensor, config: Any, out: str | Path, run_dir: str | Path | None,
            **kw: Any) -> Any:
     """`svdzip compress --stream` through the driver, on given calibration tokens."""
-    from svdzip.engine.distributed import DistContext
+    from svdzip.core.distributed import DistContext
     from svdzip.engine.driver import CompressRequest, run
 
     request = CompressRequest(model=str(source), config=config, out=Path(out), stream=True,
@@ -76,9 +76,9 @@ def stream(source: str | Path, tokens: torch.Tensor, config: Any, out: str | Pat
 
 def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     """Runs inside a fresh process: one compression, peak RSS per phase."""
-    import svdzip.engine.calibrate as calibrate_mod
-    import svdzip.engine.spectra as spectra_mod
     import svdzip.engine.writer as writer_mod
+    import svdzip.passes.calibrate as calibrate_mod
+    import svdzip.passes.spectra as spectra_mod
     from svdzip import CompressConfig
     from svdzip.engine.pipeline import compress
     from svdzip.methods.decompose import decompose, group_linears
@@ -111,7 +111,7 @@ def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     else:
         from transformers import AutoModelForCausalLM
 
-        from svdzip.engine.calibrate import collect_statistics
+        from svdzip.passes.calibrate import collect_statistics
 
         meter.enter("load")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -166,12 +166,12 @@ def _proc_worker(rank: int, world: int, port: int, source: str, result_dir: str)
     import torch.distributed as dist
 
     from svdzip import CompressConfig
-    from svdzip.engine.calibrate import calibrate
-    from svdzip.engine.distributed import DistContext
+    from svdzip.core.distributed import DistContext
     from svdzip.engine.pipeline import compress
-    from svdzip.engine.spectra import decompose_units
     from svdzip.methods.decompose import group_linears
     from svdzip.models.adapter import ModelAdapter
+    from svdzip.passes.calibrate import calibrate
+    from svdzip.passes.spectra import decompose_units
 
     torch.set_num_threads(1)
     if world > 1:
@@ -230,7 +230,7 @@ def part_procs(work: Path) -> dict[str, Any]:
 def part_faults(work: Path) -> list[dict[str, str]]:
     import svdzip.engine.writer as writer_mod
     from svdzip import CompressConfig, SvdzipError, load
-    from svdzip.engine.statistics import CalibrationStats
+    from svdzip.core.statistics import CalibrationStats
 
     src = work / "llama-faults"
     write_checkpoint(src, 128, 256, 4, vocab=512)

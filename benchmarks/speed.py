@@ -27,7 +27,7 @@ from svdzip.evaluate.speed import (
     speed_table,
     summary_row,
 )
-from svdzip.output.report import table
+from svdzip.report.tables import table
 
 log = logging.getLogger("benchmarks.speed")
 

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check svdzip tests benchmarks
+.venv/bin/lint-imports --no-cache --no-logo  # the layering in pyproject.toml: imports only point down
 .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -1,14 +1,34 @@
 """svdzip: post-training SVD compression of LLMs with per-matrix rank allocation.
 
-Importing svdzip registers its transformers quantizer, so a directory it wrote reloads with
-`AutoModelForCausalLM.from_pretrained(dir)`.
+Importing svdzip is cheap (no torch, no transformers) and registers its transformers quantizer as soon
+as transformers' model loading is imported, so a directory it wrote reloads with
+`AutoModelForCausalLM.from_pretrained(dir)`. The public names load on first use.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from svdzip.config import CompressConfig  # noqa: E402
-from svdzip.engine.pipeline import CompressionResult, compress  # noqa: E402
-from svdzip.errors import SvdzipError  # noqa: E402
-from svdzip.output.io import load, save  # noqa: E402  (registers the quantizer)
+import importlib
+from typing import Any
 
-__all__ = ["CompressConfig", "CompressionResult", "SvdzipError", "compress", "load", "save", "__version__"]
+from svdzip.output.registration import install as _install_quantizer
+from svdzip.version import __version__
+
+_install_quantizer()
+
+#: public name → the module that defines it (imported on first access)
+_PUBLIC = {
+    "CompressConfig": "svdzip.config",
+    "CompressionResult": "svdzip.engine.pipeline",
+    "compress": "svdzip.engine.pipeline",
+    "SvdzipError": "svdzip.errors",
+    "load": "svdzip.output.io",
+    "save": "svdzip.output.io",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'svdzip' has no attribute {name!r}")

@@ -286,7 +286,7 @@ def _ppl_rows(label: str, results: dict[str, dict[str, Any]]) -> dict[str, float
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.budget import ratio_from_kept
     from svdzip.config import CompressConfig
-    from svdzip.models.loading import check_device, parse_dtype
+    from svdzip.output.loading import check_device, parse_dtype
 
     memory = args.budget_bytes is not None or args.budget_fraction is not None
     if memory and (args.ratio is not None or args.kept is not None):
@@ -369,8 +369,8 @@ def parse_bytes(text: str | None) -> int | None:
 
 def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.engine.driver import warn_if_stopped
-    from svdzip.models.loading import check_device, parse_dtype
     from svdzip.output import io
+    from svdzip.output.loading import check_device, parse_dtype
     from svdzip.recover.directory import heal_directory, teacher_source
 
     config = _heal_config(args, args.corpus, check_device(args.device))
@@ -426,7 +426,7 @@ def _peak_rss() -> int:
 
 
 def _log_compress_report(result, summary: dict[str, Any]) -> None:
-    from svdzip.output.report import human_bytes, module_table, rank_grid, role_summary, table
+    from svdzip.report.tables import human_bytes, module_table, rank_grid, role_summary, table
 
     rows = result.modules
     log.debug("per-matrix report:\n%s", module_table(rows))
@@ -455,8 +455,8 @@ def _log_compress_report(result, summary: dict[str, Any]) -> None:
 
 def _eval_dense_vs_compressed(args: argparse.Namespace, source: str, out: Path) -> dict[str, Any]:
     from svdzip.evaluate.perplexity import perplexity_on_corpora
-    from svdzip.models.loading import load_model
     from svdzip.output import io
+    from svdzip.output.loading import load_model
 
     corpora, protocols = _corpora(args.corpora), _protocols(args.protocol)
     max_tokens = args.eval_tokens or None
@@ -477,7 +477,7 @@ def _eval_dense_vs_compressed(args: argparse.Namespace, source: str, out: Path) 
 
 
 def _print_eval_table(summary: dict[str, Any]) -> None:
-    from svdzip.output.report import human_bytes, table
+    from svdzip.report.tables import human_bytes, table
 
     ev = summary["evaluation"]
     cols = [f"{c} ppl ({p})" for c, by in ev["dense"]["perplexity"].items() for p in by]
@@ -505,8 +505,8 @@ def _asked(summary: dict[str, Any]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.evaluate.perplexity import perplexity_on_corpora
-    from svdzip.models.loading import check_device, load_model
-    from svdzip.output.report import table
+    from svdzip.output.loading import check_device, load_model
+    from svdzip.report.tables import table
 
     check_device(args.device)
     if args.threads:
@@ -547,7 +547,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _eval_speed(args: argparse.Namespace) -> dict[str, Any]:
     """All models loaded together and timed alternately; ratios to the first one given."""
     from svdzip.evaluate.speed import measure_speed, parse_settings, speed_table
-    from svdzip.models.loading import load_model
+    from svdzip.output.loading import load_model
 
     models = {name: load_model(name, args.device)[0] for name in args.model}
     settings = parse_settings(args.speed_batches, args.speed_seq_lens, args.speed_new_tokens)
@@ -560,7 +560,7 @@ def _eval_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from svdzip.models.loading import check_device
+    from svdzip.output.loading import check_device
     from svdzip.sweep import SweepSpec, check_readme, run_sweep, update_readme
 
     if args.readme:
@@ -590,7 +590,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.allocate import available
     from svdzip.output import io
-    from svdzip.output.report import human_bytes, rank_grid, table
+    from svdzip.report.tables import human_bytes, rank_grid, table
 
     if args.allocators:
         names = available()
@@ -634,7 +634,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
             print("\nranks per layer and type ('dense' = kept dense):")
             print(table(headers, rows))
             if args.modules:
-                from svdzip.output.report import module_table
+                from svdzip.report.tables import module_table
 
                 print(module_table(modules))
     info["modules"] = modules

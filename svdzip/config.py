@@ -46,7 +46,7 @@ class CompressConfig:
         check_ratio(self.ratio)
         from svdzip.allocate import parse_allocator_options
         from svdzip.methods.factorisations import get_method
-        from svdzip.methods.update import get_update
+        from svdzip.passes.update import get_update
 
         get_method(self.method)
         if self.update is not None:

@@ -32,7 +32,7 @@ from svdzip.allocate import AllocationCache
 from svdzip.config import CompressConfig
 from svdzip.errors import SvdzipError
 from svdzip.methods.factorisations import get_method
-from svdzip.methods.update import get_update
+from svdzip.passes.update import get_update
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +181,13 @@ def provenance() -> dict[str, Any]:
     """Commit and machine that produced the sweep."""
     import sys
 
-    from svdzip.output.report import provenance as run_provenance
+    from svdzip.report.tables import provenance as run_provenance
 
     return run_provenance(" ".join(["svdzip", *sys.argv[1:]]))
 
 
 def load(model: str, device: str) -> tuple[nn.Module, Any, str]:
-    from svdzip.models.loading import load_model
+    from svdzip.output.loading import load_model
 
     return load_model(model, device)
 
@@ -347,7 +347,7 @@ def _row_values(cell: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
 
 def markdown(data: dict[str, Any], spec: SweepSpec) -> str:
     """The papers' layout: ratio, method, perplexity per corpus, accuracy per task, average, speed."""
-    from svdzip.output.report import table
+    from svdzip.report.tables import table
 
     prov = data.get("provenance", {})
     parts = []

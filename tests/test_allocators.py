@@ -15,10 +15,10 @@ from svdzip.allocate.drank import drank_ranks, effective_ranks, lagrange_ranks, 
 from svdzip.allocate.svdllm_v2 import v2_ratios
 from svdzip.budget import DENSE, keep_budget, max_useful_rank
 from svdzip.config import SHAREABLE_ROLES, CompressConfig
-from svdzip.engine.calibrate import collect_statistics
 from svdzip.engine.pipeline import compress
 from svdzip.methods.decompose import decompose, group_linears
 from svdzip.models.adapter import ModelAdapter
+from svdzip.passes.calibrate import collect_statistics
 
 CASES = [("drank", {}), ("drank", {"mode": "code"}), ("drank", {"rebalance": False}), ("svdllm-v2", {}),
          ("loss-aware", {}), ("loss-aware", {"signal": "relative"}), ("uniform", {})]
@@ -188,8 +188,8 @@ def test_allocators_end_to_end_other_families(family):
 
 
 def test_plots_and_info_grid(setup, tmp_path):
-    from svdzip.output.plots import write_plots
-    from svdzip.output.report import rank_grid
+    from svdzip.report.plots import write_plots
+    from svdzip.report.tables import rank_grid
 
     model, tokens, stats = tiny_model("llama"), setup[1], setup[2]
     result = compress(model, CompressConfig(ratio=0.4, allocator="drank", group_size=2), stats=stats,
@@ -288,7 +288,7 @@ def test_bad_options_are_one_clear_error(name, raw, message):
 
 
 def test_cli_refuses_a_malformed_option_before_loading_anything(monkeypatch, tmp_path, capsys):
-    import svdzip.models.loading as loading
+    import svdzip.output.loading as loading
     from svdzip.cli import main
 
     def no_load(*a, **k):

@@ -9,10 +9,10 @@ from svdzip.allocate import AllocationContext, allocate
 from svdzip.allocate.ara import AraOptions, _Installed, _targets, finalise, mask_rank_max, training_windows
 from svdzip.allocate.ara_mask import StaircaseMask, candidates, init_logits, staircase
 from svdzip.budget import keep_budget
-from svdzip.engine.calibrate import collect_statistics
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import decompose
 from svdzip.models.adapter import ModelAdapter
+from svdzip.passes.calibrate import collect_statistics
 
 
 def _setup(family: str = "llama", ratio: float = 0.3, **options):
@@ -119,7 +119,7 @@ def test_finalise_meets_the_budget_and_snaps_dense():
 
 
 def test_allocator_trains_and_meets_budget(tmp_path):
-    from svdzip.output.plots import write_allocation_report
+    from svdzip.report.plots import write_allocation_report
 
     model, units, ctx = _setup(steps=6, seq_len=12, lr=0.05)
     before = {n: p.clone() for n, p in model.state_dict().items()}

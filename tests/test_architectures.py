@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 
 import svdzip  # noqa: F401  (registers the reload path)
 from svdzip import CompressConfig, SvdzipError, compress
-from svdzip.engine.calibrate import collect_statistics
 from svdzip.methods.decompose import decompose, group_linears
 from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter, _expand, open_structure
@@ -17,6 +16,7 @@ from svdzip.models.experts import RoutedExperts, open_experts
 from svdzip.models.families import FusedExperts
 from svdzip.models.lowrank import LowRankLinear
 from svdzip.output.io import build_manifest, read_manifest, save
+from svdzip.passes.calibrate import collect_statistics
 from svdzip.serve.layout import expected_linears
 
 

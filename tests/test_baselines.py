@@ -8,11 +8,11 @@ from conftest import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, compress
 from svdzip.allocate import strs as strs_mod
-from svdzip.engine.calibrate import collect_statistics
-from svdzip.methods.fisher import collect_fisher
-from svdzip.methods.update import fitted_loss, refit_left
 from svdzip.models.adapter import ModelAdapter
 from svdzip.models.lowrank import LowRankLinear
+from svdzip.passes.calibrate import collect_statistics
+from svdzip.passes.fisher import collect_fisher
+from svdzip.passes.update import fitted_loss, refit_left
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
@@ -146,7 +146,7 @@ def _search_by_scan(units, table, budget):
 
 def test_fisher_is_saved_with_the_statistics_and_reused(tmp_path, monkeypatch):
     from svdzip.engine.pipeline import prepare_statistics
-    from svdzip.methods import fisher as fisher_mod
+    from svdzip.passes import fisher as fisher_mod
 
     model, tokens = tiny_model("llama"), tiny_tokens(4, 16)
     calls = []

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 import svdzip
 from svdzip.cli import main
 from svdzip.data import calibration_tokens, eval_tokens, load_corpus
-from svdzip.engine.calibrate import collect_statistics
 from svdzip.evaluate.perplexity import perplexity
-from svdzip.models.loading import load_model
 from svdzip.output.io import build_manifest, dir_size, save
+from svdzip.output.loading import load_model
+from svdzip.passes.calibrate import collect_statistics
 
 pytestmark = pytest.mark.e2e
 
@@ -228,7 +228,7 @@ def test_python_m_svdzip_is_the_command():
 
 def test_a_failed_compress_leaves_neither_output_nor_staging(tiny_dir, tmp_path, capsys, monkeypatch):
     """Artefacts are written into the directory before it appears; any error removes every temporary directory."""
-    import svdzip.output.plots as plots
+    import svdzip.report.plots as plots
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device")

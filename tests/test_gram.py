@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdzip.engine.statistics import (
+from svdzip.core.statistics import (
     GRAM_BLOCKED_MIN,
     Accumulator,
     CalibrationStats,

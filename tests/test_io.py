@@ -108,7 +108,7 @@ def test_manifest_records_method_ratio_and_ranks(tmp_path):
 
 
 def test_rank_grid_shows_every_expert_of_a_layer():
-    from svdzip.output.report import rank_grid
+    from svdzip.report.tables import rank_grid
 
     rows = [{"layer": 0, "role": "expert_gate", "rank": r} for r in (4, 9, None)]
     rows.append({"layer": 0, "role": "q", "rank": 7})

@@ -194,9 +194,9 @@ def test_missing_backend_is_reported_with_the_install_command(tmp_path, monkeypa
 def test_cli_compresses_to_a_memory_budget_with_int8(tmp_path, monkeypatch, capsys):
     """`svdzip compress --budget-fraction 0.5 --quantize int8 --dtype bfloat16` end to end on a tiny model."""
     import svdzip.data
-    import svdzip.models.loading
+    import svdzip.output.loading
 
-    monkeypatch.setattr(svdzip.models.loading, "load_model", lambda *a, **k: (tiny_model("llama"), None, "tiny"))
+    monkeypatch.setattr(svdzip.output.loading, "load_model", lambda *a, **k: (tiny_model("llama"), None, "tiny"))
     monkeypatch.setattr(svdzip.data, "load_corpus", lambda name: name)
     monkeypatch.setattr(svdzip.data, "calibration_tokens", lambda _t, _c, n, seq, seed=0: tiny_tokens(n=n, seq=seq))
     out = tmp_path / "o"

@@ -6,9 +6,9 @@ from conftest import tiny_model, tiny_tokens
 from torch import nn
 
 from svdzip import CompressConfig, SvdzipError, compress
-from svdzip.engine.calibrate import CalibrationStats, capture_layer_inputs, collect_statistics
 from svdzip.models.adapter import ModelAdapter
 from svdzip.models.lowrank import LowRankLinear
+from svdzip.passes.calibrate import CalibrationStats, capture_layer_inputs, collect_statistics
 
 
 def test_adapter_finds_roles_and_heads(family):

@@ -7,13 +7,13 @@ import torch
 from conftest import tiny_model, tiny_tokens
 
 from svdzip.config import CompressConfig
-from svdzip.engine.calibrate import CalibrationStats, collect_statistics
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import decompose, group_linears
 from svdzip.methods.factorisations import Settings, available_methods, get_method
-from svdzip.methods.update import available_updates, get_update
 from svdzip.models.adapter import ModelAdapter
 from svdzip.needs import Mode, Needs, refuse_unsupported
+from svdzip.passes.calibrate import CalibrationStats, collect_statistics
+from svdzip.passes.update import available_updates, get_update
 
 
 def test_method_registry_and_errors():

@@ -17,13 +17,13 @@ import torch.multiprocessing as mp
 from conftest import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import svdzip.engine.calibrate as calibrate_mod
-import svdzip.engine.spectra as spectra_mod
 import svdzip.engine.writer as writer_mod
+import svdzip.passes.calibrate as calibrate_mod
+import svdzip.passes.spectra as spectra_mod
 from svdzip import CompressConfig, SvdzipError, compress, load
-from svdzip.engine.distributed import DistContext, assign_by_cost
+from svdzip.core.distributed import DistContext, assign_by_cost
+from svdzip.core.resume import RunState
 from svdzip.engine.driver import CompressRequest, run
-from svdzip.engine.resume import RunState
 from svdzip.output import io
 
 CFG = dict(ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=2)
@@ -127,8 +127,8 @@ def test_in_memory_run_with_grams_on_disk_equals_grams_in_memory(ckpt, tmp_path,
 
 
 def test_an_in_memory_run_that_cannot_fit_is_refused_before_loading(ckpt, tmp_path, monkeypatch):
-    import svdzip.engine.checkpoint as checkpoint_mod
-    import svdzip.models.loading as loading_mod
+    import svdzip.core.checkpoint as checkpoint_mod
+    import svdzip.output.loading as loading_mod
 
     source, _ = ckpt
     monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: 64 * 2**20)
@@ -287,8 +287,8 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, tmp: str, source: str) -> None:
     import torch.distributed as dist
 
-    import svdzip.engine.spectra as spectra_mod
-    from svdzip.engine.distributed import DistContext
+    import svdzip.passes.spectra as spectra_mod
+    from svdzip.core.distributed import DistContext
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

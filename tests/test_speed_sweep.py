@@ -13,7 +13,6 @@ from conftest import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, SvdzipError, compress
 from svdzip import sweep as sweep_mod
-from svdzip.engine.calibrate import collect_statistics
 from svdzip.evaluate.perplexity import perplexity
 from svdzip.evaluate.speed import (
     PeakMemory,
@@ -30,6 +29,7 @@ from svdzip.evaluate.speed import (
 from svdzip.methods.decompose import decompose
 from svdzip.models.adapter import ModelAdapter
 from svdzip.models.lowrank import LowRankLinear
+from svdzip.passes.calibrate import collect_statistics
 from svdzip.sweep import SweepSpec, config_from_label, parse_label, run_sweep
 
 
@@ -286,7 +286,7 @@ def test_speed_aware_options_and_cache():
 def test_cli_eval_speed_and_tasks(monkeypatch, capsys):
     import svdzip.evaluate.perplexity as ppl_mod
     import svdzip.evaluate.zeroshot as zs_mod
-    import svdzip.models.loading as loading
+    import svdzip.output.loading as loading
     from svdzip.cli import main
 
     models = {"dense": tiny_model("llama"), "small": _compressed()}

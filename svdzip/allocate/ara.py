@@ -24,7 +24,7 @@ kept) serves the mask, the targets and the dense test: a retention r̂ is worth 
 cap (the paper's ρ = ρ₀·r̂) and smaller when it does (skewed GQA projections, rho0 above the headroom).
 
 The allocator returns its training history, timings and learned retentions in `Allocation.report`;
-`svdzip.output.plots.write_allocation_report` draws `ara_loss.png` / `ara_ratios.png` from it.
+`svdzip.report.plots.write_allocation_report` draws `ara_loss.png` / `ara_ratios.png` from it.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def measured_speedup(unit: Unit, rank: int, tokens: int, clock: str, cache: AllocationCache) -> float:
     """dense time / low-rank time of the unit's rows×cols linear at `rank` on this machine (cached)."""
-    from svdzip.evaluate.speed import linear_timing
+    from svdzip.allocate.latency import linear_timing
 
     key = (unit.rows, unit.cols, rank, tokens, torch.get_num_threads(), clock)
     return cache.get("speedaware", key, lambda: linear_timing(unit.cols, unit.rows, [rank], tokens, clock=clock,

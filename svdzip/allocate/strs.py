@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from svdzip.allocate import options as opt
 from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.budget import DENSE, max_useful_rank
-from svdzip.engine.layerwise import capture_layer_inputs, layer_on, non_layers_on, run_layer, to_device
+from svdzip.core.layerwise import capture_layer_inputs, layer_on, non_layers_on, run_layer, to_device
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import truncate
@@ -88,7 +88,7 @@ class _SuffixEvaluator:
     """Calibration perplexity of the model, re-running only the layers from `start` onward."""
 
     def __init__(self, ctx: AllocationContext, tokens: torch.Tensor, batch_size: int):
-        from svdzip.methods.fisher import logits_from_final_hidden, next_token_nll
+        from svdzip.passes.fisher import logits_from_final_hidden, next_token_nll
 
         self.model, self.adapter, self.device = ctx.model, ctx.adapter, torch.device(ctx.device)
         self.tokens, self.batch_size = tokens, batch_size

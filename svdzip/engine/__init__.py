@@ -1,1 +1,1 @@
-"""The layer-wise engine: calibration, the compress driver, streaming, resume and torch.distributed."""
+"""The runner: the one driver of a compression run, its stages, the streamed writer and the memory check."""

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from svdzip.config import CompressConfig
-from svdzip.engine.distributed import DistContext
-from svdzip.engine.resume import RunState
+from svdzip.core.distributed import DistContext
+from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.needs import Mode, Needs, refuse_unsupported
 
@@ -61,7 +61,7 @@ def part_needs(config: CompressConfig, heal: Any = None) -> dict[str, Needs]:
     """What every part of this run declares, by label (the labels name them in error messages)."""
     from svdzip.allocate import allocator_needs
     from svdzip.methods.factorisations import get_method
-    from svdzip.methods.update import get_update
+    from svdzip.passes.update import get_update
 
     parts = {f"--method {config.method}": get_method(config.method).needs(config),
              f"--allocator {config.allocator}": allocator_needs(config.allocator, config.allocator_options)}
@@ -122,7 +122,7 @@ def calibration_tokens_for(tokenizer: Any, config: CompressConfig, needs: Needs,
 
 def run(request: CompressRequest, ctx: DistContext | None = None) -> RunResult | None:
     """Compress `request.model` into `request.out` in whatever mode was asked; the result on rank 0."""
-    from svdzip.engine.distributed import device_for_rank, init_from_env, shutdown
+    from svdzip.core.distributed import device_for_rank, init_from_env, shutdown
 
     owned = ctx is None
     ctx = ctx or init_from_env(request.config.device)
@@ -136,7 +136,7 @@ def run(request: CompressRequest, ctx: DistContext | None = None) -> RunResult |
 
 def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     from svdzip.assets import resolve_model
-    from svdzip.engine.checkpoint import should_stream
+    from svdzip.core.checkpoint import should_stream
 
     config = request.config.validate()
     out = Path(request.out)
@@ -189,8 +189,8 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
                             stats_on_disk)
         timings["calibrate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        from svdzip.engine.spectra import decompose_units
         from svdzip.methods.decompose import group_linears
+        from svdzip.passes.spectra import decompose_units
 
         groups = group_linears(adapter, config.share_roles, config.group_size)
         units = decompose_units(adapter, stats, config, groups, weights=weights, on_disk=mode.streamed, state=state,
@@ -258,8 +258,8 @@ def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal:
     """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory."""
     if torch.device(config.device).type != "cpu":
         return  # the model and its activations live on the accelerator, not in this machine's memory
+    from svdzip.core.checkpoint import checkpoint_elements, memory_limit_bytes
     from svdzip.engine import footprint
-    from svdzip.engine.checkpoint import checkpoint_elements, memory_limit_bytes
 
     model_config, elements = footprint.read_config(source), checkpoint_elements(source)
     if model_config is None or not elements:
@@ -291,14 +291,14 @@ def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokeni
 
     Without `with_tokenizer` (calibration tokens given directly) a bare checkpoint is enough.
     """
-    from svdzip.engine.layerwise import ResidentWeights
+    from svdzip.core.layerwise import ResidentWeights
     from svdzip.models.adapter import ModelAdapter
-    from svdzip.models.loading import load_model, load_tokenizer
+    from svdzip.output.loading import load_model, load_tokenizer
 
     if not streamed:
         model, tokenizer, _ = load_model(source, config.device, with_tokenizer=with_tokenizer)
         return model, tokenizer, ResidentWeights(model, ModelAdapter(model))
-    from svdzip.engine.checkpoint import CheckpointReader, StreamedWeights, skeleton
+    from svdzip.core.checkpoint import CheckpointReader, StreamedWeights, skeleton
     from svdzip.models.checkpoint_names import CheckpointNames
 
     model = skeleton(source, torch.float32)
@@ -321,15 +321,15 @@ def _statistics(model, adapter, tokens, source: str, config: CompressConfig, nee
         from svdzip.engine.pipeline import prepare_statistics
 
         return prepare_statistics(model, tokens, source, config, stats_path, kinds=needs.statistics)
-    from svdzip.engine.calibrate import calibrate
+    from svdzip.passes.calibrate import calibrate
 
     stats = None
     if kinds:
         stats = calibrate(model, adapter, tokens, config.calib_batch_size, config.device, kinds, weights=weights,
                           state=state, ctx=ctx, meta=calibration_meta(source, config), on_disk=on_disk)
     if "fisher" in needs.statistics:  # declared non-streamable and non-distributable: in memory, one process
+        from svdzip.core.statistics import CalibrationStats
         from svdzip.engine.pipeline import add_fisher
-        from svdzip.engine.statistics import CalibrationStats
 
         stats = stats or CalibrationStats(tokens=int(tokens.numel()), meta=calibration_meta(source, config))
         add_fisher(stats, model, tokens, config)
@@ -388,7 +388,7 @@ def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: 
     t0 = time.perf_counter()
     allocation, _, _ = allocate_units(units, config, weights.adapter, model=None)
     ranks = allocation.ranks
-    from svdzip.output.plots import write_allocation_report
+    from svdzip.report.plots import write_allocation_report
 
     write_allocation_report(staging, units, allocation)
     timings["allocate_s"] = time.perf_counter() - t0
@@ -421,7 +421,7 @@ def _move_artefacts(staging: Path, into: Path) -> None:
 
 
 def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str, config: CompressConfig) -> None:
-    from svdzip.output.plots import write_plots
+    from svdzip.report.plots import write_plots
 
     what = (f"{100 * config.budget_fraction:.0f}% of the bf16 bytes" if config.budget_fraction
             else "a byte budget" if config.memory_budget else f"{100 * config.ratio:.0f}% removed")

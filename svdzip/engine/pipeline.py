@@ -19,13 +19,13 @@ from torch import nn
 from svdzip.allocate import Allocation, AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
 from svdzip.config import CompressConfig
-from svdzip.engine.calibrate import collect_statistics
-from svdzip.engine.statistics import CalibrationStats, default_stats_path, statistics_key
+from svdzip.core.statistics import CalibrationStats, default_stats_path, statistics_key
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit, group_linears
 from svdzip.methods.factorisations import get_method
 from svdzip.methods.materialise import ModuleReport, materialise
 from svdzip.models.adapter import ModelAdapter
+from svdzip.passes.calibrate import collect_statistics
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def compress(
 
     t0 = time.perf_counter()
     if units is None:  # the driver passes spectra it computed in its mode (spread over ranks, resumed)
-        from svdzip.engine.spectra import decompose_units
+        from svdzip.passes.spectra import decompose_units
 
         groups = group_linears(adapter, config.share_roles, config.group_size)
         units = decompose_units(adapter, stats, config, groups, device=config.device)
@@ -100,7 +100,7 @@ def compress(
     ranks = allocation.ranks
     timings["allocate_s"] = time.perf_counter() - t0
     if out_dir is not None:
-        from svdzip.output.plots import write_allocation_report
+        from svdzip.report.plots import write_allocation_report
 
         write_allocation_report(out_dir, units, allocation)
 
@@ -111,7 +111,7 @@ def compress(
     timings["materialise_s"] = time.perf_counter() - t0
 
     if config.update:
-        from svdzip.methods.update import apply_update
+        from svdzip.passes.update import apply_update
 
         if calib_tokens is None:
             raise SvdzipError(f"the '{config.update}' update needs calibration tokens")
@@ -175,7 +175,7 @@ def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext
     """Ranks for a byte budget: byte-aware allocators spend bytes, the others are fitted by their ratio."""
     from svdzip.allocate import is_byte_aware
     from svdzip.allocate.memory import allocate_bytes, allocate_params_first, plan, price
-    from svdzip.models.loading import parse_dtype
+    from svdzip.output.loading import parse_dtype
 
     mplan = plan(model, units, config.budget_bytes, config.budget_fraction, parse_dtype(config.storage_dtype),
                  config.quantize, config.quantize_scope)
@@ -285,7 +285,7 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
 
 def add_fisher(stats: CalibrationStats, model: nn.Module, calib_tokens: torch.Tensor, config: CompressConfig) -> float:
     """FWSVD's per-input-channel Fisher information into `stats` (one backward pass); returns the seconds spent."""
-    from svdzip.methods.fisher import collect_fisher
+    from svdzip.passes.fisher import collect_fisher
 
     t0 = time.perf_counter()
     stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from svdzip.config import CompressConfig
-from svdzip.engine.checkpoint import StreamedWeights, placeholder
-from svdzip.engine.resume import RunState
+from svdzip.core.checkpoint import StreamedWeights, placeholder
+from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import Spectrum

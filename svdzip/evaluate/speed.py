@@ -24,7 +24,6 @@ import contextlib
 import logging
 import re
 import statistics
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdzip.allocate.latency import linear_timing
+from svdzip.core.timing import timed
 from svdzip.models.lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,6 @@ class PeakMemory:
 # --------------------------------------------------------------------------- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -143,32 +139,6 @@ def random_tokens(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> 
     vocab = _vocab_size(model)
     low = min(16, vocab - 1)
     return torch.randint(low, vocab, (batch, seq_len), generator=g)
-
-
-CLOCKS = ("wall", "cpu")
-
-
-def clock_fn(clock: str, device: torch.device) -> Callable[[], float]:
-    """`wall` = perf_counter; `cpu` = this process's CPU seconds (all threads), CPU devices only.
-
-    Why `cpu`: on a machine shared with other jobs, wall time counts the time the scheduler gave to
-    others; CPU time does not (cache sharing still leaks in). With one torch thread it equals the
-    latency a quiet machine would show; with several it is total work, not latency.
-    """
-    if clock not in CLOCKS:
-        raise ValueError(f"unknown clock '{clock}'; choose from {', '.join(CLOCKS)}")
-    if clock == "cpu" and device.type == "cpu":
-        return time.process_time
-    return time.perf_counter
-
-
-def _timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
-    now = clock_fn(clock, device)
-    _sync(device)
-    t0 = now()
-    fn()
-    _sync(device)
-    return now() - t0
 
 
 def _prefill_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
@@ -268,14 +238,14 @@ def measure_speed(
                 dev = _model_device(model)
                 ids = random_tokens(model, s.batch, s.seq_len, seed).to(dev)
                 with _eval_mode(model):
-                    t_pre = _timed(_prefill_fn(model, ids), dev, clock)
-                    t_one = _timed(_generate_fn(model, ids, 1), dev, clock)
+                    t_pre = timed(_prefill_fn(model, ids), dev, clock)
+                    t_one = timed(_generate_fn(model, ids, 1), dev, clock)
                     if i == warmup:  # the first measured repeat also records the memory peak
                         with PeakMemory(dev) as pm:
-                            t_all = _timed(_generate_fn(model, ids, s.new_tokens), dev, clock)
+                            t_all = timed(_generate_fn(model, ids, s.new_tokens), dev, clock)
                         peaks[label] = (pm.transient, pm.peak)
                     else:
-                        t_all = _timed(_generate_fn(model, ids, s.new_tokens), dev, clock)
+                        t_all = timed(_generate_fn(model, ids, s.new_tokens), dev, clock)
                 if i >= warmup:
                     prefill[label].append(t_pre)
                     decode[label].append(max(t_all - t_one, 1e-9))
@@ -338,7 +308,7 @@ def summary_row(speed: dict[str, Any], label: str) -> dict[str, float]:
 
 def speed_table(speed: dict[str, Any]) -> str:
     """Markdown: one row per model × setting, with ratios to the reference."""
-    from svdzip.output.report import human_bytes, table
+    from svdzip.report.tables import human_bytes, table
 
     rows = []
     for label, by in speed["results"].items():
@@ -362,64 +332,6 @@ def parse_settings(batches: str | Sequence[int], seq_lens: str | Sequence[int], 
 
 
 # --------------------------------------------------------------------------- per module
-
-
-def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, clock: str,
-                 target_s: float = 0.01) -> float:
-    """Median seconds per call; calls are batched so that one repeat lasts about `target_s`."""
-    now = clock_fn(clock, device)
-    fn()
-    _sync(device)
-    t0 = now()
-    fn()
-    _sync(device)
-    inner = max(1, min(1000, int(target_s / max(now() - t0, 1e-7))))
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = now()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        times.append((now() - t0) / inner)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def linear_timing(
-    in_features: int,
-    out_features: int,
-    ranks: Sequence[int],
-    tokens: int,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    repeats: int = 5,
-    clock: str = "cpu",
-) -> dict[str, Any]:
-    """Time one dense `nn.Linear` against `LowRankLinear` at each rank, for `tokens` rows of input.
-
-    Why: FLOPs scale with k·(m+n) against m·n, but two small matmuls pay two dispatches and, at
-    decode (one token), two weight reads with less work each; a rank can save parameters and still
-    lose time. Returns seconds per call and `speedup = dense / low-rank` per rank.
-    """
-    dev = torch.device(device)
-    x = torch.randn(tokens, in_features, device=dev, dtype=dtype)
-    dense = nn.Linear(in_features, out_features, bias=False, device=dev, dtype=dtype)
-    t_dense = _median_time(lambda: dense(x), dev, repeats, clock)
-    rows = []
-    for k in ranks:
-        lr = LowRankLinear(in_features, out_features, k, device=dev, dtype=dtype)
-        t = _median_time(lambda lr=lr: lr(x), dev, repeats, clock)
-        rows.append({"rank": k, "kept_params": k * (in_features + out_features) / (in_features * out_features),
-                     "seconds": t, "speedup": t_dense / t})
-    return {"in": in_features, "out": out_features, "tokens": tokens, "dense_seconds": t_dense, "ranks": rows,
-            "threads": torch.get_num_threads(), "clock": clock}
-
-
-def break_even_rank(timing: dict[str, Any]) -> int | None:
-    """Largest measured rank that is still at least as fast as dense (None if none is)."""
-    fast = [r["rank"] for r in timing["ranks"] if r["speedup"] >= 1.0]
-    return max(fast) if fast else None
 
 
 def slow_low_rank_modules(model: nn.Module, tokens: int = 1, min_speedup: float = 1.0, repeats: int = 5,

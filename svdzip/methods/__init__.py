@@ -1,1 +1,1 @@
-"""Factorisation methods and what acts on their factors: decompose, materialise, update."""
+"""The maths of the factorisations: whitened spectra (linalg, decompose), the methods' metrics, materialising."""

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from svdzip.budget import DENSE, Pricing, max_useful_rank, rank_cost, unit_params
-from svdzip.engine.statistics import CalibrationStats
+from svdzip.core.statistics import CalibrationStats
 from svdzip.errors import SvdzipError
 from svdzip.methods.factorisations import FactorisationMethod, Settings, get_method
 from svdzip.methods.linalg import Spectrum, weighted_spectrum

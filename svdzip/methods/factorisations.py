@@ -27,7 +27,7 @@ from svdzip.methods.linalg import gram_factor
 from svdzip.needs import NOTHING, Needs
 
 if TYPE_CHECKING:
-    from svdzip.engine.calibrate import CalibrationStats
+    from svdzip.core.statistics import CalibrationStats
     from svdzip.models.adapter import LinearInfo
 
 ASVD_SCALINGS = ("abs_mean", "abs_max")
@@ -39,6 +39,12 @@ class MethodSettings(Protocol):
 
     asvd_alpha: float
     asvd_scaling: str
+
+
+class MethodChoice(MethodSettings, Protocol):
+    """What a pass needs to know of a run's recipe to factorise: the method and its settings."""
+
+    method: str
 
 
 @dataclass(frozen=True)

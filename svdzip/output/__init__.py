@@ -1,1 +1,1 @@
-"""What a run leaves behind: the saved directory (io), quantized storage, reports and plots."""
+"""The saved format: the directory (io), quantized storage, and loading a model or an svdzip directory."""

@@ -68,7 +68,7 @@ def load_teacher(source: str, config: HealConfig) -> nn.Module | None:
     into `heal()` without keeping a name for it, so that heal() can free it once its top-k are cached."""
     if config.objective != "kl":
         return None
-    from svdzip.models.loading import load_model
+    from svdzip.output.loading import load_model
 
     return load_model(source, config.device)[0]
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svdzip.assets import sha256_file
-from svdzip.engine.resume import RunState, read_checked
+from svdzip.core.resume import RunState, read_checked
 from svdzip.errors import SvdzipError
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from svdzip.config import CompressConfig
-from svdzip.engine.checkpoint import placeholder, release_memory
-from svdzip.engine.distributed import DistContext, assign_by_cost, eigen_cost
-from svdzip.engine.layerwise import WeightSource
-from svdzip.engine.resume import RunState, fault
+from svdzip.core.checkpoint import placeholder, release_memory
+from svdzip.core.distributed import DistContext, assign_by_cost, eigen_cost
+from svdzip.core.layerwise import WeightSource
+from svdzip.core.resume import RunState, fault
 from svdzip.methods.decompose import Unit, decompose
+from svdzip.methods.factorisations import MethodChoice
 from svdzip.methods.linalg import Spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
 
@@ -36,7 +36,7 @@ def _job_cost(groups: list[list[LinearInfo]], job: list[int]) -> float:
     return float(cols) ** 3 + sum(eigen_cost(sum(m.out_features for m in groups[u]), cols) for u in job)
 
 
-def decompose_units(adapter: ModelAdapter, stats: Any, config: CompressConfig, groups: list[list[LinearInfo]],
+def decompose_units(adapter: ModelAdapter, stats: Any, config: MethodChoice, groups: list[list[LinearInfo]],
                     *, weights: WeightSource | None = None, on_disk: bool = False,
                     state: RunState | None = None, ctx: DistContext | None = None,
                     device: str = "cpu") -> list[Unit]:
@@ -46,7 +46,7 @@ def decompose_units(adapter: ModelAdapter, stats: Any, config: CompressConfig, g
     """
     ctx = ctx or DistContext()
     if weights is None:
-        from svdzip.engine.layerwise import ResidentWeights
+        from svdzip.core.layerwise import ResidentWeights
 
         weights = ResidentWeights(adapter.model, adapter)
     jobs = _jobs(groups)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.engine.distributed import DistContext, data_slice
-from svdzip.engine.layerwise import ResidentWeights, WeightSource, capture_layer_inputs, forward_pre_hooks, run_layer
-from svdzip.engine.resume import RunState, fault, read_checked, write_checked
-from svdzip.engine.statistics import (
+from svdzip.core.distributed import DistContext, data_slice
+from svdzip.core.layerwise import ResidentWeights, WeightSource, capture_layer_inputs, forward_pre_hooks, run_layer
+from svdzip.core.resume import RunState, fault, read_checked, write_checked
+from svdzip.core.statistics import (
     AUXILIARY,
     INPUT_KINDS,
     Accumulator,

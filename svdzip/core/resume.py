@@ -107,7 +107,7 @@ class RunState:
                 log.info("resuming from the run state in %s", self.root)
         if writer and not state_file.is_file():
             self.root.mkdir(parents=True, exist_ok=True)
-            from svdzip import __version__
+            from svdzip.version import __version__
 
             meta = {"format": STATE_FORMAT, "hash": self.hash, "key": key, "svdzip_version": __version__,
                     "torch_version": torch.__version__}

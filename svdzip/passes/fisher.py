@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.engine.layerwise import capture_layer_inputs, first_output, layer_on, non_layers_on, to_device
+from svdzip.core.layerwise import capture_layer_inputs, first_output, layer_on, non_layers_on, to_device
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
 

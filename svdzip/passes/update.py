@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdzip.engine.layerwise import (
+from svdzip.core.layerwise import (
     capture_layer_inputs,
     first_output,
     forward_pre_hooks,
@@ -41,7 +41,7 @@ from svdzip.engine.layerwise import (
     run_layer,
     to_device,
 )
-from svdzip.engine.statistics import Accumulator, CalibrationStats
+from svdzip.core.statistics import Accumulator, CalibrationStats
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.models.adapter import LinearInfo, ModelAdapter

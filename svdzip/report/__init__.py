@@ -1,0 +1,1 @@
+"""What a person reads: the per-matrix tables and the plots of a run (spectra, ranks, effective ranks)."""
