@@ -217,7 +217,8 @@ def test_heal_then_int8_keeps_the_budget_and_reloads_identically(tmp_path):
     """Recovery trains the float factors; quantizing afterwards keeps the shapes, so the bytes stay planned."""
     import copy
 
-    from svdzip.recover import HealConfig, heal
+    from svdzip.recover.config import HealConfig
+    from svdzip.recover.heal import heal
 
     teacher, tokens = tiny_model("llama"), tiny_tokens()
     student = copy.deepcopy(teacher)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import VOCAB, tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, SvdzipError, compress
-from svdzip.recover import HealConfig, heal
+from svdzip.recover.config import HealConfig
+from svdzip.recover.heal import heal
 from svdzip.recover.losses import kl_full, kl_topk, next_token_ce, topk_of
 from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules
 from svdzip.recover.trainer import Checkpoint, batch_order, lr_at

@@ -146,7 +146,7 @@ def test_an_in_memory_run_that_cannot_fit_is_refused_before_loading(ckpt, tmp_pa
 
 def test_footprint_terms_grow_with_what_the_run_holds():
     from svdzip.engine import footprint
-    from svdzip.recover import HealConfig
+    from svdzip.recover.config import HealConfig
 
     cfg = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "vocab_size": 151936}
     plain = footprint.estimate(2 * 2**30, cfg, gram_bytes=footprint.gram_bytes_of(cfg), grams_in_memory=False)

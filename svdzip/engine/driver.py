@@ -430,8 +430,7 @@ def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str
 
 def _heal_in_memory(model, tokenizer, source: str, heal_config):
     """Heal the just-compressed model against a fresh copy of its dense source."""
-    from svdzip.recover import heal, heal_windows
-    from svdzip.recover.heal import load_teacher
+    from svdzip.recover.heal import heal, heal_windows, load_teacher
 
     # the teacher is handed over without a name here: heal() frees it once its top-k are cached
     report = heal(model, load_teacher(source, heal_config), heal_windows(tokenizer, heal_config), heal_config)

@@ -1,6 +1,5 @@
-"""Recover: train the factors after truncation (distillation from the dense model, SVD-LLM's sequential LoRA)."""
+"""Recover: train the factors after truncation (distillation from the dense model, SVD-LLM's sequential LoRA).
 
-from svdzip.recover.config import HEAL_METHODS, HealConfig
-from svdzip.recover.heal import HealReport, heal, heal_windows
-
-__all__ = ["HEAL_METHODS", "HealConfig", "HealReport", "heal", "heal_windows"]
+`config` (the options, cheap to import: the CLI reads its defaults) · `heal` (the training) · `directory`
+(heal a saved directory) · `losses`, `trainer`, `seq_lora` (the pieces).
+"""
