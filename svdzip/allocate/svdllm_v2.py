@@ -18,6 +18,7 @@ smallest is e (an assumption of ours; the paper does not say).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 from svdzip.allocate.base import Allocation, AllocationContext, Allocator
@@ -27,12 +28,20 @@ from svdzip.methods.decompose import Unit
 
 
 def v2_ratios(losses: Sequence[float], ratio: float) -> list[float]:
-    """R_i = R·ℓ_i/mean(ℓ), ℓ = 1/log(L_min), clamped to [0, 1)."""
-    lo = min(losses)
+    """R_i = R·ℓ_i/mean(ℓ), ℓ = 1/log(L_min), clamped to [0, 1).
+
+    A matrix that loses nothing at the uniform rank (L = 0, e.g. its rank is below it) needs no more
+    rank: it keeps R, and the others share the mean among themselves.
+    """
+    ok = [math.isfinite(x) and x >= sys.float_info.min for x in losses]  # e/L stays finite
+    pos = [x for x, good in zip(losses, ok, strict=True) if good]
+    if not pos:
+        return [ratio] * len(losses)
+    lo = min(pos)
     scale = math.e / lo if lo <= math.e else 1.0
-    ell = [1.0 / math.log(max(x * scale, math.e)) for x in losses]
-    mean = sum(ell) / len(ell)
-    return [min(max(ratio * e / mean, 0.0), 0.999) for e in ell]
+    ell = [1.0 / math.log(max(x * scale, math.e)) if good else 0.0 for x, good in zip(losses, ok, strict=True)]
+    mean = sum(ell) / len(pos)
+    return [min(max(ratio * e / mean, 0.0), 0.999) if good else ratio for e, good in zip(ell, ok, strict=True)]
 
 
 def v2_ranks(units: Sequence[Unit], ratio: float, budget: int) -> list[Rank]:
@@ -49,7 +58,10 @@ def v2_ranks(units: Sequence[Unit], ratio: float, budget: int) -> list[Rank]:
             losses.append(math.sqrt(max(u.spectrum.tail(k), 0.0)))
         for i, r_i, loss in zip(idx, v2_ratios(losses, ratio), losses, strict=True):
             u = units[i]
-            ranks[i] = normalise(u, (1.0 - r_i) * u.rows * u.cols / (u.rows + u.cols))
+            if loss < sys.float_info.min:  # lossless at the uniform rank: its own rank is enough
+                ranks[i] = normalise(u, int((u.spectrum.sigma2 > 0).sum()))
+            else:
+                ranks[i] = normalise(u, (1.0 - r_i) * u.rows * u.cols / (u.rows + u.cols))
             prio[i] = math.log(max(loss, 1e-300)) / u.cost_per_rank
     return fit_budget(units, ranks, budget, static_gain(prio))
 
