@@ -6,9 +6,8 @@ import dataclasses
 import math
 
 import pytest
+import torch
 from conftest import tiny_model, tiny_tokens
-
-from svdzip.config import SHAREABLE_ROLES
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +19,7 @@ def llama_units():
     model = tiny_model("llama")
     stats = collect_statistics(model, tiny_tokens(), 4, "cpu")
     adapter = ModelAdapter(model)
-    return decompose(adapter, stats, "svdllm", group_linears(adapter, SHAREABLE_ROLES, 1))
+    return decompose(adapter, stats, "svdllm", group_linears(adapter))
 
 
 # 1. SVD-LLM V2: a matrix that loses nothing at the uniform rank
@@ -53,3 +52,53 @@ def test_v2_allocates_within_budget_when_a_matrix_has_rank_below_the_uniform_ran
     assert spent(units, ranks) <= budget
     assert all(r is DENSE or 1 <= r <= u.max_rank for u, r in zip(units, ranks, strict=True))
     assert ranks[i] == 1  # its own rank loses nothing; the rest of the budget goes to the others
+
+
+# 2. heal resume: CUDA's RNG states are checkpointed and restored
+
+
+def _train_linear(checkpoint, device, steps):
+    from svdzip.recover.trainer import train
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    params = dict(layer.named_parameters())
+    return train(layer, params, lambda idx: ((layer(x[idx]) - y[idx]) ** 2).mean(),
+                 lambda: float(((layer(x) - y) ** 2).mean()), n_windows=8, steps=steps, lr=1e-2, warmup=0.0,
+                 batch_size=2, grad_accum=1, eval_every=2, patience=10, seed=0, device=device,
+                 checkpoint=checkpoint)
+
+
+def test_a_cuda_heal_checkpoints_and_restores_every_cuda_rng_state(tmp_path, monkeypatch):
+    import contextlib
+
+    from svdzip.recover import trainer
+
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new: restored.append(list(new)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trainer, "autocast_for", lambda _device: contextlib.nullcontext())  # no GPU here
+    ck = trainer.Checkpoint(tmp_path, {"run": 1})
+    _train_linear(ck, "cuda", 4)
+    _, tensors = ck.load()
+    assert torch.equal(tensors["rng.cuda.0"], states[0]) and torch.equal(tensors["rng.cuda.1"], states[1])
+    assert not restored
+    assert _train_linear(ck, "cuda", 6).resumed_at == 4
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], states, strict=True))
+
+
+def test_a_cpu_heal_checkpoint_holds_no_cuda_state(tmp_path, monkeypatch):
+    from svdzip.recover.trainer import Checkpoint
+
+    def no_cuda(*_a, **_k):
+        raise AssertionError("a CPU run touched CUDA's RNG")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_cuda)
+    ck = Checkpoint(tmp_path, {"run": 1})
+    _train_linear(ck, "cpu", 4)
+    assert not [k for k in ck.load()[1] if k.startswith("rng.cuda")] and "rng.cpu" in ck.load()[1]
+    assert _train_linear(ck, "cpu", 6).resumed_at == 4

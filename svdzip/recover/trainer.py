@@ -4,9 +4,9 @@ What is trained and on which loss is the caller's business (a `micro_loss` over 
 indices, a `heldout_loss`); the loop owns what every recovery needs alike: a deterministic batch
 order from the seed, held-out checks with early stopping and the best parameters kept, a stop on a
 non-finite loss that keeps the last good parameters, and checkpoints that a killed run resumes from
-bit for bit (parameters, optimiser moments, RNG state; the batch order and the learning rate are
-functions of the step and of the back-offs recorded). Checkpoints are safetensors plus a JSON record:
-no pickles.
+bit for bit (parameters, optimiser moments, the CPU's RNG state and CUDA's when training there; the
+batch order and the learning rate are functions of the step and of the back-offs recorded).
+Checkpoints are safetensors plus a JSON record: no pickles.
 
 The learning rate can find itself (`backoff`): a held-out check that is not better than the best so
 far (step 0 included) rolls the parameters back to the best, starts the optimiser afresh with a new
@@ -192,7 +192,7 @@ def train(
                 params[n].copy_(tensors[f"param.{n}"])
         best = {n: tensors[f"best.{n}"].to(params[n].device) for n in names}
         _restore_optimizer(opt, tensors, state["optimizer"])
-        torch.set_rng_state(tensors["rng.cpu"])
+        _restore_rng(tensors)
         start = resumed = state["step"]
         history, best_loss, best_step, initial, bad = (state["history"], state["best_heldout"],
                                                        state["best_step"], state["initial_heldout"], state["bad"])
@@ -261,7 +261,7 @@ def train(
                 bad += 1
             if checkpoint is not None:
                 _save(checkpoint, params, best, opt, done, history, best_loss, best_step, initial, bad, search,
-                      running)
+                      running, device)
             if bad >= patience and done < steps:
                 log.info("%s: no held-out improvement in %d checks; stopping at step %d", desc, bad, done)
                 stopped = "early-stop"
@@ -287,11 +287,27 @@ def _evaluate(model: nn.Module, heldout_loss: Callable[[], float], device: str) 
         return float(heldout_loss())
 
 
+def _rng_tensors(device: str) -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and every CUDA device's when training on CUDA (dropout draws there)."""
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():  # a CUDA run resumed on the CPU has no CUDA draws to replay
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _save(checkpoint: Checkpoint, params, best, opt, step, history, best_loss, best_step, initial, bad,
-          search, running) -> None:
+          search, running, device) -> None:
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors = {**{f"param.{n}": p for n, p in params.items()}, **{f"best.{n}": p for n, p in best.items()},
-               **opt_tensors, "rng.cpu": torch.get_rng_state()}
+               **opt_tensors, **_rng_tensors(device)}
     checkpoint.save({"step": step, "history": history, "best_heldout": best_loss, "best_step": best_step,
                      "initial_heldout": initial, "bad": bad, "optimizer": opt_meta, "search": search,
                      "running": running}, tensors)
