@@ -102,3 +102,22 @@ def test_a_cpu_heal_checkpoint_holds_no_cuda_state(tmp_path, monkeypatch):
     _train_linear(ck, "cpu", 4)
     assert not [k for k in ck.load()[1] if k.startswith("rng.cuda")] and "rng.cpu" in ck.load()[1]
     assert _train_linear(ck, "cpu", 6).resumed_at == 4
+
+
+# 3. a reloaded quantized linear without bias goes where its neighbours are
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_reloaded_quantized_linear_is_placed_on_its_modules_device(tmp_path, bias):
+    from svdzip.output.quantize import load_quantized, quantize_linears, save_quantized, swap_in_slots
+
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=bias), torch.nn.LayerNorm(8))
+    quantize_linears(saved, ["0"], "int8")
+    save_quantized(saved, ["0"], tmp_path / "q.safetensors")
+    # "meta" stands for an accelerator here: what matters is that it is not the CPU
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=bias, device="meta"), torch.nn.LayerNorm(8, device="meta"))
+    swap_in_slots(model, ["0"])
+    assert load_quantized(model, tmp_path / "q.safetensors") == ["0"]
+    assert model[0].weight.device.type == "meta"
+    assert not model[0].weight.requires_grad

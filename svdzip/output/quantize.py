@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -218,7 +219,7 @@ def load_quantized(model: nn.Module, path: Path) -> list[str]:
         key = f"{name}.weight"
         if key not in weights:
             raise SvdzipError(f"{path} has no quantized weight for {name}")
-        device = slot.bias.device if slot.bias is not None else "cpu"
+        device = slot.bias.device if slot.bias is not None else _device_near(model, name)
         linear = nn.Linear(slot.in_features, slot.out_features, bias=slot.bias is not None, device="meta")
         linear.weight = nn.Parameter(weights[key].to(device), requires_grad=False)
         if slot.bias is not None:
@@ -226,6 +227,16 @@ def load_quantized(model: nn.Module, path: Path) -> list[str]:
         parent, child = _parent(model, name)
         setattr(parent, child, linear)
     return sorted(slots)
+
+
+def _device_near(model: nn.Module, name: str) -> torch.device:
+    """Where the module `name` lives when it holds no tensor: the device of its nearest enclosing tensors."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            return t.device
+    return torch.device("cpu")
 
 
 def quantization_record(names: Sequence[str], precision: str, scope: str, dtype: torch.dtype) -> dict[str, Any]:
