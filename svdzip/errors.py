@@ -3,3 +3,7 @@
 
 class SvdzipError(Exception):
     """A user-facing error: the message is printed as is, and the command exits non-zero."""
+
+
+class InfeasibleBudget(SvdzipError):
+    """The budget is below what the allocation can spend at its smallest (one rank per matrix, say)."""

@@ -121,3 +121,34 @@ def test_a_reloaded_quantized_linear_is_placed_on_its_modules_device(tmp_path, b
     assert load_quantized(model, tmp_path / "q.safetensors") == ["0"]
     assert model[0].weight.device.type == "meta"
     assert not model[0].weight.requires_grad
+
+
+# 4. the byte search treats only an infeasible budget as "too deep"
+
+
+def _byte_search(units, name, options, budget_share):
+    from svdzip.allocate import AllocationContext
+    from svdzip.allocate.memory import allocate_params_first, price, pricing_for
+
+    priced = price(units, pricing_for(torch.float32, None))
+    dense = sum(u.dense_params for u in units) * 4
+    ctx = AllocationContext(ratio=0.5, budget=0, options=options)
+    return priced, allocate_params_first(name, units, priced, ctx, int(budget_share * dense))
+
+
+def test_the_byte_search_passes_through_infeasible_ratios(llama_units):
+    from svdzip.allocate import AllocationContext, allocate, spent
+    from svdzip.errors import InfeasibleBudget
+
+    for name in ("uniform", "drank", "svdllm-v2"):  # the condition the search treats as "too deep"
+        with pytest.raises(InfeasibleBudget):
+            allocate(name, llama_units, AllocationContext(ratio=0.999, budget=10, options={}))
+    priced, (allocation, ratio) = _byte_search(llama_units, "uniform", {}, 0.1)
+    assert ratio > 0.85 and spent(priced, allocation.ranks) <= int(0.1 * sum(u.dense_params for u in llama_units) * 4)
+
+
+def test_the_byte_search_lets_other_errors_through(llama_units):
+    from svdzip.errors import SvdzipError
+
+    with pytest.raises(SvdzipError, match="needs the model"):  # not "found no parameter ratio"
+        _byte_search(llama_units, "loss-aware", {"signal": "fisher"}, 0.5)

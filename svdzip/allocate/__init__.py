@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from svdzip.allocate.base import DENSE, Allocation, AllocationCache, AllocationContext, Allocator, spent
-from svdzip.errors import SvdzipError
+from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.needs import Needs
 
@@ -69,6 +69,9 @@ def allocate(name: str | Allocator, units: Sequence[Unit], ctx: AllocationContex
     used = spent(units, ranks)
     if used > ctx.budget:
         unit = "bytes" if any(u.pricing is not None for u in units) else "parameters"
+        floor = spent(units, [u.normalise(1) for u in units])
+        if floor > ctx.budget:  # no allocator could: the budget, not the allocator, is at fault
+            raise InfeasibleBudget(f"budget of {ctx.budget} {unit} is below one rank per matrix ({floor})")
         raise RuntimeError(f"allocator '{allocator.name}' spent {used} {unit}, over the budget of {ctx.budget}")
     return Allocation(ranks=ranks, report=result.report, allocator=allocator.name)
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from svdzip.budget import DENSE
-from svdzip.errors import SvdzipError
+from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
 
 Rank = int | None
@@ -85,7 +85,7 @@ def shrink_to_budget(units: Sequence[Unit], ranks: list[Rank], budget: int, gain
     heapq.heapify(heap)
     while used > budget:
         if not heap:
-            raise SvdzipError(f"budget of {budget} parameters is below one rank per matrix ({used})")
+            raise InfeasibleBudget(f"budget of {budget} parameters is below one rank per matrix ({used})")
         _, i = heapq.heappop(heap)
         down = step_down(units[i], ranks[i])
         if down is None:
@@ -176,7 +176,7 @@ def greedy_loss_allocation(units: Sequence[Unit], weights: Sequence[float], budg
     ranks: list[Rank] = [1 if u.max_rank >= 1 else DENSE for u in units]
     left = budget - total(units, ranks)
     if left < 0:
-        raise SvdzipError(f"budget of {budget} is below one rank per matrix ({total(units, ranks)})")
+        raise InfeasibleBudget(f"budget of {budget} is below one rank per matrix ({total(units, ranks)})")
     segs = [hull_segments(u, w) for u, w in zip(units, weights, strict=True)]
     pos = [0] * len(units)
     heap = [(-s[0][0], i) for i, s in enumerate(segs) if s]

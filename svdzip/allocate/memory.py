@@ -22,7 +22,7 @@ from torch import nn
 
 from svdzip.allocate import Allocation, AllocationContext, allocate, parse_allocator_options, spent
 from svdzip.budget import DENSE, Pricing, keep_budget
-from svdzip.errors import SvdzipError
+from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def allocate_params_first(name: str, units: list[Unit], priced: list[Unit], ctx:
         r = (lo + hi) / 2
         try:
             result = allocate(name, units, dataclasses.replace(ctx, ratio=r, budget=keep_budget(dense, r)))
-        except SvdzipError:  # below one rank per matrix: too deep
+        except InfeasibleBudget:  # below one rank per matrix: too deep; any other error is the caller's
             hi = r
             continue
         ranks = [p.normalise(k) for p, k in zip(priced, result.ranks, strict=True)]

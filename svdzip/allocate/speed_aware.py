@@ -27,7 +27,7 @@ import torch
 
 from svdzip.allocate import options as opt
 from svdzip.allocate.base import Allocation, AllocationCache, AllocationContext, Allocator
-from svdzip.errors import SvdzipError
+from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.needs import Needs
 
@@ -90,8 +90,8 @@ class SpeedAware(Allocator):
             budget = ctx.budget - sum(units[i].dense_params for i in dense)
             free_dense = sum(units[i].dense_params for i in free)
             if not free or budget <= 0 or budget >= free_dense:
-                raise SvdzipError(f"speedaware: keeping {len(dense)} slow matrices dense leaves no feasible budget "
-                                  "for the others; lower the ratio or min_speedup")
+                raise InfeasibleBudget(f"speedaware: keeping {len(dense)} slow matrices dense leaves no feasible "
+                                       "budget for the others; lower the ratio or min_speedup")
             sub = dataclasses.replace(ctx, ratio=1.0 - budget / free_dense, budget=budget, options=base_options)
             sub_ranks = base.allocate([units[i] for i in free], sub).ranks
             ranks: list[int | None] = [None] * len(units)

@@ -39,7 +39,7 @@ from svdzip.allocate import options as opt
 from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.budget import DENSE, max_useful_rank
 from svdzip.core.layerwise import capture_layer_inputs, layer_on, non_layers_on, run_layer, to_device
-from svdzip.errors import SvdzipError
+from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import truncate
 from svdzip.needs import Needs
@@ -176,7 +176,7 @@ def search(units: list[Unit], table: list[dict[float, float]], budget: int) -> l
         return sum(_params(u, k) for u, k in zip(units, choice(mid), strict=True))
 
     if cost(0) > budget:
-        raise SvdzipError(f"STRS cannot meet the budget even at the smallest candidate ratio "
+        raise InfeasibleBudget(f"STRS cannot meet the budget even at the smallest candidate ratio "
                           f"({cost(0)} > {budget} parameters); add smaller candidates")
     lo, hi = 0, len(entries)  # invariant: cost(lo) ≤ budget
     while lo < hi:
