@@ -152,3 +152,42 @@ def test_the_byte_search_lets_other_errors_through(llama_units):
 
     with pytest.raises(SvdzipError, match="needs the model"):  # not "found no parameter ratio"
         _byte_search(llama_units, "loss-aware", {"signal": "fisher"}, 0.5)
+
+
+# 5. run state: only corruption is "recompute", and only the writer removes the file
+
+
+def _corrupt_unit(tmp_path):
+    from svdzip.core.resume import RunState
+
+    writer = RunState(tmp_path, {"model": "m"}, writer=True)
+    writer.save_unit(3, "q", torch.ones(4), torch.ones(2, 2), 0.5)
+    path = writer.unit_path(3)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return writer, RunState(tmp_path, {"model": "m"}, writer=False), path
+
+
+def test_only_the_writer_removes_a_corrupted_state_file(tmp_path):
+    writer, reader, path = _corrupt_unit(tmp_path)
+    assert reader.load_unit(3, "q") is None  # recompute it...
+    assert path.is_file() and path.with_name(path.name + ".json").is_file()  # ...but leave it to rank 0
+    assert writer.load_unit(3, "q") is None
+    assert not path.exists() and not path.with_name(path.name + ".json").exists()
+
+
+def test_an_error_that_is_not_corruption_propagates_and_keeps_the_file(tmp_path, monkeypatch):
+    from svdzip.core import resume
+
+    writer = resume.RunState(tmp_path, {"model": "m"}, writer=True)
+    writer.save_unit(3, "q", torch.ones(4), torch.ones(2, 2), 0.5)
+    assert writer.load_unit(3, "q")[2] == 0.5
+
+    def fails(*_a, **_k):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(resume, "load_file", fails)
+    with pytest.raises(MemoryError):
+        writer.load_unit(3, "q")
+    assert writer.unit_path(3).is_file()

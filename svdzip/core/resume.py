@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from svdzip.assets import sha256_file
@@ -55,9 +56,9 @@ def write_checked(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, 
     os.replace(side_tmp, side_path)
 
 
-def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The tensors and info of a file written by `write_checked`; None (and the file removed) if
-    it is missing, cut short or corrupted — the caller recomputes it."""
+def read_checked(path: Path, remove: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The tensors and info of a file written by `write_checked`; None if it is missing, cut short or
+    corrupted — the caller recomputes it. A corrupted file is removed only with `remove` (its writer)."""
     side_path = path.with_name(path.name + ".json")
     if not path.is_file() or not side_path.is_file():
         return None
@@ -68,10 +69,13 @@ def read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] |
         # copies, not views of the file's memory map: a kept σ² must not keep the whole file (basis
         # included) mapped and resident, or a streamed run's memory would grow with depth
         return {k: v.clone() for k, v in load_file(str(path)).items()}, side.get("info", {})
-    except Exception as exc:  # json, safetensors or checksum: any damage means recompute
+    except FileNotFoundError:  # removed meanwhile (by its writer): missing, not corrupted
+        return None
+    except (ValueError, KeyError, TypeError, SafetensorError) as exc:  # json, checksum, safetensors: damage
         log.warning("state file %s is corrupted (%s); recomputing it", path, exc)
-        for p in (path, side_path):
-            p.unlink(missing_ok=True)
+        if remove:
+            for p in (path, side_path):
+                p.unlink(missing_ok=True)
         return None
 
 
@@ -115,6 +119,10 @@ class RunState:
             tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
             os.replace(tmp, state_file)
 
+    def read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """`read_checked` of a shared file: only the writer removes a corrupted one."""
+        return read_checked(path, remove=self.writer)
+
     def wipe(self) -> None:
         for sub in ("calib", "units"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
@@ -133,7 +141,7 @@ class RunState:
                       {"layer": layer, "batches": len(hidden)})
 
     def load_hidden(self, rank: int) -> tuple[int, list[torch.Tensor]] | None:
-        got = read_checked(self.hidden_path(rank))
+        got = read_checked(self.hidden_path(rank))  # each rank writes (and may remove) its own
         if got is None:
             return None
         tensors, info = got
@@ -148,7 +156,7 @@ class RunState:
                       {"name": name, "seconds": seconds})
 
     def load_unit(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        got = read_checked(self.unit_path(index))
+        got = self.read(self.unit_path(index))
         if got is None:
             return None
         tensors, info = got

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svdzip.assets import sha256_file
-from svdzip.core.resume import RunState, read_checked
+from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class LayeredStats:
     def layer(self, index: int) -> CalibrationStats:
         if self._cached is None or self._cached[0] != index:
             self._cached = None
-            got = read_checked(self.state.layer_stats_path(index))
+            got = self.state.read(self.state.layer_stats_path(index))
             if got is None:
                 raise SvdzipError(f"statistics of layer {index} are missing or corrupted in {self.state.root}; "
                                   "rerun the same command to recompute them")

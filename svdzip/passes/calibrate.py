@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from svdzip.core.distributed import DistContext, data_slice
 from svdzip.core.layerwise import ResidentWeights, WeightSource, capture_layer_inputs, forward_pre_hooks, run_layer
-from svdzip.core.resume import RunState, fault, read_checked, write_checked
+from svdzip.core.resume import RunState, fault, write_checked
 from svdzip.core.statistics import (
     AUXILIARY,
     INPUT_KINDS,
@@ -53,7 +53,7 @@ def _resume_point(state: RunState | None, ctx: DistContext, n_layers: int
     if got is not None:
         last = got[0]
         for i in range(last + 1):  # every finished layer's statistics must still be intact
-            if read_checked(state.layer_stats_path(i)) is None:
+            if state.read(state.layer_stats_path(i)) is None:
                 log.warning("statistics of layer %d lost; calibration restarts from layer 0", i)
                 last = -1
                 break
@@ -100,7 +100,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     full = CalibrationStats(tokens=total_tokens, batches=total_batches, meta=dict(meta or {}))
     if not on_disk:  # bring back what a previous run finished
         for i in range(start):
-            got = read_checked(state.layer_stats_path(i)) if state else None
+            got = state.read(state.layer_stats_path(i)) if state else None
             if got is None:
                 raise SvdzipError(f"statistics of layer {i} vanished during the run")
             unflatten(got[0], full)
