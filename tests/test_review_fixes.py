@@ -191,3 +191,57 @@ def test_an_error_that_is_not_corruption_propagates_and_keeps_the_file(tmp_path,
     with pytest.raises(MemoryError):
         writer.load_unit(3, "q")
     assert writer.unit_path(3).is_file()
+
+
+# 6. heal and seq-LoRA train only what they mean to, and give requires_grad back as it was
+
+
+def _student(seed=0):
+    from svdzip.allocate import AllocationContext, allocate
+    from svdzip.budget import keep_budget
+    from svdzip.methods.decompose import decompose, group_linears
+    from svdzip.methods.materialise import materialise
+    from svdzip.models.adapter import ModelAdapter
+    from svdzip.passes.calibrate import collect_statistics
+
+    model = tiny_model("llama", seed=seed)
+    stats = collect_statistics(model, tiny_tokens(), 4, "cpu")
+    adapter = ModelAdapter(model)
+    units = decompose(adapter, stats, "svdllm", group_linears(adapter))
+    budget = keep_budget(sum(u.dense_params for u in units), 0.5)
+    materialise(adapter, units, allocate("uniform", units, AllocationContext(ratio=0.5, budget=budget)).ranks)
+    return model
+
+
+@pytest.mark.parametrize("method", ["distill", "seq-lora"])
+def test_heal_trains_only_its_parameters_and_restores_requires_grad(monkeypatch, method):
+    import importlib
+
+    from svdzip.recover.config import HealConfig
+    from svdzip.recover.seq_lora import factor_targets
+
+    heal_mod = importlib.import_module("svdzip.recover.heal")
+    teacher, student = tiny_model("llama"), _student()
+    student.model.embed_tokens.weight.requires_grad_(False)  # the caller's choice, to be given back
+    before = {n: p.requires_grad for n, p in student.named_parameters()}
+    trainable: list[set[str]] = []
+    real_loss = heal_mod.Objective.loss
+
+    def watched(self, model, split, indices):
+        if split == "train":
+            trainable.append({n for n, p in model.named_parameters() if p.requires_grad})
+        return real_loss(self, model, split, indices)
+
+    monkeypatch.setattr(heal_mod.Objective, "loss", watched)
+    windows = tiny_tokens(4, 16, seed=5)
+    cfg = HealConfig(method=method, steps=2, batch_size=2, grad_accum=1, eval_every=2, patience=10, warmup=0.0,
+                     lr=1e-3, seq_len=16, topk=8)
+    heal_mod.heal(student, teacher, (windows, windows[:2]), cfg)
+    assert trainable
+    factors = {f"{n}.weight" for side in ("left", "right") for n in factor_targets(student, side)}
+    for names in trainable:
+        if method == "distill":
+            assert names == factors
+        else:
+            assert names and all("lora_" in n for n in names)
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == before

@@ -160,6 +160,7 @@ class Objective:
 
 
 def _trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The low-rank factors' weights, the only parameters left trainable (embeddings, norms, biases frozen)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = {}
@@ -213,13 +214,16 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
                                          config.seed).flatten().tolist())
         teacher = None  # the caller passed its only reference (`heal(student, load_model(...)[0], ...)`)
     if config.method == "distill":
-        params = _trainable_factors(student)
-        report.trained_params = sum(p.numel() for p in params.values())
-        result = _run_phase(student, params, objective, config, config.steps, checkpoint("distill"), "distill")
+        flags = [(p, p.requires_grad) for p in student.parameters()]  # given back as they were
+        try:
+            params = _trainable_factors(student)
+            report.trained_params = sum(p.numel() for p in params.values())
+            result = _run_phase(student, params, objective, config, config.steps, checkpoint("distill"), "distill")
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
         report.phases.append({"phase": "distill", **result.to_dict()})
         report.stopped = result.stopped
-        for p in student.parameters():
-            p.requires_grad_(True)
     else:
         first = (config.steps + 1) // 2
         for index, side in enumerate(phase_sides(config.order)):

@@ -55,9 +55,11 @@ def _repoint_shared(model: nn.Module, side: str) -> None:
 
 @contextmanager
 def lora_on(model: nn.Module, side: str, r: int, alpha: float, dropout: float) -> Iterator[nn.Module]:
-    """Yield the model with LoRA adapters on every `side` factor (the rest frozen); merge on exit."""
+    """Yield the model with LoRA adapters on every `side` factor (only they train); merge on exit, every
+    other parameter's `requires_grad` as it was."""
     from peft import LoraConfig, get_peft_model
 
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                         target_modules=factor_targets(model, side))
     peft_model = get_peft_model(model, config)
@@ -67,5 +69,5 @@ def lora_on(model: nn.Module, side: str, r: int, alpha: float, dropout: float) -
     finally:
         merged = peft_model.merge_and_unload()
         _repoint_shared(merged, side)
-        for p in merged.parameters():
-            p.requires_grad_(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
