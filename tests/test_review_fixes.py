@@ -245,3 +245,48 @@ def test_heal_trains_only_its_parameters_and_restores_requires_grad(monkeypatch,
         else:
             assert names and all("lora_" in n for n in names)
     assert {n: p.requires_grad for n, p in student.named_parameters()} == before
+
+
+# 7. lm-eval: HF_DATASETS_OFFLINE for the evaluation only
+
+
+def test_datasets_offline_is_set_for_the_block_only(monkeypatch):
+    import os
+
+    from svdzip.evaluate.lm_eval_bridge import datasets_offline
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with datasets_offline():
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert "HF_DATASETS_OFFLINE" not in os.environ
+    with pytest.raises(KeyError), datasets_offline():
+        raise KeyError("the evaluation failed")
+    assert "HF_DATASETS_OFFLINE" not in os.environ
+    with datasets_offline(enabled=False):
+        assert "HF_DATASETS_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # the user's own choice is kept, and left as it was
+    with datasets_offline():
+        assert os.environ["HF_DATASETS_OFFLINE"] == "0"
+    assert os.environ["HF_DATASETS_OFFLINE"] == "0"
+
+
+def test_run_lm_eval_leaves_the_environment_as_it_found_it(monkeypatch, tmp_path):
+    import os
+    import sys
+    import types
+
+    from svdzip.evaluate import lm_eval_bridge
+
+    seen = []
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = lambda **kw: seen.append(os.environ.get("HF_DATASETS_OFFLINE")) or {"results": {}}
+    tasks = types.ModuleType("lm_eval.tasks")
+    tasks.TaskManager = lambda include_path=None: None
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", tasks)
+    monkeypatch.setattr(lm_eval_bridge, "require_lm_eval", lambda: fake)
+    monkeypatch.setattr(lm_eval_bridge, "write_local_task_configs", lambda *a, **k: None)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    task = sorted(lm_eval_bridge.ZERO_SHOT_TASKS)[0]
+    lm_eval_bridge.run_lm_eval(str(tmp_path), [task], raw=True)
+    assert seen == ["1"] and "HF_DATASETS_OFFLINE" not in os.environ

@@ -13,12 +13,13 @@ uses; other task names go to lm-eval untouched.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,22 @@ def _summarize(out: dict) -> dict[str, dict]:
     return res
 
 
+@contextlib.contextmanager
+def datasets_offline(enabled: bool = True) -> Iterator[None]:
+    """`HF_DATASETS_OFFLINE=1` for the block only (a value the user set is kept), then as it was."""
+    key = "HF_DATASETS_OFFLINE"
+    before = os.environ.get(key)
+    if enabled and before is None:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def run_lm_eval(model_dir: str, tasks: list[str], limit: int | None = None, device: str = "cpu",
                 *, batch_size: int | str = 16, dtype: str = "auto", local_data: bool = True,
                 data_dir: str | Path | None = None, all_metrics: bool = False,
@@ -129,11 +146,11 @@ def run_lm_eval(model_dir: str, tasks: list[str], limit: int | None = None, devi
         raise SvdzipError(f"model directory {model_dir!r} does not exist")
     tasks = list(tasks)
     local = [t for t in tasks if local_data and t in ZERO_SHOT_TASKS]
-    with tempfile.TemporaryDirectory(prefix="svdzip-lmeval-tasks-") as tmp:
+    # nothing needs the hub when every task is local: don't let datasets wait for it
+    with tempfile.TemporaryDirectory(prefix="svdzip-lmeval-tasks-") as tmp, \
+            datasets_offline(bool(local) and len(local) == len(tasks)):
         if local:
             write_local_task_configs(local, tmp, data_dir=data_dir, all_metrics=all_metrics)
-            if len(local) == len(tasks):  # nothing needs the hub: don't let datasets wait for it
-                os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         manager = TaskManager(include_path=tmp if local else None)
         logger.info("lm-eval: %s on %s (limit=%s, device=%s)", ", ".join(tasks), model_dir, limit, device)
         out = simple_evaluate(
