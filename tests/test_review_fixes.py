@@ -290,3 +290,39 @@ def test_run_lm_eval_leaves_the_environment_as_it_found_it(monkeypatch, tmp_path
     task = sorted(lm_eval_bridge.ZERO_SHOT_TASKS)[0]
     lm_eval_bridge.run_lm_eval(str(tmp_path), [task], raw=True)
     assert seen == ["1"] and "HF_DATASETS_OFFLINE" not in os.environ
+
+
+# 8. the layer walk offloads each batch's masks and position embeddings once, not once per layer
+
+
+def _kwarg_tensors(kw):
+    return [t for v in kw.values() for t in (v if isinstance(v, tuple | list) else [v]) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_layer_kwargs_are_offloaded_once_per_batch_not_per_layer(monkeypatch, family):
+    from svdzip.core import layerwise
+    from svdzip.models.adapter import ModelAdapter
+
+    model, tokens = tiny_model(family), tiny_tokens(4, 12)
+    adapter = ModelAdapter(model)
+    same = layerwise.capture_layer_inputs(model, adapter, tokens, 2, "cpu")  # no offload: the tensors as given
+    distinct = [len({id(t) for layer in same.kwargs for t in _kwarg_tensors(layer[b])}) for b in range(2)]
+    given = [sum(len(_kwarg_tensors(layer[b])) for layer in same.kwargs) for b in range(2)]
+    assert all(0 < d < g for d, g in zip(distinct, given, strict=True))  # the layers share most of them
+    copies = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if out.device.type == "meta" and self.device.type != "meta":
+            copies.append(out)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    # "meta" stands for the CPU offload of a GPU run: any device other than the compute one
+    inputs = layerwise.capture_layer_inputs(model, adapter, tokens, 2, "cpu", offload="meta")
+    monkeypatch.undo()
+    assert len(copies) == sum(distinct) + 2  # each distinct tensor once per batch, plus the hidden states
+    for b in range(2):
+        assert len({id(t) for layer in inputs.kwargs for t in _kwarg_tensors(layer[b])}) == distinct[b]

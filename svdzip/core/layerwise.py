@@ -28,14 +28,20 @@ class _StopForward(Exception):
     """Raised by the last identity layer: nothing after the decoder needs computing."""
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Tensors anywhere inside tuples, lists and dicts moved to `device` (everything else as is)."""
+def to_device(obj: Any, device: torch.device | str, memo: dict[int, tuple[Any, Any]] | None = None) -> Any:
+    """Tensors anywhere inside tuples, lists and dicts moved to `device` (everything else as is).
+
+    With `memo` a tensor already moved (the same object) is not copied again: its first copy is reused."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the original is held so that its id stays its own
+        return memo[id(obj)][1]
     if isinstance(obj, tuple | list):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -153,14 +159,16 @@ def capture_layer_inputs(
     n_layers = adapter.num_layers
     kwargs: list[list[dict[str, Any]]] = [[] for _ in range(n_layers)]
     hidden: list[torch.Tensor] = []
+    memo: dict[int, tuple[Any, Any]] = {}  # this batch's masks and position embeddings, offloaded once
 
     def make_identity(index: int) -> Callable[..., torch.Tensor]:
         def identity(*args: Any, **kw: Any) -> torch.Tensor:
             h = args[0] if args else kw.pop("hidden_states")
             kw.pop("hidden_states", None)
-            kwargs[index].append(to_device(kw, offload))
-            if index == 0:
+            if index == 0:  # a new batch
+                memo.clear()
                 hidden.append(h.detach().to(offload))
+            kwargs[index].append(to_device(kw, offload, memo))
             if index == n_layers - 1:
                 raise _StopForward
             return h
