@@ -326,3 +326,43 @@ def test_layer_kwargs_are_offloaded_once_per_batch_not_per_layer(monkeypatch, fa
     assert len(copies) == sum(distinct) + 2  # each distinct tensor once per batch, plus the hidden states
     for b in range(2):
         assert len({id(t) for layer in inputs.kwargs for t in _kwarg_tensors(layer[b])}) == distinct[b]
+
+
+# 9. a manifest whose ranks disagree with the stored factors: one line naming the module
+
+
+def _saved_student(path):
+    import json
+
+    from svdzip.output.io import build_manifest, save
+    from svdzip.recover.seq_lora import low_rank_modules
+
+    model = _student()
+    rows = [dataclasses.make_dataclass("Row", ["name", "in_features", "out_features", "rank", "role", "shared_with"])(
+        n, m.right.in_features, m.left.out_features, m.left.in_features, n.rsplit(".", 1)[1], None)
+        for n, m in low_rank_modules(model).items()]
+    save(model, None, path, build_manifest(rows, {}, {}))
+    return json.loads((path / "config.json").read_text())
+
+
+def test_a_manifest_rank_that_disagrees_with_the_stored_factors_is_one_clear_error(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from svdzip.errors import SvdzipError
+    from svdzip.output.io import load
+
+    cfg = _saved_student(tmp_path / "m")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m") is not None  # as saved, it loads
+    name, spec = sorted(cfg["quantization_config"]["modules"].items())[2]
+    stored = spec["rank"]
+    spec["rank"] = stored + 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    for reload in (lambda: load(tmp_path / "m", with_tokenizer=False),
+                   lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "m")):
+        with pytest.raises(SvdzipError) as info:
+            reload()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{name}:")
+        assert f"rank {stored + 1}" in message and f"[{spec['out']}, {stored}]" in message

@@ -150,6 +150,8 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     read_manifest(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except SvdzipError:
+        raise
     except Exception as exc:  # safetensors, json, torch: any failure means an unusable directory
         raise SvdzipError(f"cannot load a model from {model_dir}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval()

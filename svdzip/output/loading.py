@@ -42,6 +42,8 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: tor
     tokenizer = load_tokenizer(source) if with_tokenizer else None
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except SvdzipError:
+        raise
     except Exception as exc:  # transformers raises many types for a bad or unreachable model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SvdzipError(f"cannot load model '{name_or_path}' ({source}): {first}") from exc

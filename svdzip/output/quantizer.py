@@ -103,6 +103,27 @@ def apply_manifest(model: nn.Module, modules: dict[str, dict[str, Any]]) -> dict
     return aliases
 
 
+def check_stored_shapes(modules: dict[str, dict[str, Any]], files: list[str]) -> None:
+    """Refuse a manifest whose ranks disagree with the stored factors, naming the module (headers only)."""
+    from safetensors import safe_open
+
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        if str(file).endswith(".safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key.endswith((".left.weight", ".right.weight")):
+                        stored[key] = tuple(f.get_slice(key).get_shape())
+    for name, spec in modules.items():
+        want = {f"{name}.left.weight": (spec["out"], spec["rank"])}
+        if not spec.get("shared_with"):
+            want[f"{name}.right.weight"] = (spec["rank"], spec["in"])
+        for key, shape in want.items():  # a factor not stored here (quantized, renamed) is not checked
+            if key in stored and stored[key] != shape:
+                raise SvdzipError(f"{name}: the manifest (config.json) gives rank {spec['rank']}, but the stored "
+                                  f"factor {key} has shape {list(stored[key])} (expected {list(shape)})")
+
+
 @register_quantization_config(QUANT_METHOD)
 class _RegisteredConfig(SvdzipConfig):
     pass
@@ -128,6 +149,7 @@ class SvdzipQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        check_stored_shapes(self.quantization_config.modules, kwargs.get("checkpoint_files") or [])
         open_structure(model)  # the structure the model was compressed in: per-expert linears for MoE
         aliases = apply_manifest(model, self.quantization_config.modules)
         if aliases:
