@@ -1,14 +1,16 @@
 """ARA: the staircase mask, its initialisation, gradient flow, the dense branch and the final budget."""
 
+from dataclasses import replace
+
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokens
+from tiny_models import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, compress
 from svdzip.allocate import AllocationContext, allocate
 from svdzip.allocate.ara import AraOptions, _Installed, _targets, finalise, mask_rank_max, training_windows
 from svdzip.allocate.ara_mask import StaircaseMask, candidates, init_logits, staircase
-from svdzip.budget import keep_budget
+from svdzip.budget import keep_budget, max_useful_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import decompose
 from svdzip.models.adapter import ModelAdapter
@@ -25,6 +27,14 @@ def _setup(family: str = "llama", ratio: float = 0.3, **options):
     ctx = AllocationContext(ratio=ratio, budget=keep_budget(total, ratio), options=options, adapter=adapter,
                             model=model, calib_tokens=tokens, seed=0)
     return model, units, ctx
+
+
+def _assert_within_budget(units, ranks, budget):
+    """At most the budget, less than one more rank of any factorised unit below it, every rank usable."""
+    used = sum(u.dense_params if r is None else r * u.cost_per_rank for u, r in zip(units, ranks, strict=True))
+    assert used <= budget
+    assert budget - used < min(u.cost_per_rank for u, r in zip(units, ranks, strict=True) if r is not None)
+    assert all(r is None or 1 <= r <= max_useful_rank(u.rows, u.cols) for u, r in zip(units, ranks, strict=True))
 
 
 @pytest.mark.parametrize("target", [0.8 / 1.2, 0.6 / 1.2, 0.5, 0.123, 0.99])
@@ -86,12 +96,31 @@ def test_full_rank_mask_reproduces_the_dense_layer_and_past_ratio_one_runs_dense
         mask.refresh()
         assert not mask.dense
         assert not torch.equal(mod(x), dense_out)
-        # a full prefix of the whitened factors at rank ≥ min(m, n) reproduces W exactly
-        if inst.rank_max[0] >= min(unit.rows, unit.cols):
-            mask.current = torch.ones(inst.rank_max[0])
-            assert torch.allclose(mod(x), dense_out, atol=1e-4)
     finally:
         inst.restore()
+
+
+def test_a_full_prefix_of_the_whitened_factors_reproduces_the_dense_layer():
+    """Where rank_max reaches min(m, n) (ρ₀ = 1.6 on tiny Gemma 3's 8×32 K/V projections: one KV head, the basis
+    holds all 8 directions), the unmasked factors are W itself; a partial mask is not."""
+    model, units, ctx = _setup("gemma3")
+    opts = AraOptions.from_options({"rho0": 1.6})
+    full = [u for u in units if mask_rank_max(u, opts.rho0) >= min(u.rows, u.cols)]
+    assert {u.role for u in full} == {"k", "v"}, [(u.name, u.rows, u.cols) for u in full]
+    unit = full[0]
+    x = torch.randn(5, unit.cols, generator=torch.Generator().manual_seed(0))
+    dense_out = ctx.adapter.module(unit.name)(x)
+    inst = _Installed([unit], ctx, [0.3], opts)
+    try:
+        mod, mask = ctx.adapter.module(unit.name), inst.masks[0]
+        mask.refresh()
+        assert not mask.dense and inst.rank_max[0] == min(unit.rows, unit.cols)
+        assert not torch.allclose(mod(x), dense_out, atol=1e-3)  # ~30 % of the rank: not W
+        mask.current = torch.ones(inst.rank_max[0])
+        torch.testing.assert_close(mod(x), dense_out, atol=1e-4, rtol=1e-4)
+    finally:
+        inst.restore()
+    assert ctx.adapter.module(unit.name) is not mod  # the dense linear is back
 
 
 def test_sticky_dense_keeps_a_module_dense():
@@ -125,8 +154,7 @@ def test_allocator_trains_and_meets_budget(tmp_path):
     before = {n: p.clone() for n, p in model.state_dict().items()}
     allocation = allocate("ara", units, ctx)
     ranks = allocation.ranks
-    used = sum(u.dense_params if r is None else r * u.cost_per_rank for u, r in zip(units, ranks, strict=True))
-    assert used <= ctx.budget
+    _assert_within_budget(units, ranks, ctx.budget)
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # model untouched
     assert len(allocation.report["history"]) == 6 and allocation.allocator == "ara"
     assert list(tmp_path.iterdir()) == []  # the allocator itself writes nothing
@@ -208,8 +236,16 @@ def test_compress_with_ara_end_to_end(family):
 
 def test_init_from_another_allocator():
     _, units, ctx = _setup(steps=2, seq_len=12, init="drank", init_mode="code")
+    opts = AraOptions.from_options(ctx.options)
+    # the mask starts at D-Rank's ranks (init_<key> options reach it), not at the uniform target
+    start = allocate("drank", units, replace(ctx, options={"mode": "code"})).ranks
+    targets = _targets(units, ctx, opts, ctx.budget / sum(u.dense_params for u in units))
+    for unit, rank, target in zip(units, start, targets, strict=True):
+        if rank is not None:
+            assert round(target * mask_rank_max(unit, opts.rho0)) == rank, unit.name
+    assert len(set(start)) > 1  # D-Rank's ranks differ by matrix: a uniform start could not pass the loop above
     ranks = allocate("ara", units, ctx).ranks
-    assert len(ranks) == len(units)
+    _assert_within_budget(units, ranks, ctx.budget)
     ctx.options = {"steps": 1, "seq_len": 12, "init": "ara"}
     with pytest.raises(SvdzipError, match="itself"):
         allocate("ara", units, ctx)

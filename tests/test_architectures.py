@@ -3,7 +3,7 @@ are per-expert linears whose statistics hold only the tokens the router sends th
 
 import pytest
 import torch
-from tiny_models import FAMILIES, MOE_FAMILIES, tiny_model, tiny_tokens
+from tiny_models import FAMILIES, MOE_FAMILIES, WIDE, tiny_model, tiny_tokens
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -36,8 +36,8 @@ def _reloaded(model: nn.Module, rows, summary, path) -> nn.Module:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compress_save_reload_gives_identical_logits(tmp_path, family):
-    model = tiny_model(family)
-    tokens = tiny_tokens(8, 32)
+    model = tiny_model(family, shape=WIDE)
+    tokens = tiny_tokens(8, 32, vocab=WIDE.vocab)
     result = compress(model, CompressConfig(ratio=0.3, method="svdllm", calib_batch_size=4), calib_tokens=tokens)
     assert result.summary["ratio_achieved"] >= 0.3
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) > len(result.modules) // 2
@@ -50,7 +50,7 @@ def test_compress_save_reload_gives_identical_logits(tmp_path, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_table_finds_every_linear_once(family):
-    model = tiny_model(family)
+    model = tiny_model(family, shape=WIDE)
     adapter = ModelAdapter(model)
     infos = adapter.linears()
     assert len({i.name for i in infos}) == len(infos)
@@ -69,8 +69,8 @@ def test_family_table_finds_every_linear_once(family):
 
 @pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt2"])
 def test_opening_the_structure_keeps_the_logits(family):
-    model = tiny_model(family)
-    tokens = tiny_tokens(2, 16)
+    model = tiny_model(family, shape=WIDE)
+    tokens = tiny_tokens(2, 16, vocab=WIDE.vocab)
     before = _logits(model, tokens)
     assert open_structure(model) > 0
     _assert_same(_logits(model, tokens), before)
@@ -79,7 +79,7 @@ def test_opening_the_structure_keeps_the_logits(family):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_experts_are_opened_with_one_input_per_expert(family):
-    model = tiny_model(family)
+    model = tiny_model(family, shape=WIDE)
     adapter = ModelAdapter(model)
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, RoutedExperts) and len(experts) == 4
@@ -110,9 +110,9 @@ def _routing(model: nn.Module, tokens: torch.Tensor, layer: int) -> tuple[torch.
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_expert_statistics_count_only_routed_tokens(family):
-    tokens = tiny_tokens(8, 24)
-    x, chosen = _routing(tiny_model(family), tokens, layer=0)  # brute force on the fused HF model
-    stats = collect_statistics(tiny_model(family), tokens, batch_size=4)
+    tokens = tiny_tokens(8, 24, vocab=WIDE.vocab)
+    x, chosen = _routing(tiny_model(family, shape=WIDE), tokens, layer=0)  # brute force on the fused HF model
+    stats = collect_statistics(tiny_model(family, shape=WIDE), tokens, batch_size=4)
     counts = []
     for e in range(4):
         routed = x[(chosen == e).any(-1)]
@@ -128,9 +128,10 @@ def test_expert_statistics_count_only_routed_tokens(family):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_expert_abs_mean_is_averaged_over_the_batches_that_reached_it(family):
     """ASVD's mean |x| of an expert: Σ over the batches routed to it of the batch mean, / those batches."""
-    tokens = tiny_tokens(8, 4)
-    x, chosen = _routing(tiny_model(family), tokens, layer=0)  # rows in token order, batch by batch of 1 sequence
-    stats = collect_statistics(tiny_model(family), tokens, batch_size=1, kinds={"abs_mean"})
+    tokens = tiny_tokens(8, 4, vocab=WIDE.vocab)
+    # rows in token order, batch by batch of 1 sequence
+    x, chosen = _routing(tiny_model(family, shape=WIDE), tokens, layer=0)
+    stats = collect_statistics(tiny_model(family, shape=WIDE), tokens, batch_size=1, kinds={"abs_mean"})
     per_batch = tokens.shape[1]
     missed = 0
     for e in range(4):
@@ -149,8 +150,8 @@ def test_expert_abs_mean_is_averaged_over_the_batches_that_reached_it(family):
 def test_experts_kept_dense_reload(tmp_path, family):
     """A dense expert is saved as experts.N.<name>.weight, which transformers' own MoE converters would
     otherwise try to merge into a 3-D parameter on load."""
-    model = tiny_model(family)
-    tokens = tiny_tokens(8, 24)
+    model = tiny_model(family, shape=WIDE)
+    tokens = tiny_tokens(8, 24, vocab=WIDE.vocab)
     adapter = ModelAdapter(model)
     units = decompose(adapter, collect_statistics(model, tokens, 4), "svdllm", group_linears(adapter))
     ranks = [None if ".experts.1." in u.name or ("experts.2." in u.name and u.role == "expert_gate") else 6
@@ -167,11 +168,11 @@ def test_experts_kept_dense_reload(tmp_path, family):
 
 
 def test_qwen2_biases_survive_factorisation_and_reload(tmp_path):
-    model = tiny_model("qwen2")
+    model = tiny_model("qwen2", shape=WIDE)
     originals = {n: model.model.layers[0].self_attn.get_submodule(n).bias.detach().clone()
                  for n in ("q_proj", "k_proj", "v_proj")}
     assert all(b.abs().sum() > 0 for b in originals.values())
-    tokens = tiny_tokens(8, 24)
+    tokens = tiny_tokens(8, 24, vocab=WIDE.vocab)
     result = compress(model, CompressConfig(ratio=0.3, method="svdllm", calib_batch_size=4), calib_tokens=tokens)
     again = _reloaded(model, result.modules, result.summary, tmp_path / "m")
     manifest = read_manifest(tmp_path / "m")["modules"]
@@ -186,7 +187,7 @@ def test_qwen2_biases_survive_factorisation_and_reload(tmp_path):
 
 
 def test_phi3_fused_projections_are_one_matrix_each():
-    adapter = ModelAdapter(tiny_model("phi3"))
+    adapter = ModelAdapter(tiny_model("phi3", shape=WIDE))
     layer0 = {i.role: i for i in adapter.layer_linears(0)}
     assert set(layer0) == {"qkv", "o", "gate_up", "down"}
     assert layer0["qkv"].out_features == adapter.head_dim * (adapter.num_heads + 2 * adapter.num_kv_heads)
@@ -203,11 +204,11 @@ def test_wildcards_expand_in_module_order_with_their_scope():
 
 
 def test_missing_linear_and_foreign_expert_layout_are_refused():
-    model = tiny_model("llama-gqa")
+    model = tiny_model("llama", shape=WIDE)
     del model.model.layers[1].mlp.down_proj
     with pytest.raises(SvdzipError, match="layer 1 of 'llama' has no 'mlp.down_proj'"):
         ModelAdapter(model)
-    fused = tiny_model("mixtral").model.layers[0].mlp.experts
+    fused = tiny_model("mixtral", shape=WIDE).model.layers[0].mlp.experts
     fused.is_transposed = True
     with pytest.raises(SvdzipError, match="not an expert layout svdzip can open"):
         open_experts(fused, FusedExperts("mlp.experts"), "model.layers.0.mlp.experts")
@@ -215,12 +216,12 @@ def test_missing_linear_and_foreign_expert_layout_are_refused():
 
 @pytest.mark.parametrize("family", ["phi3", "mixtral", "qwen3_moe", "gpt2"])
 def test_serving_refuses_what_it_does_not_map(family):
-    model = tiny_model(family)
+    model = tiny_model(family, shape=WIDE)
     with pytest.raises(SvdzipError, match="does not support architecture"):
         expected_linears(type(model).__name__, model.config.to_dict())
 
 
-@pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt2", "llama-gqa"])
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt2", "llama"])
 def test_checkpoint_names_find_every_parameter_in_both_formats(tmp_path, family):
     """A reader by name (streaming) finds each opened parameter in the original per-expert format and in
     transformers 5's fused 3-D one."""
@@ -228,7 +229,7 @@ def test_checkpoint_names_find_every_parameter_in_both_formats(tmp_path, family)
 
     from svdzip.models.checkpoint_names import CheckpointNames
 
-    model = tiny_model(family)
+    model = tiny_model(family, shape=WIDE)
     fused = {k: v.clone() for k, v in model.state_dict().items()}  # the fused layout, as the model holds it
     if family == "gpt2":  # one format only: Conv1D weights as the checkpoint stores them
         fused = {}

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokens
+from tiny_models import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, compress
 from svdzip.allocate import strs as strs_mod

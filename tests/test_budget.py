@@ -12,9 +12,9 @@ def test_papers_rank_formula():
 
 @pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, float("nan")])
 def test_ratio_outside_unit_interval_is_refused(bad):
-    with pytest.raises(SvdzipError):
+    with pytest.raises(SvdzipError, match="ratio must be a fraction strictly between 0 and 1, got"):
         keep_budget(100, bad)
-    with pytest.raises(SvdzipError):
+    with pytest.raises(SvdzipError, match="kept fraction must be strictly between 0 and 1, got"):
         ratio_from_kept(bad)
 
 

@@ -45,9 +45,9 @@ def test_existing_output_directory_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_info_on_a_dense_directory(tmp_path, capsys):
-    from conftest import tiny_model
+    from tiny_models import save_tiny
 
-    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    save_tiny(tmp_path / "dense")
     code, err = _run(capsys, "info", str(tmp_path / "dense"))
     assert code == 2 and "dense model directory" in err
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import save_tiny, write_tiny_corpus
 from transformers import AutoModelForCausalLM
 
 import svdzip
@@ -124,25 +125,22 @@ def test_cli_compress_with_sequential_lora(default, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(default, tmp_path_factory):
-    """A tiny random LLaMA with the default model's real tokenizer: the CLI end to end in seconds."""
-    from transformers import AutoTokenizer, LlamaConfig
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaMA with a tokenizer built in code, and a local corpus: the CLI end to end in seconds,
+    offline (no model or text to download, so these tests never skip)."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_corpus(root / "corpus.txt")
+    return save_tiny(root / "model")
 
-    tokenizer = AutoTokenizer.from_pretrained(default[0])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+
+def _tiny(tiny_dir) -> list[str]:
+    """The CLI arguments that point a run at the tiny model and its local corpus."""
+    return ["--model", str(tiny_dir), "--corpus", str(tiny_dir.parent / "corpus.txt")]
 
 
 def test_default_recipe_is_loss_aware_then_distillation(tiny_dir, tmp_path, capsys):
     out = tmp_path / "d"
-    assert main(["compress", "--model", str(tiny_dir), "--out", str(out), "--calib-samples", "8",
+    assert main(["compress", *_tiny(tiny_dir), "--out", str(out), "--calib-samples", "8",
                  "--calib-seq-len", "64", "--heal-steps", "4", "--heal-seq-len", "64", "--no-plots", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "svdllm+loss-aware+distill"
@@ -152,7 +150,7 @@ def test_default_recipe_is_loss_aware_then_distillation(tiny_dir, tmp_path, caps
 
 def test_compress_heal_with_resume_dir_continues(tiny_dir, tmp_path, capsys):
     out, run = tmp_path / "r", tmp_path / "run"
-    argv = ["compress", "--model", str(tiny_dir), "--out", str(out), "--ratio", "0.3", "--calib-samples", "8",
+    argv = ["compress", *_tiny(tiny_dir), "--out", str(out), "--ratio", "0.3", "--calib-samples", "8",
             "--calib-seq-len", "64", "--resume-dir", str(run), "--heal", "distill", *HEAL_SMALL, "--json"]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
@@ -163,7 +161,7 @@ def test_compress_heal_with_resume_dir_continues(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     again = svdzip.load(out, with_tokenizer=False)[0].state_dict()
     assert all(torch.equal(before[k], again[k]) for k in before)
-    assert main(["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--resume-dir", str(run),
+    assert main(["compress", *_tiny(tiny_dir), "--out", str(tmp_path / "x"), "--resume-dir", str(run),
                  "--heal", "distill", *HEAL_SMALL, "--heal-lr", "0.01", "--calib-samples", "8",
                  "--calib-seq-len", "64", "--ratio", "0.3"]) == 2
     assert "another configuration" in capsys.readouterr().err
@@ -179,7 +177,7 @@ SMALL = ["--calib-samples", "8", "--calib-seq-len", "64", "--no-plots", "--json"
 ])
 def test_resumable_runs_take_the_in_memory_options(tiny_dir, tmp_path, capsys, extra):
     """--resume-dir goes through the same driver: what failed after calibration there now works."""
-    argv = ["compress", "--model", str(tiny_dir), "--ratio", "0.3", "--heal", "none", *SMALL, *extra]
+    argv = ["compress", *_tiny(tiny_dir), "--ratio", "0.3", "--heal", "none", *SMALL, *extra]
     assert main([*argv, "--out", str(tmp_path / "mem")]) == 0
     mem = json.loads(capsys.readouterr().out)
     assert main([*argv, "--out", str(tmp_path / "res"), "--resume-dir", str(tmp_path / "run")]) == 0
@@ -192,7 +190,7 @@ def test_resumable_runs_take_the_in_memory_options(tiny_dir, tmp_path, capsys, e
 
 def test_resumable_run_writes_the_plots_and_report(tiny_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["compress", "--model", str(tiny_dir), "--out", str(out), "--ratio", "0.3", "--calib-samples", "8",
+    assert main(["compress", *_tiny(tiny_dir), "--out", str(out), "--ratio", "0.3", "--calib-samples", "8",
                  "--calib-seq-len", "64", "--resume-dir", str(tmp_path / "run")]) == 0
     assert (out / "ranks.png").is_file() and (out / "effective_rank.png").is_file()
     assert json.loads((out / "svdzip_report.json").read_text())["effective_ranks"]
@@ -211,7 +209,7 @@ def test_streaming_refuses_before_any_work(tiny_dir, tmp_path, capsys, monkeypat
         raise AssertionError("calibration text was drawn before the refusal")
 
     monkeypatch.setattr(svdzip.data, "calibration_tokens", no_work)
-    assert main(["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--stream", *extra]) == 2
+    assert main(["compress", *_tiny(tiny_dir), "--out", str(tmp_path / "o"), "--stream", *extra]) == 2
     err = capsys.readouterr().err
     assert needle in err and "--stream" in err
     assert not (tmp_path / "o").exists()
@@ -236,6 +234,6 @@ def test_a_failed_compress_leaves_neither_output_nor_staging(tiny_dir, tmp_path,
     monkeypatch.setattr(plots, "write_plots", broken)
     out = tmp_path / "sub" / "o"
     with pytest.raises(OSError, match="No space"):
-        main(["compress", "--model", str(tiny_dir), "--out", str(out), "--ratio", "0.3", "--heal", "none",
+        main(["compress", *_tiny(tiny_dir), "--out", str(out), "--ratio", "0.3", "--heal", "none",
               "--allocator", "uniform", "--calib-samples", "8", "--calib-seq-len", "64"])
     assert not out.exists() and list(out.parent.iterdir()) == []

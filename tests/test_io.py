@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokens
+from tiny_models import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM
 
 import svdzip

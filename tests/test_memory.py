@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokens
+from tiny_models import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM
 
 import svdzip
@@ -174,7 +174,7 @@ def test_cli_refuses_ratio_with_budget_and_parses_sizes(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["compress", "--out", str(tmp_path / "x"), "--params-first"]) == 2
     assert parse_bytes("80MB") == 80_000_000 and parse_bytes("64MiB") == 64 * 2**20 and parse_bytes("1000") == 1000
-    with pytest.raises(SvdzipError):
+    with pytest.raises(SvdzipError, match="--budget-bytes must be a number of bytes such as .* got 'lots'"):
         parse_bytes("lots")
 
 
@@ -183,7 +183,7 @@ def test_missing_backend_is_reported_with_the_install_command(tmp_path, monkeypa
     import svdzip.output.quantize as q
 
     monkeypatch.setattr(q, "backend_installed", lambda: False)
-    with pytest.raises(Exception, match=r"svdzip\[quant\]"):
+    with pytest.raises(SvdzipError, match=r"svdzip\[quant\]"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     with pytest.raises(SvdzipError, match=r"svdzip\[quant\]"):
         q.require_backend("int8")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokens
+from tiny_models import tiny_model, tiny_tokens
 from torch import nn
 
 from svdzip import CompressConfig, SvdzipError, compress

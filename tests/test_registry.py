@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokens
+from tiny_models import tiny_model, tiny_tokens
 
 from svdzip.config import CompressConfig
 from svdzip.errors import SvdzipError

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_model, tiny_tokens
+from tiny_models import WIDE, save_tiny, tiny_model, tiny_tokenizer, tiny_tokens
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import svdzip.engine.writer as writer_mod
@@ -41,6 +41,7 @@ def _checkpoint(path: Path) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       tie_word_embeddings=False)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 
@@ -159,7 +160,7 @@ def test_footprint_terms_grow_with_what_the_run_holds():
 
 
 def test_streaming_tied_embeddings_without_run_dir(tmp_path):
-    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    save_tiny(tmp_path / "dense")
     ref = compress(tiny_model("llama"), _config(), calib_tokens=tiny_tokens())
     _stream(tmp_path / "dense", tmp_path / "out", None)
     _assert_same(tmp_path / "out", ref)
@@ -330,10 +331,8 @@ def test_distributed_context_is_a_noop_alone():
 @pytest.mark.parametrize("family", ["qwen2", "phi3", "mixtral", "qwen3_moe", "gpt2", "opt"])
 def test_streaming_equals_in_memory_for_other_families(family, tmp_path):
     """Streamed from a saved checkpoint = compressed in memory: experts, fused projections, biases, Conv1D."""
-    import tiny_models
-
-    tiny_models.tiny_model(family).save_pretrained(tmp_path / "dense")
-    tokens = tiny_models.tiny_tokens()
+    save_tiny(tmp_path / "dense", family, shape=WIDE)
+    tokens = tiny_tokens(vocab=WIDE.vocab)
     config = CompressConfig(**{**CFG, "calib_seq_len": tokens.shape[1]})
     ref = compress(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval(), config,
                    calib_tokens=tokens)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokens
+from tiny_models import tiny_model, tiny_tokens
 
 from svdzip import CompressConfig, SvdzipError, compress
 from svdzip import sweep as sweep_mod
@@ -62,7 +62,7 @@ def test_measure_speed_dense_vs_compressed_gives_positive_numbers_and_ratios():
 def test_cpu_clock_and_bad_settings():
     res = measure_speed({"dense": tiny_model("llama")}, [SpeedSetting(1, 8, 3)], repeats=1, warmup=0, clock="cpu")
     assert res["clock"] == "cpu" and res["results"]["dense"]["b1_s8"]["prefill_tokens_per_s"] > 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="decode needs at least 2 new tokens"):
         measure_speed({"dense": tiny_model("llama")}, [SpeedSetting(1, 8, 1)])
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require
 
 from svdzip.errors import SvdzipError
 from svdzip.evaluate import zeroshot as zs
@@ -315,7 +316,7 @@ def test_bridge_without_lm_eval_says_how_to_install(monkeypatch):
 
 def test_lm_eval_builds_the_same_requests(data_dir, tmp_path, monkeypatch):
     """lm-eval's own task code, fed our local configs, must produce exactly our prompts."""
-    pytest.importorskip("lm_eval")
+    require("lm_eval", "SVDZIP_REQUIRE_LMEVAL")
     from lm_eval.tasks import TaskManager
 
     from svdzip.evaluate.lm_eval_bridge import write_local_task_configs
@@ -331,10 +332,31 @@ def test_lm_eval_builds_the_same_requests(data_dir, tmp_path, monkeypatch):
         assert theirs == ours.pairs, name
 
 
+def test_run_lm_eval_scores_a_compressed_directory_as_our_harness_does(model, tok, data_dir, tmp_path):
+    """The bridge end to end: lm-eval's stock `hf` model loads a saved svdzip directory (the quantizer
+    registration) and, on the local task data, reaches the accuracies our own scorer gives the same model."""
+    require("lm_eval", "SVDZIP_REQUIRE_LMEVAL")
+    import copy
+
+    from svdzip import CompressConfig, compress
+    from svdzip.evaluate.lm_eval_bridge import run_lm_eval
+    from svdzip.output.io import build_manifest, save
+
+    small = copy.deepcopy(model)
+    tokens = torch.randint(3, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    result = compress(small, CompressConfig(ratio=0.3, calib_batch_size=2), calib_tokens=tokens)
+    save(small, tok, tmp_path / "m", build_manifest(result.modules, result.summary, result.config.to_dict()))
+    ours = zs.evaluate_zero_shot(small, tok, tasks=["piqa"], limit=5, batch_size=1, data_dir=data_dir)["piqa"]
+    theirs = run_lm_eval(str(tmp_path / "m"), ["piqa"], limit=5, batch_size=1, dtype="float32",
+                         data_dir=data_dir)["piqa"]
+    assert theirs["n"] == ours["n"] == 5
+    assert (theirs["acc"], theirs["acc_norm"]) == (ours["acc"], ours["acc_norm"])
+
+
 @pytest.mark.e2e
 def test_real_model_matches_lm_eval_bit_for_bit():
     """SmolLM2-135M on real data: our log-likelihoods are lm-eval HFLM's, to the last bit."""
-    pytest.importorskip("lm_eval")
+    require("lm_eval", "SVDZIP_REQUIRE_LMEVAL")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer

