@@ -29,11 +29,11 @@ from common import Bench, setup_logging, write_results
 from svdzip.allocate import AllocationContext, allocate, spent
 from svdzip.allocate.drank import effective_ranks
 from svdzip.budget import keep_budget
-from svdzip.config import SHAREABLE_ROLES
 from svdzip.data import calibration_tokens, load_corpus
 from svdzip.methods.decompose import decompose, group_linears
 from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter
+from svdzip.recipe import SHAREABLE_ROLES
 
 log = logging.getLogger("benchmarks.allocators")
 

@@ -23,7 +23,7 @@ from svdzip.allocate import available
 
 log = logging.getLogger("benchmarks.baselines")
 
-#: cell name → CompressConfig overrides (allocator options for STRS are filled in from the CLI)
+#: cell name → Recipe overrides (allocator options for STRS are filled in from the CLI)
 CELLS: dict[str, dict[str, Any]] = {
     "svd": {"method": "svd"},
     "fwsvd": {"method": "fwsvd"},

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from svdzip.allocate import AllocationCache
-from svdzip.config import CompressConfig
 from svdzip.data import calibration_tokens, load_corpus
-from svdzip.engine.pipeline import compress, prepare_statistics
+from svdzip.engine.driver import compress
+from svdzip.engine.pipeline import prepare_statistics
 from svdzip.evaluate.perplexity import perplexity_on_corpora
 from svdzip.output.loading import load_model
+from svdzip.recipe import Recipe
 from svdzip.report.tables import provenance
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,7 +39,7 @@ class Bench:
     def __init__(self, model: str = "smollm2-135m", corpus: str = "wiki", samples: int = 64, seq_len: int = 512,
                  seed: int = 0, device: str = "cpu"):
         self.model_name, self.device = model, device
-        self.base = CompressConfig(corpus=corpus, calib_samples=samples, calib_seq_len=seq_len, seed=seed,
+        self.base = Recipe.plain(corpus=corpus, calib_samples=samples, calib_seq_len=seq_len, seed=seed,
                                    device=device)
         model_, self.tokenizer, self.source = load_model(model, device)
         self.tokens = calibration_tokens(self.tokenizer, load_corpus(corpus), samples, seq_len, seed)
@@ -52,7 +53,7 @@ class Bench:
         return load_model(self.source, self.device)[0]
 
     def compress(self, **overrides: Any):
-        cfg = CompressConfig(**{**self.base.to_dict(), **overrides, "share_roles": tuple(self.base.share_roles)})
+        cfg = Recipe.plain(**{**self.base.to_dict(), **overrides, "share_roles": tuple(self.base.share_roles)})
         model = self.fresh()
         key = (cfg.method, cfg.group_size, tuple(cfg.share_roles), cfg.asvd_alpha, cfg.asvd_scaling)
         t0 = time.perf_counter()

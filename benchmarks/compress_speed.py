@@ -353,7 +353,7 @@ def main() -> None:
     args = ap.parse_args()
     setup_logging()
     torch.set_num_threads(1)
-    from svdzip.config import CompressConfig
+    from svdzip.recipe import Recipe
 
     saved = Path(__file__).parent / "results" / f"{args.name}.json"
     if args.report_only or args.patched_engine:
@@ -367,7 +367,7 @@ def main() -> None:
         write_results(args.name, payload, markdown(payload))
         return
 
-    batch = args.batch_size or CompressConfig().calib_batch_size
+    batch = args.batch_size or Recipe.plain().calib_batch_size
     clock = clock_of(args.clock)
     model, tokenizer, _ = load_model(args.model, "cpu")
     tokens = calibration_tokens(tokenizer, load_corpus("wiki"), args.samples, args.seq_len, 0)

@@ -69,7 +69,7 @@ def stream(source: str | Path, tokens: torch.Tensor, config: Any, out: str | Pat
     from svdzip.core.distributed import DistContext
     from svdzip.engine.driver import CompressRequest, run
 
-    request = CompressRequest(model=str(source), config=config, out=Path(out), stream=True,
+    request = CompressRequest(model=str(source), recipe=config, out=Path(out), stream=True,
                               resume_dir=None if run_dir is None else Path(run_dir), tokens=tokens, plots=False, **kw)
     return run(request, ctx=DistContext())
 
@@ -79,8 +79,8 @@ def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     import svdzip.engine.writer as writer_mod
     import svdzip.passes.calibrate as calibrate_mod
     import svdzip.passes.spectra as spectra_mod
-    from svdzip import CompressConfig
-    from svdzip.engine.pipeline import compress
+    from svdzip import Recipe
+    from svdzip.engine.driver import compress
     from svdzip.methods.decompose import decompose, group_linears
     from svdzip.models.adapter import ModelAdapter
     from svdzip.output import io
@@ -88,7 +88,7 @@ def measure_child(source: str, mode: str, out: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     _warm_up()
     meter = PeakRSS()
-    config = CompressConfig(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=SEQ, calib_batch_size=4)
+    config = Recipe.plain(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=SEQ, calib_batch_size=4)
     base = PeakRSS.rss()
     t0 = time.perf_counter()
     if mode == "stream":
@@ -165,9 +165,9 @@ def part_memory(work: Path, sizes: list[tuple[int, int, int]]) -> list[dict[str,
 def _proc_worker(rank: int, world: int, port: int, source: str, result_dir: str) -> None:
     import torch.distributed as dist
 
-    from svdzip import CompressConfig
+    from svdzip import Recipe
     from svdzip.core.distributed import DistContext
-    from svdzip.engine.pipeline import compress
+    from svdzip.engine.driver import compress
     from svdzip.methods.decompose import group_linears
     from svdzip.models.adapter import ModelAdapter
     from svdzip.passes.calibrate import calibrate
@@ -180,7 +180,7 @@ def _proc_worker(rank: int, world: int, port: int, source: str, result_dir: str)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    config = CompressConfig(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=SEQ, calib_batch_size=4)
+    config = Recipe.plain(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=SEQ, calib_batch_size=4)
     ctx.barrier()
     t0 = time.perf_counter()
     adapter = ModelAdapter(model)
@@ -229,12 +229,12 @@ def part_procs(work: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- faults
 def part_faults(work: Path) -> list[dict[str, str]]:
     import svdzip.engine.writer as writer_mod
-    from svdzip import CompressConfig, SvdzipError, load
+    from svdzip import Recipe, SvdzipError, load
     from svdzip.core.statistics import CalibrationStats
 
     src = work / "llama-faults"
     write_checkpoint(src, 128, 256, 4, vocab=512)
-    config = CompressConfig(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=32, calib_batch_size=4)
+    config = Recipe.plain(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=32, calib_batch_size=4)
     toks = _tokens()[:, :32] % 512
     probe = toks[:2, :16]
 
@@ -290,7 +290,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
     rows.append({"fault": "a spectrum file truncated (write cut short)",
                  "what happened": f"checksum mismatch, recomputed; {same('o')}"})
     # changed configuration
-    other = CompressConfig(**{**config.to_dict(), "calib_samples": 4, "share_roles": tuple(config.share_roles)})
+    other = Recipe.plain(**{**config.to_dict(), "calib_samples": 4, "share_roles": tuple(config.share_roles)})
     try:
         run("o2", "r2", config=other)
         msg = "NOT refused"
@@ -303,7 +303,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
                  f"from scratch; output written ({len(list((work / 'o2').glob('*.safetensors')))} shards)"})
     # a different ratio reuses the spectra
     t0 = time.perf_counter()
-    run("o3", "r2", config=CompressConfig(**{**other.to_dict(), "ratio": 0.5,
+    run("o3", "r2", config=Recipe.plain(**{**other.to_dict(), "ratio": 0.5,
                                               "share_roles": tuple(config.share_roles)}))
     rows.append({"fault": "(not a fault) rerun with another --ratio on the same run directory",
                  "what happened": f"statistics and spectra reused, {time.perf_counter() - t0:.1f} s"})
@@ -350,9 +350,9 @@ def part_faults(work: Path) -> list[dict[str, str]]:
 
 
 def _fault_child(src: str, out: str, run_dir: str) -> None:
-    from svdzip import CompressConfig
+    from svdzip import Recipe
 
-    config = CompressConfig(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=32, calib_batch_size=4)
+    config = Recipe.plain(ratio=0.3, calib_samples=SAMPLES, calib_seq_len=32, calib_batch_size=4)
     stream(src, _tokens()[:, :32] % 512, config, out, run_dir)
 
 

@@ -17,9 +17,9 @@ _install_quantizer()
 
 #: public name → the module that defines it (imported on first access)
 _PUBLIC = {
-    "CompressConfig": "svdzip.config",
+    "Recipe": "svdzip.recipe",
     "CompressionResult": "svdzip.engine.pipeline",
-    "compress": "svdzip.engine.pipeline",
+    "compress": "svdzip.engine.driver",
     "SvdzipError": "svdzip.errors",
     "load": "svdzip.output.io",
     "save": "svdzip.output.io",

@@ -16,9 +16,10 @@ from svdzip.errors import SvdzipError
 log = logging.getLogger("svdzip")
 
 PAPER_CALIBRATION = (256, 2048)
-# the recommended recipe (README "Results", benchmarks/recovery.py): loss-aware ranks, then distillation
-RECOMMENDED_ALLOCATOR = "loss-aware"
-RECOMMENDED_HEAL = "distill"
+#: flags that set a recipe field carry `dest="recipe.FIELD"` (or `healing.FIELD` for a recovery option) and no
+#: argparse default: what a flag leaves out comes from the recipe file (--recipe) or from `Recipe`'s defaults,
+#: which the help texts quote, so the command line and the Python API share one set of defaults
+RECIPE, HEALING = "recipe.", "healing."
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -67,69 +68,66 @@ def _add_task_speed_args(p: argparse.ArgumentParser, default_tasks: str = "") ->
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def _add_heal_args(p: argparse.ArgumentParser, default: str, with_none: bool) -> None:
-    """Recovery options shared by `compress --heal` and `svdzip heal` (defaults: HealConfig's)."""
+def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any, with_none: bool) -> None:
+    """Recovery options shared by `compress --heal` and `svdzip heal` (defaults: HealConfig's, quoted in the help)."""
     from svdzip.recover.config import HEAL_METHODS, ORDERS
     from svdzip.recover.config import HealConfig as H
 
     g = p.add_argument_group("recovery (train the factors after truncation, on calibration text only)")
-    g.add_argument("--heal", "--finetune", dest="heal", default=default,
-                   choices=[*(("none",) if with_none else ()), *HEAL_METHODS],
+    g.add_argument("--heal", "--finetune", dest=heal_dest, default=heal_default,
+                   choices=[*(("auto", "none") if with_none else ()), *HEAL_METHODS],
                    help="distill: train the factors to match the dense model's next-token distribution; seq-lora: "
-                        "SVD-LLM's sequential LoRA (peft) on the left, then the right factors (default: distill"
-                        + ("; none for --stream, --resume-dir and torchrun runs)" if with_none else ")"))
-    g.add_argument("--heal-steps", type=int, default=H.steps, help="optimiser steps (default: %(default)s)")
-    g.add_argument("--heal-lr", type=float, default=None,
+                        "SVD-LLM's sequential LoRA (peft) on the left, then the right factors"
+                        + ("; auto (default): distill in memory, none for --stream, --resume-dir and torchrun runs"
+                           if with_none else " (default: distill)"))
+
+    def option(flag: str, name: str, help: str, **kw: Any) -> None:
+        default = getattr(H, name, None)
+        if "choices" not in kw:
+            kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        g.add_argument(flag, dest=HEALING + name, default=argparse.SUPPRESS,
+                       help=f"{help} (default: {default})" if default is not None else help, **kw)
+
+    option("--heal-steps", "steps", "optimiser steps", type=int)
+    g.add_argument("--heal-lr", dest=HEALING + "lr", type=float, default=argparse.SUPPRESS, metavar="LR",
                    help="peak learning rate, used as given (default: found on the held-out windows, starting at "
                         "3e-4 for distill, the paper's 1e-4 for seq-lora, divided by 3 on each held-out check "
                         "that is no better than the best, at most 3 times)")
-    g.add_argument("--heal-objective", default=None, choices=["kl", "ce"],
+    g.add_argument("--heal-objective", dest=HEALING + "objective", default=argparse.SUPPRESS, choices=["kl", "ce"],
                    help="kl: the dense teacher's distribution; ce: the text's next token (default: distill kl, "
                         "seq-lora ce as in the paper)")
-    g.add_argument("--heal-warmup", type=float, default=H.warmup,
-                   help="warm-up fraction of the steps (default: %(default)s)")
-    g.add_argument("--heal-batch-size", type=int, default=H.batch_size,
-                   help="windows per micro-batch (default: %(default)s)")
-    g.add_argument("--heal-grad-accum", type=int, default=H.grad_accum,
-                   help="micro-batches per optimiser step (default: %(default)s)")
-    g.add_argument("--heal-seq-len", type=int, default=H.seq_len, help="window length in tokens (default: %(default)s)")
-    g.add_argument("--heal-samples", type=int, default=H.train_samples,
-                   help="distinct training windows of the calibration corpus (default: %(default)s)")
-    g.add_argument("--heal-heldout", type=int, default=H.heldout_samples,
-                   help="held-out calibration windows for early stopping (default: %(default)s)")
-    g.add_argument("--heal-eval-every", type=int, default=H.eval_every,
-                   help="steps between held-out checks and checkpoints (default: %(default)s)")
-    g.add_argument("--heal-patience", type=int, default=H.patience,
-                   help="held-out checks without improvement before stopping (default: %(default)s)")
-    g.add_argument("--heal-temperature", type=float, default=H.temperature,
-                   help="distillation temperature (default: %(default)s)")
-    g.add_argument("--heal-topk", type=int, default=H.topk,
-                   help="teacher kept as its top-k log-probabilities + tail (0 = full distribution; "
-                        "default: %(default)s)")
-    g.add_argument("--heal-weight-decay", type=float, default=H.weight_decay)
-    g.add_argument("--heal-corpus", default=None, help="training text (default: the calibration corpus)")
-    g.add_argument("--lora-r", type=int, default=H.lora_r, help="seq-lora rank (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=H.lora_alpha, help="seq-lora α (default: %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=H.lora_dropout, help="seq-lora dropout (default: %(default)s)")
-    g.add_argument("--seq-lora-order", default=H.order, choices=list(ORDERS),
-                   help="which factor seq-lora trains first (default: %(default)s, as the released code)")
+    option("--heal-warmup", "warmup", "warm-up fraction of the steps", type=float)
+    option("--heal-batch-size", "batch_size", "windows per micro-batch", type=int)
+    option("--heal-grad-accum", "grad_accum", "micro-batches per optimiser step", type=int)
+    option("--heal-seq-len", "seq_len", "window length in tokens", type=int)
+    option("--heal-samples", "train_samples", "distinct training windows of the calibration corpus", type=int)
+    option("--heal-heldout", "heldout_samples", "held-out calibration windows for early stopping", type=int)
+    option("--heal-eval-every", "eval_every", "steps between held-out checks and checkpoints", type=int)
+    option("--heal-patience", "patience", "held-out checks without improvement before stopping", type=int)
+    option("--heal-temperature", "temperature", "distillation temperature", type=float)
+    option("--heal-topk", "topk", "teacher kept as its top-k log-probabilities + tail (0 = full distribution)",
+           type=int)
+    option("--heal-weight-decay", "weight_decay", "AdamW weight decay", type=float)
+    g.add_argument("--heal-corpus", dest=HEALING + "corpus", default=argparse.SUPPRESS, metavar="CORPUS",
+                   help="training text (default: the calibration corpus)")
+    option("--lora-r", "lora_r", "seq-lora rank", type=int)
+    option("--lora-alpha", "lora_alpha", "seq-lora α", type=float)
+    option("--lora-dropout", "lora_dropout", "seq-lora dropout", type=float)
+    option("--seq-lora-order", "order", "which factor seq-lora trains first (the released code's)",
+           choices=list(ORDERS))
+
+
+def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """The recipe fields (or recovery options) given on the command line, by field name."""
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
 def _heal_config(args: argparse.Namespace, corpus: str, device: str):
-    """The HealConfig the flags ask for (validated before any work), or None for --heal none."""
+    """`svdzip heal`'s HealConfig: the flags given, HealConfig's defaults for the rest."""
     from svdzip.recover.config import HealConfig
 
-    if args.heal == "none":
-        return None
-    return HealConfig(
-        method=args.heal, steps=args.heal_steps, lr=args.heal_lr, objective=args.heal_objective,
-        warmup=args.heal_warmup, weight_decay=args.heal_weight_decay, batch_size=args.heal_batch_size,
-        grad_accum=args.heal_grad_accum, seq_len=args.heal_seq_len, train_samples=args.heal_samples,
-        heldout_samples=args.heal_heldout, eval_every=args.heal_eval_every, patience=args.heal_patience,
-        temperature=args.heal_temperature, topk=args.heal_topk, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, order=args.seq_lora_order, corpus=args.heal_corpus or corpus,
-        seed=args.seed, device=device,
-    ).validate()
+    options = {"corpus": corpus, **_given(args, HEALING)}
+    return HealConfig(method=args.heal, seed=args.seed, device=device, **options).validate()
 
 
 def _tasks(text: str) -> list[str]:
@@ -145,53 +143,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-matrix table)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="compress a model to a parameter budget and save it")
+    from svdzip.recipe import Recipe
+
+    d = Recipe()  # the defaults, quoted in the help texts
+    c = sub.add_parser("compress", help="compress a model to a parameter or memory budget and save it")
     c.add_argument("--model", default="smollm2-135m",
                    help="alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local directory or hub id "
                         "(default: %(default)s)")
     c.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--recipe", default=None, metavar="FILE",
+                   help="a recipe.yaml (every output directory holds the one it was made with; a directory works "
+                        "too): rerun it exactly; flags given beside it override its settings")
+
+    def field(flag: str, name: str, help: str, quote: bool = True, **kw: Any) -> None:
+        default = f" (default: {getattr(d, name)})" if quote else ""
+        if "choices" not in kw:
+            kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        c.add_argument(flag, dest=RECIPE + name, default=argparse.SUPPRESS, help=help + default, **kw)
+
     ratio = c.add_mutually_exclusive_group()
-    ratio.add_argument("--ratio", type=float, default=None,
-                       help="fraction of decoder-linear parameters REMOVED (SVD-LLM/D-Rank convention; default 0.2)")
+    ratio.add_argument("--ratio", dest=RECIPE + "ratio", type=float, default=argparse.SUPPRESS, metavar="RATIO",
+                       help=f"fraction of decoder-linear parameters REMOVED (SVD-LLM/D-Rank convention; "
+                            f"default {d.ratio})")
     ratio.add_argument("--kept", type=float, default=None,
                        help="fraction KEPT instead (ARA/ASVD convention): --kept 0.8 == --ratio 0.2")
     c.add_argument("--budget-bytes", default=None, metavar="BYTES",
                    help="memory budget instead of --ratio: weight bytes of the whole saved model (e.g. 80MB, 64MiB)")
-    c.add_argument("--budget-fraction", type=float, default=None,
-                   help="memory budget as a fraction of the dense model's bfloat16 weight bytes (e.g. 0.35)")
-    c.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization of the stored matrices with torchao (pip install 'svdzip[quant]'); "
-                        "int4 needs CUDA")
-    c.add_argument("--quantize-scope", default="all", choices=["all", "dense", "factors"],
-                   help="what --quantize stores quantized: all matrices, the dense remainder only, or the factors only")
+    field("--budget-fraction", "budget_fraction", "memory budget as a fraction of the dense model's bfloat16 weight "
+          "bytes (e.g. 0.35)", quote=False, type=float)
+    field("--quantize", "quantize", "weight-only quantization of the stored matrices with torchao "
+          "(pip install 'svdzip[quant]'); int4 needs CUDA", quote=False, choices=["int8", "int4"])
+    field("--quantize-scope", "quantize_scope", "what --quantize stores quantized: all matrices, the dense "
+          "remainder only, or the factors only", choices=["all", "dense", "factors"])
     c.add_argument("--params-first", action="store_true",
                    help="with a memory budget: allocate parameters first and fit the bytes by the ratio, instead of "
                         "a byte-aware allocation (for comparison)")
-    c.add_argument("--method", default="svdllm", help="factorisation: svd, svdllm, asvd, fwsvd (default: %(default)s)")
-    c.add_argument("--allocator", default=None,
-                   help=f"rank allocator (see `svdzip info --allocators`; default: {RECOMMENDED_ALLOCATOR}, the "
-                        "recommended recipe with --heal distill; the papers' plain SVD-LLM(W) is --allocator uniform "
-                        "--heal none)")
+    field("--method", "method", "factorisation: svd, svdllm, asvd, fwsvd")
+    field("--allocator", "allocator", "rank allocator (see `svdzip info --allocators`); auto: loss-aware in memory "
+          "(the recommended recipe, with --heal auto), uniform for --stream, --resume-dir and torchrun runs; the "
+          "papers' plain SVD-LLM(W) is --allocator uniform --heal none")
     c.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator hyperparameter, repeatable (e.g. beta=0.3)")
-    c.add_argument("--group-size", type=int, default=1,
-                   help="Basis Sharing: share q/k/v/up/gate bases over this many consecutive layers")
-    c.add_argument("--update", default=None, choices=["svdllm", "coef"],
-                   help="weight update after truncation: svdllm (closed-form, layer-wise) or coef (shared bases)")
-    c.add_argument("--update-samples", type=int, default=0,
-                   help="calibration sequences the update refits on (0 = all; SVD-LLM uses 16 x 2048 tokens)")
-    c.add_argument("--asvd-alpha", type=float, default=0.5)
-    c.add_argument("--asvd-scaling", default="abs_mean", choices=["abs_mean", "abs_max"])
-    c.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen, code or a .txt path")
-    c.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default: %(default)s)")
-    c.add_argument("--calib-seq-len", type=int, default=512, help="calibration sequence length (default: %(default)s)")
-    c.add_argument("--calib-batch-size", type=int, default=8)
+    field("--group-size", "group_size", "Basis Sharing: share q/k/v/up/gate bases over this many consecutive layers",
+          type=int)
+    field("--update", "update", "weight update after truncation: svdllm (closed-form, layer-wise) or coef "
+          "(shared bases)", quote=False, choices=["svdllm", "coef"])
+    field("--update-samples", "update_samples", "calibration sequences the update refits on (0 = all; SVD-LLM "
+          "uses 16 x 2048 tokens)", type=int)
+    field("--asvd-alpha", "asvd_alpha", "ASVD's activation-scaling exponent", type=float)
+    field("--asvd-scaling", "asvd_scaling", "ASVD's per-channel statistic", choices=["abs_mean", "abs_max"])
+    field("--corpus", "corpus", "calibration corpus: wiki, austen, code or a .txt path")
+    field("--calib-samples", "calib_samples", "calibration sequences", type=int)
+    field("--calib-seq-len", "calib_seq_len", "calibration sequence length", type=int)
+    field("--calib-batch-size", "calib_batch_size", "calibration sequences per forward", type=int)
     c.add_argument("--paper-calibration", action="store_true",
                    help="the papers' 256 x 2048 calibration tokens (slow on a CPU)")
     c.add_argument("--stats", default=None,
-                   help="calibration statistics file: reused if present, written otherwise (default: a cache)")
-    c.add_argument("--seed", type=int, default=0)
+                   help="calibration statistics file of an in-memory run: reused if present, written otherwise "
+                        "(default: a cache keyed by the weights and tokens)")
+    field("--seed", "seed", "seed of the calibration draw and of training", type=int)
     c.add_argument("--stream", action="store_true",
                    help="models larger than memory: read one decoder layer at a time from the safetensors "
                         "(automatic when the model exceeds 60%% of the available memory)")
@@ -201,19 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--restart", action="store_true",
                    help="discard a --resume-dir written with another configuration instead of refusing it")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: %(default)s)")
-    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the saved model (computation of the factors is float64)")
+    field("--dtype", "storage_dtype", "dtype of the saved model (computation of the factors is float64)",
+          choices=["float32", "float16", "bfloat16"])
     c.add_argument("--tune-beta", action="store_true",
                    help="D-Rank: choose the Q/K→V rebalancing β on held-out CALIBRATION windows "
                         "(never evaluation text); implies --allocator drank")
-    c.add_argument("--tune-samples", type=int, default=8,
-                   help="held-out calibration windows for --tune-beta and for loss-aware's guard=true "
-                   "(default: %(default)s)")
+    field("--tune-samples", "heldout_samples", "held-out calibration windows for --tune-beta and for loss-aware's "
+          "guard=true", type=int)
     c.add_argument("--no-plots", action="store_true",
                    help="do not write ranks.png / effective_rank.png next to the model")
     c.add_argument("--eval", action="store_true",
                    help="then reload the saved model and compare its perplexity with the dense model's")
-    _add_heal_args(c, default=None, with_none=True)
+    _add_heal_args(c, heal_dest=RECIPE + "heal", heal_default=argparse.SUPPRESS, with_none=True)
     _add_eval_args(c)
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -231,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: %(default)s)")
     h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved model (training is float32, bf16 autocast on CUDA)")
-    _add_heal_args(h, default="distill", with_none=False)
+    _add_heal_args(h, heal_dest="heal", heal_default="distill", with_none=False)
     _add_eval_args(h)
     h.add_argument("--eval", action="store_true",
                    help="then compare the healed model's perplexity with the dense one's")
@@ -283,58 +293,68 @@ def _ppl_rows(label: str, results: dict[str, dict[str, Any]]) -> dict[str, float
     return {f"{corpus}/{proto}": r.ppl for corpus, by in results.items() for proto, r in by.items()}
 
 
-def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
-    from svdzip.budget import ratio_from_kept
-    from svdzip.config import CompressConfig
-    from svdzip.output.loading import check_device, parse_dtype
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe the flags ask for: the --recipe file (or `Recipe`'s defaults), then every flag given on top."""
+    from dataclasses import replace
 
-    memory = args.budget_bytes is not None or args.budget_fraction is not None
-    if memory and (args.ratio is not None or args.kept is not None):
+    from svdzip.budget import ratio_from_kept
+    from svdzip.recipe import Recipe
+
+    base = Recipe.load(args.recipe) if args.recipe else Recipe()
+    given = _given(args, RECIPE)
+    memory = args.budget_bytes is not None or "budget_fraction" in given
+    if memory and ("ratio" in given or args.kept is not None):
         raise SvdzipError("give either a parameter ratio (--ratio/--kept) or a memory budget "
                           "(--budget-bytes/--budget-fraction), not both")
-    if args.budget_bytes is not None and args.budget_fraction is not None:
+    if args.budget_bytes is not None and "budget_fraction" in given:
         raise SvdzipError("give --budget-bytes or --budget-fraction, not both")
-    if args.params_first and not memory:
-        raise SvdzipError("--params-first only applies to a memory budget (--budget-bytes/--budget-fraction)")
-    ratio = ratio_from_kept(args.kept) if args.kept is not None else (0.2 if args.ratio is None else args.ratio)
-    samples, seq_len = PAPER_CALIBRATION if args.paper_calibration else (args.calib_samples, args.calib_seq_len)
-    if getattr(args, "tune_beta", False):
-        if args.allocator not in (None, "uniform", "drank"):
-            raise SvdzipError(f"--tune-beta tunes D-Rank's β; it does not apply to --allocator {args.allocator}")
-        args.allocator = "drank"
-        args.allocator_option = [*args.allocator_option, "tune_beta=true"]
-    scaled = _wants_scaled(args)
-    _apply_recommended_recipe(args, scaled=scaled)
-    config = CompressConfig(
-        ratio=ratio, method=args.method, allocator=args.allocator, group_size=args.group_size,
-        update=args.update, update_samples=args.update_samples,
-        allocator_options=dict(_parse_option(o) for o in args.allocator_option),
-        asvd_alpha=args.asvd_alpha, asvd_scaling=args.asvd_scaling, calib_samples=samples,
-        calib_seq_len=seq_len, calib_batch_size=args.calib_batch_size, corpus=args.corpus, seed=args.seed,
-        device=check_device(args.device), budget_bytes=parse_bytes(args.budget_bytes),
-        budget_fraction=args.budget_fraction, quantize=args.quantize, quantize_scope=args.quantize_scope,
-        storage_dtype=args.dtype, byte_aware=not args.params_first,
-    ).validate()
-    if config.quantize:
-        from svdzip.output.quantize import require_backend
+    if args.kept is not None:
+        given["ratio"] = ratio_from_kept(args.kept)
+    if "ratio" in given:  # a ratio given on the command line replaces a recipe file's memory budget
+        given.update(budget_bytes=None, budget_fraction=None)
+    if memory:
+        given.update(budget_bytes=parse_bytes(args.budget_bytes), budget_fraction=given.get("budget_fraction"))
+    if args.params_first:
+        if not (memory or base.memory_budget):
+            raise SvdzipError("--params-first only applies to a memory budget (--budget-bytes/--budget-fraction)")
+        given["byte_aware"] = False
+    if args.paper_calibration:
+        given["calib_samples"], given["calib_seq_len"] = PAPER_CALIBRATION
+    options = {**(base.allocator_options if "allocator" not in given else {}),
+               **dict(_parse_option(o) for o in args.allocator_option)}
+    if args.tune_beta:
+        allocator = given.get("allocator", base.allocator)
+        if allocator not in ("auto", "uniform", "drank"):
+            raise SvdzipError(f"--tune-beta tunes D-Rank's β; it does not apply to --allocator {allocator}")
+        given["allocator"], options["tune_beta"] = "drank", True
+    healing = _given(args, HEALING)
+    if "lr" in healing:  # an explicit learning rate is used as it is (HealConfig derives auto_lr from it)
+        healing["auto_lr"] = None
+    recipe = replace(base, **given, allocator_options=options,
+                     healing=replace(base.healing, **healing) if healing else base.healing)
+    from svdzip.output.loading import check_device
 
-        require_backend(config.quantize, config.device)  # before any expensive step
+    return replace(recipe, device=check_device(args.device)).validate()
+
+
+def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    recipe = recipe_from_args(args)
     from svdzip.engine.driver import CompressRequest, run
 
     request = CompressRequest(
-        model=args.model, config=config, out=Path(args.out), overwrite=args.overwrite,
-        stream=True if args.stream else (None if scaled else False),
+        model=args.model, recipe=recipe, out=Path(args.out), overwrite=args.overwrite,
+        stream=True if args.stream else (None if _wants_scaled(args) else False),
         resume_dir=Path(args.resume_dir) if args.resume_dir else None, restart=args.restart,
-        stats_path=args.stats, heldout_samples=args.tune_samples, save_dtype=parse_dtype(args.dtype),
-        heal=_heal_config(args, config.corpus, config.device), plots=not args.no_plots,
+        stats_path=args.stats, plots=not args.no_plots,
     )
     result = run(request)
     if result is None:  # a torchrun rank other than 0: rank 0 writes and reports
         args.json = False
         return {}
-    summary = {**result.summary, "peak_rss_bytes": _peak_rss(), "dense_size_bytes": _dense_size(args.model)}
+    summary = {**result.summary, "peak_rss_bytes": _peak_rss(), "dense_size_bytes": _dense_size(args.model),
+               "recipe": result.recipe.to_file_dict()}
     budget = summary.get("memory", {}).get("budget_bytes")
-    if budget is not None and summary["weight_bytes_in_memory"] > budget:
+    if budget is not None and summary.get("weight_bytes_in_memory", 0) > budget:
         log.warning("weights take %d bytes in memory, over the budget of %d (planned %d)",
                     summary["weight_bytes_in_memory"], budget, summary["memory"]["planned_bytes"])
     _log_compress_report(result, summary)
@@ -345,8 +365,6 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 def _wants_scaled(args: argparse.Namespace) -> bool:
     """--stream, --resume-dir or torchrun (WORLD_SIZE > 1): the runs whose point is not holding the whole model."""
-    import os
-
     return bool(args.stream or args.resume_dir or int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
@@ -385,6 +403,7 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     report, out = heal_directory(args.dir, out, config, teacher=teacher, resume_dir=args.resume_dir,
                                  overwrite=args.overwrite, dtype=parse_dtype(args.dtype))
     warn_if_stopped(report)
+    _carry_recipe(Path(args.dir), out, config)
     healed = io.read_manifest(out)["details"]
     summary = {**healed.get("summary", {}), "out": str(out), "seconds_total": round(time.perf_counter() - t0, 2),
                "heal": report.to_dict(), "size_bytes": io.dir_size(out), "peak_rss_bytes": _peak_rss()}
@@ -399,16 +418,15 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _apply_recommended_recipe(args: argparse.Namespace, scaled: bool) -> None:
-    """Fill the allocator and recovery the user left out: loss-aware + distill in memory; uniform and no
-    recovery for streamed, resumable or distributed runs, whose point is not holding the whole model
-    (loss-aware's sensitivities and healing both need it)."""
-    if args.allocator is None:
-        args.allocator = "uniform" if scaled else RECOMMENDED_ALLOCATOR
-    if args.heal is None:
-        args.heal = "none" if scaled else RECOMMENDED_HEAL
-    if scaled:
-        log.info("streamed / resumable / distributed run: allocator %s, recovery %s", args.allocator, args.heal)
+def _carry_recipe(src: Path, out: Path, heal_config) -> None:
+    """The healed directory's recipe: its source's, with this recovery (a directory without one gets none)."""
+    from dataclasses import replace
+
+    from svdzip.recipe import RECIPE_FILE, Recipe
+
+    if (src / RECIPE_FILE).is_file():
+        recipe = Recipe.load(src / RECIPE_FILE)
+        replace(recipe, heal=heal_config.method, healing=heal_config).save(out / RECIPE_FILE)
 
 
 def _dense_size(model: str) -> int:
@@ -454,6 +472,7 @@ def _log_compress_report(result, summary: dict[str, Any]) -> None:
 
 
 def _eval_dense_vs_compressed(args: argparse.Namespace, source: str, out: Path) -> dict[str, Any]:
+    from svdzip.assets import resolve_model
     from svdzip.evaluate.perplexity import perplexity_on_corpora
     from svdzip.output import io
     from svdzip.output.loading import load_model
@@ -461,6 +480,7 @@ def _eval_dense_vs_compressed(args: argparse.Namespace, source: str, out: Path) 
     corpora, protocols = _corpora(args.corpora), _protocols(args.protocol)
     max_tokens = args.eval_tokens or None
     report: dict[str, Any] = {}
+    source = str(resolve_model(source))  # an alias names the converted directory (its size is reported)
     for label, path in (("dense", source), ("compressed", str(out))):
         t0 = time.perf_counter()
         model, tokenizer, _ = load_model(path, args.device)
@@ -509,6 +529,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.report.tables import table
 
     check_device(args.device)
+    if args.limit is not None and args.limit < 1:
+        raise SvdzipError(f"--limit must be ≥ 1 documents per task (leave it out for all of them), got {args.limit}")
     if args.threads:
         import torch
 

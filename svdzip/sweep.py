@@ -7,8 +7,11 @@ never recomputed; a rerun only compresses the cells that still miss something. T
 settings that change a number (tokens, window, limit, calibration) are stored beside the results,
 and a rerun with different ones is refused rather than mixed into one table.
 
-A cell's method is a spec string, the inverse of `CompressConfig.label`: `svdllm`, `svd`,
-`svdllm+drank`, `svdllm+share2`, `svdllm+update`, `svdllm+drank+update`, `svdllm+share2+update-coef`.
+A sweep is a list of recipes × ratios × models. A cell's recipe is named by a spec string, the inverse of
+`Recipe.label` (`svdllm`, `svd`, `svdllm+drank`, `svdllm+share2`, `svdllm+update`, `svdllm+drank+update`,
+`svdllm+share2+update-coef`: the papers' protocol, uniform unless an allocator is named, no recovery), or
+by a recipe file (`recipes/mine.yaml`, any recipe `svdzip compress` wrote), whose ratio the sweep sets.
+Every cell is compressed by the runner (`engine.driver`), like `svdzip compress`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdzip.allocate import AllocationCache
-from svdzip.config import CompressConfig
 from svdzip.errors import SvdzipError
 from svdzip.methods.factorisations import get_method
 from svdzip.passes.update import get_update
+from svdzip.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ RESULTS_FILE = "results.json"
 
 
 def parse_label(label: str) -> dict[str, Any]:
-    """`svdllm+share2+drank+update` → CompressConfig fields; inverts `CompressConfig.label`.
+    """`svdllm+share2+drank+update` → Recipe fields; inverts `Recipe.label`.
 
     Parts after the method, in any order: `shareN` (Basis Sharing over N layers), `update`
     (SVD-LLM's closed-form update), `update-coef`, anything else is the allocator's name.
@@ -76,12 +79,18 @@ def parse_label(label: str) -> dict[str, Any]:
     return fields
 
 
-def config_from_label(label: str, ratio: float, base: CompressConfig | None = None) -> CompressConfig:
-    """A validated CompressConfig for `label` at `ratio`, other fields from `base`."""
-    base = base or CompressConfig()
-    d = {**base.to_dict(), **parse_label(label), "ratio": ratio}
-    d["share_roles"] = tuple(d["share_roles"])
-    return CompressConfig(**d).validate()
+def is_recipe_file(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml"))
+
+
+def config_from_label(label: str, ratio: float, base: Recipe | None = None) -> Recipe:
+    """The validated recipe of a cell: a recipe file's, or the label's fields over `base`, at `ratio`."""
+    if is_recipe_file(label):
+        recipe = Recipe.load(label)
+        return replace(recipe, ratio=ratio, budget_bytes=None, budget_fraction=None,
+                       device=(base or recipe).device).validate()
+    base = base or Recipe.plain()
+    return replace(base, **parse_label(label), ratio=ratio).validate()
 
 
 # --------------------------------------------------------------------------- spec and store
@@ -192,7 +201,7 @@ def load(model: str, device: str) -> tuple[nn.Module, Any, str]:
     return load_model(model, device)
 
 
-def calibration(model: nn.Module, tokenizer: Any, source: str, base: CompressConfig) -> tuple[torch.Tensor, Any]:
+def calibration(model: nn.Module, tokenizer: Any, source: str, base: Recipe) -> tuple[torch.Tensor, Any]:
     """Calibration tokens and (cached on disk by prepare_statistics) statistics, once per model."""
     from svdzip.data import calibration_tokens, load_corpus
     from svdzip.engine.pipeline import prepare_statistics
@@ -211,17 +220,17 @@ class SweepCache:
     allocation: AllocationCache = field(default_factory=AllocationCache)
 
 
-def compress_cell(model: nn.Module, config: CompressConfig, stats: Any, tokens: torch.Tensor,
-                  cache: SweepCache | None = None) -> dict[str, Any]:
-    """Compress `model` in place; the summary of the pipeline."""
-    from svdzip.engine.pipeline import compress
+def compress_cell(model: nn.Module, config: Recipe, stats: Any, tokens: torch.Tensor,
+                  cache: SweepCache | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Compress `model` in place through the runner; the summary of the run."""
+    from svdzip.engine.driver import compress
 
     cache = cache if cache is not None else SweepCache()
     key = (repr(sorted(getattr(stats, "meta", {}).items())), config.method, config.group_size,
            tuple(config.share_roles), config.asvd_alpha, config.asvd_scaling)
     t0 = time.perf_counter()
     uses_stats = bool(get_method(config.method).needs(config).statistics)
-    result = compress(model, config, stats=stats if uses_stats else None, calib_tokens=tokens,
+    result = compress(model, config, stats=stats if uses_stats else None, calib_tokens=tokens, tokenizer=tokenizer,
                       units=cache.spectra.get(key), allocation_cache=cache.allocation)
     if result.units is not None:
         cache.spectra[key] = result.units
@@ -263,17 +272,17 @@ def speed(dense: nn.Module, model: nn.Module, label: str, spec: SweepSpec) -> di
 def run_sweep(spec: SweepSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Run (or finish) every cell, then write results.json, results.md and the plots."""
     for m in spec.methods:
-        parse_label(m)
+        config_from_label(m, spec.ratios[0] if spec.ratios else 0.2)
     for r in spec.ratios:
-        CompressConfig(ratio=r).validate()
+        Recipe(ratio=r).validate()
     store = ResultStore(out_dir, spec)
     prov = provenance()
     store.data.setdefault("runs", []).append(prov)
     todo = [(m, meth, r) for m, meth, r in spec.cells()
             if _needs_work(missing_parts(store.data["cells"].get(cell_key(m, meth, r), {}), spec, meth))]
     log.info("sweep: %d cells, %d to compute", len(spec.cells()), len(todo))
-    base = CompressConfig(corpus=spec.calib_corpus, calib_samples=spec.calib_samples,
-                          calib_seq_len=spec.calib_seq_len, seed=spec.seed, device=spec.device)
+    base = Recipe.plain(corpus=spec.calib_corpus, calib_samples=spec.calib_samples,
+                        calib_seq_len=spec.calib_seq_len, seed=spec.seed, device=spec.device)
     by_model: dict[str, list[tuple[str, float]]] = {}
     for m, meth, r in todo:
         by_model.setdefault(m, []).append((meth, r))
@@ -296,7 +305,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
                     calib = calibration(dense, tokenizer, source, base)
                 config = config_from_label(method, ratio, base)
                 model = copy.deepcopy(dense)
-                summary = compress_cell(model, config, calib[1], calib[0], cache)
+                summary = compress_cell(model, config, calib[1], calib[0], cache, tokenizer)
                 cell["summary"] = summary
             store.save(prov)
             if parts["corpora"]:

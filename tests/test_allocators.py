@@ -14,13 +14,13 @@ from svdzip.allocate.common import greedy_loss_allocation, hull_segments, step_u
 from svdzip.allocate.drank import drank_ranks, effective_ranks, lagrange_ranks, rebalance_qk_to_v
 from svdzip.allocate.svdllm_v2 import v2_ratios
 from svdzip.budget import DENSE, keep_budget, max_useful_rank
-from svdzip.config import SHAREABLE_ROLES, CompressConfig
-from svdzip.engine.pipeline import compress
+from svdzip.engine.driver import compress
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit, decompose, group_linears
 from svdzip.methods.linalg import Spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
 from svdzip.passes.calibrate import collect_statistics
+from svdzip.recipe import SHAREABLE_ROLES, Recipe
 
 CASES = [("drank", {}), ("drank", {"mode": "code"}), ("drank", {"rebalance": False}), ("svdllm-v2", {}),
          ("loss-aware", {}), ("loss-aware", {"signal": "relative"}), ("uniform", {})]
@@ -243,7 +243,7 @@ def test_allocators_end_to_end_other_families(family):
     stats = collect_statistics(model, tokens, 4, "cpu")
     for name in ("drank", "loss-aware"):
         m = tiny_model(family)
-        result = compress(m, CompressConfig(ratio=0.3, allocator=name), stats=stats, calib_tokens=tokens)
+        result = compress(m, Recipe.plain(ratio=0.3, allocator=name), stats=stats, calib_tokens=tokens)
         assert result.summary["ratio_achieved"] >= 0.3
         assert torch.isfinite(m(tokens[:1]).logits).all()
 
@@ -253,7 +253,7 @@ def test_plots_and_info_grid(setup, tmp_path):
     from svdzip.report.tables import rank_grid
 
     model, tokens, stats = tiny_model("llama"), setup[1], setup[2]
-    result = compress(model, CompressConfig(ratio=0.4, allocator="drank", group_size=2), stats=stats,
+    result = compress(model, Recipe.plain(ratio=0.4, allocator="drank", group_size=2), stats=stats,
                       calib_tokens=tokens)
     rows = [r.to_dict() for r in result.modules]
     paths = write_plots(tmp_path, rows, result.effective_ranks)
@@ -277,9 +277,9 @@ def test_tune_beta_draws_heldout_calibration_windows(setup, monkeypatch, caplog)
 
     monkeypatch.setattr(svdzip.data, "load_corpus", lambda name: name)
     monkeypatch.setattr(svdzip.data, "calibration_tokens", fake_tokens)
-    config = CompressConfig(ratio=0.4, allocator="drank", calib_samples=4, calib_seq_len=24,
-                            allocator_options={"tune_beta": True, "beta_grid": [0.0, 0.3]})
-    tokens, held = calibration_tokens_for(None, config, union(part_needs(config)), heldout_samples=2)
+    config = Recipe.plain(ratio=0.4, allocator="drank", calib_samples=4, calib_seq_len=24, heldout_samples=2,
+                          allocator_options={"tune_beta": True, "beta_grid": [0.0, 0.3]})
+    tokens, held = calibration_tokens_for(None, config, union(part_needs(config)))
     assert drawn["n"] == 6 and tokens.shape == (4, 24) and held.shape == (2, 24)
     assert torch.equal(tokens, tiny_tokens(n=6, seq=24, seed=config.seed)[:4])  # the usual windows come first
     with caplog.at_level("INFO"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokens
 
-from svdzip import CompressConfig, compress
+from svdzip import Recipe, compress
 from svdzip.allocate import AllocationContext, allocate
 from svdzip.allocate.ara import AraOptions, _Installed, _targets, finalise, mask_rank_max, training_windows
 from svdzip.allocate.ara_mask import StaircaseMask, candidates, init_logits, staircase
@@ -167,14 +167,21 @@ def test_allocator_trains_and_meets_budget(tmp_path):
 
 def test_compress_writes_ara_plots_from_the_report(tmp_path):
     model = tiny_model("llama")
-    cfg = CompressConfig(ratio=0.3, allocator="ara", allocator_options={"steps": 2, "seq_len": 12},
+    cfg = Recipe.plain(ratio=0.3, allocator="ara", allocator_options={"steps": 2, "seq_len": 12},
                          calib_batch_size=2)
-    result = compress(model, cfg, calib_tokens=tiny_tokens(4, 24), out_dir=tmp_path)
+    from svdzip.engine.pipeline import factorise
+
+    def spectra(model):
+        return decompose(ModelAdapter(model), collect_statistics(model, tiny_tokens(4, 24), 2, "cpu"), "svdllm")
+
+    result = factorise(model, cfg, spectra(model), calib_tokens=tiny_tokens(4, 24), out_dir=tmp_path)
     assert len(result.allocation_report["history"]) == 2
     assert {p.name for p in tmp_path.iterdir()} == {"ara_loss.png", "ara_ratios.png", "ara_history.json"}
     plain = tmp_path / "no_plots"
+    plain.mkdir()
     cfg.allocator_options["plot"] = "false"
-    compress(tiny_model("llama"), cfg, calib_tokens=tiny_tokens(4, 24), out_dir=plain)
+    model = tiny_model("llama")
+    factorise(model, cfg, spectra(model), calib_tokens=tiny_tokens(4, 24), out_dir=plain)
     assert {p.name for p in plain.iterdir()} == {"ara_history.json"}
 
 
@@ -225,7 +232,7 @@ def test_one_rank_max_for_targets_mask_and_dense_test(rho0):
 def test_compress_with_ara_end_to_end(family):
     model = tiny_model(family)
     tokens = tiny_tokens(4, 24)
-    cfg = CompressConfig(ratio=0.25, allocator="ara", allocator_options={"steps": 3, "seq_len": 12},
+    cfg = Recipe.plain(ratio=0.25, allocator="ara", allocator_options={"steps": 3, "seq_len": 12},
                          calib_batch_size=2)
     result = compress(model, cfg, calib_tokens=tokens)
     assert result.summary["decoder_linear_params_after"] <= keep_budget(
@@ -271,7 +278,7 @@ def test_ara_ranks_save_and_reload_like_any_method(tmp_path):
 
     model = tiny_model("llama")
     tokens = tiny_tokens(4, 24)
-    cfg = CompressConfig(ratio=0.3, allocator="ara", group_size=2,  # shared bases: one mask per group
+    cfg = Recipe.plain(ratio=0.3, allocator="ara", group_size=2,  # shared bases: one mask per group
                          allocator_options={"steps": 2, "seq_len": 12}, calib_batch_size=2)
     result = compress(model, cfg, calib_tokens=tokens)
     save(model, None, tmp_path / "m", build_manifest(result.modules, result.summary, cfg.to_dict()))

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import svdzip  # noqa: F401  (registers the reload path)
-from svdzip import CompressConfig, SvdzipError, compress
+from svdzip import Recipe, SvdzipError, compress
 from svdzip.methods.decompose import decompose, group_linears
 from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter, _expand, open_structure
@@ -38,7 +38,7 @@ def _reloaded(model: nn.Module, rows, summary, path) -> nn.Module:
 def test_compress_save_reload_gives_identical_logits(tmp_path, family):
     model = tiny_model(family, shape=WIDE)
     tokens = tiny_tokens(8, 32, vocab=WIDE.vocab)
-    result = compress(model, CompressConfig(ratio=0.3, method="svdllm", calib_batch_size=4), calib_tokens=tokens)
+    result = compress(model, Recipe.plain(ratio=0.3, method="svdllm", calib_batch_size=4), calib_tokens=tokens)
     assert result.summary["ratio_achieved"] >= 0.3
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) > len(result.modules) // 2
     again = _reloaded(model, result.modules, result.summary, tmp_path / "m")
@@ -173,7 +173,7 @@ def test_qwen2_biases_survive_factorisation_and_reload(tmp_path):
                  for n in ("q_proj", "k_proj", "v_proj")}
     assert all(b.abs().sum() > 0 for b in originals.values())
     tokens = tiny_tokens(8, 24, vocab=WIDE.vocab)
-    result = compress(model, CompressConfig(ratio=0.3, method="svdllm", calib_batch_size=4), calib_tokens=tokens)
+    result = compress(model, Recipe.plain(ratio=0.3, method="svdllm", calib_batch_size=4), calib_tokens=tokens)
     again = _reloaded(model, result.modules, result.summary, tmp_path / "m")
     manifest = read_manifest(tmp_path / "m")["modules"]
     for name, bias in originals.items():

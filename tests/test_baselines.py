@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokens
 
-from svdzip import CompressConfig, compress
+from svdzip import Recipe, compress
 from svdzip.allocate import strs as strs_mod
 from svdzip.models.adapter import ModelAdapter
 from svdzip.models.lowrank import LowRankLinear
@@ -88,8 +88,8 @@ def test_update_never_increases_fitted_output_error(update, family, group):
     dense = tiny_model(family)
     stats = collect_statistics(dense, tokens, 4)
     cfg = dict(ratio=0.5, group_size=group)
-    plain = compress(tiny_model(family), CompressConfig(**cfg), stats=stats, calib_tokens=tokens).model
-    updated = compress(tiny_model(family), CompressConfig(**cfg, update=update), stats=stats,
+    plain = compress(tiny_model(family), Recipe.plain(**cfg), stats=stats, calib_tokens=tokens).model
+    updated = compress(tiny_model(family), Recipe.plain(**cfg, update=update), stats=stats,
                        calib_tokens=tokens).model
     ad_dense, ad_up, ad_plain = ModelAdapter(dense), ModelAdapter(updated), ModelAdapter(plain)
     inputs = _layer_inputs(updated, ad_up, tokens)  # the deviated inputs of every (final) layer
@@ -118,14 +118,14 @@ def test_update_never_increases_fitted_output_error(update, family, group):
 
 
 def test_update_composes_in_the_label():
-    assert CompressConfig(method="svdllm", allocator="drank", update="svdllm").label == "svdllm+drank+update"
-    assert CompressConfig(method="asvd", allocator="strs").label == "asvd+strs"
-    assert CompressConfig(group_size=2, update="coef").label == "svdllm+share2+update-coef"
+    assert Recipe.plain(method="svdllm", allocator="drank", update="svdllm").label == "svdllm+drank+update"
+    assert Recipe.plain(method="asvd", allocator="strs").label == "asvd+strs"
+    assert Recipe.plain(group_size=2, update="coef").label == "svdllm+share2+update-coef"
 
 
 def test_fwsvd_end_to_end_computes_fisher():
     tokens = tiny_tokens(4, 16)
-    result = compress(tiny_model("qwen3"), CompressConfig(ratio=0.3, method="fwsvd", calib_batch_size=2),
+    result = compress(tiny_model("qwen3"), Recipe.plain(ratio=0.3, method="fwsvd", calib_batch_size=2),
                       calib_tokens=tokens)
     assert "fisher_s" in result.summary
     with torch.no_grad():
@@ -153,10 +153,10 @@ def test_fisher_is_saved_with_the_statistics_and_reused(tmp_path, monkeypatch):
     real = fisher_mod.collect_fisher
     monkeypatch.setattr(fisher_mod, "collect_fisher", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = tmp_path / "stats.safetensors"
-    plain = prepare_statistics(model, tokens, "tiny", CompressConfig(method="svdllm"), path)
+    plain = prepare_statistics(model, tokens, "tiny", Recipe.plain(method="svdllm"), path)
     assert not plain.fisher and not calls  # only fwsvd pays for the backward pass
-    first = prepare_statistics(model, tokens, "tiny", CompressConfig(method="fwsvd"), path)
-    again = prepare_statistics(model, tokens, "tiny", CompressConfig(method="fwsvd", ratio=0.5), path)
+    first = prepare_statistics(model, tokens, "tiny", Recipe.plain(method="fwsvd"), path)
+    again = prepare_statistics(model, tokens, "tiny", Recipe.plain(method="fwsvd", ratio=0.5), path)
     assert len(calls) == 1 and first.fisher.keys() == again.fisher.keys()
     assert all(torch.equal(first.fisher[k], again.fisher[k]) for k in first.fisher)
     assert all(torch.equal(plain.grams[k], again.grams[k]) for k in plain.grams)
@@ -171,7 +171,7 @@ def test_strs_meets_budget_and_caches(tmp_path, monkeypatch):
     real = strs_mod.sensitivity_table
     monkeypatch.setattr(strs_mod, "sensitivity_table", lambda *a, **k: calls.append(1) or real(*a, **k))
     for ratio in (0.3, 0.6):
-        cfg = CompressConfig(ratio=ratio, method="asvd", allocator="strs", allocator_options=options)
+        cfg = Recipe.plain(ratio=ratio, method="asvd", allocator="strs", allocator_options=options)
         result = compress(tiny_model("llama"), cfg, stats=stats, calib_tokens=tokens)
         assert result.summary["ratio_achieved"] >= ratio - 1e-9  # never over budget
         assert result.config.label == "asvd+strs"

@@ -38,7 +38,7 @@ def default():
 def _compressed(default, method: str, ratio: float = 0.2):
     source, _, tokens, stats, _ = default
     model = load_model(source)[0]
-    result = svdzip.compress(model, svdzip.CompressConfig(ratio=ratio, method=method), stats=stats,
+    result = svdzip.compress(model, svdzip.Recipe.plain(ratio=ratio, method=method), stats=stats,
                              calib_tokens=tokens)
     return model, result
 

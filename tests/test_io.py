@@ -8,14 +8,14 @@ from tiny_models import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM
 
 import svdzip
-from svdzip import CompressConfig, SvdzipError, compress
+from svdzip import Recipe, SvdzipError, compress
 from svdzip.output.io import build_manifest, dir_size, read_manifest, save
 
 
 def _compressed(family="llama", group_size=1, ratio=0.4):
     model = tiny_model(family)
     tokens = tiny_tokens()
-    result = compress(model, CompressConfig(ratio=ratio, group_size=group_size, calib_batch_size=4),
+    result = compress(model, Recipe.plain(ratio=ratio, group_size=group_size, calib_batch_size=4),
                       calib_tokens=tokens)
     return model, tokens, build_manifest(result.modules, result.summary, result.config.to_dict())
 

@@ -11,18 +11,19 @@ from tiny_models import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM
 
 import svdzip
-from svdzip import CompressConfig, SvdzipError, compress
+from svdzip import Recipe, SvdzipError, compress
 from svdzip.allocate import AllocationContext, allocate, spent
 from svdzip.allocate.memory import allocate_params_first, price, reference_bytes
 from svdzip.budget import DENSE, Pricing, max_useful_rank
 from svdzip.cli import main, parse_bytes
-from svdzip.engine.pipeline import store
+from svdzip.engine.pipeline import factorise, store
 from svdzip.evaluate.speed import weight_bytes
-from svdzip.methods.decompose import Unit
+from svdzip.methods.decompose import Unit, decompose
 from svdzip.methods.linalg import Spectrum
-from svdzip.models.adapter import LinearInfo
+from svdzip.models.adapter import LinearInfo, ModelAdapter
 from svdzip.output.io import build_manifest, dir_size, save
 from svdzip.output.quantize import parameter_bytes, quantization_record, quantized_linears, storage_bytes
+from svdzip.passes.calibrate import collect_statistics
 
 INT8_BF16 = Pricing(factor_value_bytes=1, dense_value_bytes=1, factor_row_bytes=5, dense_row_bytes=5)
 MIXED = Pricing(factor_value_bytes=2, dense_value_bytes=1, factor_row_bytes=0, dense_row_bytes=5)  # bf16 factors
@@ -98,15 +99,11 @@ def test_params_first_fits_the_byte_budget_and_byte_aware_is_no_worse():
 
 def _quantized(tmp_path, fraction=0.6, scope="all", dtype=torch.bfloat16, allocator="loss-aware"):
     model, tokens = tiny_model("llama"), tiny_tokens()
-    cfg = CompressConfig(budget_fraction=fraction, quantize="int8", quantize_scope=scope, allocator=allocator,
+    cfg = Recipe.plain(budget_fraction=fraction, quantize="int8", quantize_scope=scope, allocator=allocator,
                          storage_dtype=str(dtype).removeprefix("torch."), calib_batch_size=4,
                          allocator_options={"signal": "whitened"} if allocator == "loss-aware" else {})
-    result = compress(model, cfg, calib_tokens=tokens)
-    names = store(result, dtype)
-    manifest = build_manifest(result.modules, result.summary, cfg.to_dict())
-    manifest.quantization = quantization_record(names, "int8", scope, dtype)
-    save(model, None, tmp_path / "q", manifest)
-    return model, tokens, result, names
+    result = compress(model, cfg, calib_tokens=tokens, out=tmp_path / "q")  # the runner quantizes, then saves
+    return model, tokens, result, result.quantized
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -153,11 +150,11 @@ def test_mixed_scope_keeps_factors_16bit(tmp_path):
 def test_budget_errors():
     model = tiny_model("llama")
     with pytest.raises(SvdzipError, match="embeddings, lm_head and norms alone"):
-        compress(model, CompressConfig(budget_fraction=0.05, method="svd"))
+        compress(model, Recipe.plain(budget_fraction=0.05, method="svd"))
     with pytest.raises(SvdzipError, match="not both"):
-        CompressConfig(budget_fraction=0.5, budget_bytes=1000).validate()
+        Recipe.plain(budget_fraction=0.5, budget_bytes=1000).validate()
     with pytest.raises(SvdzipError, match="int4 weight-only quantization is not supported on this CPU"):
-        compress(tiny_model("llama"), CompressConfig(budget_fraction=0.5, quantize="int4", method="svd"))
+        compress(tiny_model("llama"), Recipe.plain(budget_fraction=0.5, quantize="int4", method="svd"))
     assert reference_bytes(model) == 2 * sum(p.numel() for p in model.parameters())
 
 
@@ -166,7 +163,7 @@ def test_budget_just_above_embeddings_but_below_one_rank_each():
     fixed = (sum(p.numel() for p in model.parameters()) - sum(m.weight.numel() for n, m in model.named_modules()
              if n.endswith(("_proj",)))) * 4
     with pytest.raises(SvdzipError, match="one rank per matrix"):
-        compress(model, CompressConfig(budget_bytes=fixed + 10, method="svd"))
+        compress(model, Recipe.plain(budget_bytes=fixed + 10, method="svd"))
 
 
 def test_cli_refuses_ratio_with_budget_and_parses_sizes(tmp_path, capsys):
@@ -222,8 +219,10 @@ def test_heal_then_int8_keeps_the_budget_and_reloads_identically(tmp_path):
 
     teacher, tokens = tiny_model("llama"), tiny_tokens()
     student = copy.deepcopy(teacher)
-    cfg = CompressConfig(budget_fraction=0.6, quantize="int8", storage_dtype="bfloat16", calib_batch_size=4)
-    result = compress(student, cfg, calib_tokens=tokens)
+    cfg = Recipe.plain(budget_fraction=0.6, quantize="int8", storage_dtype="bfloat16", calib_batch_size=4)
+    # the runner's order, stage by stage: factorise, heal the float factors, then store them quantized
+    units = decompose(ModelAdapter(student), collect_statistics(student, tokens, 4, "cpu"), "svdllm")
+    result = factorise(student, cfg, units, calib_tokens=tokens)
     heal(student, teacher, (tiny_tokens(8, 16, seed=5), tiny_tokens(4, 16, seed=5)),
          HealConfig(steps=2, batch_size=2, eval_every=1, patience=10, warmup=0.0, lr=1e-3, seq_len=16))
     names = store(result, torch.bfloat16)

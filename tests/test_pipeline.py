@@ -5,7 +5,7 @@ import torch
 from tiny_models import tiny_model, tiny_tokens
 from torch import nn
 
-from svdzip import CompressConfig, SvdzipError, compress
+from svdzip import Recipe, SvdzipError, compress
 from svdzip.models.adapter import ModelAdapter
 from svdzip.models.lowrank import LowRankLinear
 from svdzip.passes.calibrate import CalibrationStats, capture_layer_inputs, collect_statistics
@@ -63,7 +63,7 @@ def test_capture_restores_layers(family):
 def test_compress_spends_at_most_the_budget(family, method):
     model = tiny_model(family)
     tokens = tiny_tokens()
-    result = compress(model, CompressConfig(ratio=0.3, method=method, calib_batch_size=4), calib_tokens=tokens)
+    result = compress(model, Recipe.plain(ratio=0.3, method=method, calib_batch_size=4), calib_tokens=tokens)
     s = result.summary
     assert s["decoder_linear_params_after"] <= (1 - 0.3) * s["decoder_linear_params_before"]
     assert s["ratio_achieved"] >= 0.3
@@ -86,7 +86,7 @@ def test_whitening_beats_plain_svd_on_calibration_data():
         errors = {}
         for method in ("svd", "svdllm"):
             model = tiny_model("llama")
-            compress(model, CompressConfig(ratio=0.4, method=method, calib_batch_size=8), calib_tokens=tokens)
+            compress(model, Recipe.plain(ratio=0.4, method=method, calib_batch_size=8), calib_tokens=tokens)
             errors[method] = float((model.model.layers[0].self_attn.q_proj(xn) - ref).pow(2).sum())
     assert errors["svdllm"] < errors["svd"]
 
@@ -96,12 +96,12 @@ def test_nan_weights_are_refused():
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(SvdzipError, match="NaN"):
-        compress(model, CompressConfig(method="svd"))
+        compress(model, Recipe.plain(method="svd"))
 
 
 def test_data_methods_need_data():
     with pytest.raises(SvdzipError, match="needs calibration"):
-        compress(tiny_model("llama"), CompressConfig(method="svdllm"))
+        compress(tiny_model("llama"), Recipe.plain(method="svdllm"))
 
 
 def test_stats_roundtrip_and_corruption(tmp_path):
@@ -132,5 +132,5 @@ def test_config_validation():
     for bad in (dict(ratio=1.2), dict(method="nope"), dict(update="nope"), dict(group_size=0),
                 dict(share_roles=("o",)), dict(calib_samples=0)):
         with pytest.raises(SvdzipError):
-            CompressConfig(**bad).validate()
-    assert CompressConfig(allocator="drank", update="svdllm").label == "svdllm+drank+update"
+            Recipe.plain(**bad).validate()
+    assert Recipe.plain(allocator="drank", update="svdllm").label == "svdllm+drank+update"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_model, tiny_tokens
 
-from svdzip import CompressConfig, SvdzipError, compress
+from svdzip import Recipe, SvdzipError, compress
 from svdzip.recover.config import HealConfig
 from svdzip.recover.heal import heal
 from svdzip.recover.losses import kl_full, kl_topk, next_token_ce, topk_of
@@ -22,7 +22,7 @@ def _pair(family="llama", ratio=0.5, group_size=1):
             if p.dim() == 2:
                 p.mul_(8.0)
     student = copy.deepcopy(teacher)
-    compress(student, CompressConfig(ratio=ratio, group_size=group_size, calib_batch_size=4),
+    compress(student, Recipe.plain(ratio=ratio, group_size=group_size, calib_batch_size=4),
              calib_tokens=tiny_tokens(8, 24))
     return teacher, student
 
@@ -298,7 +298,7 @@ def test_a_heal_that_cannot_improve_keeps_the_factors_and_claims_nothing(monkeyp
         -loss(self, student, split, idx) if split == "train" else loss(self, student, split, idx)))
     teacher = tiny_model()
     student = copy.deepcopy(teacher)
-    result = compress(student, CompressConfig(ratio=0.5, calib_batch_size=4), calib_tokens=tiny_tokens(8, 24))
+    result = compress(student, Recipe.plain(ratio=0.5, calib_batch_size=4), calib_tokens=tiny_tokens(8, 24))
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     cfg = _cfg(method=method, steps=16, eval_every=4, patience=1, lr=3e-3, auto_lr=auto_lr, lora_dropout=0.0)
     report = heal(student, teacher, _windows(), cfg)
@@ -400,7 +400,7 @@ def test_a_healed_directory_reloads_with_identical_logits(tmp_path, group_size):
 
     teacher = tiny_model()
     student = copy.deepcopy(teacher)
-    result = compress(student, CompressConfig(ratio=0.5, group_size=group_size, calib_batch_size=4),
+    result = compress(student, Recipe.plain(ratio=0.5, group_size=group_size, calib_batch_size=4),
                       calib_tokens=tiny_tokens(8, 24))
     report = heal(student, teacher, _windows(), _cfg(method="seq-lora" if group_size > 1 else "distill"))
     manifest = build_manifest(result.modules, result.summary, result.config.to_dict())

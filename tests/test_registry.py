@@ -6,7 +6,6 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokens
 
-from svdzip.config import CompressConfig
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import decompose, group_linears
 from svdzip.methods.factorisations import Settings, available_methods, get_method
@@ -14,6 +13,7 @@ from svdzip.models.adapter import ModelAdapter
 from svdzip.needs import Mode, Needs, refuse_unsupported
 from svdzip.passes.calibrate import CalibrationStats, collect_statistics
 from svdzip.passes.update import available_updates, get_update
+from svdzip.recipe import Recipe
 
 
 def test_method_registry_and_errors():
@@ -22,15 +22,15 @@ def test_method_registry_and_errors():
     with pytest.raises(SvdzipError, match=r"unknown method 'svdlm'; choose a factorisation from: svd \(.*fwsvd \("):
         get_method("svdlm")
     with pytest.raises(SvdzipError, match="unknown method"):
-        CompressConfig(method="svdlm").validate()
+        Recipe.plain(method="svdlm").validate()
 
 
 @pytest.mark.parametrize("name,config,expected", [
-    ("svd", CompressConfig(), Needs()),
-    ("svdllm", CompressConfig(), Needs(statistics=frozenset({"grams"}))),
-    ("asvd", CompressConfig(), Needs(statistics=frozenset({"abs_mean"}))),
-    ("asvd", CompressConfig(asvd_scaling="abs_max"), Needs(statistics=frozenset({"abs_max"}))),
-    ("fwsvd", CompressConfig(), Needs(statistics=frozenset({"fisher"}), calib_tokens=True, gradients=True,
+    ("svd", Recipe.plain(), Needs()),
+    ("svdllm", Recipe.plain(), Needs(statistics=frozenset({"grams"}))),
+    ("asvd", Recipe.plain(), Needs(statistics=frozenset({"abs_mean"}))),
+    ("asvd", Recipe.plain(asvd_scaling="abs_max"), Needs(statistics=frozenset({"abs_max"}))),
+    ("fwsvd", Recipe.plain(), Needs(statistics=frozenset({"fisher"}), calib_tokens=True, gradients=True,
                                       whole_model=True, distributable=False)),
 ])
 def test_methods_declare_exactly_the_statistics_they_read(name, config, expected):
@@ -40,12 +40,12 @@ def test_methods_declare_exactly_the_statistics_they_read(name, config, expected
 
 
 def test_fwsvd_is_refused_where_its_fisher_pass_cannot_run():
-    needs = {"method fwsvd": get_method("fwsvd").needs(CompressConfig())}
+    needs = {"method fwsvd": get_method("fwsvd").needs(Recipe.plain())}
     with pytest.raises(SvdzipError, match="whole model.*Fisher"):
         refuse_unsupported(needs, Mode(streamed=True))
     with pytest.raises(SvdzipError, match="cannot be split over processes"):
         refuse_unsupported(needs, Mode(world_size=2))
-    refuse_unsupported({"method svdllm": get_method("svdllm").needs(CompressConfig())}, Mode(streamed=True,
+    refuse_unsupported({"method svdllm": get_method("svdllm").needs(Recipe.plain())}, Mode(streamed=True,
                                                                                              world_size=2))
 
 
@@ -107,12 +107,12 @@ def test_update_registry_and_needs():
     with pytest.raises(SvdzipError, match=r"unknown update 'coeff'; choose from: svdllm \(.*coef \("):
         get_update("coeff")
     with pytest.raises(SvdzipError, match="unknown update"):
-        CompressConfig(update="coeff").validate()
+        Recipe.plain(update="coeff").validate()
 
 
 def test_config_validates_allocator_options_before_any_work():
     with pytest.raises(SvdzipError, match="unknown option"):
-        CompressConfig(allocator="drank", allocator_options={"betta": 0.1}).validate()
+        Recipe.plain(allocator="drank", allocator_options={"betta": 0.1}).validate()
     with pytest.raises(SvdzipError, match="unknown allocator"):
-        CompressConfig(allocator="dranc").validate()
-    CompressConfig(allocator="drank", allocator_options={"beta_grid": "0,0.1", "tune_beta": "true"}).validate()
+        Recipe.plain(allocator="dranc").validate()
+    Recipe.plain(allocator="drank", allocator_options={"beta_grid": "0,0.1", "tune_beta": "true"}).validate()

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import svdzip.engine.writer as writer_mod
 import svdzip.passes.calibrate as calibrate_mod
 import svdzip.passes.spectra as spectra_mod
-from svdzip import CompressConfig, SvdzipError, compress, load
+from svdzip import Recipe, SvdzipError, compress, load
 from svdzip.core.distributed import DistContext, assign_by_cost
 from svdzip.core.resume import RunState
 from svdzip.engine.driver import CompressRequest, run
@@ -30,8 +30,8 @@ CFG = dict(ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=2)
 PROBE = tiny_tokens(2, 16, seed=5)
 
 
-def _config() -> CompressConfig:
-    return CompressConfig(**CFG)
+def _config() -> Recipe:
+    return Recipe.plain(**CFG)
 
 
 def _checkpoint(path: Path) -> Path:
@@ -58,7 +58,7 @@ def _logits(model) -> torch.Tensor:
 def _stream(source: Path, out: Path, run_dir: Path | None, stream: bool = True, ctx: DistContext | None = None,
             **kw):
     """The CLI's driver on a local checkpoint with given calibration tokens."""
-    request = CompressRequest(model=str(source), config=_config(), out=out, stream=stream, resume_dir=run_dir,
+    request = CompressRequest(model=str(source), recipe=_config(), out=out, stream=stream, resume_dir=run_dir,
                               tokens=tiny_tokens(), plots=False, **kw)
     return run(request, ctx=ctx or DistContext())
 
@@ -111,12 +111,12 @@ def test_in_memory_run_with_grams_on_disk_equals_grams_in_memory(ckpt, tmp_path,
     monkeypatch.setattr(calibrate_mod, "calibrate", spy)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    config = CompressConfig(**CFG, update=update)
+    config = Recipe.plain(**CFG, update=update)
     results = {}
     for limit in (driver_mod.GRAMS_IN_MEMORY_BYTES, 0):
         monkeypatch.setattr(driver_mod, "GRAMS_IN_MEMORY_BYTES", limit)
         out = tmp_path / f"out-{limit}"
-        run(CompressRequest(model=str(source), config=config, out=out, stream=False, tokens=tiny_tokens(),
+        run(CompressRequest(model=str(source), recipe=config, out=out, stream=False, tokens=tiny_tokens(),
                             plots=False), ctx=DistContext())
         results[limit] = load(out, with_tokenizer=False)[0]
     assert calls.count(True) == 1  # only the small limit calibrated on disk (the default: in memory, or cached)
@@ -135,12 +135,12 @@ def test_an_in_memory_run_that_cannot_fit_is_refused_before_loading(ckpt, tmp_pa
     monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: 64 * 2**20)
     monkeypatch.setattr(loading_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SvdzipError, match=r"--stream") as info:
-        run(CompressRequest(model=str(source), config=_config(), out=tmp_path / "out", stream=False,
+        run(CompressRequest(model=str(source), recipe=_config(), out=tmp_path / "out", stream=False,
                             tokens=tiny_tokens(), plots=False), ctx=DistContext())
     assert "calibration" in str(info.value) or "allocation" in str(info.value)
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()  # the real available memory: the same run goes through
-    run(CompressRequest(model=str(source), config=_config(), out=tmp_path / "out", stream=False,
+    run(CompressRequest(model=str(source), recipe=_config(), out=tmp_path / "out", stream=False,
                         tokens=tiny_tokens(), plots=False), ctx=DistContext())
     assert (tmp_path / "out" / "config.json").is_file()
 
@@ -333,10 +333,10 @@ def test_streaming_equals_in_memory_for_other_families(family, tmp_path):
     """Streamed from a saved checkpoint = compressed in memory: experts, fused projections, biases, Conv1D."""
     save_tiny(tmp_path / "dense", family, shape=WIDE)
     tokens = tiny_tokens(vocab=WIDE.vocab)
-    config = CompressConfig(**{**CFG, "calib_seq_len": tokens.shape[1]})
+    config = Recipe.plain(**{**CFG, "calib_seq_len": tokens.shape[1]})
     ref = compress(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval(), config,
                    calib_tokens=tokens)
-    request = CompressRequest(model=str(tmp_path / "dense"), config=config, out=tmp_path / "out", stream=True,
+    request = CompressRequest(model=str(tmp_path / "dense"), recipe=config, out=tmp_path / "out", stream=True,
                               tokens=tokens, plots=False)
     res = run(request, ctx=DistContext())
     assert res.ranks == ref.ranks and any(r is not None for r in ref.ranks.values())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokens
 
-from svdzip import CompressConfig, SvdzipError, compress
+from svdzip import Recipe, SvdzipError, compress
 from svdzip import sweep as sweep_mod
 from svdzip.evaluate.perplexity import perplexity
 from svdzip.evaluate.speed import (
@@ -35,7 +35,7 @@ from svdzip.sweep import SweepSpec, config_from_label, parse_label, run_sweep
 
 def _compressed(ratio: float = 0.4) -> torch.nn.Module:
     model = tiny_model("llama")
-    compress(model, CompressConfig(method="svd", ratio=ratio))
+    compress(model, Recipe.plain(method="svd", ratio=ratio))
     return model
 
 
@@ -99,7 +99,7 @@ def test_linear_timing_and_densify_keep_the_function():
     {"method": "fwsvd", "allocator": "ara"},
 ])
 def test_parse_label_round_trips_config_label(fields):
-    cfg = CompressConfig(**fields)
+    cfg = Recipe.plain(**fields)
     parsed = parse_label(cfg.label)
     assert {k: getattr(cfg, k) for k in parsed} == parsed
     assert config_from_label(cfg.label, 0.3).label == cfg.label
@@ -131,10 +131,10 @@ def patched_sweep(monkeypatch):
         calls["calibration"] += 1
         return tokens, collect_statistics(model, tokens, 4, "cpu")
 
-    def compress_cell(model, config, stats, toks, cache=None):
+    def compress_cell(model, config, stats, toks, cache=None, tokenizer=None):
         calls["compress"] += 1
         calls["spectra_reused"] += bool(cache is not None and cache.spectra)
-        return real_compress(model, config, stats, toks, cache)
+        return real_compress(model, config, stats, toks, cache, tokenizer)
 
     def perplexities(model, tokenizer, corpora, spec, label):
         calls["ppl"] += len(corpora)
@@ -224,7 +224,7 @@ def test_speed_aware_allocator_keeps_slow_matrices_dense_within_budget(monkeypat
     monkeypatch.setattr(speed_aware, "measured_speedup", lambda unit, rank, tokens, clock, cache:
                         0.5 if unit.rows == 16 else 2.0)
     model = tiny_model("llama")
-    res = compress(model, CompressConfig(method="svd", ratio=0.3, allocator="speedaware"))
+    res = compress(model, Recipe.plain(method="svd", ratio=0.3, allocator="speedaware"))
     dense = {name.rsplit(".", 1)[-1] for name, r in res.ranks.items() if r is None}
     assert dense == {"k_proj", "v_proj"}
     assert res.summary["ratio_achieved"] >= 0.3 - 1e-9  # the others were cut deeper to pay for it
@@ -232,7 +232,7 @@ def test_speed_aware_allocator_keeps_slow_matrices_dense_within_budget(monkeypat
     assert {n.rsplit(".", 1)[-1] for n in res.allocation_report["kept_dense_for_speed"]} == {"k_proj", "v_proj"}
     monkeypatch.setattr(speed_aware, "measured_speedup", lambda *a: 0.5)  # nothing pays off
     with pytest.raises(SvdzipError, match="no feasible budget"):
-        compress(tiny_model("llama"), CompressConfig(method="svd", ratio=0.3, allocator="speedaware"))
+        compress(tiny_model("llama"), Recipe.plain(method="svd", ratio=0.3, allocator="speedaware"))
 
 
 def test_speed_aware_never_returns_factorised_what_it_kept_dense(monkeypatch):
@@ -257,7 +257,7 @@ def test_speed_aware_never_returns_factorised_what_it_kept_dense(monkeypatch):
     monkeypatch.setattr(speed_aware, "measured_speedup", one_new_slow_matrix_per_round)
     model = tiny_model("llama")
     order = {info.name: i for i, info in enumerate(ModelAdapter(model).linears())}
-    res = compress(model, CompressConfig(method="svd", ratio=0.2, allocator="speedaware"))
+    res = compress(model, Recipe.plain(method="svd", ratio=0.2, allocator="speedaware"))
     assert len(slow) == 11 and state["rounds"] == 12
     assert all(res.ranks[name] is None for name in slow)
     assert sorted(res.allocation_report["kept_dense_for_speed"]) == sorted(slow)

@@ -22,7 +22,7 @@ vllm = require("vllm", "SVDZIP_REQUIRE_VLLM")  # a skip here; a failure in CI (s
 from tiny_models import VLLM, tiny_model  # noqa: E402
 
 import svdzip  # noqa: E402
-from svdzip import CompressConfig, compress  # noqa: E402
+from svdzip import Recipe, compress  # noqa: E402
 from svdzip.evaluate.speed import densify  # noqa: E402
 from svdzip.output.io import build_manifest, save  # noqa: E402
 
@@ -36,7 +36,7 @@ def _make(tmp: Path, family: str, group_size: int = 1, keep_dense: tuple[str, ..
         if name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.5)
     tokens = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
-    result = compress(model, CompressConfig(ratio=0.3, group_size=group_size, calib_batch_size=4), calib_tokens=tokens)
+    result = compress(model, Recipe.plain(ratio=0.3, group_size=group_size, calib_batch_size=4), calib_tokens=tokens)
     densify(model, list(keep_dense))
     manifest = build_manifest(result.modules, result.summary, result.config.to_dict())
     for name in keep_dense:

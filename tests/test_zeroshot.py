@@ -338,13 +338,13 @@ def test_run_lm_eval_scores_a_compressed_directory_as_our_harness_does(model, to
     require("lm_eval", "SVDZIP_REQUIRE_LMEVAL")
     import copy
 
-    from svdzip import CompressConfig, compress
+    from svdzip import Recipe, compress
     from svdzip.evaluate.lm_eval_bridge import run_lm_eval
     from svdzip.output.io import build_manifest, save
 
     small = copy.deepcopy(model)
     tokens = torch.randint(3, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
-    result = compress(small, CompressConfig(ratio=0.3, calib_batch_size=2), calib_tokens=tokens)
+    result = compress(small, Recipe.plain(ratio=0.3, calib_batch_size=2), calib_tokens=tokens)
     save(small, tok, tmp_path / "m", build_manifest(result.modules, result.summary, result.config.to_dict()))
     ours = zs.evaluate_zero_shot(small, tok, tasks=["piqa"], limit=5, batch_size=1, data_dir=data_dir)["piqa"]
     theirs = run_lm_eval(str(tmp_path / "m"), ["piqa"], limit=5, batch_size=1, dtype="float32",

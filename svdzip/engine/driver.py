@@ -1,68 +1,76 @@
-"""The one compress driver, for every mode: in memory, streamed from disk, resumable, over torch.distributed.
+"""The runner: the one way a compression runs, for every caller and every mode.
 
-    plan (refuse what the mode cannot do) → load or skeleton → calibration tokens → statistics →
-    spectra → [rank 0] allocate → materialise (+ update, + recovery) or the streamed writer → output
+    plan (resolve the recipe, refuse what the mode or the inputs cannot give) → load or skeleton →
+    calibration tokens → statistics → spectra → [rank 0] allocate → materialise (+ update, + recovery)
+    or the streamed writer → output
 
-A mode changes where weights live (`ResidentWeights` or `StreamedWeights`), whether each step is
-checkpointed (`RunState`) and how work is split (`DistContext`); the steps are the same functions.
-What each part needs (`svdzip.needs`) is checked against the mode before any weight is read.
+The Python API (`svdzip.compress`), the CLI, `svdzip sweep` and the benchmarks all come here. A mode changes
+where weights live (`ResidentWeights` or `StreamedWeights`), whether each step is checkpointed (`RunState`)
+and how work is split (`DistContext`); the steps are the same functions. What each part needs
+(`svdzip.needs`) is checked against the mode and the given inputs before any weight is read or changed.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from svdzip.config import CompressConfig
 from svdzip.core.distributed import DistContext
 from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.needs import Mode, Needs, refuse_unsupported
+from svdzip.recipe import RECIPE_FILE, Recipe
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class CompressRequest:
-    """Everything `svdzip compress` is asked; the CLI fills it from its flags."""
+    """Everything a run is asked: the CLI fills it from its flags, `compress()` from its arguments."""
 
-    model: str  # alias, local directory or hub id
-    config: CompressConfig
-    out: Path
+    model: str | nn.Module  # alias, local directory or hub id; or a model object, compressed in place
+    recipe: Recipe = field(default_factory=Recipe)
+    out: Path | None = None  # where to save; None: keep the result in memory (a model object only)
     overwrite: bool = False
     stream: bool | None = False  # None: stream when the model would not fit in memory
     resume_dir: Path | None = None
     restart: bool = False
-    stats_path: str | None = None  # in-memory, one process: where the statistics are cached
-    heldout_samples: int = 8  # held-out calibration windows, for parts that declare `heldout`
-    save_dtype: torch.dtype = torch.float32
-    heal: Any = None  # a recover.HealConfig, or None
+    stats_path: str | None = None  # in memory, one process: where the statistics are cached
     plots: bool = True
     tokens: torch.Tensor | None = None  # calibration tokens given directly (tests, the Python API)
     heldout_tokens: torch.Tensor | None = None  # with `tokens`: the held-out windows, for parts that declare them
+    tokenizer: Any = None  # a model object's tokenizer (recovery draws its windows with it; saved with the model)
+    stats: Any = None  # calibration statistics given directly (a `CalibrationStats`); missing kinds are added
+    units: list[Any] | None = None  # spectra given directly (a sweep reuses them across ratios and allocators)
+    allocation_cache: Any = None  # an `AllocationCache` shared across runs of one model (a sweep)
 
 
 @dataclass
 class RunResult:
-    out: Path
+    out: Path | None
     summary: dict[str, Any]
     ranks: dict[str, int | None] = field(default_factory=dict)
     modules: list[dict[str, Any]] = field(default_factory=list)  # one row per compressible linear
+    recipe: Recipe | None = None  # as it ran: `auto` resolved
+    compression: Any = None  # the `CompressionResult` of an in-memory run (model, module reports, spectra)
 
 
-def part_needs(config: CompressConfig, heal: Any = None) -> dict[str, Needs]:
+def part_needs(config: Recipe) -> dict[str, Needs]:
     """What every part of this run declares, by label (the labels name them in error messages)."""
     from svdzip.allocate import allocator_needs
     from svdzip.methods.factorisations import get_method
     from svdzip.passes.update import get_update
 
+    heal = config.heal_config()
     parts = {f"--method {config.method}": get_method(config.method).needs(config),
              f"--allocator {config.allocator}": allocator_needs(config.allocator, config.allocator_options)}
     if config.update:
@@ -86,7 +94,7 @@ def union(parts: dict[str, Needs]) -> Needs:
     return total
 
 
-def state_key(source: str, config: CompressConfig, ctx: DistContext, streamed: bool) -> dict[str, Any]:
+def state_key(source: str, config: Recipe, ctx: DistContext, streamed: bool) -> dict[str, Any]:
     """What calibration statistics and spectra depend on (ratio and allocator are not part of it)."""
     return {"model": str(source), "corpus": config.corpus, "samples": config.calib_samples,
             "seq_len": config.calib_seq_len, "seed": config.seed, "batch_size": config.calib_batch_size,
@@ -102,8 +110,8 @@ def open_state(root: str | Path, key: dict[str, Any], restart: bool, ctx: DistCo
     return state or RunState(root, key, restart=False, writer=False)
 
 
-def calibration_tokens_for(tokenizer: Any, config: CompressConfig, needs: Needs, heldout_samples: int,
-                           given: torch.Tensor | None = None, given_heldout: torch.Tensor | None = None
+def calibration_tokens_for(tokenizer: Any, config: Recipe, needs: Needs, given: torch.Tensor | None = None,
+                           given_heldout: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The calibration windows (and held-out ones) if any part needs text; a seeded, disjoint draw."""
     if not needs.data:
@@ -114,19 +122,44 @@ def calibration_tokens_for(tokenizer: Any, config: CompressConfig, needs: Needs,
         return given, given_heldout
     from svdzip.data import calibration_tokens, load_corpus
 
-    extra = heldout_samples if needs.heldout else 0
+    extra = config.heldout_samples if needs.heldout else 0
     tokens = calibration_tokens(tokenizer, load_corpus(config.corpus), config.calib_samples + extra,
                                 config.calib_seq_len, config.seed)
     return tokens[: config.calib_samples], (tokens[config.calib_samples :] if extra else None)
 
 
+def compress(model: str | nn.Module, recipe: Recipe | None = None, *, out: str | Path | None = None,
+             calib_tokens: torch.Tensor | None = None, heldout_tokens: torch.Tensor | None = None,
+             tokenizer: Any = None, stats: Any = None, units: list[Any] | None = None,
+             allocation_cache: Any = None, overwrite: bool = False, plots: bool = False, **options: Any):
+    """The Python API: compress `model` with `recipe` (default: the recommended recipe) through the runner.
+
+    `model` is an alias, a directory or hub id, or a model object (compressed in place; give its `tokenizer`
+    when the recipe heals, and `calib_tokens` when it has no tokenizer). With `out` the result is saved there
+    (with its `recipe.yaml`); the returned `CompressionResult` holds the model and its report either way.
+    Further `CompressRequest` options (`stream`, `resume_dir`, `stats_path`, …) pass through `options`.
+    """
+    request = CompressRequest(model=model, recipe=recipe if recipe is not None else Recipe(),
+                              out=Path(out) if out is not None else None, overwrite=overwrite, plots=plots,
+                              tokens=calib_tokens, heldout_tokens=heldout_tokens, tokenizer=tokenizer, stats=stats,
+                              units=units, allocation_cache=allocation_cache, **options)
+    result = run(request)
+    if result is None:
+        return None
+    if result.compression is None:
+        raise SvdzipError("this run was streamed or checkpointed: its result is the directory it wrote "
+                          f"({result.out}); load it with svdzip.load")
+    return result.compression
+
+
 def run(request: CompressRequest, ctx: DistContext | None = None) -> RunResult | None:
-    """Compress `request.model` into `request.out` in whatever mode was asked; the result on rank 0."""
+    """Compress `request.model` in whatever mode was asked; the result on rank 0 (None on the others)."""
     from svdzip.core.distributed import device_for_rank, init_from_env, shutdown
 
     owned = ctx is None
-    ctx = ctx or init_from_env(request.config.device)
-    request.config.device = device_for_rank(request.config.device, ctx)
+    ctx = ctx or init_from_env(request.recipe.device)
+    # the caller's recipe is never changed: this run's copy has this rank's device
+    request = replace(request, recipe=replace(request.recipe, device=device_for_rank(request.recipe.device, ctx)))
     try:
         return _run(request, ctx)
     finally:
@@ -135,67 +168,114 @@ def run(request: CompressRequest, ctx: DistContext | None = None) -> RunResult |
 
 
 def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
-    from svdzip.assets import resolve_model
     from svdzip.core.checkpoint import should_stream
 
-    config = request.config.validate()
-    out = Path(request.out)
-    if out.exists() and not request.overwrite:
+    given = isinstance(request.model, nn.Module)
+    out = Path(request.out) if request.out is not None else None
+    if out is None and not given:
+        raise SvdzipError("a model given by name or path needs an output directory (out=...)")
+    if out is not None and out.exists() and not request.overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
-    source = str(resolve_model(request.model))
+    source = _source_of(request.model)
     streamed = bool(request.stream)
-    if request.stream is None and should_stream(source):
+    if given and (streamed or request.resume_dir is not None or ctx.enabled):
+        raise SvdzipError("a model object is compressed in memory by one process: pass its name or directory "
+                          "to stream it, resume it or split it over processes")
+    if request.stream is None and not given and should_stream(source):
         log.warning("the model is larger than 60%% of the available memory: streaming it layer by layer")
         streamed = True
     mode = Mode(streamed=streamed, resumable=request.resume_dir is not None, world_size=ctx.world_size)
-    parts = part_needs(config, request.heal)
+    recipe = request.recipe.validate().resolved(scaled=streamed or mode.resumable or ctx.enabled)
+    request = replace(request, recipe=recipe)
+    parts = part_needs(recipe)
     refuse_unsupported(parts, mode)
     needs = union(parts)
-    if not streamed:
-        refuse_if_too_large(source, config, needs, request.heal, ctx.world_size)
-    if request.tokens is not None and needs.heldout and request.heldout_tokens is None:
-        raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
-    if streamed and ctx.enabled and request.resume_dir is None:
-        raise SvdzipError("distributed streaming needs a shared --resume-dir for the per-layer statistics")
-    if request.heal is not None and (mode.streamed or mode.resumable):
+    _refuse_missing_inputs(request, needs, mode, given)
+    if recipe.quantize:
+        from svdzip.output.quantize import require_backend
+
+        require_backend(recipe.quantize, recipe.device)  # before any expensive step
+    if not streamed and not given:
+        refuse_if_too_large(source, recipe, needs, recipe.heal_config(), ctx.world_size)
+    if recipe.heal_config() is not None and (mode.streamed or mode.resumable):
         return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, needs, ctx)
 
 
+def _source_of(model: str | nn.Module) -> str:
+    """Where a model comes from: its resolved path or hub id (a model object: the path it was loaded from)."""
+    if isinstance(model, nn.Module):
+        return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+    from svdzip.assets import resolve_model
+
+    return str(resolve_model(model))
+
+
+def _refuse_missing_inputs(request: CompressRequest, needs: Needs, mode: Mode, given: bool) -> None:
+    """What the parts need from the caller, checked before the model is touched."""
+    recipe = request.recipe
+    if request.tokens is not None and needs.heldout and request.heldout_tokens is None:
+        raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
+    if mode.streamed and mode.world_size > 1 and request.resume_dir is None:
+        raise SvdzipError("distributed streaming needs a shared --resume-dir for the per-layer statistics")
+    if request.stats_path is not None and (mode.streamed or mode.resumable or mode.world_size > 1):
+        raise SvdzipError("--stats caches the statistics of an in-memory run in one process; a streamed, "
+                          "resumable or distributed run keeps them in its run directory (--resume-dir) instead")
+    if not given:
+        return
+    if needs.data and request.tokens is None and request.tokenizer is None:
+        raise SvdzipError("this recipe needs calibration text: pass calib_tokens, or the model's tokenizer")
+    heal = recipe.heal_config()
+    if heal is not None and request.tokenizer is None:
+        raise SvdzipError(f"recovery ({heal.method}) draws its training windows with the model's tokenizer: pass "
+                          "tokenizer=..., or heal='none' in the recipe")
+    if request.out is not None and request.tokenizer is None:
+        log.warning("saving a model object without its tokenizer (tokenizer=...): the directory will need one to be "
+                    "evaluated or healed")
+
+
 def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, ctx: DistContext
               ) -> RunResult | None:
-    config, out = request.config, Path(request.out)
+    recipe, out = request.recipe, request.out
     t_start = time.perf_counter()
-    model, tokenizer, weights = _open_model(source, config, mode.streamed, request.tokens is None)
+    model, tokenizer, weights = _open_model(request, source, mode.streamed)
     adapter = weights.adapter
-    torch.manual_seed(config.seed)
-    tokens, heldout = calibration_tokens_for(tokenizer, config, needs, request.heldout_samples, request.tokens,
-                                             request.heldout_tokens)
+    heal = recipe.heal_config()
+    # a model object's teacher is its own dense copy, taken before anything changes it
+    teacher_box = [copy.deepcopy(model)] if heal is not None and heal.objective == "kl" and isinstance(
+        request.model, nn.Module) else []
+    torch.manual_seed(recipe.seed)
+    tokens, heldout = calibration_tokens_for(tokenizer, recipe, needs, request.tokens, request.heldout_tokens)
     # (a distributed run needs a shared --resume-dir for that: each rank's temporary directory is its own)
-    stats_on_disk = mode.streamed or (request.stats_path is None and (request.resume_dir is not None or not ctx.enabled)
-                                      and _grams_too_large(adapter, needs))
+    stats_on_disk = request.units is None and (mode.streamed or (
+        request.stats_path is None and request.stats is None and (request.resume_dir is not None or not ctx.enabled)
+        and _grams_too_large(adapter, needs)))
     temp_state = stats_on_disk and request.resume_dir is None
     # beside the output, not in /tmp: gigabytes of statistics on a disk the user chose, never in a RAM-backed tmpfs
-    root = Path(tempfile.mkdtemp(prefix=f".{out.name}.run-", dir=_parent(out))) if temp_state else request.resume_dir
+    root = (Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.run-", dir=_parent(out))) if temp_state
+            else request.resume_dir)
     timings: dict[str, float] = {}
     try:
         state = None
         if root is not None:
-            state = open_state(root, {**state_key(source, config, ctx, mode.streamed),
+            state = open_state(root, {**state_key(source, recipe, ctx, mode.streamed),
                                       **({"tokens_given": True} if request.tokens is not None else {})},
                                request.restart, ctx)
-        t0 = time.perf_counter()
-        stats = _statistics(model, adapter, tokens, source, config, needs, weights, state, ctx, request.stats_path,
-                            stats_on_disk)
-        timings["calibrate_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        from svdzip.methods.decompose import group_linears
-        from svdzip.passes.spectra import decompose_units
+        units = request.units
+        stats = None
+        if units is None:  # given spectra need no statistics (the update captures its own inputs)
+            t0 = time.perf_counter()
+            stats = _statistics(request, model, adapter, tokens, source, needs, weights, state, ctx, stats_on_disk,
+                                timings)
+            timings.setdefault("calibrate_s", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            from svdzip.methods.decompose import group_linears
+            from svdzip.passes.spectra import decompose_units
 
-        groups = group_linears(adapter, config.share_roles, config.group_size)
-        units = decompose_units(adapter, stats, config, groups, weights=weights, on_disk=mode.streamed, state=state,
-                                ctx=ctx, device=config.device)
-        timings["decompose_s"] = time.perf_counter() - t0
+            groups = group_linears(adapter, recipe.share_roles, recipe.group_size)
+            units = decompose_units(adapter, stats, recipe, groups, weights=weights, on_disk=mode.streamed,
+                                    state=state, ctx=ctx, device=recipe.device)
+            timings["decompose_s"] = time.perf_counter() - t0
         ctx.barrier()
         if not ctx.is_main:
             return None
@@ -203,13 +283,13 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
         # and the heal; the statistics are done with (on Qwen2.5-0.5B: 1 GB of bases, 5 GB of Gram matrices)
         analysis = Analysis(units=units, calibration_tokens=int(stats.tokens) if stats is not None else 0)
         del stats, units
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.alloc-", dir=_parent(out)))
+        staging = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.alloc-", dir=_parent(out)))
         try:
             if mode.streamed:
                 result = _write_streamed(request, weights, analysis.take_units(), tokenizer, state, staging, timings)
             else:
                 result = _finish_in_memory(request, model, tokenizer, source, analysis, tokens, heldout, staging,
-                                           timings, ctx.world_size)
+                                           timings, ctx.world_size, teacher_box)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
@@ -254,7 +334,7 @@ def _grams_too_large(adapter, needs: Needs) -> bool:
     return True
 
 
-def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal: Any, world_size: int = 1) -> None:
+def refuse_if_too_large(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> None:
     """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory."""
     if torch.device(config.device).type != "cpu":
         return  # the model and its activations live on the accelerator, not in this machine's memory
@@ -281,22 +361,37 @@ def refuse_if_too_large(source: str, config: CompressConfig, needs: Needs, heal:
             "windows per micro-batch (--heal-batch-size 1 --heal-grad-accum N)")
 
 
-def _parent(out: Path) -> Path:
+def _parent(out: Path | None) -> Path | None:
+    """Where a run's temporary directories go: beside the output (None: the system's temporary directory)."""
+    if out is None:
+        return None
     out.parent.mkdir(parents=True, exist_ok=True)
     return out.parent
 
 
-def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokenizer: bool):
-    """The model in memory, or (streaming) a meta-device skeleton with a checkpoint reader behind it.
+def _stem(out: Path | None) -> str:
+    return out.name if out is not None else "svdzip"
 
-    Without `with_tokenizer` (calibration tokens given directly) a bare checkpoint is enough.
+
+def _open_model(request: CompressRequest, source: str, streamed: bool):
+    """The model in memory (given, or loaded), or (streaming) a meta-device skeleton with a checkpoint reader.
+
+    With calibration tokens given directly a bare checkpoint is enough: no tokenizer is loaded.
     """
     from svdzip.core.layerwise import ResidentWeights
     from svdzip.models.adapter import ModelAdapter
     from svdzip.output.loading import load_model, load_tokenizer
 
+    device = request.recipe.device
+    if isinstance(request.model, nn.Module):
+        from svdzip.engine.pipeline import check_weights_finite
+
+        model = request.model.to(device)
+        check_weights_finite(model)
+        return model, request.tokenizer, ResidentWeights(model, ModelAdapter(model))
+    with_tokenizer = request.tokens is None or request.recipe.heal_config() is not None or request.out is not None
     if not streamed:
-        model, tokenizer, _ = load_model(source, config.device, with_tokenizer=with_tokenizer)
+        model, tokenizer, _ = load_model(source, device, with_tokenizer=with_tokenizer)
         return model, tokenizer, ResidentWeights(model, ModelAdapter(model))
     from svdzip.core.checkpoint import CheckpointReader, StreamedWeights, skeleton
     from svdzip.models.checkpoint_names import CheckpointNames
@@ -308,19 +403,22 @@ def _open_model(source: str, config: CompressConfig, streamed: bool, with_tokeni
     return model, tokenizer, StreamedWeights(model, adapter, reader, torch.float32)
 
 
-def _statistics(model, adapter, tokens, source: str, config: CompressConfig, needs: Needs, weights, state, ctx,
-                stats_path: str | None, on_disk: bool):
-    """Only the statistics the parts declare: cached by content in memory, checkpointed in a run directory
-    (`on_disk`: each layer's statistics stay there and are read back lazily)."""
+def _statistics(request: CompressRequest, model, adapter, tokens, source: str, needs: Needs, weights, state, ctx,
+                on_disk: bool, timings: dict[str, float]):
+    """Only the statistics the parts declare: given ones completed; cached by content in memory (a model named
+    by path, or --stats); checkpointed in a run directory (`on_disk`: each layer's stay there, read back lazily)."""
+    config = request.recipe
     kinds = set(needs.statistics) - {"fisher"}
     if not needs.statistics:
         return None
-    from svdzip.engine.pipeline import calibration_meta
+    from svdzip.engine.pipeline import calibration_meta, complete_statistics
 
+    if request.stats is not None or (isinstance(request.model, nn.Module) and request.stats_path is None):
+        return complete_statistics(request.stats, model, tokens, config, needs.statistics, timings)
     if state is None and not ctx.enabled and not on_disk:
         from svdzip.engine.pipeline import prepare_statistics
 
-        return prepare_statistics(model, tokens, source, config, stats_path, kinds=needs.statistics)
+        return prepare_statistics(model, tokens, source, config, request.stats_path, kinds=needs.statistics)
     from svdzip.passes.calibrate import calibrate
 
     stats = None
@@ -332,50 +430,63 @@ def _statistics(model, adapter, tokens, source: str, config: CompressConfig, nee
         from svdzip.engine.pipeline import add_fisher
 
         stats = stats or CalibrationStats(tokens=int(tokens.numel()), meta=calibration_meta(source, config))
-        add_fisher(stats, model, tokens, config)
+        timings["fisher_s"] = add_fisher(stats, model, tokens, config)
     return stats
 
 
 def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, analysis: Analysis, tokens, heldout,
-                      staging: Path, timings: dict[str, float], world_size: int) -> RunResult:
+                      staging: Path, timings: dict[str, float], world_size: int, teacher_box: list[nn.Module]
+                      ) -> RunResult:
     """Allocate, materialise (+ update), recover, store and save — artefacts in place before the output appears."""
-    from svdzip.engine.pipeline import compress, store
+    from svdzip.engine.pipeline import factorise, store
     from svdzip.output import io
+    from svdzip.output.loading import parse_dtype
 
-    config = request.config
-    result = compress(model, config, calib_tokens=tokens, units=analysis.take_units(), heldout_tokens=heldout,
-                      out_dir=staging)
-    result.units = None  # the bases are in the factors now; the heal needs the memory
-    result.summary.update({k: round(v, 3) for k, v in timings.items()}, calibration_tokens=analysis.calibration_tokens)
-    heal_report = _heal_in_memory(model, tokenizer, source, request.heal) if request.heal is not None else None
-    quantized = store(result, request.save_dtype)  # after healing: the factors train in float32
-    manifest = io.build_manifest(result.modules, result.summary, config.to_dict())
+    recipe = request.recipe
+    heal_config = recipe.heal_config()
+    result = factorise(model, recipe, analysis.take_units(), calib_tokens=tokens, heldout_tokens=heldout,
+                       out_dir=staging, allocation_cache=request.allocation_cache, timings=timings)
+    if heal_config is not None:
+        result.units = None  # the bases are in the factors now; the heal needs the memory
+    result.summary["calibration_tokens"] = analysis.calibration_tokens
+    heal_report = None
+    if heal_config is not None:
+        heal_report = _heal_in_memory(model, tokenizer, source, heal_config, teacher_box)
+    save_dtype = parse_dtype(recipe.storage_dtype)
+    quantized = result.quantized = store(result, save_dtype)  # after healing: the factors train in float32
+    manifest = io.build_manifest(result.modules, result.summary, recipe.to_dict())
     manifest.details["source_model"] = str(source)
     manifest.details["provenance"]["world_size"] = world_size
     if quantized:
         from svdzip.output.quantize import quantization_record
 
-        manifest.quantization = quantization_record(quantized, config.quantize, config.quantize_scope,
-                                                    request.save_dtype)
+        manifest.quantization = quantization_record(quantized, recipe.quantize, recipe.quantize_scope, save_dtype)
     if heal_report is not None:
         from svdzip.recover.directory import record_recovery
 
         record_recovery(manifest, heal_report)
         result.summary["heal_s"] = round(heal_report.seconds, 2)
+        result.summary["method"] = manifest.method
+    result.summary["heal"] = heal_report.brief() if heal_report is not None else None
     rows = [r.to_dict() for r in result.modules]
+    from svdzip.output.quantize import parameter_bytes
+
+    summary = {**result.summary, "weight_bytes_in_memory": parameter_bytes(model)}
+    if request.out is None:
+        return RunResult(out=None, summary=summary, ranks=result.ranks, modules=rows, recipe=recipe,
+                         compression=result)
 
     def artefacts(tmp: Path) -> None:
         _move_artefacts(staging, tmp)
+        recipe.for_output().save(tmp / RECIPE_FILE)
         if request.plots:
-            _plots(tmp, rows, result.effective_ranks, source, config)
+            _plots(tmp, rows, result.effective_ranks, source, recipe)
 
     io.save(model, tokenizer, request.out, manifest, overwrite=request.overwrite,
             report={"modules": rows, "effective_ranks": result.effective_ranks}, artefacts=artefacts)
-    from svdzip.output.quantize import parameter_bytes
-
-    summary = {**result.summary, "out": str(request.out), "size_bytes": io.dir_size(request.out),
-               "weight_bytes_in_memory": parameter_bytes(model)}
-    return RunResult(out=Path(request.out), summary=summary, ranks=result.ranks, modules=rows)
+    summary.update(out=str(request.out), size_bytes=io.dir_size(request.out))
+    return RunResult(out=Path(request.out), summary=summary, ranks=result.ranks, modules=rows, recipe=recipe,
+                     compression=result)
 
 
 def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: RunState, staging: Path,
@@ -383,10 +494,11 @@ def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: 
     from svdzip.engine.pipeline import allocate_units, unit_effective_ranks
     from svdzip.engine.writer import write_streamed
     from svdzip.output import io
+    from svdzip.output.loading import parse_dtype
 
-    config = request.config
+    recipe = request.recipe
     t0 = time.perf_counter()
-    allocation, _, _ = allocate_units(units, config, weights.adapter, model=None)
+    allocation, _, _ = allocate_units(units, recipe, weights.adapter, model=None)
     ranks = allocation.ranks
     from svdzip.report.plots import write_allocation_report
 
@@ -394,17 +506,19 @@ def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: 
     timings["allocate_s"] = time.perf_counter() - t0
     from svdzip.allocate import spent
 
-    dense = sum(u.dense_params for u in units)
+    dense, kept = sum(u.dense_params for u in units), spent(units, ranks)
     effective = unit_effective_ranks(units)
 
     def artefacts(tmp: Path, rows: list[Any]) -> None:
         _move_artefacts(staging, tmp)
+        recipe.for_output().save(tmp / RECIPE_FILE)
         if request.plots:
-            _plots(tmp, [r.to_dict() for r in rows], effective, str(weights.reader.dir), config)
+            _plots(tmp, [r.to_dict() for r in rows], effective, str(weights.reader.dir), recipe)
 
     t0 = time.perf_counter()
-    rows = write_streamed(weights, units, ranks, state, tokenizer, Path(request.out), config, request.save_dtype,
-                          summary_extra={"ratio_achieved": 1.0 - spent(units, ranks) / dense,
+    rows = write_streamed(weights, units, ranks, state, tokenizer, Path(request.out), recipe,
+                          parse_dtype(recipe.storage_dtype),
+                          summary_extra={"ratio_achieved": 1.0 - kept / dense, "decoder_linear_params_after": kept,
                                          "effective_ranks": effective, "timings": timings},
                           artefacts=artefacts)
     timings["write_s"] = time.perf_counter() - t0
@@ -412,7 +526,7 @@ def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: 
                "out": str(request.out), "size_bytes": io.dir_size(request.out)}
     summary.pop("effective_ranks", None)
     return RunResult(out=Path(request.out), summary=summary, ranks={r.name: r.rank for r in rows},
-                     modules=[r.to_dict() for r in rows])
+                     modules=[r.to_dict() for r in rows], recipe=recipe)
 
 
 def _move_artefacts(staging: Path, into: Path) -> None:
@@ -420,20 +534,25 @@ def _move_artefacts(staging: Path, into: Path) -> None:
         shutil.move(str(artefact), into / artefact.name)
 
 
-def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str, config: CompressConfig) -> None:
+def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str, recipe: Recipe) -> None:
     from svdzip.report.plots import write_plots
 
-    what = (f"{100 * config.budget_fraction:.0f}% of the bf16 bytes" if config.budget_fraction
-            else "a byte budget" if config.memory_budget else f"{100 * config.ratio:.0f}% removed")
-    write_plots(directory, rows, effective, title=f"{Path(str(source)).name}: {config.label} at {what}")
+    what = (f"{100 * recipe.budget_fraction:.0f}% of the bf16 bytes" if recipe.budget_fraction
+            else "a byte budget" if recipe.memory_budget else f"{100 * recipe.ratio:.0f}% removed")
+    write_plots(directory, rows, effective, title=f"{Path(str(source)).name}: {recipe.label} at {what}")
 
 
-def _heal_in_memory(model, tokenizer, source: str, heal_config):
-    """Heal the just-compressed model against a fresh copy of its dense source."""
+def _heal_in_memory(model, tokenizer, source: str, heal_config, teacher_box: list[nn.Module]):
+    """Heal the just-compressed model against its dense teacher: the copy of a given model, else a fresh load.
+
+    The teacher is handed over without a name (popped from its box, or loaded in the call), so that heal()
+    can free it once its top-k are cached.
+    """
     from svdzip.recover.heal import heal, heal_windows, load_teacher
 
-    # the teacher is handed over without a name here: heal() frees it once its top-k are cached
-    report = heal(model, load_teacher(source, heal_config), heal_windows(tokenizer, heal_config), heal_config)
+    windows = heal_windows(tokenizer, heal_config)
+    report = heal(model, teacher_box.pop() if teacher_box else load_teacher(source, heal_config), windows,
+                  heal_config)
     warn_if_stopped(report)
     return report
 
@@ -447,28 +566,29 @@ def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult
     """Streamed / resumable compression into a staging directory, then the heal from it into `out`.
 
     With --resume-dir both stages checkpoint there (`compressed/`, `heal/`), so rerunning the command
-    continues where a killed run stopped.
+    continues where a killed run stopped. The staged directory keeps float32 weights for training.
     """
-    from dataclasses import replace
-
     from svdzip.output import io
+    from svdzip.output.loading import parse_dtype
     from svdzip.recover.directory import heal_directory, healed_label
 
-    out = Path(request.out)
+    out, recipe = Path(request.out), request.recipe
+    heal_config = recipe.heal_config()
     work = request.resume_dir or Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
     try:
-        staged = replace(request, out=Path(work) / "compressed", overwrite=True, heal=None,
-                         save_dtype=torch.float32, plots=False,
+        staged = replace(request, out=Path(work) / "compressed", overwrite=True, plots=False,
+                         recipe=replace(recipe, heal="none", storage_dtype="float32"),
                          resume_dir=None if request.resume_dir is None else Path(work) / "run")
         first = _run(staged, ctx)
-        report, _ = heal_directory(staged.out, out, request.heal,
+        report, _ = heal_directory(staged.out, out, heal_config,
                                    resume_dir=Path(work) / "heal" if request.resume_dir else None,
-                                   overwrite=request.overwrite, dtype=request.save_dtype)
+                                   overwrite=request.overwrite, dtype=parse_dtype(recipe.storage_dtype))
+        recipe.for_output().save(out / RECIPE_FILE)
     finally:
         if request.resume_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     warn_if_stopped(report)
-    summary = {**first.summary, "method": healed_label(first.summary.get("method", request.config.label), report),
+    summary = {**first.summary, "method": healed_label(first.summary.get("method", recipe.label), report),
                "out": str(out), "size_bytes": io.dir_size(out), "heal_s": round(report.seconds, 2),
                "heal": report.brief()}
-    return RunResult(out=out, summary=summary, ranks=first.ranks, modules=first.modules)
+    return RunResult(out=out, summary=summary, ranks=first.ranks, modules=first.modules, recipe=recipe)

@@ -1,8 +1,6 @@
-"""compress(): calibrate → decompose → allocate → materialise (→ update) on a model in memory.
+"""The runner's in-memory stages: statistics (cached by content), allocate → materialise (→ update), store.
 
-The Python API's entry point and the in-memory half of the driver (`engine.driver`): the driver passes
-the statistics and spectra it computed in its mode; called alone, compress() computes them with the
-same engine functions.
+`engine.driver` is the only caller: it computes the statistics and spectra in its mode and hands them here.
 """
 
 from __future__ import annotations
@@ -18,14 +16,14 @@ from torch import nn
 
 from svdzip.allocate import Allocation, AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
-from svdzip.config import CompressConfig
 from svdzip.core.statistics import CalibrationStats, default_stats_path, statistics_key
 from svdzip.errors import SvdzipError
-from svdzip.methods.decompose import Unit, group_linears
+from svdzip.methods.decompose import Unit
 from svdzip.methods.factorisations import get_method
 from svdzip.methods.materialise import ModuleReport, materialise
 from svdzip.models.adapter import ModelAdapter
 from svdzip.passes.calibrate import collect_statistics
+from svdzip.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +36,14 @@ def count_params(model: nn.Module) -> int:
 @dataclass
 class CompressionResult:
     model: nn.Module
-    config: CompressConfig
+    config: Recipe
     modules: list[ModuleReport]
     summary: dict[str, Any]
     ranks: dict[str, int | None] = field(default_factory=dict)
     effective_ranks: list[dict[str, Any]] = field(default_factory=list)  # per unit, for plots and reports
     units: list[Unit] | None = None  # the spectra, reusable for another ratio or allocator of the same method
     allocation_report: dict[str, Any] = field(default_factory=dict)  # what the allocator reported (ARA's history)
+    quantized: list[str] = field(default_factory=list)  # the linears stored quantized (the recipe's --quantize)
 
 
 def check_weights_finite(model: nn.Module) -> None:
@@ -53,45 +52,26 @@ def check_weights_finite(model: nn.Module) -> None:
             raise SvdzipError(f"model weight {name} contains NaN/Inf; refusing to compress it")
 
 
-def compress(
+def factorise(
     model: nn.Module,
-    config: CompressConfig,
+    config: Recipe,
+    units: list[Unit],
     stats: CalibrationStats | None = None,
     calib_tokens: torch.Tensor | None = None,
     out_dir: Any = None,
-    units: list[Unit] | None = None,
     heldout_tokens: torch.Tensor | None = None,
     allocation_cache: AllocationCache | None = None,
+    timings: dict[str, float] | None = None,
 ) -> CompressionResult:
-    """Compress `model` in place to `config.ratio` and report what was done.
+    """Allocate ranks to the spectra, materialise them in `model` (in place), then the update; the runner's stage.
 
-    Data-aware methods need `stats` (or `calib_tokens` to compute them); allocators that evaluate
-    or train (ARA, ASVD's search) also use `calib_tokens`.
+    The runner (`engine.driver`) computed the statistics and spectra in its mode and checked every part's
+    needs before the model was touched.
     """
-    config.validate()
-    if config.quantize:
-        from svdzip.output.quantize import require_backend
-
-        require_backend(config.quantize, config.device)
     adapter = ModelAdapter(model)
-    check_weights_finite(model)
-    timings: dict[str, float] = {}
+    timings = dict(timings or {})
     params_before = count_params(model)
     dense_linear = adapter.decoder_linear_params()
-    # given spectra need no statistics (the update captures its own inputs)
-    wanted = get_method(config.method).needs(config).statistics if units is None else frozenset()
-    if wanted and (stats is None or not wanted <= stats.kinds):
-        if calib_tokens is None:
-            raise SvdzipError(f"method '{config.method}' needs calibration statistics or tokens")
-        stats = _complete_statistics(stats, model, calib_tokens, config, wanted, timings)
-
-    t0 = time.perf_counter()
-    if units is None:  # the driver passes spectra it computed in its mode (spread over ranks, resumed)
-        from svdzip.passes.spectra import decompose_units
-
-        groups = group_linears(adapter, config.share_roles, config.group_size)
-        units = decompose_units(adapter, stats, config, groups, device=config.device)
-    timings["decompose_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     allocation, memory_plan, options = allocate_units(units, config, adapter, model=model,
@@ -144,14 +124,15 @@ def compress(
                              "params_first_ratio": options.get("params_first_ratio")}
     if config.quantize:
         summary["quantize"] = {"precision": config.quantize, "scope": config.quantize_scope}
-    log.info("%s: removed %.4f of decoder linear parameters (asked %.4f); model %d → %d parameters",
-             config.label, summary["ratio_achieved"], config.ratio, params_before, params_after)
+    log.info("%s: removed %.4f of decoder linear parameters (asked %s); model %d → %d parameters",
+             config.label, summary["ratio_achieved"], "a memory budget" if config.memory_budget else
+             f"{config.ratio:.4f}", params_before, params_after)
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
                              units=units, allocation_report=allocation.report)
 
 
-def allocate_units(units: list[Unit], config: CompressConfig, adapter: ModelAdapter, *, model: nn.Module | None,
+def allocate_units(units: list[Unit], config: Recipe, adapter: ModelAdapter, *, model: nn.Module | None,
                    calib_tokens: torch.Tensor | None = None, heldout_tokens: torch.Tensor | None = None,
                    cache: AllocationCache | None = None) -> tuple[Allocation, Any, dict[str, Any]]:
     """The allocation of the units under the config's budget (parameters, or bytes); the same for every mode.
@@ -171,7 +152,7 @@ def allocate_units(units: list[Unit], config: CompressConfig, adapter: ModelAdap
     return allocate(config.allocator, units, ctx), None, ctx.options
 
 
-def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: CompressConfig):
+def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: Recipe):
     """Ranks for a byte budget: byte-aware allocators spend bytes, the others are fitted by their ratio."""
     from svdzip.allocate import is_byte_aware
     from svdzip.allocate.memory import allocate_bytes, allocate_params_first, plan, price
@@ -222,14 +203,14 @@ def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:
              "effective_rank": u.extras.get("erank") or effective_rank(u.spectrum.sigma2)} for u in units]
 
 
-def calibration_meta(source: str, config: CompressConfig) -> dict[str, Any]:
+def calibration_meta(source: str, config: Recipe) -> dict[str, Any]:
     """Where the statistics came from (provenance only; the cache key is their content, `statistics_key`)."""
     return {"model": str(source), "corpus": config.corpus, "samples": config.calib_samples,
             "seq_len": config.calib_seq_len, "seed": config.seed}
 
 
-def _complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_tokens: torch.Tensor,
-                         config: CompressConfig, wanted: frozenset[str] | set[str],
+def complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_tokens: torch.Tensor,
+                         config: Recipe, wanted: frozenset[str] | set[str],
                          timings: dict[str, float] | None = None) -> CalibrationStats:
     """`stats` with every wanted kind: the missing input kinds calibrated, Fisher from its backward pass."""
     timings = {} if timings is None else timings
@@ -247,7 +228,7 @@ def _complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib
     return stats
 
 
-def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str, config: CompressConfig,
+def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str, config: Recipe,
                        stats_path: str | Path | None = None, kinds: frozenset[str] | set[str] | None = None
                        ) -> CalibrationStats:
     """Load the statistics of these weights and tokens (batch size included) or compute and save them.
@@ -275,7 +256,7 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
     missing = kinds - (stats.kinds if stats is not None else set())
     if stats is None or missing:
         t0 = time.perf_counter()
-        stats = _complete_statistics(stats, model, calib_tokens, config, kinds)
+        stats = complete_statistics(stats, model, calib_tokens, config, kinds)
         stats.meta = {"key": key, "source": calibration_meta(source, config)}
         stats.save(path)
         log.info("calibration statistics (%s, %.0f s) saved to %s", ", ".join(sorted(missing)),
@@ -283,7 +264,7 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
     return stats
 
 
-def add_fisher(stats: CalibrationStats, model: nn.Module, calib_tokens: torch.Tensor, config: CompressConfig) -> float:
+def add_fisher(stats: CalibrationStats, model: nn.Module, calib_tokens: torch.Tensor, config: Recipe) -> float:
     """FWSVD's per-input-channel Fisher information into `stats` (one backward pass); returns the seconds spent."""
     from svdzip.passes.fisher import collect_fisher
 

@@ -19,17 +19,17 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from svdzip.config import CompressConfig
 from svdzip.core.checkpoint import StreamedWeights, placeholder
 from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import Spectrum
+from svdzip.recipe import Recipe
 
 
 @torch.no_grad()
 def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int | None], state: RunState,
-                   tokenizer: Any, out: Path, config: CompressConfig, save_dtype: torch.dtype | None,
+                   tokenizer: Any, out: Path, config: Recipe, save_dtype: torch.dtype | None,
                    summary_extra: dict[str, Any], artefacts: Callable[[Path, list[Any]], None] | None = None
                    ) -> list[Any]:
     """Materialise and save one decoder layer at a time (one shard each), then the rest; atomically.
@@ -40,6 +40,7 @@ def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int 
     from svdzip.output import io
 
     model, adapter, reader = weights.model, weights.adapter, weights.reader
+    params_before = sum(p.numel() for p in model.parameters())  # the skeleton's shapes: nothing is read
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -90,8 +91,13 @@ def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int 
         total = sum((tmp / s).stat().st_size for s in shard_names)
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        summary = {"method": config.label, "ratio_requested": config.ratio, "streamed": True,
-                   "decoder_linear_params_before": adapter.decoder_linear_params(),
+        # the same keys as an in-memory run's summary, so that `svdzip info` reads either
+        linear_before = adapter.decoder_linear_params()
+        params_after = sum(p.numel() for p in model.parameters())
+        summary = {"method": config.label, "ratio_requested": None if config.memory_budget else config.ratio,
+                   "streamed": True, "decoder_linear_params_before": linear_before,
+                   "model_params_before": params_before, "model_params_after": params_after,
+                   "model_ratio_achieved": 1.0 - params_after / params_before,
                    "dense_modules": sum(1 for r in rows if r.rank is None), **summary_extra}
         manifest = io.build_manifest(rows, summary, config.to_dict())
         manifest.details["provenance"]["streamed"] = True

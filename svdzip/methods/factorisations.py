@@ -35,7 +35,7 @@ FACTOR_CACHE_SIZE = 8  # square-root factors of Gram matrices kept while decompo
 
 
 class MethodSettings(Protocol):
-    """What a method reads from the run's configuration (a `CompressConfig` has both)."""
+    """What a method reads from the run's configuration (a `Recipe` has both)."""
 
     asvd_alpha: float
     asvd_scaling: str
@@ -49,7 +49,7 @@ class MethodChoice(MethodSettings, Protocol):
 
 @dataclass(frozen=True)
 class Settings:
-    """Method settings outside a `CompressConfig` (`decompose`'s keyword arguments)."""
+    """Method settings outside a `Recipe` (`decompose`'s keyword arguments)."""
 
     asvd_alpha: float = 0.5
     asvd_scaling: str = "abs_mean"

@@ -54,7 +54,7 @@ class HealConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     order: str = "u-first"
-    corpus: str = "wiki"
+    corpus: str | None = None  # None: the calibration corpus of the run (wiki when healing alone)
     seed: int = 0
     device: str = "cpu"
 

@@ -77,7 +77,7 @@ def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Ten
     """Disjoint training and held-out windows, both from the calibration part of `config.corpus`."""
     from svdzip.data import calibration_tokens, load_corpus
 
-    tokens = calibration_tokens(tokenizer, load_corpus(config.corpus),
+    tokens = calibration_tokens(tokenizer, load_corpus(config.corpus or "wiki"),
                                 config.train_samples + config.heldout_samples, config.seq_len, config.seed)
     return tokens[: config.train_samples], tokens[config.train_samples :]
 

@@ -1,0 +1,272 @@
+"""The recipe: everything that decides what a compressed model is, as one typed, serialisable value.
+
+The factorisation, the allocator, the update, the recovery, the storage (dtype, quantization), the budget
+and the calibration, with their options and their defaults — defined here once, read by the Python API,
+the command line (its flags and their help) and the sweep alike. Every output directory holds its
+`recipe.yaml`, and `svdzip compress --recipe FILE` reruns it exactly. Where a run executes (`device`) is
+not part of the recipe file: the same recipe gives the same model on any device.
+
+`allocator` and `heal` default to `auto`: the recommended recipe (loss-aware ranks, then distillation) for
+a model held in memory; uniform ranks and no recovery for a streamed, resumable or distributed run, whose
+point is not holding the whole model (both need it). `resolved(mode)` turns `auto` into what runs, and the
+recipe file records the resolved value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from svdzip.budget import check_ratio
+from svdzip.errors import SvdzipError
+from svdzip.recover.config import HEAL_METHODS, METHOD_DEFAULTS, HealConfig
+
+SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
+AUTO = "auto"
+#: what `auto` means for a model in memory (README "Results", benchmarks/recovery.py) and for a streamed,
+#: resumable or distributed run
+RECOMMENDED = {"allocator": "loss-aware", "heal": "distill"}
+SCALED = {"allocator": "uniform", "heal": "none"}
+RECIPE_FORMAT = 1
+RECIPE_FILE = "recipe.yaml"
+#: fields that say where a run executes, not what it makes: left out of the recipe file
+RUNTIME_FIELDS = ("device",)
+
+
+@dataclass
+class Recipe:
+    # the budget: `ratio` of the decoder linears' parameters removed, or a memory budget instead
+    ratio: float = 0.2
+    budget_bytes: int | None = None  # weight bytes the whole saved model may take
+    budget_fraction: float | None = None  # … as a fraction of the dense model's bfloat16 weight bytes
+    # the factorisation
+    method: str = "svdllm"  # svd | svdllm | asvd | fwsvd
+    group_size: int = 1  # > 1: Basis Sharing over that many consecutive layers
+    share_roles: tuple[str, ...] = SHAREABLE_ROLES
+    asvd_alpha: float = 0.5
+    asvd_scaling: str = "abs_mean"  # or abs_max
+    # the ranks
+    allocator: str = AUTO  # a registered allocator, or auto (see the module docstring)
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+    # the weight update after truncation
+    update: str | None = None  # svdllm (closed-form layer-wise) | coef (shared-basis coefficients)
+    update_samples: int = 0  # calibration sequences the update refits on (0 = all of them)
+    # the recovery after truncation
+    heal: str = AUTO  # none | distill | seq-lora | auto
+    healing: HealConfig = field(default_factory=HealConfig)  # its options (its method is `heal`)
+    # the storage
+    storage_dtype: str = "float32"  # dtype the unquantized weights are saved in (prices a byte budget)
+    quantize: str | None = None  # weight-only quantization of the stored matrices: int8 (int4 needs CUDA)
+    quantize_scope: str = "all"  # all | dense (the dense remainder only) | factors (the factors only)
+    byte_aware: bool = True  # False: allocate parameters first, then fit the byte budget by the ratio
+    # the calibration text
+    corpus: str = "wiki"
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    calib_batch_size: int = 8
+    heldout_samples: int = 8  # held-out calibration windows, for parts that tune or guard on them
+    seed: int = 0
+    # where it runs (not written to the recipe file)
+    device: str = "cpu"
+
+    @classmethod
+    def plain(cls, **overrides: Any) -> Recipe:
+        """The papers' protocol (SVD-LLM(W) and the others as published): uniform ranks, no recovery."""
+        return cls(**{"allocator": "uniform", "heal": "none", **overrides})
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def memory_budget(self) -> bool:
+        return self.budget_bytes is not None or self.budget_fraction is not None
+
+    def resolved(self, scaled: bool) -> Recipe:
+        """`auto` replaced by what runs: the recommended recipe in memory, `SCALED` when `scaled`."""
+        chosen = SCALED if scaled else RECOMMENDED
+        return replace(self, allocator=chosen["allocator"] if self.allocator == AUTO else self.allocator,
+                       heal=chosen["heal"] if self.heal == AUTO else self.heal)
+
+    def heal_config(self) -> HealConfig | None:
+        """The recovery to run (None for none), trained on the calibration corpus unless it names its own."""
+        if self.heal == AUTO:
+            raise SvdzipError("resolve the recipe first (recipe.resolved(...)): heal is still 'auto'")
+        if self.heal == "none":
+            return None
+        base = self.healing
+        defaults = METHOD_DEFAULTS.get(base.method, {})
+        # the learning rate and objective that were only the defaults of the options' method follow this one's
+        lr = None if base.auto_lr else base.lr
+        objective = None if base.objective == defaults.get("objective") else base.objective
+        return replace(base, method=self.heal, lr=lr, objective=objective, auto_lr=True if base.auto_lr else None,
+                       corpus=base.corpus or self.corpus, seed=self.seed, device=self.device).validate()
+
+    def for_output(self) -> Recipe:
+        """The recipe as it ran, for `recipe.yaml`: `auto` resolved beforehand, the recovery's options resolved."""
+        healing = self.heal_config()
+        return replace(self, healing=healing) if healing is not None else self
+
+    @property
+    def label(self) -> str:
+        """One name per compression, e.g. `svdllm+drank+update` or `svdllm+share2` (recovery not included)."""
+        parts = [self.method]
+        if self.group_size > 1:
+            parts.append(f"share{self.group_size}")
+        if self.allocator != "uniform":
+            parts.append(self.allocator)
+        if self.update:
+            parts.append("update" if self.update == "svdllm" else f"update-{self.update}")
+        if self.memory_budget and not self.byte_aware:
+            parts.append("params-first")
+        if self.quantize:
+            parts.append(self.quantize if self.quantize_scope == "all" else f"{self.quantize}-{self.quantize_scope}")
+        return "+".join(parts)
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self) -> Recipe:
+        self._validate_memory()
+        check_ratio(self.ratio)
+        from svdzip.allocate import parse_allocator_options
+        from svdzip.methods.factorisations import get_method
+        from svdzip.passes.update import get_update
+
+        get_method(self.method)
+        if self.update is not None:
+            get_update(self.update)
+        if self.allocator != AUTO:
+            parse_allocator_options(self.allocator, self.allocator_options)  # unknown keys, malformed values
+        elif self.allocator_options:
+            raise SvdzipError("allocator options need a named allocator (allocator 'auto' chooses one per mode)")
+        if self.heal not in (AUTO, "none", *HEAL_METHODS):
+            raise SvdzipError(f"unknown recovery '{self.heal}'; choose from auto, none, {', '.join(HEAL_METHODS)}")
+        if not isinstance(self.healing, HealConfig):
+            raise SvdzipError(f"healing must be a HealConfig, got {type(self.healing).__name__}")
+        if self.group_size < 1:
+            raise SvdzipError(f"group size must be ≥ 1, got {self.group_size}")
+        bad = [r for r in self.share_roles if r not in SHAREABLE_ROLES]
+        if bad:
+            raise SvdzipError(f"roles {bad} cannot share a basis; shareable: {', '.join(SHAREABLE_ROLES)}")
+        if self.update_samples < 0:
+            raise SvdzipError(f"update_samples must be ≥ 0 (0 = all), got {self.update_samples}")
+        for name in ("calib_samples", "calib_seq_len", "calib_batch_size", "heldout_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SvdzipError(f"{name} must be a whole number ≥ 1, got {getattr(self, name)!r}")
+        if self.asvd_scaling not in ("abs_mean", "abs_max"):
+            raise SvdzipError(f"asvd scaling must be abs_mean or abs_max, got '{self.asvd_scaling}'")
+        return self
+
+    def _validate_memory(self) -> None:
+        from svdzip.output.quantize import PRECISIONS, SCOPES
+
+        if self.budget_bytes is not None and self.budget_fraction is not None:
+            raise SvdzipError("give a memory budget either in bytes or as a fraction, not both")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
+            raise SvdzipError(f"budget_bytes must be a positive whole number of bytes, got {self.budget_bytes!r}")
+        if self.budget_fraction is not None and not 0.0 < self.budget_fraction <= 10.0:
+            raise SvdzipError(f"budget_fraction must be a positive fraction of the dense bf16 weight bytes, "
+                              f"got {self.budget_fraction!r}")
+        if self.quantize is not None and self.quantize not in PRECISIONS:
+            raise SvdzipError(f"unknown quantization '{self.quantize}'; choose from {', '.join(PRECISIONS)}")
+        if self.quantize_scope not in SCOPES:
+            raise SvdzipError(f"unknown quantization scope '{self.quantize_scope}'; choose from {', '.join(SCOPES)}")
+        if self.quantize and self.group_size > 1:
+            raise SvdzipError("quantization of Basis Sharing's shared bases is not supported (use --group-size 1)")
+        if self.storage_dtype not in ("float32", "float16", "bfloat16"):
+            raise SvdzipError(f"unknown storage dtype '{self.storage_dtype}'")
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["share_roles"] = list(self.share_roles)
+        d["healing"] = self.healing.to_dict()
+        return d
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """What `recipe.yaml` holds: the recipe without where it ran; recovery options only with a recovery."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        if self.heal == "none":
+            d.pop("healing")
+        else:
+            d["healing"] = {k: v for k, v in d["healing"].items() if k not in ("method", "seed", "device")}
+        return {"svdzip_recipe": RECIPE_FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "recipe") -> Recipe:
+        """A recipe from a mapping (a recipe file's content); unknown or mistyped keys are named."""
+        if not isinstance(data, dict):
+            raise SvdzipError(f"{origin}: a recipe is a mapping of settings, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("svdzip_recipe", RECIPE_FORMAT)
+        if version != RECIPE_FORMAT:
+            raise SvdzipError(f"{origin}: recipe format {version!r}, this svdzip reads format {RECIPE_FORMAT}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SvdzipError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "share_roles" in data:
+            data["share_roles"] = tuple(data["share_roles"])
+        if "healing" in data:
+            data["healing"] = _heal_options(data["healing"], origin)
+        try:
+            recipe = cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise SvdzipError(f"{origin}: {exc}") from None
+        _check_types(recipe, origin)
+        return recipe.validate()
+
+    def save(self, path: str | Path) -> Path:
+        import yaml
+
+        path = Path(path)
+        text = ("# svdzip recipe: `svdzip compress --model MODEL --out DIR --recipe this-file` makes the same model\n"
+                + yaml.safe_dump(self.to_file_dict(), sort_keys=False, allow_unicode=True))
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        import yaml
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / RECIPE_FILE
+        if not path.is_file():
+            raise SvdzipError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SvdzipError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data or {}, origin=str(path))
+
+
+def _heal_options(value: Any, origin: str) -> HealConfig:
+    if isinstance(value, HealConfig):
+        return value
+    if not isinstance(value, dict):
+        raise SvdzipError(f"{origin}: healing is a mapping of recovery options, got {type(value).__name__}")
+    known = {f.name for f in fields(HealConfig)} - {"method", "seed", "device"}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise SvdzipError(f"{origin}: unknown healing option(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    try:
+        return HealConfig(**value)
+    except (TypeError, ValueError) as exc:
+        raise SvdzipError(f"{origin}: healing: {exc}") from None
+
+
+_SIMPLE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_types(recipe: Recipe, origin: str) -> None:
+    """Plain-typed fields hold their type (a YAML `ratio: twenty` is named here, not deep in a stage)."""
+    for f in dataclasses.fields(recipe):
+        expected = _SIMPLE_TYPES.get(str(f.type).replace(" | None", ""))
+        value = getattr(recipe, f.name)
+        if expected is None or (value is None and "None" in str(f.type)):
+            continue
+        if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+            raise SvdzipError(f"{origin}: {f.name} must be {str(f.type)}, got {value!r}")
