@@ -182,3 +182,24 @@ def test_info_reads_a_streamed_output(tiny_dir, tmp_path, capsys):
 def test_eval_limit_zero_is_an_error(tiny_dir, capsys):
     assert main(["eval", str(tiny_dir), "--tasks", "piqa", "--limit", "0", "--corpora", ""]) == 2
     assert "--limit" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a cheap import
+
+
+def test_import_svdzip_loads_neither_torch_nor_transformers_and_still_registers_the_reload(tmp_path):
+    """`import svdzip` (and so `svdzip --help`) stays cheap; the quantizer registers when transformers' model
+    loading is imported, so `from_pretrained(dir)` of a directory svdzip wrote works in a fresh process."""
+    import subprocess
+    import sys
+
+    model = tiny_model("llama")
+    compress(model, Recipe.plain(ratio=0.3), calib_tokens=tiny_tokens(), out=tmp_path / "c", tokenizer=tiny_tokenizer())
+    cheap = subprocess.run([sys.executable, "-c", "import sys, svdzip; print(sorted(m for m in ('torch', "
+                            "'transformers') if m in sys.modules))"], capture_output=True, text=True, check=True)
+    assert cheap.stdout.strip() == "[]"
+    reload = subprocess.run([sys.executable, "-c", f"import svdzip; from transformers import AutoModelForCausalLM; "
+                             f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'c')!r}); "
+                             "print(sum(type(x).__name__ == 'LowRankLinear' for x in m.modules()))"],
+                            capture_output=True, text=True, check=True)
+    assert int(reload.stdout.strip()) == len(svdzip.output.io.read_manifest(tmp_path / "c")["modules"])
