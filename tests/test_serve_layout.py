@@ -6,26 +6,35 @@ left factors the way the plugin does must give exactly the dense fused layer W =
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from tiny_models import SMALL, VLLM, WIDE, tiny_config
 
 from svdzip.errors import SvdzipError
+from svdzip.models.families import FAMILIES, Packed, VllmServing
 from svdzip.serve.layout import (
     MANIFEST_FORMAT,
+    EngineLayer,
     build_layout,
     check_format,
     check_manifest,
+    check_packing,
     check_parallel,
     expected_linears,
+    packing,
     rank_slice,
+    served_family,
     shard_index,
     shard_names,
     weight_bytes,
 )
 
-PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-CFG = {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
-       "intermediate_size": 12, "num_hidden_layers": 2}
+PACKED = packing(FAMILIES["llama"])  # the family table's serving entry, as the plugin reads it
+VLLM_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}  # vLLM's Llama
+CFG = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1,
+       "head_dim": 4, "intermediate_size": 12, "num_hidden_layers": 2}
 P = "model.layers.0.self_attn"
 
 
@@ -100,15 +109,35 @@ def test_shared_basis_member_uses_the_leaders_tensor_and_stores_no_right_factor(
 
 
 def test_layer_without_low_rank_shards_stays_dense_and_names_follow_the_packing():
+    assert {"qkv_proj": EngineLayer(("q_proj", "k_proj", "v_proj"), ("q", "k", "v")),
+            "gate_up_proj": EngineLayer(("gate_proj", "up_proj"), (0, 1))} == PACKED
+    check_packing(VLLM_PACKED, PACKED, "LlamaForCausalLM")
     assert build_layout(f"{P}.qkv_proj", 8, [8, 4, 4], {"model.layers.1.self_attn.q_proj": {}}, PACKED) is None
     assert shard_names(f"{P}.qkv_proj", PACKED) == [f"{P}.q_proj", f"{P}.k_proj", f"{P}.v_proj"]
     assert shard_names(f"{P}.o_proj", PACKED) == [f"{P}.o_proj"]
-    assert [shard_index(s, 3) for s in ("q", "k", "v")] == [0, 1, 2]
-    assert shard_index(1, 2) == 1 and shard_index(None, 1) == 0
+    qkv = build_layout(f"{P}.qkv_proj", 8, [8, 4, 4], {f"{P}.q_proj": {"in": 8, "out": 8, "rank": 2}}, PACKED)
+    gate_up = build_layout("model.layers.0.mlp.gate_up_proj", 8, [12, 12],
+                           {"model.layers.0.mlp.up_proj": {"in": 8, "out": 12, "rank": 2}}, PACKED)
+    o = build_layout(f"{P}.o_proj", 8, [8], {f"{P}.o_proj": {"in": 8, "out": 8, "rank": 2}}, PACKED)
+    assert [shard_index(s, qkv.shard_ids) for s in ("q", "k", "v")] == [0, 1, 2]
+    assert shard_index(1, gate_up.shard_ids) == 1 and shard_index(None, o.shard_ids) == 0
     with pytest.raises(SvdzipError, match="without shard id"):
-        shard_index(None, 3)
-    with pytest.raises(SvdzipError, match="out of range"):
-        shard_index(2, 2)
+        shard_index(None, qkv.shard_ids)
+    with pytest.raises(SvdzipError, match="unknown shard id 2"):
+        shard_index(2, gate_up.shard_ids)
+    with pytest.raises(SvdzipError, match="unknown shard id 0"):  # QKV shards have names, not numbers
+        shard_index(0, qkv.shard_ids)
+
+
+def test_vllm_packing_that_disagrees_with_the_table_is_refused():
+    with pytest.raises(SvdzipError, match=r"packs gate_up_proj as \['up_proj', 'gate_proj'\].*families.py"):
+        check_packing({**VLLM_PACKED, "gate_up_proj": ["up_proj", "gate_proj"]}, PACKED, "LlamaForCausalLM")
+    with pytest.raises(SvdzipError, match="packs qkv_proj as None"):
+        check_packing({"gate_up_proj": ["gate_proj", "up_proj"]}, PACKED, "LlamaForCausalLM")
+    bad = dataclasses.replace(FAMILIES["llama"], serving=VllmServing(
+        frozenset({"LlamaForCausalLM"}), {"self_attn.qkv_proj": Packed(("q", "gate"))}))
+    with pytest.raises(SvdzipError, match="packs role 'gate' into self_attn.qkv_proj"):
+        packing(bad)
 
 
 def test_shape_disagreement_is_refused_before_loading():
@@ -132,9 +161,55 @@ def test_manifest_naming_a_module_the_model_lacks_is_refused():
                                                             "shared_with": f"{P}.k_proj"}}, expected)
 
 
+def _hand_formulas(config) -> dict[str, tuple[int, int]]:
+    """The shapes the plugin computed by hand from the config before it asked transformers."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter = config.intermediate_size
+    shapes = {
+        "self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv_heads * head_dim),
+        "self_attn.v_proj": (hidden, kv_heads * head_dim), "self_attn.o_proj": (heads * head_dim, hidden),
+        "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden),
+    }
+    return {f"model.layers.{i}.{k}": v for i in range(config.num_hidden_layers) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("shape", [SMALL, WIDE, VLLM], ids=["small", "wide", "vllm"])
+@pytest.mark.parametrize("family,architecture", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+                                                 ("mistral", "MistralForCausalLM"),
+                                                 ("gemma3", "Gemma3ForCausalLM")])
+def test_shapes_from_the_skeleton_equal_the_old_hand_formulas(family, architecture, shape):
+    config = tiny_config(family, shape)
+    want = _hand_formulas(config)
+    got = expected_linears(architecture, config)  # a config object, as vLLM passes it
+    assert list(got.items()) == list(want.items())
+    assert expected_linears(architecture, config.to_dict()) == want  # a config.json dict, as the benchmarks do
+    assert expected_linears("LlamaForCausalLM", CFG)[f"{P}.q_proj"] == (8, 8)
+
+
+def test_a_family_without_serving_entry_names_the_table_entry_to_add():
+    phi3 = tiny_config("phi3").to_dict()
+    want = ("the svdzip vLLM plugin has no serving entry for model_type 'phi3' (architecture Phi3ForCausalLM): "
+            "add `serving=...` to its FamilySpec in svdzip/models/families.py")
+    with pytest.raises(SvdzipError) as err:
+        expected_linears("Phi3ForCausalLM", phi3)
+    assert str(err.value) == want
+    with pytest.raises(SvdzipError, match=r"model_type 'bloom' \(architecture BloomForCausalLM\): add a "
+                                          r"FamilySpec with `serving=...` for it to FAMILIES\['bloom'\]"):
+        served_family("BloomForCausalLM", "bloom")
+    with pytest.raises(SvdzipError, match="model_type 'gemma'"):  # in the table, not served
+        served_family("GemmaForCausalLM", "gemma")
+    with pytest.raises(SvdzipError, match="serves model_type 'llama' as LlamaForCausalLM, not architecture "
+                                          "LlamaForSequenceClassification"):
+        served_family("LlamaForSequenceClassification", "llama")
+    served = {t for t, spec in FAMILIES.items() if spec.serving is not None}
+    assert served == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}  # what the vLLM plugin tests cover
+
+
 def test_unsupported_architecture_parallelism_and_newer_format_are_refused():
-    with pytest.raises(SvdzipError, match="does not support architecture GPT2LMHeadModel"):
-        expected_linears("GPT2LMHeadModel", CFG)
+    with pytest.raises(SvdzipError, match="no serving entry for model_type 'gpt2' .*GPT2LMHeadModel"):
+        expected_linears("GPT2LMHeadModel", {**CFG, "model_type": "gpt2"})
     with pytest.raises(SvdzipError, match="pipeline"):
         check_parallel(2)
     check_parallel(1)

@@ -138,11 +138,18 @@ def test_bad_directories_are_refused_clearly(tmp):
     def other_arch(cfg):
         cfg["architectures"] = ["Phi3ForCausalLM"]  # fuses q/k/v in the checkpoint itself
 
+    def other_family(cfg):
+        cfg["architectures"], cfg["model_type"] = ["Phi3ForCausalLM"], "phi3"
+
     _expect_refusal(_edit_manifest(good, tmp / "unknown", unknown_module),
                     "names modules this model does not have: model.layers.9.mlp.down_proj")
     _expect_refusal(_edit_manifest(good, tmp / "newer", newer_format),
                     "written by svdzip 9.9.9 with manifest format 2.*upgrade svdzip")
-    _expect_refusal(_edit_manifest(good, tmp / "arch", other_arch), "does not support architecture Phi3ForCausalLM")
+    _expect_refusal(_edit_manifest(good, tmp / "arch", other_arch),
+                    "serves model_type 'llama' as LlamaForCausalLM, not architecture Phi3ForCausalLM")
+    _expect_refusal(_edit_manifest(good, tmp / "family", other_family),
+                    r"no serving entry for model_type 'phi3' \(architecture Phi3ForCausalLM\): add `serving=...` "
+                    "to its FamilySpec in svdzip/models/families.py")
 
 
 def test_checkpoint_missing_a_factor_fails_at_load_instead_of_serving_garbage(tmp):

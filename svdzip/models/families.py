@@ -9,11 +9,16 @@ Fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) are one linear with one r
 matrix (see `benchmarks/fused_projections.py`: at equal parameters the joint factorisation's whitened
 loss is 3–16 % lower for gate/up and within ±5 % for q/k/v than per-role slices, and it keeps the
 checkpoint's tensor names).
+
+A family that vLLM serves with svdzip's plugin says so in `serving` (`VllmServing`): the Hugging Face
+architecture classes whose vLLM implementation names its layers like the checkpoint, and the engine
+layers that pack several of the family's roles (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`),
+in shard order. A family without it is compressed and reloaded by svdzip but refused by the plugin.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,27 @@ class FusedExperts:
 
 
 @dataclass(frozen=True)
+class Packed:
+    """One vLLM engine layer holding several of the family's linears side by side (concatenated outputs)."""
+
+    roles: tuple[str, ...]  # the roles it packs, in shard order (the order of its output rows)
+    shard_ids: tuple[str | int, ...] = ()  # what vLLM's weight loader calls each shard; () = 0, 1, ...
+
+
+@dataclass(frozen=True)
+class VllmServing:
+    """How vLLM serves a family: which architectures, and which of its engine layers pack which roles.
+
+    The architectures listed must have a vLLM implementation that names its layers like the Hugging Face
+    checkpoint (`<layers_path>.N.<pattern>`) and loads weights through vLLM's AutoWeightsLoader (which
+    applies the quantization config's name mapper); every role not packed is one engine layer of its own.
+    """
+
+    architectures: frozenset[str]
+    packed: dict[str, Packed] = field(default_factory=dict)  # engine layer inside a decoder layer -> shards
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Where one architecture family keeps its decoder layers and linears."""
 
@@ -37,6 +63,7 @@ class FamilySpec:
     optional_roles: frozenset[str] = frozenset()  # roles some layers lack (Qwen3-MoE's dense vs sparse MLPs)
     experts: FusedExperts | None = None
     conv1d: bool = False  # GPT-2's Conv1D layers (weights stored in×out): opened into nn.Linear (out×in)
+    serving: VllmServing | None = None  # None: svdzip's vLLM plugin refuses it
 
 
 def _paths(**roles: str | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -91,14 +118,23 @@ QWEN_MOE = FamilySpec(  # layers in mlp_only_layers keep a dense MLP
     experts=_QWEN_EXPERTS,
 )
 
-FAMILIES: dict[str, FamilySpec] = {
-    "llama": LLAMA_LIKE,
-    "mistral": LLAMA_LIKE,
-    "qwen2": LLAMA_LIKE,
-    "qwen3": LLAMA_LIKE,
+# vLLM's QKVParallelLinear names its shards 'q'/'k'/'v'; MergedColumnParallelLinear numbers them
+_LLAMA_PACKED = {"self_attn.qkv_proj": Packed(_QKV, shard_ids=("q", "k", "v")), "mlp.gate_up_proj": Packed(_GATE_UP)}
+
+
+def _served(spec: FamilySpec, *architectures: str) -> FamilySpec:
+    """`spec` as served by vLLM under `architectures`, with q/k/v and gate/up packed as in vLLM's Llama."""
+    return replace(spec, serving=VllmServing(frozenset(architectures), _LLAMA_PACKED))
+
+
+FAMILIES: dict[str, FamilySpec] = {  # the vLLM plugin's tests cover every family with a serving entry
+    "llama": _served(LLAMA_LIKE, "LlamaForCausalLM"),
+    "mistral": _served(LLAMA_LIKE, "MistralForCausalLM"),
+    "qwen2": _served(LLAMA_LIKE, "Qwen2ForCausalLM"),
+    "qwen3": _served(LLAMA_LIKE, "Qwen3ForCausalLM"),
     "gemma": LLAMA_LIKE,
     "gemma2": LLAMA_LIKE,
-    "gemma3_text": LLAMA_LIKE,
+    "gemma3_text": _served(LLAMA_LIKE, "Gemma3ForCausalLM"),
     "opt": OPT,
     "gpt2": GPT2,
     "phi3": PHI3,

@@ -1,6 +1,10 @@
-"""How an svdzip manifest maps onto a serving engine's (fused) linear layers — pure Python, no vLLM.
+"""How an svdzip manifest maps onto a serving engine's (fused) linear layers — no vLLM needed.
 
-vLLM fuses q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj`; with svdzip each shard of a
+What vLLM serves, and how, is the family table's (`svdzip.models.families`): a family's `serving`
+entry names its architectures and which engine layers pack which roles (q/k/v into `qkv_proj`,
+gate/up into `gate_up_proj`, in shard order); the shapes of its linears are transformers' own, read
+from the model built on the meta device from its config (`expected_linears`). A model whose family has
+no serving entry is refused with the entry to add (`served_family`). With svdzip each shard of a
 fused layer may have its own rank, or be kept dense, or (Basis Sharing) use a right factor that
 belongs to the same role in an earlier layer. A `LayerLayout` records, for one engine layer, where
 every shard's pieces live:
@@ -23,15 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from svdzip.errors import SvdzipError
+from svdzip.models.families import FAMILIES, FamilySpec, VllmServing
 
 MANIFEST_FORMAT = 1
-
-# Architectures whose vLLM implementation names its layers like the Hugging Face checkpoint
-# (`model.layers.N.self_attn.*` / `model.layers.N.mlp.*`), fuses q/k/v and gate/up, and loads weights
-# through vLLM's AutoWeightsLoader (which applies the quantization config's name mapper).
-SUPPORTED_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
-})
+TABLE = "svdzip/models/families.py"
 
 # Checkpoint tensor suffix -> engine parameter suffix. The layer's own `bias` takes the left bias.
 PARAM_RENAMES = (
@@ -40,7 +39,64 @@ PARAM_RENAMES = (
     (".left.bias", ".bias"),
 )
 
-QKV_SHARD_IDS = ("q", "k", "v")
+
+@dataclass(frozen=True)
+class EngineLayer:
+    """A packed engine layer in checkpoint terms: its members' leaf names and vLLM's shard ids, in shard order."""
+
+    members: tuple[str, ...]
+    shard_ids: tuple[str | int, ...]
+
+
+Packing = Mapping[str, EngineLayer]  # engine layer leaf name ('qkv_proj') -> what it packs
+
+
+def served_family(architecture: str, model_type: str | None) -> tuple[FamilySpec, VllmServing]:
+    """The family table's entry for a model vLLM is asked to serve, and its serving entry; or one clear refusal."""
+    spec = FAMILIES.get(model_type) if model_type else None
+    serving = spec.serving if spec is not None else None
+    if serving is None:
+        todo = ("add `serving=...` to its FamilySpec" if spec is not None else
+                f"add a FamilySpec with `serving=...` for it to FAMILIES[{model_type!r}]")
+        raise SvdzipError(f"the svdzip vLLM plugin has no serving entry for model_type {model_type!r} "
+                          f"(architecture {architecture}): {todo} in {TABLE}")
+    if architecture not in serving.architectures:
+        raise SvdzipError(f"the svdzip vLLM plugin serves model_type {model_type!r} as "
+                          f"{', '.join(sorted(serving.architectures))}, not architecture {architecture}: add it to "
+                          f"the `serving` architectures of FAMILIES[{model_type!r}] in {TABLE} if vLLM's "
+                          "implementation names its layers like the checkpoint")
+    return spec, serving
+
+
+def packing(spec: FamilySpec) -> dict[str, EngineLayer]:
+    """The serving entry's packed layers keyed by leaf name, as vLLM's `packed_modules_mapping` is."""
+    if spec.serving is None:
+        raise SvdzipError(f"family without a serving entry in {TABLE}")
+    out = {}
+    for path, packed in spec.serving.packed.items():
+        parent, _, leaf = path.rpartition(".")
+        members = []
+        for role in packed.roles:
+            patterns = spec.linears.get(role, ())
+            if len(patterns) != 1 or "*" in patterns[0] or patterns[0].rpartition(".")[0] != parent:
+                raise SvdzipError(f"{TABLE}: serving packs role {role!r} into {path}, but the family's "
+                                  f"'{role}' is {patterns or 'missing'}, not one linear beside it")
+            members.append(patterns[0].rpartition(".")[2])
+        ids = packed.shard_ids or tuple(range(len(members)))
+        if len(ids) != len(members):
+            raise SvdzipError(f"{TABLE}: {path} packs {len(members)} roles but names {len(ids)} shard ids")
+        out[leaf] = EngineLayer(tuple(members), tuple(ids))
+    return out
+
+
+def check_packing(engine: Mapping[str, Sequence[str]], table: Packing, architecture: str) -> None:
+    """vLLM's own packed_modules_mapping must pack what the family table says, in the same shard order."""
+    for leaf in sorted(set(engine) | set(table)):
+        ours = list(table[leaf].members) if leaf in table else None
+        theirs = list(engine[leaf]) if leaf in engine else None
+        if ours != theirs:
+            raise SvdzipError(f"vLLM's {architecture} packs {leaf} as {theirs}, the serving entry of its family "
+                              f"in {TABLE} says {ours}: update the entry's `packed` to vLLM's")
 
 
 @dataclass(frozen=True)
@@ -70,6 +126,7 @@ class LayerLayout:
     prefix: str
     in_features: int
     shards: tuple[Shard, ...]
+    shard_ids: tuple[str | int, ...] = (0,)  # what the engine's weight loader calls each shard
 
     @property
     def own_right_rows(self) -> int:
@@ -109,36 +166,31 @@ class LayerLayout:
         return sum(s.out for s in self.shards) * self.in_features
 
 
-def shard_index(shard_id: str | int | None, n_shards: int) -> int:
-    """vLLM's shard id ('q'/'k'/'v' for QKV, 0/1 for gate/up, None for an unfused layer) -> index."""
+def shard_index(shard_id: str | int | None, shard_ids: Sequence[str | int]) -> int:
+    """vLLM's shard id ('q'/'k'/'v' for QKV, 0/1 for gate/up, None for an unfused layer) -> index, given the
+    layer's shard ids in shard order (from the family table's serving entry)."""
     if shard_id is None:
-        if n_shards != 1:
-            raise SvdzipError(f"a checkpoint tensor without shard id cannot load into a layer of {n_shards} shards "
-                              "(already-fused q/k/v or gate/up checkpoints are not supported)")
+        if len(shard_ids) != 1:
+            raise SvdzipError(f"a checkpoint tensor without shard id cannot load into a layer of {len(shard_ids)} "
+                              "shards (already-fused q/k/v or gate/up checkpoints are not supported)")
         return 0
-    if isinstance(shard_id, str):
-        if shard_id not in QKV_SHARD_IDS:
-            raise SvdzipError(f"unknown shard id {shard_id!r}")
-        index = QKV_SHARD_IDS.index(shard_id)
-    else:
-        index = int(shard_id)
-    if not 0 <= index < n_shards:
-        raise SvdzipError(f"shard id {shard_id!r} out of range for a layer of {n_shards} shards")
-    return index
+    for index, known in enumerate(shard_ids):
+        if type(known) is type(shard_id) and known == shard_id:
+            return index
+    raise SvdzipError(f"unknown shard id {shard_id!r} for a layer whose shards are {tuple(shard_ids)}")
 
 
-def shard_names(prefix: str, packed_modules_mapping: Mapping[str, Sequence[str]]) -> list[str]:
-    """Checkpoint module names of the shards of the engine layer `prefix` (itself if not fused)."""
+def shard_names(prefix: str, packing: Packing) -> list[str]:
+    """Checkpoint module names of the shards of the engine layer `prefix` (itself if not packed)."""
     parent, _, leaf = prefix.rpartition(".")
-    members = packed_modules_mapping.get(leaf)
-    if not members:
+    layer = packing.get(leaf)
+    if layer is None:
         return [prefix]
-    return [f"{parent}.{m}" if parent else m for m in members]
+    return [f"{parent}.{m}" if parent else m for m in layer.members]
 
 
 def build_layout(prefix: str, in_features: int, output_sizes: Sequence[int],
-                 modules: Mapping[str, Mapping[str, Any]],
-                 packed_modules_mapping: Mapping[str, Sequence[str]],
+                 modules: Mapping[str, Mapping[str, Any]], packing: Packing,
                  full_in: int | None = None, full_outs: Sequence[int] | None = None) -> LayerLayout | None:
     """The layout of engine layer `prefix`, or None when none of its shards is low-rank (stays dense).
 
@@ -146,7 +198,7 @@ def build_layout(prefix: str, in_features: int, output_sizes: Sequence[int],
     `full_in` / `full_outs` the unsplit ones the manifest records (default: the same, i.e. TP = 1).
     Raises when the manifest disagrees with the engine's shapes: a wrong size must never load.
     """
-    names = shard_names(prefix, packed_modules_mapping)
+    names = shard_names(prefix, packing)
     if len(names) != len(output_sizes):
         raise SvdzipError(f"{prefix}: the engine has {len(output_sizes)} shards, svdzip expected {len(names)} "
                           f"({', '.join(names)})")
@@ -165,7 +217,8 @@ def build_layout(prefix: str, in_features: int, output_sizes: Sequence[int],
             raise SvdzipError(f"{name}: manifest says {spec['in']}→{spec['out']}, the model has "
                               f"{full_in}→{full_out}")
         shards.append(Shard(name, out, int(spec["rank"]), spec.get("shared_with"), is_basis_leader=name in leaders))
-    return LayerLayout(prefix, in_features, tuple(shards))
+    packed = packing.get(prefix.rpartition(".")[2])
+    return LayerLayout(prefix, in_features, tuple(shards), packed.shard_ids if packed else (0,))
 
 
 def rank_slice(parallel: str, kind: str, shard: int, tp_rank: int, kv_replicas: int, is_qkv: bool,
@@ -202,22 +255,21 @@ def check_format(quant_config: Mapping[str, Any]) -> None:
         raise SvdzipError("svdzip manifest has no 'modules' table")
 
 
-def expected_linears(architecture: str, config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """Every decoder linear of a supported architecture: name -> (in, out), from its HF config."""
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise SvdzipError(f"the svdzip vLLM plugin does not support architecture {architecture}; supported: "
-                          f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    inter = config["intermediate_size"]
-    shapes = {
-        "self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv_heads * head_dim),
-        "self_attn.v_proj": (hidden, kv_heads * head_dim), "self_attn.o_proj": (heads * head_dim, hidden),
-        "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden),
-    }
-    return {f"model.layers.{i}.{k}": v for i in range(config["num_hidden_layers"]) for k, v in shapes.items()}
+def expected_linears(architecture: str, config: Mapping[str, Any] | Any) -> dict[str, tuple[int, int]]:
+    """Every decoder linear of a served architecture: name -> (in, out), as transformers builds the model from
+    its config (a `config.json` dict or a config object) on the meta device — no shape rule lives in svdzip."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from svdzip.models.adapter import ModelAdapter
+
+    values = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    served_family(architecture, values.get("model_type"))
+    values.pop("quantization_config", None)  # the skeleton is the dense model the manifest describes
+    hf_config = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return {info.name: (info.in_features, info.out_features) for info in ModelAdapter(model).linears()}
 
 
 def check_manifest(modules: Mapping[str, Mapping[str, Any]], expected: Mapping[str, tuple[int, int]]) -> None:

@@ -4,7 +4,9 @@ vLLM loads this module through the `vllm.general_plugins` entry point (`register
 It registers the quantization method `svdzip`, which vLLM picks from `config.json`'s
 `quantization_config`. Each linear the manifest lists runs as two matmuls; a fused q/k/v or gate/up
 layer multiplies its input once by the stack of its shards' right factors (plus any dense shard's
-weight), then each low-rank shard's left factor (see `svdzip.serve.layout`). Basis-Sharing bases are
+weight), then each low-rank shard's left factor (see `svdzip.serve.layout`). Which architectures are
+served and which layers pack which shards is the family table's `serving` entry (`svdzip.models.families`),
+checked against vLLM's own packing when the first layer is built. Basis-Sharing bases are
 stored once in the config object and used by every layer of their group. Every factor goes through
 vLLM's own CPU GEMM dispatch (oneDNN / AMX kernels), the same as the dense layers it replaces.
 Under tensor parallelism each rank loads the slices `layout.rank_slice` names (README "Serving with vLLM").
@@ -34,13 +36,17 @@ from vllm.platforms import current_platform
 from svdzip.errors import SvdzipError
 from svdzip.serve.layout import (
     PARAM_RENAMES,
+    EngineLayer,
     LayerLayout,
     build_layout,
     check_format,
     check_manifest,
+    check_packing,
     check_parallel,
     expected_linears,
+    packing,
     rank_slice,
+    served_family,
     shard_index,
     shard_names,
 )
@@ -89,6 +95,9 @@ class SvdzipVllmConfig(QuantizationConfig):
         self.bases: dict[str, torch.Tensor] = {}
         self.loaded_bases: set[str] = set()
         self.basis_gemms: dict[str, Gemm] = {}
+        self.architecture: str | None = None
+        self.packing: dict[str, EngineLayer] | None = None  # from the family table, set by maybe_update_config
+        self.packing_checked = False
 
     def get_name(self) -> str:
         return "svdzip"
@@ -116,7 +125,9 @@ class SvdzipVllmConfig(QuantizationConfig):
         archs = list(getattr(hf_config, "architectures", None) or [])
         if len(archs) != 1:
             raise SvdzipError(f"{model_name}: config.json must name exactly one architecture, got {archs}")
-        check_manifest(self.modules, expected_linears(archs[0], hf_config.to_dict()))
+        spec, _ = served_family(archs[0], getattr(hf_config, "model_type", None))
+        self.architecture, self.packing = archs[0], packing(spec)
+        check_manifest(self.modules, expected_linears(archs[0], hf_config))
 
     def get_checkpoint_weight_mapper(self) -> WeightsMapper:
         """Checkpoint `<m>.left.weight` / `.right.weight` / `.left.bias` -> this method's parameters."""
@@ -129,7 +140,13 @@ class SvdzipVllmConfig(QuantizationConfig):
         check_parallel(get_pp_group().world_size)
         if not isinstance(layer, LinearBase):
             return None
-        if not any(n in self.modules for n in shard_names(prefix, self.packed_modules_mapping)):
+        if self.packing is None:
+            raise SvdzipError("the svdzip vLLM plugin builds layers only for a model whose config it has checked "
+                              "(vLLM did not pass the model's config to maybe_update_config)")
+        if not self.packing_checked:  # vLLM has set its model's packed_modules_mapping by now
+            check_packing(self.packed_modules_mapping, self.packing, self.architecture)
+            self.packing_checked = True
+        if not any(n in self.modules for n in shard_names(prefix, self.packing)):
             return UnquantizedLinearMethod()
         return SvdzipLinearMethod(self, prefix)
 
@@ -145,7 +162,7 @@ class SvdzipLinearMethod(LinearMethodBase):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs: Any):
         extra_weight_attrs.pop("weight_loader", None)
         layout = build_layout(self.prefix, input_size_per_partition, output_partition_sizes, self.config.modules,
-                              self.config.packed_modules_mapping, full_in=input_size,
+                              self.config.packing, full_in=input_size,
                               full_outs=full_output_sizes(layer, output_partition_sizes))
         if layout is None:
             raise SvdzipError(f"{self.prefix}: no low-rank shard, yet the svdzip method was chosen")
@@ -170,7 +187,7 @@ class SvdzipLinearMethod(LinearMethodBase):
         layout: LayerLayout = layer.svdzip_layout
 
         def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
-            i = shard_index(shard_id, len(layout.shards))
+            i = shard_index(shard_id, layout.shard_ids)
             shard = layout.shards[i]
             target = self._target(param, layout, kind, i)
             cut = rank_slice("row" if isinstance(layer, RowParallelLinear) else "column", kind, i,
