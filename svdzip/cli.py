@@ -393,8 +393,6 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
 
     config = _heal_config(args, args.corpus, check_device(args.device))
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     manifest = io.read_manifest(args.dir)
     if manifest is None:
         raise SvdzipError(f"{args.dir} is a dense model directory: compress it first (`svdzip compress`)")
@@ -681,6 +679,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdzip: interrupted; nothing was written to the output directory", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file system error no stage turned into its own message: one line, not a traceback
+        if args.verbose:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"svdzip: error: {exc.strerror or exc}{where} (-v shows where it happened)", file=sys.stderr)
+        return 1
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     elif args.command in ("compress", "heal") and "evaluation" in result:

@@ -74,7 +74,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(type(model), "save_pretrained", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SvdzipError, match="cannot write .*disk full; nothing was written"):
         save(model, None, tmp_path / "x", manifest)
     assert list(tmp_path.iterdir()) == []
 
@@ -94,6 +94,9 @@ def test_foreign_and_corrupted_directories(tmp_path):
     save(model, None, tmp_path / "ok", manifest)
     for f in (tmp_path / "ok").glob("*.safetensors"):
         f.write_bytes(b"garbage")
+    with pytest.raises(SvdzipError, match="model.safetensors is corrupted"):  # its recorded checksum
+        svdzip.load(tmp_path / "ok")
+    (tmp_path / "ok" / "svdzip_checksums.json").unlink()  # without the record: safetensors' own error
     with pytest.raises(SvdzipError, match="cannot load"):
         svdzip.load(tmp_path / "ok")
 

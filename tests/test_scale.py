@@ -251,7 +251,7 @@ def test_write_error_keeps_previous_output(ckpt, tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(writer_mod, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(SvdzipError, match="No space left on device; nothing was written"):
         _stream(source, out, tmp_path / "run", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
@@ -264,7 +264,7 @@ def test_write_error_keeps_previous_output(ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "save_pretrained", half_written)
     manifest = io.build_manifest(ref.modules, ref.summary, _config().to_dict())
-    with pytest.raises(OSError):
+    with pytest.raises(SvdzipError, match="No space left on device"):
         io.save(model, None, out, manifest, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

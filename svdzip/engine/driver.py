@@ -177,6 +177,8 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     if out is not None and out.exists() and not request.overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     source = _source_of(request.model)
+    if out is not None:
+        refuse_overlap(out, source, "the source model")
     streamed = bool(request.stream)
     if given and (streamed or request.resume_dir is not None or ctx.enabled):
         raise SvdzipError("a model object is compressed in memory by one process: pass its name or directory "
@@ -200,6 +202,15 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     if recipe.heal_config() is not None and (mode.streamed or mode.resumable):
         return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, needs, ctx)
+
+
+def refuse_overlap(out: Path, other: str | Path | None, what: str) -> None:
+    """Refuse an output that is, contains or sits inside `other` (a local directory): --overwrite would delete it."""
+    if not other or not Path(other).exists():
+        return
+    o, p = Path(out).resolve(), Path(other).resolve()
+    if o == p or o in p.parents or p in o.parents:
+        raise SvdzipError(f"--out {out} is, contains or lies inside {what} ({other}): write the output elsewhere")
 
 
 def _source_of(model: str | nn.Module) -> str:

@@ -117,8 +117,12 @@ def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int 
             {**manifest.details, "modules": [r.to_dict() for r in rows]}, indent=2, default=str))
         if artefacts is not None:
             artefacts(tmp, rows)
+        from svdzip.output.checksums import write_checksums
+
+        write_checksums(tmp)
         io.replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        io.raise_write_error(exc, out)
         raise
     return rows

@@ -91,11 +91,26 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest:
         (tmp / "svdzip_report.json").write_text(json.dumps(full_report, indent=2, default=str))
         if artefacts is not None:
             artefacts(tmp)
+        from svdzip.output.checksums import write_checksums
+
+        write_checksums(tmp)
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_write_error(exc, out)
         raise
     return out
+
+
+def raise_write_error(exc: BaseException, out: Path) -> None:
+    """A failed write (disk full, read-only, quota) as one clear error; anything else is re-raised by the caller."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, OSError | SafetensorError):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        free = shutil.disk_usage(out.parent).free if out.parent.exists() else None
+        raise SvdzipError(f"cannot write {out}: {reason}; nothing was written"
+                          + (f" ({free / 2**20:.0f} MiB free there)" if free is not None else "")) from exc
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

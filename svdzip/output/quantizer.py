@@ -151,7 +151,12 @@ class SvdzipQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         self._loading = weakref.ref(model)  # for update_weight_conversions on transformers that do not pass it
-        check_stored_shapes(self.quantization_config.modules, kwargs.get("checkpoint_files") or [])
+        files = kwargs.get("checkpoint_files") or []
+        if files:
+            from svdzip.output.checksums import verify_checksums
+
+            verify_checksums(Path(files[0]).parent, files)
+        check_stored_shapes(self.quantization_config.modules, files)
         open_structure(model)  # the structure the model was compressed in: per-expert linears for MoE
         aliases = apply_manifest(model, self.quantization_config.modules)
         if aliases:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -122,7 +123,13 @@ class Checkpoint:
         """Tensors under a new name first, then the record that points at them (an atomic rename)."""
         self.path.mkdir(parents=True, exist_ok=True)
         name = f"ckpt-{state['step']:06d}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.path / f".{name}.tmp")
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.path / f".{name}.tmp")
+        except (OSError, SafetensorError) as exc:
+            (self.path / f".{name}.tmp").unlink(missing_ok=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise SvdzipError(f"cannot write the heal checkpoint in {self.path}: {reason} (the previous checkpoint, "
+                              "if any, is intact: rerun the same command once there is space)") from exc
         os.replace(self.path / f".{name}.tmp", self.path / name)
         tmp = self.path / ".state.json.tmp"
         tmp.write_text(json.dumps({**state, "tensors": name, "fingerprint": self.fingerprint,
