@@ -6,6 +6,7 @@ commit and the machine, so a number in the README can be traced to a re-runnable
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ class Bench:
         return load_model(self.source, self.device)[0]
 
     def compress(self, **overrides: Any):
-        cfg = Recipe.plain(**{**self.base.to_dict(), **overrides, "share_roles": tuple(self.base.share_roles)})
+        cfg = dataclasses.replace(self.base, **overrides)
         model = self.fresh()
         key = (cfg.method, cfg.group_size, tuple(cfg.share_roles), cfg.asvd_alpha, cfg.asvd_scaling)
         t0 = time.perf_counter()

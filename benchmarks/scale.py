@@ -11,6 +11,7 @@ every 5 ms per phase (calibration, decomposition, write) by a thread reading /pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -290,7 +291,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
     rows.append({"fault": "a spectrum file truncated (write cut short)",
                  "what happened": f"checksum mismatch, recomputed; {same('o')}"})
     # changed configuration
-    other = Recipe.plain(**{**config.to_dict(), "calib_samples": 4, "share_roles": tuple(config.share_roles)})
+    other = dataclasses.replace(config, calib_samples=4)
     try:
         run("o2", "r2", config=other)
         msg = "NOT refused"
@@ -303,8 +304,7 @@ def part_faults(work: Path) -> list[dict[str, str]]:
                  f"from scratch; output written ({len(list((work / 'o2').glob('*.safetensors')))} shards)"})
     # a different ratio reuses the spectra
     t0 = time.perf_counter()
-    run("o3", "r2", config=Recipe.plain(**{**other.to_dict(), "ratio": 0.5,
-                                              "share_roles": tuple(config.share_roles)}))
+    run("o3", "r2", config=dataclasses.replace(other, ratio=0.5))
     rows.append({"fault": "(not a fault) rerun with another --ratio on the same run directory",
                  "what happened": f"statistics and spectra reused, {time.perf_counter() - t0:.1f} s"})
     # disk full during the write

@@ -199,7 +199,7 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         require_backend(recipe.quantize, recipe.device)  # before any expensive step
     if not streamed and not given:
         refuse_if_too_large(source, recipe, needs, recipe.heal_config(), ctx.world_size)
-    if recipe.heal_config() is not None and (mode.streamed or mode.resumable):
+    if recipe.heal_config() is not None and mode.streamed:
         return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, needs, ctx)
 
@@ -462,7 +462,10 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
     result.summary["calibration_tokens"] = analysis.calibration_tokens
     heal_report = None
     if heal_config is not None:
-        heal_report = _heal_in_memory(model, tokenizer, source, heal_config, teacher_box)
+        # with --resume-dir the heal checkpoints beside the run's statistics and spectra: a rerun of the same
+        # command restores those, rebuilds the same factors and continues the heal from its last checkpoint
+        heal_report = _heal_in_memory(model, tokenizer, source, heal_config, teacher_box,
+                                      resume_dir=Path(request.resume_dir) / "heal" if request.resume_dir else None)
     save_dtype = parse_dtype(recipe.storage_dtype)
     quantized = result.quantized = store(result, save_dtype)  # after healing: the factors train in float32
     manifest = io.build_manifest(result.modules, result.summary, recipe.to_dict())
@@ -553,7 +556,8 @@ def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str
     write_plots(directory, rows, effective, title=f"{Path(str(source)).name}: {recipe.label} at {what}")
 
 
-def _heal_in_memory(model, tokenizer, source: str, heal_config, teacher_box: list[nn.Module]):
+def _heal_in_memory(model, tokenizer, source: str, heal_config, teacher_box: list[nn.Module],
+                    resume_dir: Path | None = None):
     """Heal the just-compressed model against its dense teacher: the copy of a given model, else a fresh load.
 
     The teacher is handed over without a name (popped from its box, or loaded in the call), so that heal()
@@ -563,7 +567,7 @@ def _heal_in_memory(model, tokenizer, source: str, heal_config, teacher_box: lis
 
     windows = heal_windows(tokenizer, heal_config)
     report = heal(model, teacher_box.pop() if teacher_box else load_teacher(source, heal_config), windows,
-                  heal_config)
+                  heal_config, resume_dir=resume_dir)
     warn_if_stopped(report)
     return report
 
@@ -574,7 +578,8 @@ def warn_if_stopped(report) -> None:
 
 
 def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult:
-    """Streamed / resumable compression into a staging directory, then the heal from it into `out`.
+    """A streamed compression into a staging directory, then the heal from it into `out` (healing needs the
+    whole model, which a streamed run never holds).
 
     With --resume-dir both stages checkpoint there (`compressed/`, `heal/`), so rerunning the command
     continues where a killed run stopped. The staged directory keeps float32 weights for training.
