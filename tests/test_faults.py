@@ -97,3 +97,22 @@ def test_disk_full_while_checkpointing_a_heal_keeps_the_previous_checkpoint(tmp_
     assert not list((tmp_path / "ck").glob(".*.tmp"))
     state, tensors = ckpt.load()
     assert state["step"] == 2 and torch.equal(tensors["w"], torch.ones(3))
+
+
+def test_a_non_finite_perplexity_is_a_warning_not_just_a_number(tmp_path, caplog):
+    """A model whose logits overflow (here: one weight set to inf) is flagged where its perplexity is printed."""
+    from svdzip.evaluate.perplexity import perplexity_on_corpora
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("inf")
+    corpus = write_tiny_corpus(tmp_path / "c.txt")
+    with caplog.at_level("WARNING"):
+        results = perplexity_on_corpora(model, tiny_tokenizer(), [str(corpus)], seq_len=32, max_tokens=256)
+    ppl = results[str(corpus)]["svdllm"].ppl
+    assert not torch.isfinite(torch.tensor(ppl))
+    assert "overflowed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        perplexity_on_corpora(tiny_model("llama"), tiny_tokenizer(), [str(corpus)], seq_len=32, max_tokens=256)
+    assert "overflowed" not in caplog.text

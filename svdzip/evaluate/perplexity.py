@@ -122,5 +122,9 @@ def perplexity_on_corpora(
             r = perplexity(model, tokens, seq_len, protocol, bos, device, desc=f"ppl {label} {name}".strip())
             log.info("%s perplexity on %s (%s, %d tokens in %d windows of %d): %.3f", label or "model", name,
                      protocol, r.tokens_evaluated, r.windows, r.seq_len, r.ppl)
+            if not math.isfinite(r.ppl):
+                log.warning("%s: perplexity on %s is %s: its logits overflowed — the weights may be damaged (a "
+                            "directory svdzip saved checks its own), or the dtype too narrow", label or "the model",
+                            name, r.ppl)
             results[name][protocol] = r
     return results
