@@ -239,20 +239,26 @@ class Cases:
 
     # ------------------------------------------------------------ disk full
 
-    def save_disk_full(self) -> Row:
-        w = self.dir("save_disk_full")
+    def _output_on_full_disk(self, case: str, what: str, args_for: Callable[[Path, Path], list[str]],
+                             expected: str) -> Row:
+        """A run whose output goes to a 160 MiB disk: one error, nothing left there, the space given back."""
+        w = self.dir(case)
         disk = w / "disk"
         with small_disk(disk, 160) as (how, fsize):
-            args = ["compress", "--model", DENSE_ALIAS, *FAST, "--out", str(disk / "out")]
-            row = Row("save_disk_full", f"disk full while saving the compressed model ({how}: 160 MiB for a "
-                      "432 MiB model)", shown(args), "one-line error, no output directory, no temporary sibling, "
-                      "the space given back")
+            args = args_for(w, disk)
+            row = Row(case, what.format(how=how), shown(args), expected)
             before = entries(disk)
             run = cli(args, w, 600, fsize)
             left = leftovers(disk, before)
             still = used_bytes(disk) if how == "tmpfs" else 0
         return judge_error(row, run, left, still < (1 << 20),
                            f"{still / 2**20:.1f} MiB still used on the full disk after the failure")
+
+    def save_disk_full(self) -> Row:
+        return self._output_on_full_disk(
+            "save_disk_full", "disk full while saving the compressed model ({how}: 160 MiB for a 432 MiB model)",
+            lambda w, disk: ["compress", "--model", DENSE_ALIAS, *FAST, "--out", str(disk / "out")],
+            "one-line error, no output directory, no temporary sibling, the space given back")
 
     def heal_disk_full(self) -> Row:
         """Checkpoints of the heal (factors + Adam moments, ~1 GiB) do not fit: the first checkpoint fails."""
@@ -272,19 +278,11 @@ class Cases:
 
     def heal_out_disk_full(self) -> Row:
         """The heal finishes (resume dir on the normal disk) but the healed model does not fit on the output disk."""
-        w = self.dir("heal_out_disk_full")
-        disk = w / "disk"
-        with small_disk(disk, 160) as (how, fsize):
-            args = ["heal", str(self.compressed), "--out", str(disk / "healed"), "--resume-dir", str(w / "resume"),
-                    *HEAL]
-            row = Row("heal_out_disk_full", f"disk full while saving the healed model ({how}: 160 MiB)",
-                      shown(args), "one-line error, no output directory, no temporary sibling")
-            before = entries(disk)
-            run = cli(args, w, 600, fsize)
-            left = leftovers(disk, before)
-            still = used_bytes(disk) if how == "tmpfs" else 0
-        return judge_error(row, run, left, still < (1 << 20),
-                           f"{still / 2**20:.1f} MiB still used on the full disk after the failure")
+        return self._output_on_full_disk(
+            "heal_out_disk_full", "disk full while saving the healed model ({how}: 160 MiB)",
+            lambda w, disk: ["heal", str(self.compressed), "--out", str(disk / "healed"), "--resume-dir",
+                             str(w / "resume"), *HEAL],
+            "one-line error, no output directory, no temporary sibling")
 
     # ------------------------------------------------------------ SIGKILL, resume
 

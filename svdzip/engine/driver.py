@@ -116,9 +116,7 @@ def calibration_tokens_for(tokenizer: Any, config: Recipe, needs: Needs, given: 
     """The calibration windows (and held-out ones) if any part needs text; a seeded, disjoint draw."""
     if not needs.data:
         return None, None
-    if given is not None:
-        if needs.heldout and given_heldout is None:
-            raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
+    if given is not None:  # (the runner checked that held-out windows come with them where a part needs them)
         return given, given_heldout
     from svdzip.data import calibration_tokens, load_corpus
 
@@ -178,6 +176,8 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     source = _source_of(request.model)
     if out is not None:
+        from svdzip.output.io import refuse_overlap
+
         refuse_overlap(out, source, "the source model")
     streamed = bool(request.stream)
     if given and (streamed or request.resume_dir is not None or ctx.enabled):
@@ -197,20 +197,12 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         from svdzip.output.quantize import require_backend
 
         require_backend(recipe.quantize, recipe.device)  # before any expensive step
+    heal = recipe.heal_config()
     if not streamed and not given:
-        refuse_if_too_large(source, recipe, needs, recipe.heal_config(), ctx.world_size)
-    if recipe.heal_config() is not None and mode.streamed:
+        refuse_if_too_large(source, recipe, needs, heal, ctx.world_size)
+    if heal is not None and mode.streamed:
         return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, needs, ctx)
-
-
-def refuse_overlap(out: Path, other: str | Path | None, what: str) -> None:
-    """Refuse an output that is, contains or sits inside `other` (a local directory): --overwrite would delete it."""
-    if not other or not Path(other).exists():
-        return
-    o, p = Path(out).resolve(), Path(other).resolve()
-    if o == p or o in p.parents or p in o.parents:
-        raise SvdzipError(f"--out {out} is, contains or lies inside {what} ({other}): write the output elsewhere")
 
 
 def _source_of(model: str | nn.Module) -> str:

@@ -102,12 +102,28 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest:
     return out
 
 
-def raise_write_error(exc: BaseException, out: Path) -> None:
-    """A failed write (disk full, read-only, quota) as one clear error; anything else is re-raised by the caller."""
+def refuse_overlap(out: str | os.PathLike, other: str | os.PathLike | None, what: str) -> None:
+    """Refuse an output that is, contains or lies inside `other` (a local directory): --overwrite would delete it."""
+    if not other or not Path(other).exists():
+        return
+    o, p = Path(out).resolve(), Path(other).resolve()
+    if o == p or o in p.parents or p in o.parents:
+        raise SvdzipError(f"--out {out} is, contains or lies inside {what} ({other}): write the output elsewhere")
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed (disk full, read-only, quota) in a few words; None for an error that is not a write's."""
     from safetensors import SafetensorError
 
-    if isinstance(exc, OSError | SafetensorError):
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    if not isinstance(exc, OSError | SafetensorError):
+        return None
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+
+
+def raise_write_error(exc: BaseException, out: Path) -> None:
+    """A failed write as one clear error; anything else is re-raised by the caller."""
+    reason = write_failure(exc)
+    if reason is not None:
         free = shutil.disk_usage(out.parent).free if out.parent.exists() else None
         raise SvdzipError(f"cannot write {out}: {reason}; nothing was written"
                           + (f" ({free / 2**20:.0f} MiB free there)" if free is not None else "")) from exc

@@ -59,11 +59,8 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
     if out.exists() and not overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     source = teacher_source(manifest_dict, teacher)
-    for other, what in ((src, "the directory being healed"), (source, "the teacher model")):
-        o, p = out.resolve(), Path(other).resolve()
-        if Path(other).exists() and (o == p or o in p.parents or p in o.parents):
-            raise SvdzipError(f"--out {out} is, contains or lies inside {what} ({other}): write the healed model "
-                              "elsewhere")
+    io.refuse_overlap(out, src, "the directory being healed")
+    io.refuse_overlap(out, source, "the teacher model")
     student, tokenizer = io.load(src, device=config.device)
     if tokenizer is None:
         raise SvdzipError(f"{src} has no tokenizer: healing needs one to cut calibration windows")

@@ -126,10 +126,11 @@ class Checkpoint:
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.path / f".{name}.tmp")
         except (OSError, SafetensorError) as exc:
+            from svdzip.output.io import write_failure
+
             (self.path / f".{name}.tmp").unlink(missing_ok=True)
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-            raise SvdzipError(f"cannot write the heal checkpoint in {self.path}: {reason} (the previous checkpoint, "
-                              "if any, is intact: rerun the same command once there is space)") from exc
+            raise SvdzipError(f"cannot write the heal checkpoint in {self.path}: {write_failure(exc)} (the previous "
+                              "checkpoint, if any, is intact: rerun the same command once there is space)") from exc
         os.replace(self.path / f".{name}.tmp", self.path / name)
         tmp = self.path / ".state.json.tmp"
         tmp.write_text(json.dumps({**state, "tensors": name, "fingerprint": self.fingerprint,
