@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 
 from svdzip.errors import SvdzipError
 
-#: calibration statistics a part can ask for (per shared input; "fisher" is per linear)
-STAT_KINDS = ("grams", "abs_mean", "abs_max", "fisher")
+#: calibration statistics a part can ask for (per shared input; "fisher" and "local" are per linear; "local" is
+#: computed layer by layer with the rest, "fisher" needs a backward pass through the whole model)
+STAT_KINDS = ("grams", "abs_mean", "abs_max", "fisher", "local")
 
 
 @dataclass(frozen=True)

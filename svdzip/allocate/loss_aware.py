@@ -10,6 +10,10 @@ a global greedy over each unit's concave hull of (parameters, loss removed), ran
   the empirical-Fisher (diagonal, output-side) estimate of the calibration loss's curvature, so
   w_u·tail_u ≈ 2·ΔL. One forward+backward over `fisher_samples` calibration windows, kept in the
   caller's `AllocationCache` (`ctx.cache`) across calls (ratios) for the same model, units and tokens.
+* `local`: w_u = the layer-local gain (`passes.local_gain`): how much of the unit's output error reaches
+  its decoder layer's output, relative to each token's residual stream. Measured during calibration, one layer
+  at a time, so it runs streamed, resumed and under torchrun, where `fisher` cannot; on SmolLM2-135M its
+  log correlates with `fisher`'s at 0.98 across all 210 linears.
 * `whitened`: w_u = 1, the raw output error (layers with large activations dominate).
 * `relative`: w_u = 1/energy_u, the relative whitened loss (the reference run of the issue).
 * `erank`: w_u = R_eff/energy: D-Rank's information density as the weight (for comparison).
@@ -43,7 +47,7 @@ from svdzip.needs import NOTHING, Needs
 
 log = logging.getLogger(__name__)
 
-SIGNALS = ("fisher", "whitened", "relative", "erank")
+SIGNALS = ("fisher", "local", "whitened", "relative", "erank")
 
 
 def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Tensor,
@@ -111,6 +115,12 @@ def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> 
         return [1.0 / max(u.spectrum.energy, 1e-300) for u in units]
     if signal == "erank":
         return [effective_rank(u.spectrum.sigma2) / max(u.spectrum.energy, 1e-300) for u in units]
+    if signal == "local":
+        missing = [u.name for u in units if "local_gain" not in u.extras]
+        if missing:
+            raise SvdzipError(f"the local signal needs the layer-local gains of the calibration (statistics kind "
+                              f"'local'); {missing[0]} has none: compute the spectra with them")
+        return [float(u.extras["local_gain"]) for u in units]
     if signal != "fisher":
         raise SvdzipError(f"unknown loss-aware signal '{signal}'; choose from {', '.join(SIGNALS)}")
     if ctx.model is None or ctx.calib_tokens is None:
@@ -138,6 +148,9 @@ class LossAware(Allocator):
     def needs(self, options: Mapping[str, Any] | None = None) -> Needs:
         o = self.parse_options(options or {})
         needs = NOTHING
+        if o["signal"] == "local":
+            needs = needs | Needs(statistics=frozenset({"local"}),
+                                  why=("loss-aware's local signal measures each layer's gain during calibration",))
         if o["signal"] == "fisher":
             needs = needs | Needs(calib_tokens=True, gradients=True, whole_model=True,
                                   why=("loss-aware's fisher signal back-propagates the LM loss through the whole "

@@ -6,7 +6,8 @@ Per shared input (linears reading the very same tensor share one entry):
   the compute device, the running sum in float64;
 * Σ_batches mean_tokens |x| and max |x| per channel (ASVD's scaling);
 
-and FWSVD's Fisher information per linear. Only the kinds the run's parts declare (`Needs.statistics`)
+and, per linear, FWSVD's Fisher information and the layer-local gain (`local`: how much of the linear's output
+error reaches its decoder layer's output, relative to each token's residual stream; `passes.local_gain`). Only the kinds the run's parts declare (`Needs.statistics`)
 are computed. The statistics are an artefact of their own: saved with a checksum, keyed by what they
 depend on (a hash of the weights, of the calibration tokens and the batch size) and reused across
 methods and ratios; a run that needs a kind the file lacks computes just that kind and adds it.
@@ -39,6 +40,10 @@ INPUT_KINDS = ("grams", "abs_mean", "abs_max", "abs_batches")
 #: batches that reached each input, kept with the |x| statistics: an MoE expert sees only the batches that
 #: routed tokens to it, so its mean |x| is averaged over those, not over all batches
 AUXILIARY = {"abs_mean": "abs_batches", "abs_max": "abs_batches"}
+#: per-linear kinds the layer walk computes and a run directory keeps per layer (`passes.local_gain`)
+LAYER_KINDS = ("local",)
+#: what a layer's statistics file and the statistics cache hold, in that order
+STORED_KINDS = (*INPUT_KINDS, *LAYER_KINDS)
 
 
 @dataclass
@@ -50,6 +55,8 @@ class CalibrationStats:
     abs_max: dict[str, torch.Tensor] = field(default_factory=dict)
     abs_batches: dict[str, torch.Tensor] = field(default_factory=dict)  # batches counted in abs_mean, per input
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # per linear name (FWSVD)
+    # per linear name: [Σ g², count] (`passes.local_gain`); sums, so that ranks add them up
+    local: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     batches: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
@@ -68,10 +75,10 @@ class CalibrationStats:
     @property
     def kinds(self) -> set[str]:
         """The kinds of statistics present."""
-        return {kind for kind in (*INPUT_KINDS, "fisher") if getattr(self, kind)}
+        return {kind for kind in (*STORED_KINDS, "fisher") if getattr(self, kind)}
 
     def to_cpu(self) -> CalibrationStats:
-        for kind in (*INPUT_KINDS, "fisher"):
+        for kind in (*STORED_KINDS, "fisher"):
             table = getattr(self, kind)
             for key in table:
                 table[key] = table[key].cpu()
@@ -87,7 +94,7 @@ class CalibrationStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for kind in (*INPUT_KINDS, "fisher"):
+        for kind in (*STORED_KINDS, "fisher"):
             for key, value in getattr(self, kind).items():
                 tensors[f"{kind}/{key}"] = value.contiguous()
         tmp = path.with_name(path.name + ".tmp")
@@ -215,7 +222,7 @@ class Accumulator:
 
 
 def flatten(stats: CalibrationStats) -> dict[str, torch.Tensor]:
-    return {f"{kind}/{k}": v for kind in INPUT_KINDS for k, v in getattr(stats, kind).items()}
+    return {f"{kind}/{k}": v for kind in STORED_KINDS for k, v in getattr(stats, kind).items()}
 
 
 def unflatten(tensors: dict[str, torch.Tensor], into: CalibrationStats) -> None:
@@ -225,35 +232,39 @@ def unflatten(tensors: dict[str, torch.Tensor], into: CalibrationStats) -> None:
 
 
 class _LazyTable(Mapping):
-    def __init__(self, owner: LayeredStats, kind: str):
-        self.owner, self.kind = owner, kind
+    def __init__(self, owner: LayeredStats, kind: str, key_layer: dict[str, int]):
+        self.owner, self.kind, self.key_layer = owner, kind, key_layer
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.owner.key_layer:
+        if key not in self.key_layer:
             raise KeyError(key)
-        return getattr(self.owner.layer(self.owner.key_layer[key]), self.kind)[key]
+        return getattr(self.owner.layer(self.key_layer[key]), self.kind)[key]
 
     def _present(self) -> bool:
         return self.kind in self.owner.kinds
 
     def __contains__(self, key: object) -> bool:
-        return self._present() and key in self.owner.key_layer
+        return self._present() and key in self.key_layer
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.owner.key_layer if self._present() else ())
+        return iter(self.key_layer if self._present() else ())
 
     def __len__(self) -> int:
-        return len(self.owner.key_layer) if self._present() else 0
+        return len(self.key_layer) if self._present() else 0
 
 
 class LayeredStats:
-    """`CalibrationStats` read layer by layer from the run directory (one layer cached at a time)."""
+    """`CalibrationStats` read layer by layer from the run directory (one layer cached at a time).
+
+    `key_layer` maps every input key to its layer, `name_layer` every linear's name (the per-linear kinds)."""
 
     def __init__(self, state: RunState, key_layer: dict[str, int], tokens: int, batches: int,
-                 meta: dict[str, Any], kinds: Iterable[str] = INPUT_KINDS):
+                 meta: dict[str, Any], kinds: Iterable[str] = INPUT_KINDS, name_layer: dict[str, int] | None = None):
         self.state, self.key_layer = state, key_layer
         self.tokens, self.batches, self.meta = tokens, batches, meta
-        self.grams, self.abs_mean, self.abs_max, self.abs_batches = (_LazyTable(self, k) for k in INPUT_KINDS)
+        self.grams, self.abs_mean, self.abs_max, self.abs_batches = (
+            _LazyTable(self, k, key_layer) for k in INPUT_KINDS)
+        self.local = _LazyTable(self, "local", name_layer or {})
         self.fisher: dict[str, torch.Tensor] = {}
         self.kinds = set(kinds)
         self._cached: tuple[int, CalibrationStats] | None = None

@@ -278,6 +278,10 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
             groups = group_linears(adapter, recipe.share_roles, recipe.group_size)
             units = decompose_units(adapter, stats, recipe, groups, weights=weights, on_disk=mode.streamed,
                                     state=state, ctx=ctx, device=recipe.device)
+            if "local" in needs.statistics:
+                from svdzip.passes.local_gain import attach_gains
+
+                attach_gains(units, stats)
             timings["decompose_s"] = time.perf_counter() - t0
         ctx.barrier()
         if not ctx.is_main:

@@ -24,6 +24,7 @@ from svdzip.core.resume import RunState, fault, write_checked
 from svdzip.core.statistics import (
     AUXILIARY,
     INPUT_KINDS,
+    LAYER_KINDS,
     Accumulator,
     CalibrationStats,
     LayeredStats,
@@ -32,29 +33,40 @@ from svdzip.core.statistics import (
 )
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
+from svdzip.passes.local_gain import probe_batches, probe_layer
 
 log = logging.getLogger(__name__)
 
 
 def _reduce(stats: CalibrationStats, ctx: DistContext) -> None:
-    for kind in INPUT_KINDS:
+    for kind in (*INPUT_KINDS, *LAYER_KINDS):
         table = getattr(stats, kind)
         for key in sorted(table):
             table[key] = ctx.all_reduce(table[key], "max" if kind == "abs_max" else "sum")
 
 
-def _resume_point(state: RunState | None, ctx: DistContext, n_layers: int
+def _resume_point(state: RunState | None, ctx: DistContext, n_layers: int, kinds: Iterable[str] = ()
                   ) -> tuple[int, list[torch.Tensor] | None]:
-    """First layer still to calibrate (agreed by all ranks) and this rank's saved activations."""
+    """First layer still to calibrate (agreed by all ranks) and this rank's saved activations.
+
+    A finished layer whose file lacks a kind this run wants (an earlier run asked for fewer) restarts the
+    calibration from layer 0: every kind comes from the same pass."""
     if state is None:
         return 0, None
     got = state.load_hidden(ctx.rank)
     last = -1
     if got is not None:
         last = got[0]
-        for i in range(last + 1):  # every finished layer's statistics must still be intact
-            if state.read(state.layer_stats_path(i)) is None:
+        for i in range(last + 1):  # every finished layer's statistics must still be intact, with every kind
+            got_layer = state.read(state.layer_stats_path(i))
+            if got_layer is None:
                 log.warning("statistics of layer %d lost; calibration restarts from layer 0", i)
+                last = -1
+                break
+            present = {name.partition("/")[0] for name in got_layer[0]}
+            if not set(kinds) <= present:
+                log.warning("the saved statistics lack %s, which this run needs; calibration restarts from layer 0",
+                            ", ".join(sorted(set(kinds) - present)))
                 last = -1
                 break
     agreed = ctx.min_int(last)
@@ -75,10 +87,12 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
               on_disk: bool = False) -> CalibrationStats | LayeredStats:
     """Statistics of this rank's slice of `tokens`, reduced over ranks, checkpointed in `state` if given.
 
-    `kinds` ⊆ ("grams", "abs_mean", "abs_max"): only those are computed. With `on_disk` (streaming) each
-    layer's statistics stay in the run directory and a lazily reading `LayeredStats` is returned.
+    `kinds` ⊆ ("grams", "abs_mean", "abs_max", "local"): only those are computed ("local": the layer-local
+    gain of every linear, `passes.local_gain`). With `on_disk` (streaming) each layer's statistics stay in
+    the run directory and a lazily reading `LayeredStats` is returned.
     """
     wanted = set(kinds) | {AUXILIARY[k] for k in kinds if k in AUXILIARY}
+    probing = "local" in wanted
     kinds = tuple(k for k in INPUT_KINDS if k in wanted)
     if tokens is None or tokens.ndim != 2 or tokens.shape[0] == 0:
         raise SvdzipError("calibration needs a non-empty [samples, seq_len] token tensor")
@@ -87,11 +101,12 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     ctx = ctx or DistContext()
     weights = weights or ResidentWeights(model, adapter)
     device = torch.device(device)
-    mine = tokens[data_slice(tokens.shape[0], ctx)]
+    share = data_slice(tokens.shape[0], ctx)
+    mine = tokens[share]
     if mine.shape[0] == 0:
         raise SvdzipError(f"{tokens.shape[0]} calibration sequences cannot be split over {ctx.world_size} ranks")
     n_layers = adapter.num_layers
-    start, hidden = _resume_point(state, ctx, n_layers)
+    start, hidden = _resume_point(state, ctx, n_layers, (*kinds, *(("local",) if probing else ())))
     inputs = capture_layer_inputs(model, adapter, mine, batch_size, device, weights=weights)
     if hidden is None:
         hidden = inputs.hidden
@@ -104,6 +119,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
             if got is None:
                 raise SvdzipError(f"statistics of layer {i} vanished during the run")
             unflatten(got[0], full)
+    probed = probe_batches(batch_size, share.start, len(inputs.hidden)) if probing else []
     desc = "calibrating layers" + (f" (rank {ctx.rank})" if ctx.enabled else "")
     for index in tqdm(range(start, n_layers), desc=desc, unit="layer", initial=start, total=n_layers):
         layer_stats = CalibrationStats()
@@ -112,8 +128,14 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
             if info.input_key not in seen:
                 seen.add(info.input_key)
                 hooks[adapter.module(info.name)] = Accumulator(layer_stats, info.input_key, kinds)
-        with weights.layer(index, device) as layer, forward_pre_hooks(hooks):
-            hidden = run_layer(layer, hidden, inputs.kwargs[index], device)
+        with weights.layer(index, device) as layer:
+            if probed:  # on the layer's inputs, before they are replaced by its outputs
+                modules = {info.name: adapter.module(info.name) for info in adapter.layer_linears(index)}
+                layer_stats.local = probe_layer(layer, modules, hidden, inputs.kwargs[index], probed,
+                                                [share.start + b * batch_size for b in range(len(hidden))],
+                                                index, device)
+            with forward_pre_hooks(hooks):
+                hidden = run_layer(layer, hidden, inputs.kwargs[index], device)
         layer_stats.to_cpu()
         _reduce(layer_stats, ctx)
         if state is not None:
@@ -129,7 +151,9 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
         full.check_finite()
         return full
     key_layer = {info.input_key: info.layer for info in adapter.linears()}
-    return LayeredStats(state, key_layer, total_tokens, total_batches, dict(meta or {}), kinds)
+    name_layer = {info.name: info.layer for info in adapter.linears()}
+    return LayeredStats(state, key_layer, total_tokens, total_batches, dict(meta or {}),
+                        (*kinds, *(("local",) if probing else ())), name_layer)
 
 
 def collect_statistics(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
