@@ -70,15 +70,19 @@ def _add_task_speed_args(p: argparse.ArgumentParser, default_tasks: str = "") ->
 
 def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any, with_none: bool) -> None:
     """Recovery options shared by `compress --heal` and `svdzip heal` (defaults: HealConfig's, quoted in the help)."""
-    from svdzip.recover.config import HEAL_METHODS, ORDERS
+    from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, ORDERS
     from svdzip.recover.config import HealConfig as H
 
     g = p.add_argument_group("recovery (train the factors after truncation, on calibration text only)")
+    # a layer-local heal runs inside compression's layer walk (it needs each dense layer): not on a saved directory
+    methods = HEAL_METHODS if with_none else [m for m in HEAL_METHODS if m not in LAYER_LOCAL]
     g.add_argument("--heal", "--finetune", dest=heal_dest, default=heal_default,
-                   choices=[*(("auto", "none") if with_none else ()), *HEAL_METHODS],
+                   choices=[*(("auto", "none") if with_none else ()), *methods],
                    help="distill: train the factors to match the dense model's next-token distribution; seq-lora: "
                         "SVD-LLM's sequential LoRA (peft) on the left, then the right factors"
-                        + ("; auto (default): distill in memory, none for --stream, --resume-dir and torchrun runs"
+                        + ("; layerwise: each layer's factors against its dense output on the calibration windows, "
+                           "one layer at a time (runs with --stream and torchrun; --heal-steps are per layer); "
+                           "auto (default): distill in memory, none for --stream, --resume-dir and torchrun runs"
                            if with_none else " (default: distill)"))
 
     def option(flag: str, name: str, help: str, **kw: Any) -> None:

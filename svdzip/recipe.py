@@ -21,7 +21,7 @@ from typing import Any
 
 from svdzip.budget import check_ratio
 from svdzip.errors import SvdzipError
-from svdzip.recover.config import HEAL_METHODS, METHOD_DEFAULTS, HealConfig
+from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, METHOD_DEFAULTS, HealConfig
 
 SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
 AUTO = "auto"
@@ -143,6 +143,12 @@ class Recipe:
             raise SvdzipError(f"unknown recovery '{self.heal}'; choose from auto, none, {', '.join(HEAL_METHODS)}")
         if not isinstance(self.healing, HealConfig):
             raise SvdzipError(f"healing must be a HealConfig, got {type(self.healing).__name__}")
+        if self.heal in LAYER_LOCAL and self.group_size > 1:
+            raise SvdzipError("layer-wise healing trains each layer's own factors: a basis shared across layers "
+                              "(--group-size > 1) is not supported with it")
+        if self.heal in LAYER_LOCAL and self.update:
+            raise SvdzipError("layer-wise healing refits every layer's factors to its dense output itself; drop "
+                              f"--update {self.update} (it would be overwritten)")
         if self.group_size < 1:
             raise SvdzipError(f"group size must be ≥ 1, got {self.group_size}")
         bad = [r for r in self.share_roles if r not in SHAREABLE_ROLES]

@@ -81,7 +81,10 @@ def part_needs(config: Recipe) -> dict[str, Needs]:
     if config.memory_budget or config.quantize:
         parts["memory budgets and --quantize"] = Needs(whole_model=True).because(
             "bytes are planned and quantized on the model in memory")
-    if heal is not None:
+    if heal is not None and heal.layer_local:  # inside the layer walk: streamed, resumed, on rank 0 of torchrun
+        parts[f"--heal {heal.method}"] = Needs(calib_tokens=True).because(
+            "layer-wise healing trains each layer on the calibration windows")
+    elif heal is not None:
         parts[f"--heal {heal.method}"] = Needs(calib_tokens=True, distributable=False).because(
             "healing trains on one process; under torchrun compress first, then run `svdzip heal OUT`")
     return parts
@@ -200,7 +203,7 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     heal = recipe.heal_config()
     if not streamed and not given:
         refuse_if_too_large(source, recipe, needs, heal, ctx.world_size)
-    if heal is not None and mode.streamed:
+    if heal is not None and not heal.layer_local and mode.streamed:
         return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, needs, ctx)
 
@@ -229,7 +232,7 @@ def _refuse_missing_inputs(request: CompressRequest, needs: Needs, mode: Mode, g
     if needs.data and request.tokens is None and request.tokenizer is None:
         raise SvdzipError("this recipe needs calibration text: pass calib_tokens, or the model's tokenizer")
     heal = recipe.heal_config()
-    if heal is not None and request.tokenizer is None:
+    if heal is not None and not heal.layer_local and request.tokenizer is None:
         raise SvdzipError(f"recovery ({heal.method}) draws its training windows with the model's tokenizer: pass "
                           "tokenizer=..., or heal='none' in the recipe")
     if request.out is not None and request.tokenizer is None:
@@ -293,7 +296,8 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
         staging = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.alloc-", dir=_parent(out)))
         try:
             if mode.streamed:
-                result = _write_streamed(request, weights, analysis.take_units(), tokenizer, state, staging, timings)
+                result = _write_streamed(request, weights, analysis.take_units(), tokenizer, state, staging, timings,
+                                         tokens)
             else:
                 result = _finish_in_memory(request, model, tokenizer, source, analysis, tokens, heldout, staging,
                                            timings, ctx.world_size, teacher_box)
@@ -354,7 +358,8 @@ def refuse_if_too_large(source: str, config: Recipe, needs: Needs, heal: Any, wo
     grams = footprint.gram_bytes_of(model_config) if "grams" in needs.statistics else 0
     estimate = footprint.estimate(
         4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
-        fisher_tokens=footprint.fisher_tokens(config), heal=heal, grams_freed_after_calibration=True,
+        fisher_tokens=footprint.fisher_tokens(config), heal=None if heal is None or heal.layer_local else heal,
+        grams_freed_after_calibration=True,
         kept=1.0 if config.memory_budget else 1.0 - config.ratio,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
     available = memory_limit_bytes()
@@ -445,19 +450,30 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
                       staging: Path, timings: dict[str, float], world_size: int, teacher_box: list[nn.Module]
                       ) -> RunResult:
     """Allocate, materialise (+ update), recover, store and save — artefacts in place before the output appears."""
+    from svdzip.core.layerwise import ResidentWeights
     from svdzip.engine.pipeline import factorise, store
+    from svdzip.models.adapter import ModelAdapter
     from svdzip.output import io
     from svdzip.output.loading import parse_dtype
 
     recipe = request.recipe
     heal_config = recipe.heal_config()
+    layerwise = heal_config is not None and heal_config.layer_local
+    healers = []
+
+    def healer(ranks):  # created once the ranks are known (they are part of its checkpoints' key)
+        healers.append(layerwise_healer(ResidentWeights(model, ModelAdapter(model)), tokens, recipe, ranks,
+                                        request.resume_dir))
+        return healers[-1]
+
     result = factorise(model, recipe, analysis.take_units(), calib_tokens=tokens, heldout_tokens=heldout,
-                       out_dir=staging, allocation_cache=request.allocation_cache, timings=timings)
+                       out_dir=staging, allocation_cache=request.allocation_cache, timings=timings,
+                       healer=healer if layerwise else None)
     if heal_config is not None:
         result.units = None  # the bases are in the factors now; the heal needs the memory
     result.summary["calibration_tokens"] = analysis.calibration_tokens
-    heal_report = None
-    if heal_config is not None:
+    heal_report = healers[0].report() if healers else None
+    if heal_config is not None and not layerwise:
         # with --resume-dir the heal checkpoints beside the run's statistics and spectra: a rerun of the same
         # command restores those, rebuilds the same factors and continues the heal from its last checkpoint
         heal_report = _heal_in_memory(model, tokenizer, source, heal_config, teacher_box,
@@ -499,8 +515,23 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
                      compression=result)
 
 
+def layerwise_healer(weights, tokens: torch.Tensor, recipe: Recipe, ranks: list[int | None],
+                     resume_dir: Path | None):
+    """The layer-wise heal of this run on its calibration windows (in batches of the calibration's size),
+    checkpointed in RUN/layerwise with --resume-dir."""
+    from svdzip.core.layerwise import capture_layer_inputs
+    from svdzip.recover.layerwise import LayerwiseHealer, heal_key
+
+    config = recipe.heal_config()
+    inputs = capture_layer_inputs(weights.model, weights.adapter, tokens, recipe.calib_batch_size, config.device,
+                                  weights=weights)
+    return LayerwiseHealer(inputs, config, config.device,
+                           state_dir=Path(resume_dir) / "layerwise" if resume_dir is not None else None,
+                           key=heal_key(list(ranks), config, tokens))
+
+
 def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: RunState, staging: Path,
-                    timings: dict[str, float]) -> RunResult:
+                    timings: dict[str, float], tokens: torch.Tensor | None = None) -> RunResult:
     from svdzip.engine.pipeline import allocate_units, unit_effective_ranks
     from svdzip.engine.writer import write_streamed
     from svdzip.output import io
@@ -525,9 +556,12 @@ def _write_streamed(request: CompressRequest, weights, units, tokenizer, state: 
         if request.plots:
             _plots(tmp, [r.to_dict() for r in rows], effective, str(weights.reader.dir), recipe)
 
+    heal_config = recipe.heal_config()
+    healer = (layerwise_healer(weights, tokens, recipe, ranks, request.resume_dir)
+              if heal_config is not None and heal_config.layer_local else None)
     t0 = time.perf_counter()
     rows = write_streamed(weights, units, ranks, state, tokenizer, Path(request.out), recipe,
-                          parse_dtype(recipe.storage_dtype),
+                          parse_dtype(recipe.storage_dtype), healer=healer,
                           summary_extra={"ratio_achieved": 1.0 - kept / dense, "decoder_linear_params_after": kept,
                                          "effective_ranks": effective, "timings": timings},
                           artefacts=artefacts)

@@ -62,11 +62,13 @@ def factorise(
     heldout_tokens: torch.Tensor | None = None,
     allocation_cache: AllocationCache | None = None,
     timings: dict[str, float] | None = None,
+    healer: Any = None,
 ) -> CompressionResult:
     """Allocate ranks to the spectra, materialise them in `model` (in place), then the update; the runner's stage.
 
     The runner (`engine.driver`) computed the statistics and spectra in its mode and checked every part's
-    needs before the model was touched.
+    needs before the model was touched. `healer(ranks)`, if given, makes the layer-wise heal that the
+    materialisation walks through, one layer at a time (`recover.layerwise`).
     """
     adapter = ModelAdapter(model)
     timings = dict(timings or {})
@@ -87,8 +89,12 @@ def factorise(
     # the update's target is the ORIGINAL weight's output: keep the dense modules (no copy) until then
     originals = {m.name: adapter.module(m.name) for u in units for m in u.members} if config.update else None
     t0 = time.perf_counter()
-    rows = materialise(adapter, units, ranks)
-    timings["materialise_s"] = time.perf_counter() - t0
+    if healer is None:
+        rows = materialise(adapter, units, ranks)
+        timings["materialise_s"] = time.perf_counter() - t0
+    else:
+        rows = materialise_layers(adapter, units, ranks, healer(ranks), config.device)
+        timings["materialise_heal_s"] = time.perf_counter() - t0
 
     if config.update:
         from svdzip.passes.update import apply_update
@@ -130,6 +136,39 @@ def factorise(
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
                              units=units, allocation_report=allocation.report)
+
+
+def units_by_layer(units: list[Unit]) -> dict[int, list[int]]:
+    """The indices of the units of each decoder layer (a unit belongs to its first member's layer)."""
+    by_layer: dict[int, list[int]] = {}
+    for u, unit in enumerate(units):
+        by_layer.setdefault(unit.members[0].layer, []).append(u)
+    return by_layer
+
+
+def materialise_layer(adapter: ModelAdapter, index: int, layer: nn.Module, units: list[Unit],
+                      ranks: list[int | None], mine: list[int], healer: Any = None) -> list[ModuleReport]:
+    """Materialise the units `mine` of decoder layer `index` (through the layer-wise heal, if any)."""
+    def build() -> list[ModuleReport]:
+        return materialise(adapter, [units[u] for u in mine], [ranks[u] for u in mine])
+
+    return build() if healer is None else healer.layer(index, layer, build)
+
+
+def materialise_layers(adapter: ModelAdapter, units: list[Unit], ranks: list[int | None], healer: Any,
+                       device: str | torch.device) -> list[ModuleReport]:
+    """The in-memory model materialised layer by layer, each layer healed before the next (`recover.layerwise`)."""
+    from svdzip.core.layerwise import layer_on
+
+    if any(len({m.layer for m in u.members}) > 1 for u in units):
+        raise SvdzipError("layer-wise healing trains each layer's own factors: a basis shared across layers "
+                          "(--group-size > 1) is not supported")
+    by_layer = units_by_layer(units)
+    rows: list[ModuleReport] = []
+    for index in range(adapter.num_layers):
+        with layer_on(adapter.layers[index], device) as layer:
+            rows += materialise_layer(adapter, index, layer, units, ranks, by_layer.get(index, []), healer)
+    return rows
 
 
 def allocate_units(units: list[Unit], config: Recipe, adapter: ModelAdapter, *, model: nn.Module | None,

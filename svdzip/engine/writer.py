@@ -30,13 +30,14 @@ from svdzip.recipe import Recipe
 @torch.no_grad()
 def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int | None], state: RunState,
                    tokenizer: Any, out: Path, config: Recipe, save_dtype: torch.dtype | None,
-                   summary_extra: dict[str, Any], artefacts: Callable[[Path, list[Any]], None] | None = None
-                   ) -> list[Any]:
+                   summary_extra: dict[str, Any], artefacts: Callable[[Path, list[Any]], None] | None = None,
+                   healer: Any = None) -> list[Any]:
     """Materialise and save one decoder layer at a time (one shard each), then the rest; atomically.
 
-    `artefacts(tmp, rows)` writes plots and reports into the directory before it becomes `out`.
+    `artefacts(tmp, rows)` writes plots and reports into the directory before it becomes `out`. With a
+    `healer` (`recover.layerwise`) each layer is healed on the run's device before it is written.
     """
-    from svdzip.methods.materialise import materialise
+    from svdzip.engine.pipeline import materialise_layer, units_by_layer
     from svdzip.output import io
 
     model, adapter, reader = weights.model, weights.adapter, weights.reader
@@ -49,12 +50,11 @@ def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int 
         weight_map: dict[str, str] = {}
         rows = []
         bias: dict[str, bool] = {}
-        by_layer: dict[int, list[int]] = {}
-        for u, unit in enumerate(units):
-            by_layer.setdefault(unit.members[0].layer, []).append(u)
-        for index in tqdm(range(n), desc="writing layers", unit="layer"):
+        by_layer = units_by_layer(units)
+        device = healer.device if healer is not None else "cpu"
+        for index in tqdm(range(n), desc="healing and writing layers" if healer else "writing layers", unit="layer"):
             prefix = weights.prefix(index)
-            with weights.layer(index, "cpu") as layer:  # read for its turn, released after
+            with weights.layer(index, device) as layer:  # read for its turn, released after
                 mine = by_layer.get(index, [])
                 for u in mine:
                     if ranks[u] is not None:
@@ -63,7 +63,7 @@ def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int 
                             raise SvdzipError(f"spectrum of {units[u].name} is missing or corrupted in "
                                               f"{state.root}; rerun the same command to recompute it")
                         units[u].spectrum = Spectrum(restored[0], restored[1])
-                rows += materialise(adapter, [units[u] for u in mine], [ranks[u] for u in mine])
+                rows += materialise_layer(adapter, index, layer, units, ranks, mine, healer)
                 for u in mine:
                     spec = units[u].spectrum
                     units[u].spectrum = Spectrum(spec.sigma2, placeholder(tuple(spec.basis.shape)))
@@ -71,7 +71,7 @@ def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int 
                         mod = adapter.module(m.name)
                         if hasattr(mod, "left"):
                             bias[m.name] = mod.left.bias is not None
-                tensors = {prefix + k: v.to(save_dtype) if v.is_floating_point() and save_dtype else v
+                tensors = {prefix + k: (v.to(save_dtype) if v.is_floating_point() and save_dtype else v).cpu()
                            for k, v in layer.state_dict().items()}
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard_names[index]),
                           metadata={"format": "pt"})
@@ -101,6 +101,10 @@ def write_streamed(weights: StreamedWeights, units: list[Unit], ranks: list[int 
                    "dense_modules": sum(1 for r in rows if r.rank is None), **summary_extra}
         manifest = io.build_manifest(rows, summary, config.to_dict())
         manifest.details["provenance"]["streamed"] = True
+        if healer is not None:
+            from svdzip.recover.directory import record_recovery
+
+            record_recovery(manifest, healer.report())
         manifest.details["source_model"] = str(reader.dir)
         for name, entry in manifest.modules.items():
             entry["bias"] = bias.get(name, False)

@@ -7,8 +7,8 @@ from typing import Any
 
 from svdzip.errors import SvdzipError
 
-HEAL_METHODS = ("distill", "seq-lora")
-OBJECTIVES = ("kl", "ce")
+HEAL_METHODS = ("distill", "seq-lora", "layerwise")
+OBJECTIVES = ("kl", "ce", "mse")
 ORDERS = ("u-first", "v-first")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # distillation trains every factor directly: a larger step than LoRA's, measured best over 1e-4..1e-3 on
@@ -16,7 +16,12 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "distill": {"lr": 3e-4, "objective": "kl"},
     # SVD-LLM §3.3 / LLM-Pruner's recipe: LoRA r=8, α=16, dropout 0.05, lr 1e-4, next-token cross-entropy
     "seq-lora": {"lr": 1e-4, "objective": "ce"},
+    # each layer's factors against its dense output on the calibration windows (`recover.layerwise`): the
+    # per-token relative error of the layer's output; `steps` are per layer
+    "layerwise": {"lr": 1e-4, "objective": "mse"},
 }
+#: recoveries that need only one decoder layer at a time: they run streamed and under torchrun
+LAYER_LOCAL = ("layerwise",)
 
 
 @dataclass
@@ -80,6 +85,9 @@ class HealConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SvdzipError(f"heal {name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if (self.objective == "mse") != (self.method in LAYER_LOCAL):
+            raise SvdzipError("the mse objective is layer-wise healing's (each layer against its dense output), and "
+                              f"layer-wise healing has no other; --heal {self.method} cannot use '{self.objective}'")
         if self.method == "seq-lora" and self.steps < 2:
             raise SvdzipError("sequential LoRA needs at least 2 steps (one per phase)")
         if self.seq_len < 2:
@@ -100,6 +108,11 @@ class HealConfig:
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise SvdzipError("heal weight decay must be ≥ 0 and max grad norm > 0")
         return self
+
+    @property
+    def layer_local(self) -> bool:
+        """Needs only one decoder layer at a time (runs inside the layer walk, streamed or in memory)."""
+        return self.method in LAYER_LOCAL
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
