@@ -4,8 +4,6 @@ layer-wise healing (`--heal layerwise`, `recover.layerwise`).
 The gain is checked against brute force (perturb one linear's output, measure its layer's per-token relative
 output change) and through the allocation it drives; the heal one layer at a time, then through the driver:
 streamed = in memory, resumed after a fault or a kill, 2 gloo processes = 1, and what it refuses.
-
-Tests marked xfail(strict=True) pin bugs found while writing these; each reason says what fails and how.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from svdzip.methods.materialise import materialise
 from svdzip.models.adapter import ModelAdapter
 from svdzip.output import io
 from svdzip.passes.calibrate import calibrate
-from svdzip.passes.local_gain import PROBE_WINDOWS, gain, probe_batches, probe_layer
+from svdzip.passes.local_gain import PROBE_WINDOWS, gain, probe_layer
 from svdzip.recover.config import HealConfig
 from svdzip.recover.layerwise import LayerwiseHealer, relative_error
 
@@ -90,16 +88,18 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------- the gain itself
-def test_probe_batches_are_those_whose_windows_all_lie_in_the_probe_set():
-    for batch in range(1, PROBE_WINDOWS + 1):
-        for first in range(0, 2 * PROBE_WINDOWS):
-            for n in range(0, 6):
-                held = [range(first + b * batch, first + (b + 1) * batch) for b in range(n)]
-                expected = [b for b, windows in enumerate(held) if all(w < PROBE_WINDOWS for w in windows)]
-                assert probe_batches(batch, first, n) == expected, (batch, first, n)
-    # a batch wider than the probe set is probed whole when it is the first one, never otherwise
-    assert probe_batches(2 * PROBE_WINDOWS, 0, 3) == [0]
-    assert probe_batches(2 * PROBE_WINDOWS, 1, 3) == []
+def test_an_empty_probe_stream_gives_zero_sums_for_every_linear():
+    """The ranks other than 0 carry no probe stream: zeros, but for every linear (the same all_reduce calls)."""
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    index = 1
+    modules = {info.name: adapter.module(info.name) for info in adapter.layer_linears(index)}
+    sums = probe_layer(adapter.layers[index], modules, [], [], 4, index, "cpu")
+    assert sorted(sums) == sorted(modules) and len(sums) == 7
+    for name, s in sums.items():
+        assert s.dtype == torch.float64 and s.shape == (2,), name
+        assert torch.equal(s, torch.zeros(2, dtype=torch.float64)), name
+        assert gain(s) == 0.0
 
 
 def _brute_force_gain(layer, module, hidden, kwargs, draws: int = 4, eps: float = 1e-6, seed: int = 0) -> float:
@@ -143,12 +143,10 @@ def test_local_gain_matches_brute_force_perturbation():
     hidden, kwargs = run_layer(adapter.layers[0], inputs.hidden, inputs.kwargs[0], "cpu"), inputs.kwargs[index]
     layer = adapter.layers[index]
     modules = {info.name: adapter.module(info.name) for info in adapter.layer_linears(index)}
-    batches = list(range(len(hidden)))
-    firsts = [b * batch for b in batches]
     # several cotangent draws (the seed follows the index argument): an estimate of the expectation
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in modules}
     for draw in range(8):
-        got = probe_layer(layer, modules, hidden, kwargs, batches, firsts, 100 + draw, "cpu")
+        got = probe_layer(layer, modules, hidden, kwargs, batch, 100 + draw, "cpu")
         for name in modules:
             sums[name] += got[name]
     probed = {name: gain(s) for name, s in sums.items()}
@@ -168,29 +166,31 @@ def test_local_gain_matches_brute_force_perturbation():
 
 
 def test_probe_sums_do_not_depend_on_how_the_windows_are_batched():
-    """Each window's cotangent comes from its own generator: batches of 2 or 4 over the same 8 windows agree."""
+    """Each window's cotangent comes from its own generator, batch b's windows from b·batch_size on: batches of
+    1, 2, 3 (the last one short), 4 or 8 over the same 8 windows agree, and every batch is probed."""
     model = tiny_model("llama").double()
     adapter = ModelAdapter(model)
     tokens = tiny_tokens(PROBE_WINDOWS, 24)
     index = 2
     modules = {info.name: adapter.module(info.name) for info in adapter.layer_linears(index)}
     sums = []
-    for batch in (2, 4):
+    for batch in (1, 2, 3, 4, 8):
         inputs = capture_layer_inputs(model, adapter, tokens, batch, "cpu")
         hidden = inputs.hidden
         for i in range(index):  # the layer's own inputs
             hidden = run_layer(adapter.layers[i], hidden, inputs.kwargs[i], "cpu")
-        n = len(hidden)
-        sums.append(probe_layer(adapter.layers[index], modules, hidden, inputs.kwargs[index],
-                                probe_batches(batch, 0, n), [b * batch for b in range(n)], index, "cpu"))
-    for name in modules:
-        assert sums[0][name][1] == sums[1][name][1] > 0
-        torch.testing.assert_close(sums[0][name], sums[1][name], rtol=1e-10, atol=0)
+        assert len(hidden) == -(-PROBE_WINDOWS // batch)
+        sums.append(probe_layer(adapter.layers[index], modules, hidden, inputs.kwargs[index], batch, index, "cpu"))
+    for name, mod in modules.items():
+        assert sums[0][name][1] == PROBE_WINDOWS * 24 * mod.out_features  # every token of every batch
+        for other in sums[1:]:
+            assert other[name][1] == sums[0][name][1]
+            torch.testing.assert_close(other[name], sums[0][name], rtol=1e-10, atol=0)
 
 
 @dataclasses.dataclass
 class _Recording(DistContext):
-    """A rank of a 2-process run that records its collectives instead of communicating (each reduce is
+    """A rank of a multi-process run that records its collectives instead of communicating (each reduce is
     the identity: the returned statistics are this rank's own part)."""
 
     calls: list = dataclasses.field(default_factory=list)
@@ -207,41 +207,41 @@ class _Recording(DistContext):
         return tensor
 
 
-def _split_calibration(windows: int, batch: int):
+def _split_calibration(windows: int, batch: int, world: int = 2):
     model = tiny_model("llama")
     adapter = ModelAdapter(model)
     tokens = tiny_tokens(windows, 24)
     one = calibrate(model, adapter, tokens, batch, "cpu", ("local",))
-    ranks = [_Recording(rank=r, world_size=2) for r in (0, 1)]
+    ranks = [_Recording(rank=r, world_size=world) for r in range(world)]
     parts = [calibrate(model, adapter, tokens, batch, "cpu", ("local",), ctx=ctx) for ctx in ranks]
-    return one, ranks, parts
+    return adapter, one, ranks, parts
 
 
-_HANG = ("calibrate() probes only on ranks that hold batches among the first PROBE_WINDOWS windows "
-         "(`if probed:` in passes/calibrate.py), so a rank without any (rank 1 from 16 windows on) leaves "
-         "layer_stats.local empty and skips its all_reduces in _reduce: under torchrun/gloo the ranks' collectives "
-         "no longer match and the run hangs")
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("windows", [8, 16])
+def test_every_rank_makes_the_same_collective_calls(windows, world):
+    """With 16 windows the ranks other than 0 hold none of the first PROBE_WINDOWS: they must reduce all the same."""
+    adapter, _, ranks, _ = _split_calibration(windows, 2, world)
+    local = ("all_reduce", "sum", (2,), torch.float64)  # one [Σ g², count] per linear
+    assert ranks[0].calls.count(local) == len(list(adapter.linears())) > 0
+    for other in ranks[1:]:
+        assert other.calls == ranks[0].calls
 
 
-@pytest.mark.parametrize("windows", [8, pytest.param(16, marks=pytest.mark.xfail(strict=True, reason=_HANG))])
-def test_every_rank_makes_the_same_collective_calls(windows):
-    _, ranks, _ = _split_calibration(windows, 2)
-    assert ranks[0].calls == ranks[1].calls
-
-
-_SPLIT = ("probe_batches judges a batch by first_window + (b+1)·batch_size, not by the windows it really holds, "
-          "and a batch wider than PROBE_WINDOWS is probed whole only on the rank whose slice starts at 0: with "
-          "batch boundaries that differ between the splits, 2 ranks probe other windows than 1 process")
-
-
-@pytest.mark.parametrize("windows,batch", [(8, 2), (16, 2),
-                                           pytest.param(12, 4, marks=pytest.mark.xfail(strict=True, reason=_SPLIT)),
-                                           pytest.param(16, 16, marks=pytest.mark.xfail(strict=True, reason=_SPLIT))])
-def test_local_sums_of_a_two_rank_split_equal_one_process(windows, batch):
-    one, _, parts = _split_calibration(windows, batch)
-    assert one.local
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("windows,batch", [(8, 2), (16, 2), (12, 4), (16, 16)])
+def test_local_sums_of_a_split_equal_one_process(windows, batch, world):
+    """The probe stream is the first PROBE_WINDOWS windows, on rank 0 only: the ranks' parts add up to one
+    process's sums exactly, whatever the split's batch boundaries."""
+    adapter, one, _, parts = _split_calibration(windows, batch, world)
+    assert len(one.local) == len(list(adapter.linears()))
     for name, total in one.local.items():
-        added = sum(p.local.get(name, torch.zeros(2, dtype=torch.float64)) for p in parts)
+        # the probe set, and only it, was probed whole (a batch wider than it is cut to it)
+        assert total[1] == min(windows, PROBE_WINDOWS) * 24 * adapter.module(name).out_features, name
+        assert total[0] > 0, name
+        for part in parts[1:]:  # zeros, for every linear
+            assert torch.equal(part.local[name], torch.zeros(2, dtype=torch.float64)), name
+        added = sum(p.local[name] for p in parts)
         torch.testing.assert_close(added, total, rtol=1e-9, atol=0)
 
 
@@ -483,17 +483,15 @@ def test_layerwise_heal_resumes_after_a_kill(ckpt, tmp_path):
     _same_outputs(tmp_path / "out", tmp_path / "whole")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RunState.wipe() (core/resume.py) removes calib/ and units/ only, and heal_key (recover/layerwise.py) "
-    "covers the ranks, the heal options and the tokens but not the model or the method: after --restart on "
-    "another model with the same (uniform) ranks, RUN/layerwise's healed layers 0–1 of the old model are "
-    "restored into the new one"))
 def test_restart_does_not_restore_another_models_healed_layers(tmp_path, monkeypatch):
+    """--restart wipes RUN/layerwise (and RUN/heal) too: heal_key does not cover the model, so another model
+    with the same (uniform) ranks would otherwise get the old model's healed layers 0–1."""
     first, second = save_tiny(tmp_path / "a", seed=0), save_tiny(tmp_path / "b", seed=1)
     recipe = _recipe(None, heal="layerwise")
     monkeypatch.setenv("SVDZIP_FAULT", "heal:1")
     with pytest.raises(RuntimeError, match="injected fault"):
         _run(first, tmp_path / "out-a", recipe, run_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "layerwise").is_dir()  # something the restart has to wipe
     monkeypatch.delenv("SVDZIP_FAULT")
     _run(second, tmp_path / "out-b", recipe, run_dir=tmp_path / "run", restart=True)
     _run(second, tmp_path / "fresh-b", recipe)
@@ -521,21 +519,28 @@ def test_layerwise_refusals(ckpt, tmp_path):
     assert info.value.code == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "recover.directory.heal_directory (the Python side of `svdzip heal`) accepts HealConfig(method='layerwise'): "
-    "recover.heal.heal() treats every method but distill as seq-lora and fails with 'internal: the teacher was "
-    "released, but heldout window 0 has no precomputed top-k' instead of refusing up front"))
 def test_heal_directory_refuses_layerwise_up_front(tmp_path):
+    """heal() (behind heal_directory, the Python side of `svdzip heal`) refuses a layer-local method before it
+    looks at anything else, rather than treating it as seq-lora and failing on an internal error."""
     from svdzip.recover.directory import heal_directory
+    from svdzip.recover.heal import heal
 
     source = save_tiny(tmp_path / "dense")
     _run(source, tmp_path / "compressed", _recipe(None), stream=False)
     corpus = write_tiny_corpus(tmp_path / "corpus.txt")
     config = HealConfig(method="layerwise", steps=2, seq_len=16, train_samples=4, heldout_samples=2,
                         corpus=str(corpus))
-    with pytest.raises(SvdzipError) as info:
+    with pytest.raises(SvdzipError, match="layerwise") as info:
         heal_directory(tmp_path / "compressed", tmp_path / "healed", config)
     assert "internal" not in str(info.value)
+    assert not (tmp_path / "healed").exists()
+    # up front: not even the student (not an svdzip model here) or the windows are looked at
+    with pytest.raises(SvdzipError, match="layerwise"):
+        heal(torch.nn.Linear(2, 2), None, (None, None), config)
+    # where the other methods do look at the student
+    seq = dataclasses.replace(config, method="seq-lora", objective=HealConfig().objective)
+    with pytest.raises(SvdzipError, match="no factorised linears"):
+        heal(torch.nn.Linear(2, 2), None, (None, None), seq)
 
 
 # ----------------------------------------------------------------------------------- distributed
