@@ -124,7 +124,7 @@ class RunState:
         return read_checked(path, remove=self.writer)
 
     def wipe(self) -> None:
-        for sub in ("calib", "units"):
+        for sub in ("calib", "units", "heal", "layerwise"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
         (self.root / "state.json").unlink(missing_ok=True)
 

@@ -33,7 +33,7 @@ from svdzip.core.statistics import (
 )
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
-from svdzip.passes.local_gain import probe_batches, probe_layer
+from svdzip.passes.local_gain import PROBE_WINDOWS, probe_layer
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,17 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     n_layers = adapter.num_layers
     start, hidden = _resume_point(state, ctx, n_layers, (*kinds, *(("local",) if probing else ())))
     inputs = capture_layer_inputs(model, adapter, mine, batch_size, device, weights=weights)
+    # the layer-local gain's own stream: the first PROBE_WINDOWS windows, on rank 0 only (the others add zeros),
+    # so that the sums are the same however the calibration windows are split over processes
+    probe = (capture_layer_inputs(model, adapter, tokens[:PROBE_WINDOWS], batch_size, device, weights=weights)
+             if probing and ctx.is_main else None)
+    n_main = len(inputs.hidden)
+    expected = n_main + (len(probe.hidden) if probe is not None else 0)
+    if ctx.min_int(int(hidden is None or len(hidden) == expected)) == 0:  # saved by a run without the probe stream
+        log.warning("the saved activations do not match this run's streams; calibration restarts from layer 0")
+        start, hidden = 0, None
     if hidden is None:
-        hidden = inputs.hidden
+        hidden = inputs.hidden + (probe.hidden if probe is not None else [])
     counts = ctx.all_reduce(torch.tensor([mine.numel(), len(inputs.hidden)], dtype=torch.int64))
     total_tokens, total_batches = int(counts[0]), int(counts[1])
     full = CalibrationStats(tokens=total_tokens, batches=total_batches, meta=dict(meta or {}))
@@ -119,7 +128,6 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
             if got is None:
                 raise SvdzipError(f"statistics of layer {i} vanished during the run")
             unflatten(got[0], full)
-    probed = probe_batches(batch_size, share.start, len(inputs.hidden)) if probing else []
     desc = "calibrating layers" + (f" (rank {ctx.rank})" if ctx.enabled else "")
     for index in tqdm(range(start, n_layers), desc=desc, unit="layer", initial=start, total=n_layers):
         layer_stats = CalibrationStats()
@@ -129,13 +137,14 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
                 seen.add(info.input_key)
                 hooks[adapter.module(info.name)] = Accumulator(layer_stats, info.input_key, kinds)
         with weights.layer(index, device) as layer:
-            if probed:  # on the layer's inputs, before they are replaced by its outputs
+            if probing:
                 modules = {info.name: adapter.module(info.name) for info in adapter.layer_linears(index)}
-                layer_stats.local = probe_layer(layer, modules, hidden, inputs.kwargs[index], probed,
-                                                [share.start + b * batch_size for b in range(len(hidden))],
-                                                index, device)
+                layer_stats.local = probe_layer(layer, modules, hidden[n_main:],
+                                                probe.kwargs[index] if probe is not None else [], batch_size, index,
+                                                device)
             with forward_pre_hooks(hooks):
-                hidden = run_layer(layer, hidden, inputs.kwargs[index], device)
+                main = run_layer(layer, hidden[:n_main], inputs.kwargs[index], device)
+            hidden = main + (run_layer(layer, hidden[n_main:], probe.kwargs[index], device) if probe else [])
         layer_stats.to_cpu()
         _reduce(layer_stats, ctx)
         if state is not None:

@@ -14,12 +14,12 @@ token's error divided by that token's own mean square: the next layers read the 
 per-token norm, so an error counts by its size against the token's stream. Measured against the whole
 model's Fisher (`fisher` signal) on SmolLM2-135M the per-token scaling matters: a global mean square is
 dominated by the few tokens with huge activations that appear in the middle layers.
-o_proj and down_proj write straight into the residual stream (J = I).
+down_proj writes straight into the layer's output (J = I); o_proj's error also passes through the MLP.
 
-It is computed with the other statistics during calibration, one layer at a time, on the first
-`PROBE_WINDOWS` calibration windows (one forward and one backward through one layer); each window's
-cotangent is drawn from its own seeded generator, so the sums are the same however the windows are
-split over processes.
+It is computed with the other statistics during calibration, one layer at a time, on a stream of its own:
+the first `PROBE_WINDOWS` calibration windows, carried by rank 0 only (one more forward and one backward
+through each layer), each window's cotangent drawn from its own seeded generator, so the sums are the same
+however the calibration windows are split over processes.
 """
 
 from __future__ import annotations
@@ -36,13 +36,6 @@ from svdzip.models.adapter import LinearInfo
 PROBE_WINDOWS = 8
 
 
-def probe_batches(batch_size: int, first_window: int, n_batches: int, windows: int = PROBE_WINDOWS
-                  ) -> list[int]:
-    """The cached batches (of this rank's `n_batches`) whose windows are all among the first `windows` of
-    the whole calibration set: the ones the probe runs on (a batch is probed whole or not at all)."""
-    return [b for b in range(n_batches) if first_window + (b + 1) * batch_size <= max(windows, batch_size)]
-
-
 def cotangent(shape: torch.Size, first_window: int, layer: int, seed: int = 0) -> torch.Tensor:
     """The random r of a batch [windows, …], each window's from its own generator (split-invariant)."""
     rows = []
@@ -53,22 +46,23 @@ def cotangent(shape: torch.Size, first_window: int, layer: int, seed: int = 0) -
 
 
 def probe_layer(layer: nn.Module, modules: dict[str, nn.Module], hidden: list[torch.Tensor],
-                kwargs: list[dict[str, Any]], batches: list[int], first_windows: list[int], index: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """[Σ g², count] per linear (float64), over the probed batches of one layer.
+                kwargs: list[dict[str, Any]], batch_size: int, index: int, device: torch.device
+                ) -> dict[str, torch.Tensor]:
+    """[Σ g², count] per linear (float64) over the probe stream's batches (window b·batch_size onwards) of one
+    layer; zeros for every linear with no batch (the ranks other than 0).
 
     g = J_uᵀ r is taken with `torch.autograd.grad` on the captured outputs: no parameter gradient is
     computed or stored.
     """
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in modules}
-    for b in batches:
+    for b in range(len(hidden)):
         outputs: list[tuple[str, torch.Tensor]] = []
         handles = [mod.register_forward_hook(_capture(name, outputs)) for name, mod in modules.items()]
         try:
             with torch.enable_grad():
                 x = hidden[b].to(device).detach().requires_grad_(True)
                 out = first_output(layer(x, **to_device(kwargs[b], device)))
-                z = cotangent(out.shape, first_windows[b], index).to(device=out.device, dtype=out.dtype)
+                z = cotangent(out.shape, b * batch_size, index).to(device=out.device, dtype=out.dtype)
                 rms = out.detach().float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
                 r = z / rms.to(out.dtype)
                 live = [(n, y) for n, y in outputs if y.requires_grad]

@@ -191,6 +191,9 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
     """Train `student` (an svdzip model) in place on `windows` = (training, held-out) token windows
     (`heal_windows`); `teacher` is the dense model, needed for the kl objective."""
     config.validate()
+    if config.layer_local:
+        raise SvdzipError(f"--heal {config.method} runs inside the compression's layer walk, where each dense layer "
+                          "is at hand; it cannot heal a finished model: `svdzip compress --heal layerwise …`")
     low_rank_modules(student)  # refuses a model with nothing to recover
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
