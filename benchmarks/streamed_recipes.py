@@ -21,6 +21,7 @@ what was reused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -73,10 +74,8 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int, 
     def sample() -> None:
         ps = psutil.Process(proc.pid)
         while not stop.is_set():
-            try:
+            with contextlib.suppress(psutil.Error):
                 peak[0] = max(peak[0], sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
-            except psutil.Error:
-                pass
             time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)

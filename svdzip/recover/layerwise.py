@@ -61,7 +61,8 @@ def factor_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 def heal_key(ranks: list[int | None], config: HealConfig, tokens: torch.Tensor) -> str:
     """What a checkpointed layer-wise heal depends on: the ranks, the options and the calibration tokens."""
-    h = hashlib.sha256(json.dumps({"ranks": ranks, "config": config.fingerprint()}, sort_keys=True, default=str).encode())
+    what = {"ranks": ranks, "config": config.fingerprint()}
+    h = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode())
     h.update(tokens.to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:32]
 
@@ -183,7 +184,8 @@ class LayerwiseHealer:
                         len(done))
         return HealReport(method="layerwise", config=self.config.to_dict(), phases=self.layers,
                           seconds=time.perf_counter() - self.t0,
-                          trained_params=sum(r.get("params", 0) for r in self.layers), initial_heldout=before, final_heldout=after,
+                          trained_params=sum(r.get("params", 0) for r in self.layers),
+                          initial_heldout=before, final_heldout=after,
                           improved=kept > 0, lr=float(self.config.lr))
 
     # ------------------------------------------------------------------ resume
