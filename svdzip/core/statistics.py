@@ -9,8 +9,9 @@ Per shared input (linears reading the very same tensor share one entry):
 and, per linear, FWSVD's Fisher information and the layer-local gain (`local`: how much of the linear's output
 error reaches its decoder layer's output, relative to each token's residual stream; `passes.local_gain`).
 Only the kinds the run's parts declare (`Needs.statistics`) are computed. The statistics are an artefact of
-their own: saved with a checksum, keyed by what they depend on (a hash of the weights, of the calibration tokens and the batch size) and reused across
-methods and ratios; a run that needs a kind the file lacks computes just that kind and adds it.
+their own: saved with a checksum, keyed by what they depend on (a hash of the weights, of the calibration
+tokens and the batch size) and reused across methods and ratios; a run that needs a kind the file lacks
+computes just that kind and adds it.
 """
 
 from __future__ import annotations
