@@ -517,13 +517,14 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
 
 def layerwise_healer(weights, tokens: torch.Tensor, recipe: Recipe, ranks: list[int | None],
                      resume_dir: Path | None):
-    """The layer-wise heal of this run on its calibration windows (in batches of the calibration's size),
-    checkpointed in RUN/layerwise with --resume-dir."""
+    """The layer-wise heal of this run on its calibration windows (at most the heal's training and held-out
+    windows, in its micro-batches), checkpointed in RUN/layerwise with --resume-dir."""
     from svdzip.core.layerwise import capture_layer_inputs
     from svdzip.recover.layerwise import LayerwiseHealer, heal_key
 
     config = recipe.heal_config()
-    inputs = capture_layer_inputs(weights.model, weights.adapter, tokens, recipe.calib_batch_size, config.device,
+    tokens = tokens[: config.train_samples + config.heldout_samples]
+    inputs = capture_layer_inputs(weights.model, weights.adapter, tokens, config.batch_size, config.device,
                                   weights=weights)
     return LayerwiseHealer(inputs, config, config.device,
                            state_dir=Path(resume_dir) / "layerwise" if resume_dir is not None else None,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from svdzip.allocate import Allocation, AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
@@ -165,7 +166,7 @@ def materialise_layers(adapter: ModelAdapter, units: list[Unit], ranks: list[int
                           "(--group-size > 1) is not supported")
     by_layer = units_by_layer(units)
     rows: list[ModuleReport] = []
-    for index in range(adapter.num_layers):
+    for index in tqdm(range(adapter.num_layers), desc="materialising and healing layers", unit="layer"):
         with layer_on(adapter.layers[index], device) as layer:
             rows += materialise_layer(adapter, index, layer, units, ranks, by_layer.get(index, []), healer)
     return rows

@@ -12,8 +12,10 @@ model's. At layer i, with the dense layer still at hand:
 
 so each layer also learns to undo the error the compressed layers before it pass on. The loss is the
 per-token relative error ‖o_t − t_t‖² / ‖t_t‖², the same per-token scale as the layer-local allocation
-signal (`passes.local_gain`). The last batch of windows is held out: a layer whose healing does not lower
-its error there keeps its un-healed factors, and the log says so. Only one decoder layer is ever in memory.
+signal (`passes.local_gain`). The windows are the run's calibration windows (at most `train_samples` +
+`heldout_samples` of them); the last `heldout_samples` are held out: a layer whose healing does not lower
+its error there keeps its un-healed factors, and the log says so. A step is `grad_accum` micro-batches of
+`batch_size` windows, `steps` steps per layer. Only one decoder layer is ever in memory.
 
 With a run directory every healed layer's factors and both streams are checkpointed, keyed by what they
 depend on (ranks, options, tokens), so a killed run resumes at the layer it stopped in.
@@ -76,10 +78,12 @@ class LayerwiseHealer:
         self.kwargs = inputs.kwargs
         self.dense = list(inputs.hidden)
         self.compressed = list(inputs.hidden)
-        n = len(self.dense)
-        self.check = [n - 1] if n > 1 else [0]  # held out from training (with one batch: the training batch)
-        self.train = list(range(n - 1)) if n > 1 else [0]
-        if n == 1:
+        n = len(self.dense)  # micro-batches of `config.batch_size` windows
+        per_batch = max(1, int(self.dense[0].shape[0])) if n else 1
+        held = min(max(1, math.ceil(config.heldout_samples / per_batch)), n - 1) if n > 1 else 0
+        self.check = list(range(n - held, n)) if held else [0]  # the last windows, held out from training
+        self.train = list(range(n - held)) if held else [0]
+        if not held:
             log.warning("layer-wise healing: one calibration batch only, so its check is on the training windows")
         self.state_dir, self.key = state_dir, key
         self.layers: list[dict[str, Any]] = []
@@ -127,17 +131,21 @@ class LayerwiseHealer:
             optimiser, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm)
                                                                                  / max(1, steps - warm))))
         try:
+            accum = self.config.grad_accum
             for step in range(steps):
-                b = self.train[step % len(self.train)]
-                with torch.enable_grad():
-                    out = first_output(layer(self.compressed[b].to(self.device),
-                                             **to_device(self.kwargs[index][b], self.device)))
-                    loss = relative_error(out, targets[b].to(self.device))
-                if not torch.isfinite(loss):
+                optimiser.zero_grad(set_to_none=True)
+                finite = True
+                for micro in range(accum):  # each step: grad_accum micro-batches of batch_size windows
+                    b = self.train[(step * accum + micro) % len(self.train)]
+                    with torch.enable_grad():
+                        out = first_output(layer(self.compressed[b].to(self.device),
+                                                 **to_device(self.kwargs[index][b], self.device)))
+                        loss = relative_error(out, targets[b].to(self.device)) / accum
+                    finite = finite and bool(torch.isfinite(loss))
+                    loss.backward()
+                if not finite:
                     log.warning("layer %d: non-finite healing loss at step %d; stopping its heal", index, step)
                     break
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
                 optimiser.step()
                 schedule.step()
