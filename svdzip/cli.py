@@ -92,7 +92,8 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
         g.add_argument(flag, dest=HEALING + name, default=argparse.SUPPRESS,
                        help=f"{help} (default: {default})" if default is not None else help, **kw)
 
-    option("--heal-steps", "steps", "optimiser steps", type=int)
+    option("--heal-steps", "steps", "optimiser steps (layerwise: per layer; default: distill and seq-lora 40, "
+           "layerwise 10)", type=int)
     g.add_argument("--heal-lr", dest=HEALING + "lr", type=float, default=argparse.SUPPRESS, metavar="LR",
                    help="peak learning rate, used as given (default: found on the held-out windows, starting at "
                         "3e-4 for distill, the paper's 1e-4 for seq-lora, divided by 3 on each held-out check "

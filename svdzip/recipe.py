@@ -7,9 +7,9 @@ the command line (its flags and their help) and the sweep alike. Every output di
 not part of the recipe file: the same recipe gives the same model on any device.
 
 `allocator` and `heal` default to `auto`: the recommended recipe (loss-aware ranks, then distillation) for
-a model held in memory; uniform ranks and no recovery for a streamed, resumable or distributed run, whose
-point is not holding the whole model (both need it). `resolved(mode)` turns `auto` into what runs, and the
-recipe file records the resolved value.
+a model held in memory; for a streamed, resumable or distributed run, whose point is not holding the whole
+model, the same allocator on its layer-local signal and layer-wise healing (benchmarks/streamed_recipes.py).
+`resolved(mode)` turns `auto` into what runs, and the recipe file records the resolved value.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o 
 AUTO = "auto"
 #: what `auto` means for a model in memory (README "Results", benchmarks/recovery.py) and for a streamed,
 #: resumable or distributed run
-RECOMMENDED = {"allocator": "loss-aware", "heal": "distill"}
-SCALED = {"allocator": "uniform", "heal": "none"}
+RECOMMENDED = {"allocator": "loss-aware", "allocator_options": {}, "heal": "distill"}
+SCALED = {"allocator": "loss-aware", "allocator_options": {"signal": "local"}, "heal": "layerwise"}
 RECIPE_FORMAT = 1
 RECIPE_FILE = "recipe.yaml"
 #: fields that say where a run executes, not what it makes: left out of the recipe file
@@ -55,7 +55,8 @@ class Recipe:
     update_samples: int = 0  # calibration sequences the update refits on (0 = all of them)
     # the recovery after truncation
     heal: str = AUTO  # none | distill | seq-lora | auto
-    healing: HealConfig = field(default_factory=HealConfig)  # its options (its method is `heal`)
+    # its options (its method is `heal`; what is not set here takes that method's defaults)
+    healing: HealConfig = field(default_factory=lambda: HealConfig(method=AUTO))
     # the storage
     storage_dtype: str = "float32"  # dtype the unquantized weights are saved in (prices a byte budget)
     quantize: str | None = None  # weight-only quantization of the stored matrices: int8 (int4 needs CUDA)
@@ -85,7 +86,10 @@ class Recipe:
     def resolved(self, scaled: bool) -> Recipe:
         """`auto` replaced by what runs: the recommended recipe in memory, `SCALED` when `scaled`."""
         chosen = SCALED if scaled else RECOMMENDED
-        return replace(self, allocator=chosen["allocator"] if self.allocator == AUTO else self.allocator,
+        auto_allocator = self.allocator == AUTO
+        return replace(self, allocator=chosen["allocator"] if auto_allocator else self.allocator,
+                       allocator_options=dict(chosen["allocator_options"]) if auto_allocator
+                       else self.allocator_options,
                        heal=chosen["heal"] if self.heal == AUTO else self.heal)
 
     def heal_config(self) -> HealConfig | None:
@@ -99,7 +103,9 @@ class Recipe:
         # the learning rate and objective that were only the defaults of the options' method follow this one's
         lr = None if base.auto_lr else base.lr
         objective = None if base.objective == defaults.get("objective") else base.objective
-        return replace(base, method=self.heal, lr=lr, objective=objective, auto_lr=True if base.auto_lr else None,
+        steps = None if base.steps == defaults.get("steps") else base.steps
+        return replace(base, method=self.heal, lr=lr, objective=objective, steps=steps,
+                       auto_lr=True if base.auto_lr else None,
                        corpus=base.corpus or self.corpus, seed=self.seed, device=self.device).validate()
 
     def for_output(self) -> Recipe:
@@ -259,7 +265,7 @@ def _heal_options(value: Any, origin: str) -> HealConfig:
         raise SvdzipError(f"{origin}: unknown healing option(s) {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(known))}")
     try:
-        return HealConfig(**value)
+        return HealConfig(**{"method": AUTO, **value})
     except (TypeError, ValueError) as exc:
         raise SvdzipError(f"{origin}: healing: {exc}") from None
 

@@ -13,12 +13,14 @@ ORDERS = ("u-first", "v-first")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # distillation trains every factor directly: a larger step than LoRA's, measured best over 1e-4..1e-3 on
     # SmolLM2-135M; too large for Qwen2.5-0.5B (its held-out KL rose), hence where the automatic search starts
-    "distill": {"lr": 3e-4, "objective": "kl"},
+    "distill": {"lr": 3e-4, "objective": "kl", "steps": 40},
     # SVD-LLM §3.3 / LLM-Pruner's recipe: LoRA r=8, α=16, dropout 0.05, lr 1e-4, next-token cross-entropy
-    "seq-lora": {"lr": 1e-4, "objective": "ce"},
+    "seq-lora": {"lr": 1e-4, "objective": "ce", "steps": 40},
     # each layer's factors against its dense output on the calibration windows (`recover.layerwise`): the
-    # per-token relative error of the layer's output; `steps` are per layer
-    "layerwise": {"lr": 1e-4, "objective": "mse"},
+    # per-token relative error of the layer's output; `steps` are per layer. Measured on SmolLM2-135M at 20 %
+    # (benchmarks/results/layerwise_lr.md): lr 1e-3 beat 1e-4 and 3e-3; 40 steps a layer gain a little more
+    # than 10 at four times the training, and 10 keep a 1.5B model's streamed run within its time target
+    "layerwise": {"lr": 1e-3, "objective": "mse", "steps": 10},
 }
 #: recoveries that need only one decoder layer at a time: they run streamed and under torchrun
 LAYER_LOCAL = ("layerwise",)
@@ -34,7 +36,7 @@ class HealConfig:
     """
 
     method: str = "distill"
-    steps: int = 40  # ~5 CPU-minutes on SmolLM2-135M; benchmarks/recovery.py measured it
+    steps: int | None = None  # None: the method's default (METHOD_DEFAULTS: distill 40, ~5 CPU-minutes on SmolLM2)
     lr: float | None = None  # None: the method's default (METHOD_DEFAULTS), searched downwards (auto_lr)
     # True: `lr` is only where the search starts; a held-out check no better than the best so far rolls the
     # factors back to the best and divides the learning rate by `lr_backoff`, at most `max_backoffs` times.
@@ -72,6 +74,7 @@ class HealConfig:
             defaults = METHOD_DEFAULTS[self.method]
             self.lr = defaults["lr"] if self.lr is None else self.lr
             self.objective = defaults["objective"] if self.objective is None else self.objective
+            self.steps = defaults["steps"] if self.steps is None else self.steps
 
     def validate(self) -> HealConfig:
         if self.method not in HEAL_METHODS:
