@@ -82,7 +82,7 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
                         "SVD-LLM's sequential LoRA (peft) on the left, then the right factors"
                         + ("; layerwise: each layer's factors against its dense output on the calibration windows, "
                            "one layer at a time (runs with --stream and torchrun; --heal-steps are per layer); "
-                           "auto (default): distill in memory, none for --stream, --resume-dir and torchrun runs"
+                           "auto (default): distill in memory, layerwise for --stream, --resume-dir and torchrun runs"
                            if with_none else " (default: distill)"))
 
     def option(flag: str, name: str, help: str, **kw: Any) -> None:
@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a byte-aware allocation (for comparison)")
     field("--method", "method", "factorisation: svd, svdllm, asvd, fwsvd")
     field("--allocator", "allocator", "rank allocator (see `svdzip info --allocators`); auto: loss-aware in memory "
-          "(the recommended recipe, with --heal auto), uniform for --stream, --resume-dir and torchrun runs; the "
+          "(the recommended recipe, with --heal auto), loss-aware on its layer-local signal (signal=local) for "
+          "--stream, --resume-dir and torchrun runs; the "
           "papers' plain SVD-LLM(W) is --allocator uniform --heal none")
     c.add_argument("--allocator-option", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator hyperparameter, repeatable (e.g. beta=0.3)")

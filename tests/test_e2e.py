@@ -154,7 +154,7 @@ def test_compress_heal_with_resume_dir_continues(tiny_dir, tmp_path, capsys):
             "--calib-seq-len", "64", "--resume-dir", str(run), "--heal", "distill", *HEAL_SMALL, "--json"]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["method"] == "svdllm+distill"  # resumable runs default to uniform ranks
+    assert first["method"] == "svdllm+loss-aware+distill"  # resumable runs: the layer-local signal by default
     assert (run / "heal" / "distill" / "state.json").is_file()
     before = {k: v.clone() for k, v in svdzip.load(out, with_tokenizer=False)[0].state_dict().items()}
     assert main([*argv, "--overwrite"]) == 0  # the rerun finds the finished checkpoint: nothing retrained

@@ -37,6 +37,7 @@ def test_auto_resolves_to_the_recommended_recipe_in_memory_and_to_the_scaled_one
         (RECOMMENDED["allocator"], RECOMMENDED["heal"])
     assert (Recipe().resolved(scaled=True).allocator, Recipe().resolved(scaled=True).heal) == \
         (SCALED["allocator"], SCALED["heal"])
+    assert Recipe().resolved(scaled=True).allocator_options == {"signal": "local"}  # streamable: no whole-model pass
     named = Recipe(allocator="drank", heal="none").resolved(scaled=False)
     assert (named.allocator, named.heal) == ("drank", "none")  # what a user names is kept
 
@@ -128,8 +129,11 @@ def test_an_auto_recipe_is_written_resolved(tiny_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "s"), "--stream", "--calib-samples", "4", "--calib-seq-len", "32",
                  "--no-plots", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["recipe"]["allocator"], summary["recipe"]["heal"]) == ("uniform", "none")
-    assert Recipe.load(tmp_path / "s").allocator == "uniform"
+    assert (summary["recipe"]["allocator"], summary["recipe"]["heal"]) == ("loss-aware", "layerwise")
+    written = Recipe.load(tmp_path / "s")
+    assert (written.allocator, written.allocator_options, written.heal) == ("loss-aware", {"signal": "local"},
+                                                                            "layerwise")
+    assert written.healing.steps == 10 and written.healing.lr == 1e-3  # layer-wise healing's own defaults
 
 
 def test_the_api_refuses_before_touching_the_model():
