@@ -12,15 +12,12 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_scale import CFG, _assert_same, _checkpoint, _free_port, _logits
+from test_scale import CFG, _assert_same, _checkpoint, _free_port, _logits, killed_run
 from tiny_models import VOCAB, WIDE, save_tiny, tiny_model, tiny_tokens, write_tiny_corpus
 from transformers import AutoModelForCausalLM
 
@@ -466,15 +463,7 @@ def test_layerwise_heal_resumes_after_a_fault(ckpt, tmp_path, monkeypatch, caplo
 def test_layerwise_heal_resumes_after_a_kill(ckpt, tmp_path):
     """Killed hard (no cleanup) right after healing layer 1; the same call continues from layer 2."""
     _healed(ckpt, tmp_path / "whole")
-    script = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from pathlib import Path\n"
-        "from test_layer_local import _healed\n"
-        f"_healed(Path({str(ckpt)!r}), Path({str(tmp_path / 'out')!r}), Path({str(tmp_path / 'run')!r}))\n"
-    )
-    env = {**os.environ, "SVDZIP_FAULT": "heal:1:kill", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == 137, proc.stderr.decode()[-2000:]
+    killed_run("test_layer_local", "_healed", (ckpt, tmp_path / "out", tmp_path / "run"), "heal:1:kill")
     assert not (tmp_path / "out").exists()
     streams = read_checked(tmp_path / "run" / "layerwise" / "streams.safetensors")
     assert streams is not None and streams[1]["layer"] == 1

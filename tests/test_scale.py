@@ -63,6 +63,16 @@ def _stream(source: Path, out: Path, run_dir: Path | None, stream: bool = True, 
     return run(request, ctx=ctx or DistContext())
 
 
+def killed_run(module: str, function: str, paths: tuple[Path, ...], fault: str) -> None:
+    """`module.function(*paths)` in a fresh process that `SVDZIP_FAULT=fault` kills hard (exit 137, no cleanup)."""
+    args = ", ".join(f"Path({str(p)!r})" for p in paths)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              f"from pathlib import Path\nfrom {module} import {function}\n{function}({args})\n")
+    env = {**os.environ, "SVDZIP_FAULT": fault, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 137, proc.stderr.decode()[-2000:]
+
+
 def _assert_same(out: Path, ref) -> None:
     model, _ = load(out, with_tokenizer=False)
     torch.testing.assert_close(_logits(model), _logits(ref.model), rtol=1e-4, atol=1e-5)
@@ -196,15 +206,7 @@ def test_resume_after_injected_faults_recomputes_only_the_rest(ckpt, tmp_path, m
 def test_resume_after_kill(ckpt, tmp_path):
     """A process killed hard (no cleanup, like SIGKILL) mid-calibration; the same call continues."""
     source, ref = ckpt
-    script = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_scale import _stream\n"
-        "from pathlib import Path\n"
-        f"_stream(Path({str(source)!r}), Path({str(tmp_path / 'out')!r}), Path({str(tmp_path / 'run')!r}))\n"
-    )
-    env = {**os.environ, "SVDZIP_FAULT": "calib:2:kill", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == 137, proc.stderr.decode()[-2000:]
+    killed_run("test_scale", "_stream", (source, tmp_path / "out", tmp_path / "run"), "calib:2:kill")
     assert not (tmp_path / "out").exists()
     hidden = json.loads((tmp_path / "run" / "calib" / "hidden_r0.safetensors.json").read_text())
     assert hidden["info"]["layer"] == 2
