@@ -563,3 +563,19 @@ def test_two_gloo_processes_equal_one_for_signal_local(ckpt, tmp_path):
         _assert_same(tmp_path / name, ref)
     assert ref.ranks != compress(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval(),
                                  _recipe(None), calib_tokens=tiny_tokens()).ranks
+
+
+def test_spectra_given_without_gains_get_them_from_the_statistics(ckpt):
+    """A sweep hands the spectra of a uniform cell to a signal=local cell: the gains are computed and attached,
+    and the ranks are those of a run that computed everything itself."""
+    from svdzip.output.loading import load_model
+    from svdzip.passes.calibrate import collect_statistics
+
+    tokens = tiny_tokens()
+    first = compress(load_model(str(ckpt), "cpu", with_tokenizer=False)[0], _recipe(None), calib_tokens=tokens,
+                     stats=collect_statistics(load_model(str(ckpt), "cpu", with_tokenizer=False)[0], tokens, 2))
+    assert all("local_gain" not in u.extras for u in first.units)
+    fresh = compress(load_model(str(ckpt), "cpu", with_tokenizer=False)[0], _recipe(), calib_tokens=tokens)
+    reused = compress(load_model(str(ckpt), "cpu", with_tokenizer=False)[0], _recipe(), calib_tokens=tokens,
+                      units=first.units)
+    assert reused.ranks == fresh.ranks and reused.ranks != first.ranks

@@ -281,11 +281,14 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
             groups = group_linears(adapter, recipe.share_roles, recipe.group_size)
             units = decompose_units(adapter, stats, recipe, groups, weights=weights, on_disk=mode.streamed,
                                     state=state, ctx=ctx, device=recipe.device)
-            if "local" in needs.statistics:
-                from svdzip.passes.local_gain import attach_gains
-
-                attach_gains(units, stats)
             timings["decompose_s"] = time.perf_counter() - t0
+        if "local" in needs.statistics and any("local_gain" not in u.extras for u in units):
+            from svdzip.passes.local_gain import attach_gains
+
+            if stats is None:  # spectra given without their gains (a sweep's, made for another allocator)
+                stats = _statistics(request, model, adapter, tokens, source, Needs(statistics=frozenset({"local"})),
+                                    weights, state, ctx, stats_on_disk, timings)
+            attach_gains(units, stats)
         ctx.barrier()
         if not ctx.is_main:
             return None
