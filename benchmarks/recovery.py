@@ -120,7 +120,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     name = args.name or f"recovery_{args.model.split('-')[0]}"
     bench = Bench(args.model)
-    heal_cfg = HealConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+    heal_cfg = HealConfig(method="distill", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                           grad_accum=args.grad_accum, topk=args.topk,
                           **({"lr": args.lr} if args.lr else {}))
     lora_cfg = HealConfig(method="seq-lora", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,

@@ -56,7 +56,7 @@ class Recipe:
     # the recovery after truncation
     heal: str = AUTO  # none | distill | seq-lora | auto
     # its options (its method is `heal`; what is not set here takes that method's defaults)
-    healing: HealConfig = field(default_factory=lambda: HealConfig(method=AUTO))
+    healing: HealConfig = field(default_factory=HealConfig)
     # the storage
     storage_dtype: str = "float32"  # dtype the unquantized weights are saved in (prices a byte budget)
     quantize: str | None = None  # weight-only quantization of the stored matrices: int8 (int4 needs CUDA)
@@ -87,10 +87,12 @@ class Recipe:
         """`auto` replaced by what runs: the recommended recipe in memory, `SCALED` when `scaled`."""
         chosen = SCALED if scaled else RECOMMENDED
         auto_allocator = self.allocator == AUTO
+        heal = chosen["heal"] if self.heal == AUTO else self.heal
+        if self.heal == AUTO and heal in LAYER_LOCAL and (self.update or self.group_size > 1):
+            heal = "none"  # layer-wise healing trains each layer's own factors, then an update would overwrite them
         return replace(self, allocator=chosen["allocator"] if auto_allocator else self.allocator,
                        allocator_options=dict(chosen["allocator_options"]) if auto_allocator
-                       else self.allocator_options,
-                       heal=chosen["heal"] if self.heal == AUTO else self.heal)
+                       else self.allocator_options, heal=heal).validate()
 
     def heal_config(self) -> HealConfig | None:
         """The recovery to run (None for none), trained on the calibration corpus unless it names its own."""
@@ -99,11 +101,9 @@ class Recipe:
         if self.heal == "none":
             return None
         base = self.healing
-        defaults = METHOD_DEFAULTS.get(base.method, {})
-        # the learning rate and objective that were only the defaults of the options' method follow this one's
+        # what was left to the method (None), or only where a learning-rate search starts, follows this one's
         lr = None if base.auto_lr else base.lr
-        objective = None if base.objective == defaults.get("objective") else base.objective
-        steps = None if base.steps == defaults.get("steps") else base.steps
+        objective, steps = base.objective, base.steps
         return replace(base, method=self.heal, lr=lr, objective=objective, steps=steps,
                        auto_lr=True if base.auto_lr else None,
                        corpus=base.corpus or self.corpus, seed=self.seed, device=self.device).validate()
@@ -221,7 +221,7 @@ class Recipe:
         if "share_roles" in data:
             data["share_roles"] = tuple(data["share_roles"])
         if "healing" in data:
-            data["healing"] = _heal_options(data["healing"], origin)
+            data["healing"] = _heal_options(data["healing"], origin, str(data.get("heal", AUTO)))
         try:
             recipe = cls(**data)
         except (TypeError, ValueError) as exc:
@@ -254,7 +254,9 @@ class Recipe:
         return cls.from_dict(data or {}, origin=str(path))
 
 
-def _heal_options(value: Any, origin: str) -> HealConfig:
+def _heal_options(value: Any, origin: str, method: str = AUTO) -> HealConfig:
+    """A recipe file's recovery options, for its recovery `method`: the values that are that method's defaults
+    are read as defaults (a recipe file holds them resolved), so that another `--heal` takes its own."""
     if isinstance(value, HealConfig):
         return value
     if not isinstance(value, dict):
@@ -264,8 +266,10 @@ def _heal_options(value: Any, origin: str) -> HealConfig:
     if unknown:
         raise SvdzipError(f"{origin}: unknown healing option(s) {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(known))}")
+    defaults = METHOD_DEFAULTS.get(method, {})
+    given = {k: v for k, v in value.items() if not (k in ("objective", "steps") and defaults.get(k) == v)}
     try:
-        return HealConfig(**{"method": AUTO, **value})
+        return HealConfig(**given)
     except (TypeError, ValueError) as exc:
         raise SvdzipError(f"{origin}: healing: {exc}") from None
 

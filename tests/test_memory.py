@@ -224,7 +224,8 @@ def test_heal_then_int8_keeps_the_budget_and_reloads_identically(tmp_path):
     units = decompose(ModelAdapter(student), collect_statistics(student, tokens, 4, "cpu"), "svdllm")
     result = factorise(student, cfg, units, calib_tokens=tokens)
     heal(student, teacher, (tiny_tokens(8, 16, seed=5), tiny_tokens(4, 16, seed=5)),
-         HealConfig(steps=2, batch_size=2, eval_every=1, patience=10, warmup=0.0, lr=1e-3, seq_len=16))
+         HealConfig(method="distill", steps=2, batch_size=2, eval_every=1, patience=10, warmup=0.0,
+                    lr=1e-3, seq_len=16))
     names = store(result, torch.bfloat16)
     manifest = build_manifest(result.modules, result.summary, cfg.to_dict())
     manifest.quantization = quantization_record(names, "int8", "all", torch.bfloat16)

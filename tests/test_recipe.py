@@ -133,7 +133,11 @@ def test_an_auto_recipe_is_written_resolved(tiny_dir, tmp_path, capsys):
     written = Recipe.load(tmp_path / "s")
     assert (written.allocator, written.allocator_options, written.heal) == ("loss-aware", {"signal": "local"},
                                                                             "layerwise")
-    assert written.healing.steps == 10 and written.healing.lr == 1e-3  # layer-wise healing's own defaults
+    healing = written.heal_config()
+    assert (healing.steps, healing.lr, healing.objective) == (10, 1e-3, "mse")  # layer-wise healing's own defaults
+    # and the file's options, being that recovery's defaults, follow another one named over it
+    other = replace(written, heal="distill").heal_config()
+    assert (other.steps, other.lr, other.objective) == (40, 3e-4, "kl")
 
 
 def test_the_api_refuses_before_touching_the_model():

@@ -34,7 +34,8 @@ def _windows(n_train=8, n_held=4, seq=16):
 
 
 def _cfg(**kw):
-    base = dict(steps=6, batch_size=2, grad_accum=1, eval_every=2, patience=10, warmup=0.0, lr=3e-3, seq_len=16)
+    base = dict(method="distill", steps=6, batch_size=2, grad_accum=1, eval_every=2, patience=10, warmup=0.0,
+                lr=3e-3, seq_len=16)
     return HealConfig(**{**base, **kw})
 
 
@@ -84,9 +85,10 @@ def test_a_back_off_warms_up_again_from_where_it_restarts():
 
 
 def test_the_learning_rate_is_searched_unless_one_is_given():
-    assert HealConfig().auto_lr and HealConfig().lr == 3e-4
+    assert HealConfig(method="distill").auto_lr and HealConfig(method="distill").lr == 3e-4
     assert HealConfig(lr="auto").auto_lr and HealConfig(method="seq-lora").lr == 1e-4
     assert not HealConfig(lr=1e-4).auto_lr and HealConfig(lr=1e-4).lr == 1e-4
+    assert HealConfig().lr is None and HealConfig().steps is None  # options for whichever recovery a recipe names
     assert HealConfig(lr=1e-3, auto_lr=True).auto_lr  # a given start for the search
 
 
@@ -101,12 +103,13 @@ def test_batch_order_visits_every_window_once_per_epoch():
 def test_bad_options_are_refused():
     for bad, message in ((dict(steps=0), "heal steps must be ≥ 1"), (dict(method="lora"), "unknown recovery 'lora'"),
                          (dict(lr=-1.0), "learning rate must be > 0"), (dict(topk=-1), "top-k must be ≥ 0"),
-                         (dict(warmup=1.0), "warm-up is a fraction"), (dict(objective="mse"), "objective 'mse'"),
+                         (dict(warmup=1.0), "warm-up is a fraction"),
+                         (dict(objective="l1"), "objective 'l1'"), (dict(objective="mse"), "cannot use 'mse'"),
                          (dict(method="seq-lora", steps=1), "at least 2 steps"),
                          (dict(temperature=0.0), "temperature must be > 0"),
                          (dict(lr_backoff=1.0), "back-off must be > 1"), (dict(max_backoffs=-1), "count ≥ 0")):
         with pytest.raises(SvdzipError, match=message):
-            HealConfig(**bad).validate()
+            HealConfig(**{"method": "distill", **bad}).validate()
 
 
 # ------------------------------------------------------------------ sequential LoRA (peft)

@@ -475,7 +475,7 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
     if heal_config is not None:
         result.units = None  # the bases are in the factors now; the heal needs the memory
     result.summary["calibration_tokens"] = analysis.calibration_tokens
-    heal_report = healers[0].report() if healers else None
+    heal_report = healers.pop().report() if healers else None
     if heal_config is not None and not layerwise:
         # with --resume-dir the heal checkpoints beside the run's statistics and spectra: a rerun of the same
         # command restores those, rebuilds the same factors and continues the heal from its last checkpoint

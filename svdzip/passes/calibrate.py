@@ -113,8 +113,11 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     probe = (capture_layer_inputs(model, adapter, tokens[:PROBE_WINDOWS], batch_size, device, weights=weights)
              if probing and ctx.is_main else None)
     n_main = len(inputs.hidden)
+    if hidden is not None and not probing:
+        hidden = hidden[:n_main]  # a run with the probe stream saved it after the calibration windows
     expected = n_main + (len(probe.hidden) if probe is not None else 0)
-    if ctx.min_int(int(hidden is None or len(hidden) == expected)) == 0:  # saved by a run without the probe stream
+    if start < n_layers and ctx.min_int(int(hidden is None or len(hidden) == expected)) == 0:
+        # saved by a run without the probe stream
         log.warning("the saved activations do not match this run's streams; calibration restarts from layer 0")
         start, hidden = 0, None
     if hidden is None:

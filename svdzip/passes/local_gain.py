@@ -24,6 +24,7 @@ however the calibration windows are split over processes.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ from torch import nn
 
 from svdzip.core.layerwise import first_output, to_device
 from svdzip.models.adapter import LinearInfo
+
+log = logging.getLogger(__name__)
 
 #: calibration windows the gain is measured on (a forward and a backward through each layer)
 PROBE_WINDOWS = 8
@@ -66,6 +69,8 @@ def probe_layer(layer: nn.Module, modules: dict[str, nn.Module], hidden: list[to
                 rms = out.detach().float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
                 r = z / rms.to(out.dtype)
                 live = [(n, y) for n, y in outputs if y.requires_grad]
+                if not live:  # a layer with nothing compressible
+                    continue
                 grads = torch.autograd.grad((out * r).sum(), [y for _, y in live], allow_unused=True)
         finally:
             for h in handles:
@@ -92,13 +97,27 @@ def gain(sums: torch.Tensor) -> float:
     return float(s[0] / s[1]) if s[1] > 0 else 0.0
 
 
-def unit_gain(members: list[LinearInfo], stats: Any) -> float:
-    """A unit's gain: its members' gains weighted by their output width (a stacked unit's loss sums theirs)."""
-    total = sum(m.out_features for m in members)
-    return sum(gain(stats.local[m.name]) * m.out_features for m in members) / max(total, 1)
+def unit_gain(members: list[LinearInfo], stats: Any) -> float | None:
+    """A unit's gain: its members' gains weighted by their output width (a stacked unit's loss sums theirs);
+    None if no probe token reached any of them (an MoE expert the probe windows were never routed to)."""
+    seen = [m for m in members if float(stats.local[m.name][1]) > 0]
+    if not seen:
+        return None
+    return sum(gain(stats.local[m.name]) * m.out_features for m in seen) / sum(m.out_features for m in seen)
 
 
 def attach_gains(units: list[Any], stats: Any) -> None:
-    """Each unit's layer-local gain into `unit.extras["local_gain"]`, where the allocator reads it."""
-    for unit in units:
-        unit.extras["local_gain"] = unit_gain(unit.members, stats)
+    """Each unit's layer-local gain into `unit.extras["local_gain"]`, where the allocator reads it.
+
+    A unit the probe never reached gets the mean gain of the units of its role in its layer (else of its role):
+    a gain of 0 would make its truncation look free."""
+    gains = [unit_gain(unit.members, stats) for unit in units]
+    for unit, value in zip(units, gains, strict=True):
+        if value is None:
+            layer = unit.members[0].layer
+            same = [g for u, g in zip(units, gains, strict=True) if g is not None and u.role == unit.role]
+            here = [g for u, g in zip(units, gains, strict=True)
+                    if g is not None and u.role == unit.role and u.members[0].layer == layer]
+            value = sum(here or same or [0.0]) / max(len(here or same), 1)
+            log.info("%s saw no probe token: it takes the mean gain of its role (%.3g)", unit.name, value)
+        unit.extras["local_gain"] = value

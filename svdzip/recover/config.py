@@ -33,9 +33,13 @@ class HealConfig:
     `steps` counts optimiser steps (each `batch_size × grad_accum` windows of `seq_len` tokens); for
     sequential LoRA they are split evenly between its two phases. Training windows and held-out windows
     are disjoint draws from the calibration part of `corpus`, never its evaluation part.
+
+    `method` "auto" (the default) is a set of options for whichever recovery a recipe names: what is left
+    None (steps, lr, objective) then takes that recovery's defaults (`Recipe.heal_config`). Training needs
+    a named method.
     """
 
-    method: str = "distill"
+    method: str = "auto"
     steps: int | None = None  # None: the method's default (METHOD_DEFAULTS: distill 40, ~5 CPU-minutes on SmolLM2)
     lr: float | None = None  # None: the method's default (METHOD_DEFAULTS), searched downwards (auto_lr)
     # True: `lr` is only where the search starts; a held-out check no better than the best so far rolls the
@@ -78,7 +82,7 @@ class HealConfig:
 
     def validate(self) -> HealConfig:
         if self.method not in HEAL_METHODS:
-            raise SvdzipError(f"unknown recovery '{self.method}'; choose from {', '.join(HEAL_METHODS)}")
+            raise SvdzipError(f"unknown recovery '{self.method}'; name one of {', '.join(HEAL_METHODS)}")
         if self.objective not in OBJECTIVES:
             raise SvdzipError(f"unknown heal objective '{self.objective}'; choose from {', '.join(OBJECTIVES)}")
         if self.order not in ORDERS:

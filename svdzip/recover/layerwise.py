@@ -109,6 +109,8 @@ class LayerwiseHealer:
         self.layers.append(record)
         self._checkpoint(index, layer)
         fault("heal", index)
+        if index == len(self.kwargs) - 1:  # the walk is done: the streams are not needed any more
+            self.dense, self.compressed = [], []
         return rows
 
     def _heal(self, index: int, layer: nn.Module, targets: list[torch.Tensor]) -> dict[str, Any]:
@@ -125,7 +127,7 @@ class LayerwiseHealer:
         for p in params:
             p.requires_grad_(True)
         steps, lr = self.config.steps, float(self.config.lr)
-        optimiser = torch.optim.Adam(params, lr=lr)
+        optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
         warm = max(1, int(self.config.warmup * steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimiser, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm)
