@@ -370,7 +370,7 @@ def heal_setup():
     return dense, tokens, units, [result.ranks[u.name] for u in units]
 
 
-def _heal_first_layer(heal_setup, lr: float, steps: int = 40):
+def _heal_first_layer(heal_setup, lr: float, steps: int = 40, **options):
     """Layer 0 through LayerwiseHealer; returns its record, the layer, the factors as materialised and the held-out
     relative error measured here before and after."""
     dense, tokens, units, ranks = heal_setup
@@ -391,7 +391,8 @@ def _heal_first_layer(heal_setup, lr: float, steps: int = 40):
             seen["before"] = float(relative_error(first_output(layer(x, **kw)), target))
         return rows
 
-    healer = LayerwiseHealer(inputs, HealConfig(method="layerwise", steps=steps, lr=lr, eval_every=5).validate(),
+    healer = LayerwiseHealer(inputs, HealConfig(method="layerwise", steps=steps, lr=lr, eval_every=5,
+                                                **options).validate(),
                              "cpu")
     healer.layer(0, layer, build)
     with torch.no_grad():
@@ -424,6 +425,16 @@ def test_a_heal_that_would_hurt_keeps_the_unhealed_factors(heal_setup, caplog):
     for name, p in layer.named_parameters():
         assert torch.equal(p, materialised[name]), name  # bit for bit
     assert "un-healed factors are kept" in caplog.text
+
+
+def test_a_searched_learning_rate_backs_off_until_the_heal_helps(heal_setup):
+    """Without --heal-lr a rate too large is undone and divided by 3 until the layer's held-out error falls."""
+    record, layer, materialised, before, after = _heal_first_layer(heal_setup, lr=10.0, auto_lr=True,
+                                                                   max_backoffs=10)
+    assert record["kept"] and after < before and 0 < record["backoffs"] <= 10
+    assert record["lr"] == pytest.approx(10.0 / 3.0 ** record["backoffs"])
+    # the tries before stopped early on a non-finite loss or ran in full; the last, at the rate that helped, in full
+    assert 40 < record["steps"] <= 40 * (record["backoffs"] + 1)
 
 
 @pytest.mark.parametrize("family", ["llama-checkpoint", "qwen2"])

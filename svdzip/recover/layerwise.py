@@ -13,8 +13,10 @@ model's. At layer i, with the dense layer still at hand:
 so each layer also learns to undo the error the compressed layers before it pass on. The loss is the
 per-token relative error ‖o_t − t_t‖² / ‖t_t‖², the same per-token scale as the layer-local allocation
 signal (`passes.local_gain`). The windows are the run's calibration windows (at most `train_samples` +
-`heldout_samples` of them); the last `heldout_samples` are held out: a layer whose healing does not lower
-its error there keeps its un-healed factors, and the log says so. A step is `grad_accum` micro-batches of
+`heldout_samples` of them); the last `heldout_samples` are held out: a heal that does not lower the layer's
+error there is undone and, unless `--heal-lr` was given, retried at a third of the rate (at most
+`max_backoffs` times; the next layer starts at the rate that last worked); a layer that still does not
+improve keeps its un-healed factors, and the log says so. A step is `grad_accum` micro-batches of
 `batch_size` windows, `steps` steps per layer. Only one decoder layer is ever in memory.
 
 With a run directory every healed layer's factors and both streams are checkpointed, keyed by what they
@@ -86,6 +88,7 @@ class LayerwiseHealer:
         if not held:
             log.warning("layer-wise healing: one calibration batch only, so its check is on the training windows")
         self.state_dir, self.key = state_dir, key
+        self.lr = float(config.lr)  # where the next layer's heal starts (searched downwards unless given)
         self.layers: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         self.resumed_through = self._restore_streams()
@@ -114,62 +117,83 @@ class LayerwiseHealer:
         return rows
 
     def _heal(self, index: int, layer: nn.Module, targets: list[torch.Tensor]) -> dict[str, Any]:
+        """Train the layer's factors; with a searched learning rate (no `--heal-lr`), a heal that does not lower
+        the held-out error is undone and retried at lr / lr_backoff (at most max_backoffs times), and the next
+        layer starts at the rate that last worked."""
         params = factor_parameters(layer)
         record: dict[str, Any] = {"layer": index, "steps": 0, "params": sum(p.numel() for p in params)}
         if not params:
             record.update(before=None, after=None, kept=False)
             return record
         before = self._error(layer, index, targets)
-        best, best_state = before, [p.detach().clone() for p in params]
+        unhealed = [p.detach().clone() for p in params]
         flags = {id(p): p.requires_grad for p in layer.parameters()}
         for p in layer.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        steps, lr = self.config.steps, float(self.config.lr)
-        optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
-        warm = max(1, int(self.config.warmup * steps))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimiser, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm)
-                                                                                 / max(1, steps - warm))))
+        backoffs, best = 0, before
         try:
-            accum = self.config.grad_accum
-            for step in range(steps):
-                optimiser.zero_grad(set_to_none=True)
-                finite = True
-                for micro in range(accum):  # each step: grad_accum micro-batches of batch_size windows
-                    b = self.train[(step * accum + micro) % len(self.train)]
-                    with torch.enable_grad():
-                        out = first_output(layer(self.compressed[b].to(self.device),
-                                                 **to_device(self.kwargs[index][b], self.device)))
-                        loss = relative_error(out, targets[b].to(self.device)) / accum
-                    finite = finite and bool(torch.isfinite(loss))
-                    loss.backward()
-                if not finite:
-                    log.warning("layer %d: non-finite healing loss at step %d; stopping its heal", index, step)
+            while True:
+                best, state, steps = self._train(index, layer, params, targets, self.lr, before)
+                record["steps"] += steps
+                if best < before or not self.config.auto_lr or backoffs >= self.config.max_backoffs:
                     break
-                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-                optimiser.step()
-                schedule.step()
-                record["steps"] = step + 1
-                if (step + 1) % self.config.eval_every == 0 or step + 1 == steps:
-                    error = self._error(layer, index, targets)
-                    if error < best:
-                        best, best_state = error, [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, kept in zip(params, unhealed, strict=True):
+                        p.copy_(kept)
+                self.lr /= self.config.lr_backoff
+                backoffs += 1
+                log.info("layer %d: no better on the held-out windows; trying again at lr %.3g", index, self.lr)
         finally:
             for p in layer.parameters():
                 p.requires_grad_(flags[id(p)])
                 p.grad = None
         with torch.no_grad():
-            for p, kept in zip(params, best_state, strict=True):
+            for p, kept in zip(params, state if best < before else unhealed, strict=True):
                 p.copy_(kept)
-        record.update(before=before, after=best, kept=best < before)
+        record.update(before=before, after=min(best, before), kept=best < before, lr=self.lr, backoffs=backoffs)
         if best >= before:
             log.warning("layer %d: healing did not lower its held-out output error (%.4g); its un-healed factors "
                         "are kept", index, before)
         else:
             log.info("layer %d healed: held-out relative output error %.4g → %.4g", index, before, best)
         return record
+
+    def _train(self, index: int, layer: nn.Module, params: list[nn.Parameter], targets: list[torch.Tensor],
+               lr: float, before: float) -> tuple[float, list[torch.Tensor], int]:
+        """One heal of the layer at `lr`: (best held-out error, its factors, steps run). Checked twice a heal."""
+        steps, accum = self.config.steps, self.config.grad_accum
+        every = max(1, min(self.config.eval_every, steps // 2))
+        optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
+        warm = max(1, int(self.config.warmup * steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm)
+                                                                                 / max(1, steps - warm))))
+        best, state, done = before, [p.detach().clone() for p in params], 0
+        for step in range(steps):
+            optimiser.zero_grad(set_to_none=True)
+            finite = True
+            for micro in range(accum):  # each step: grad_accum micro-batches of batch_size windows
+                b = self.train[(step * accum + micro) % len(self.train)]
+                with torch.enable_grad():
+                    out = first_output(layer(self.compressed[b].to(self.device),
+                                             **to_device(self.kwargs[index][b], self.device)))
+                    loss = relative_error(out, targets[b].to(self.device)) / accum
+                finite = finite and bool(torch.isfinite(loss))
+                loss.backward()
+            if not finite:
+                log.warning("layer %d: non-finite healing loss at step %d; stopping its heal", index, step)
+                break
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            optimiser.step()
+            schedule.step()
+            done = step + 1
+            if done % every == 0 or done == steps:
+                error = self._error(layer, index, targets)
+                if error < best:
+                    best, state = error, [p.detach().clone() for p in params]
+        return best, state, done
 
     @torch.no_grad()
     def _error(self, layer: nn.Module, index: int, targets: list[torch.Tensor]) -> float:
@@ -195,8 +219,8 @@ class LayerwiseHealer:
         return HealReport(method="layerwise", config=self.config.to_dict(), phases=self.layers,
                           seconds=time.perf_counter() - self.t0,
                           trained_params=sum(r.get("params", 0) for r in self.layers),
-                          initial_heldout=before, final_heldout=after,
-                          improved=kept > 0, lr=float(self.config.lr))
+                          initial_heldout=before, final_heldout=after, improved=kept > 0, lr=self.lr,
+                          lr_auto=bool(self.config.auto_lr), backoffs=sum(r.get("backoffs", 0) for r in done))
 
     # ------------------------------------------------------------------ resume
 
@@ -242,6 +266,7 @@ class LayerwiseHealer:
             raise SvdzipError(f"the layer-wise heal checkpoint of layer {index} vanished from {self.state_dir} "
                               "during the run; rerun the same command")
         tensors, info = got
+        self.lr = float(info.get("record", {}).get("lr", self.lr))  # the rate the next layer starts at
         params = dict(layer.named_parameters())
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name]))
