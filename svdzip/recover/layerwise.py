@@ -16,8 +16,9 @@ signal (`passes.local_gain`). The windows are the run's calibration windows (at 
 `heldout_samples` of them); the last `heldout_samples` are held out: a heal that does not lower the layer's
 error there is undone and, unless `--heal-lr` was given, retried at a third of the rate (at most
 `max_backoffs` times; the next layer starts at the rate that last worked); a layer that still does not
-improve keeps its un-healed factors, and the log says so. A step is `grad_accum` micro-batches of
-`batch_size` windows, `steps` steps per layer. Only one decoder layer is ever in memory.
+improve keeps its un-healed factors, the log says so, and the next layer starts at this one's first rate.
+A step is `grad_accum` micro-batches of `batch_size` windows, `steps` steps per layer. Only one decoder layer
+is ever in memory.
 
 With a run directory every healed layer's factors and both streams are checkpointed, keyed by what they
 depend on (ranks, options, tokens), so a killed run resumes at the layer it stopped in.
@@ -132,7 +133,7 @@ class LayerwiseHealer:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        backoffs, best = 0, before
+        backoffs, best, start_lr = 0, before, self.lr
         try:
             while True:
                 best, state, steps = self._train(index, layer, params, targets, self.lr, before)
@@ -153,7 +154,8 @@ class LayerwiseHealer:
             for p, kept in zip(params, state if best < before else unhealed, strict=True):
                 p.copy_(kept)
         record.update(before=before, after=min(best, before), kept=best < before, lr=self.lr, backoffs=backoffs)
-        if best >= before:
+        if best >= before:  # no rate helped this layer: the next one starts where this one did
+            self.lr = start_lr
             log.warning("layer %d: healing did not lower its held-out output error (%.4g); its un-healed factors "
                         "are kept", index, before)
         else:
