@@ -105,11 +105,14 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [f"### Streamed and in-memory recipes on {payload['model']}", "",
              f"Perplexity on {payload['eval_tokens']} evaluation tokens per corpus in windows of {payload['seq_len']}; "
              "calibration (and every heal) on `wiki` calibration windows only. Times are wall seconds of the whole "
-             f"command on this machine ({payload['threads']} threads); peak RSS is the command's process tree.", "",
+             f"command on this machine ({payload['threads']} thread(s)); peak RSS is the command's process tree. "
+             "Streamed cells share one run directory: the first computes the calibration statistics (with the "
+             "local gains) and the spectra, the others reuse them (their calibrate and decompose columns show "
+             "it).", "",
              "| ratio | mode | allocator | heal | " + " | ".join(f"{c} ppl" for c in corpora) + " | "
              + " | ".join(f"×dense {c}" for c in corpora) + " | calibrate s | decompose s | heal/write s | total s "
              "| peak RSS GiB |",
-             "|" + "---|" * (8 + 2 * len(corpora))]
+             "|" + "---|" * (9 + 2 * len(corpora))]
     dense = payload.get("dense", {})
     lines.append("| 0% | dense | — | — | " + " | ".join(str(dense.get(c, "")) for c in corpora) + " | "
                  + " | ".join("1.00" for _ in corpora) + " | | | | | |")
