@@ -333,7 +333,7 @@ def test_options_are_typed_from_text_or_values(name, raw, expected):
     ("drank", {"tune_beta": "maybe"}, r"expected true or false"),
     ("loss-aware", {"fisher_samples": "2.5"}, r"expected a whole number"),
     ("loss-aware", {"fisher_batch": 0}, r"expected a value ≥ 1"),
-    ("loss-aware", {"signal": "fishy"}, r"expected one of fisher, whitened, relative, erank"),
+    ("loss-aware", {"signal": "fishy"}, r"expected one of fisher, local, whitened, relative, erank"),
     ("uniform", {"beta": 0.3}, r"'uniform' takes no options"),
     ("ara", {"steps": "many"}, r"steps=many of 'ara' is not valid: expected a number"),
     ("ara", {"init_beta": 0.2}, r"'uniform' takes no options \(given to ARA as init_<key>=value for init=uniform\)"),
