@@ -122,6 +122,18 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
            choices=list(ORDERS))
 
 
+def _rank_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rank (a whole number ≥ 0) or auto, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a rank must be ≥ 0, got {value}")
+    return value
+
+
 def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
     """The recipe fields (or recovery options) given on the command line, by field name."""
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
@@ -177,8 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget instead of --ratio: weight bytes of the whole saved model (e.g. 80MB, 64MiB)")
     field("--budget-fraction", "budget_fraction", "memory budget as a fraction of the dense model's bfloat16 weight "
           "bytes (e.g. 0.35)", quote=False, type=float)
-    field("--quantize", "quantize", "weight-only quantization of the stored matrices with torchao "
-          "(pip install 'svdzip[quant]'); int4 needs CUDA", quote=False, choices=["int8", "int4"])
+    field("--quantize", "quantize", "weight-only quantization of the stored matrices: int8 (torchao, pip install "
+          "'svdzip[quant]'); int4, int3, int2 (HQQ, packed, every matrix at that width; pip install 'svdzip[lowbit]'); "
+          "plan: the byte planner chooses per matrix among factorised, dense and 8/4/3/2 bits with a compensation; "
+          "none; auto: plan for a memory budget, none for a ratio", choices=["auto", "none", "int8", "int4", "int3",
+                                                                            "int2", "plan"])
+    field("--compensate", "compensate", "rank of the low-rank correction of each low-bit matrix's quantization error "
+          "(EoRA's closed form on the calibration inputs); auto: chosen per matrix by the planner within a memory "
+          "budget, 0 without one", type=_rank_or_auto)
     field("--quantize-scope", "quantize_scope", "what --quantize stores quantized: all matrices, the dense "
           "remainder only, or the factors only", choices=["all", "dense", "factors"])
     c.add_argument("--params-first", action="store_true",
@@ -314,6 +332,11 @@ def recipe_from_args(args: argparse.Namespace):
                           "(--budget-bytes/--budget-fraction), not both")
     if args.budget_bytes is not None and "budget_fraction" in given:
         raise SvdzipError("give --budget-bytes or --budget-fraction, not both")
+    if given.get("quantize") == "none":
+        given["quantize"] = None
+    if given.get("quantize") in ("int4", "int3", "int2") and ("ratio" in given or args.kept is not None):
+        raise SvdzipError(f"--quantize {given['quantize']} stores every matrix whole at that width: a parameter ratio "
+                          "does not apply (give a memory budget to let the planner add compensations or factorise)")
     if args.kept is not None:
         given["ratio"] = ratio_from_kept(args.kept)
     if "ratio" in given:  # a ratio given on the command line replaces a recipe file's memory budget

@@ -29,6 +29,9 @@ AUTO = "auto"
 #: resumable or distributed run
 RECOMMENDED = {"allocator": "loss-aware", "allocator_options": {}, "heal": "distill"}
 SCALED = {"allocator": "loss-aware", "allocator_options": {"signal": "local"}, "heal": "layerwise"}
+#: --quantize values stored packed by HQQ (`output.lowbit`), and the planner that mixes them
+LOWBIT = ("int4", "int3", "int2")
+PLAN = "plan"
 RECIPE_FORMAT = 1
 RECIPE_FILE = "recipe.yaml"
 #: fields that say where a run executes, not what it makes: left out of the recipe file
@@ -58,9 +61,13 @@ class Recipe:
     # its options (its method is `heal`; what is not set here takes that method's defaults)
     healing: HealConfig = field(default_factory=HealConfig)
     # the storage
-    storage_dtype: str = "float32"  # dtype the unquantized weights are saved in (prices a byte budget)
-    quantize: str | None = None  # weight-only quantization of the stored matrices: int8 (int4 needs CUDA)
-    quantize_scope: str = "all"  # all | dense (the dense remainder only) | factors (the factors only)
+    storage_dtype: str = AUTO  # dtype of the unquantized weights: auto = bfloat16 for a memory budget, else float32
+    # quantization of the stored matrices: int8 (torchao, per row), int4 | int3 | int2 (HQQ, packed, every matrix at
+    # that width), plan (the byte planner chooses per matrix among factorised, dense and 8/4/3/2 bits), none, or auto
+    # (plan for a memory budget, none for a parameter ratio)
+    quantize: str | None = AUTO
+    quantize_scope: str = "all"  # int8: all | dense (the dense remainder only) | factors (the factors only)
+    compensate: int | str = AUTO  # low-rank correction of each low-bit matrix's error: a rank, or auto (planned)
     byte_aware: bool = True  # False: allocate parameters first, then fit the byte budget by the ratio
     # the calibration text
     corpus: str = "wiki"
@@ -90,9 +97,14 @@ class Recipe:
         heal = chosen["heal"] if self.heal == AUTO else self.heal
         if self.heal == AUTO and heal in LAYER_LOCAL and (self.update or self.group_size > 1):
             heal = "none"  # layer-wise healing trains each layer's own factors, then an update would overwrite them
+        quantize = (PLAN if self.memory_budget else None) if self.quantize == AUTO else self.quantize
+        if self.heal == AUTO and quantize in (PLAN, *LOWBIT):
+            heal = "none"  # the planner's compensation is closed-form; --heal distill trains it further if asked
+        storage = self.storage_dtype if self.storage_dtype != AUTO else (
+            "bfloat16" if self.memory_budget else "float32")
         return replace(self, allocator=chosen["allocator"] if auto_allocator else self.allocator,
                        allocator_options=dict(chosen["allocator_options"]) if auto_allocator
-                       else self.allocator_options, heal=heal).validate()
+                       else self.allocator_options, heal=heal, quantize=quantize, storage_dtype=storage).validate()
 
     def heal_config(self) -> HealConfig | None:
         """The recovery to run (None for none), trained on the calibration corpus unless it names its own."""
@@ -114,6 +126,11 @@ class Recipe:
         return replace(self, healing=healing) if healing is not None else self
 
     @property
+    def lowbit(self) -> bool:
+        """Stored (partly) at HQQ's low bit widths: the byte planner decides the storage of every matrix."""
+        return self.quantize in (PLAN, *LOWBIT)
+
+    @property
     def label(self) -> str:
         """One name per compression, e.g. `svdllm+drank+update` or `svdllm+share2` (recovery not included)."""
         parts = [self.method]
@@ -125,7 +142,11 @@ class Recipe:
             parts.append("update" if self.update == "svdllm" else f"update-{self.update}")
         if self.memory_budget and not self.byte_aware:
             parts.append("params-first")
-        if self.quantize:
+        if self.lowbit:
+            comp = "" if self.compensate in (0, AUTO) and self.quantize != PLAN else (
+                "+eora" if self.compensate == AUTO else f"+eora{self.compensate}")
+            parts.append(("hqq-plan" if self.quantize == PLAN else f"hqq-{self.quantize}") + comp)
+        elif self.quantize and self.quantize != AUTO:
             parts.append(self.quantize if self.quantize_scope == "all" else f"{self.quantize}-{self.quantize_scope}")
         return "+".join(parts)
 
@@ -176,16 +197,33 @@ class Recipe:
             raise SvdzipError("give a memory budget either in bytes or as a fraction, not both")
         if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
             raise SvdzipError(f"budget_bytes must be a positive whole number of bytes, got {self.budget_bytes!r}")
-        if self.budget_fraction is not None and not 0.0 < self.budget_fraction <= 10.0:
-            raise SvdzipError(f"budget_fraction must be a positive fraction of the dense bf16 weight bytes, "
-                              f"got {self.budget_fraction!r}")
-        if self.quantize is not None and self.quantize not in PRECISIONS:
-            raise SvdzipError(f"unknown quantization '{self.quantize}'; choose from {', '.join(PRECISIONS)}")
+        if self.budget_fraction is not None and (not isinstance(self.budget_fraction, int | float)
+                                                 or not 0.0 < self.budget_fraction <= 1.0):
+            raise SvdzipError(f"budget_fraction is a fraction of the dense model's bf16 weight bytes, above 0 and at "
+                              f"most 1 (1 = the dense bf16 size, which nothing needs compressing to), got "
+                              f"{self.budget_fraction!r}")
+        choices = (AUTO, *PRECISIONS, *LOWBIT, PLAN)
+        if self.quantize is not None and self.quantize not in choices:
+            raise SvdzipError(f"unknown quantization '{self.quantize}'; choose from none, {', '.join(choices)}")
+        if self.compensate != AUTO and (isinstance(self.compensate, bool) or not isinstance(self.compensate, int)
+                                        or self.compensate < 0):
+            raise SvdzipError(f"compensate must be a rank ≥ 0 or auto, got {self.compensate!r}")
+        if self.compensate not in (AUTO, 0) and self.quantize not in (PLAN, *LOWBIT):
+            raise SvdzipError(f"--compensate {self.compensate} corrects the error of low-bit weights: give "
+                              f"--quantize {'|'.join((*LOWBIT, PLAN))} as well")
+        if self.quantize == PLAN and not self.memory_budget:
+            raise SvdzipError("--quantize plan spends a memory budget: give --budget-fraction or --budget-bytes")
+        if self.quantize in (PLAN, *LOWBIT) and self.method != "svdllm":
+            raise SvdzipError(f"low-bit storage prices every option in SVD-LLM's whitened metric (the Gram matrices "
+                              f"of the inputs): use --method svdllm, not {self.method}")
+        if self.quantize in (PLAN, *LOWBIT) and (self.update or self.heal in LAYER_LOCAL):
+            raise SvdzipError(f"low-bit storage is planned on the dense weights: --update and --heal layerwise are "
+                              f"not supported with --quantize {self.quantize}")
         if self.quantize_scope not in SCOPES:
             raise SvdzipError(f"unknown quantization scope '{self.quantize_scope}'; choose from {', '.join(SCOPES)}")
-        if self.quantize and self.group_size > 1:
+        if self.quantize not in (None, AUTO) and self.group_size > 1:
             raise SvdzipError("quantization of Basis Sharing's shared bases is not supported (use --group-size 1)")
-        if self.storage_dtype not in ("float32", "float16", "bfloat16"):
+        if self.storage_dtype not in (AUTO, "float32", "float16", "bfloat16"):
             raise SvdzipError(f"unknown storage dtype '{self.storage_dtype}'")
 
     # ------------------------------------------------------------------ serialisation

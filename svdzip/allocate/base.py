@@ -64,6 +64,8 @@ class Allocation:
     ranks: list[Rank]
     report: dict[str, Any] = field(default_factory=dict)
     allocator: str = ""
+    #: matrices the byte planner stores quantized: name → (bits, compensation rank); their rank is DENSE
+    lowbit: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Allocator(ABC):

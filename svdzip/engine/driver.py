@@ -81,6 +81,9 @@ def part_needs(config: Recipe) -> dict[str, Needs]:
     if config.memory_budget or config.quantize:
         parts["memory budgets and --quantize"] = Needs(whole_model=True).because(
             "bytes are planned and quantized on the model in memory")
+    if config.lowbit:
+        parts[f"--quantize {config.quantize}"] = Needs(statistics=frozenset({"grams"}), whole_model=True).because(
+            "low-bit errors and their compensations are measured with each input's Gram matrix")
     if heal is not None and heal.layer_local:  # inside the layer walk: streamed, resumed, on rank 0 of torchrun
         parts[f"--heal {heal.method}"] = Needs(calib_tokens=True).because(
             "layer-wise healing trains each layer on the calibration windows")
@@ -196,10 +199,16 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     refuse_unsupported(parts, mode)
     needs = union(parts)
     _refuse_missing_inputs(request, needs, mode, given)
-    if recipe.quantize:
+    if recipe.lowbit:  # before any expensive step
+        from svdzip.output.lowbit import BITS
+        from svdzip.output.lowbit import require_backend as require_hqq
+
+        require_hqq(BITS[0] if recipe.quantize == "plan" else int(recipe.quantize.removeprefix("int")),
+                    why=f"--quantize {recipe.quantize}")
+    elif recipe.quantize:
         from svdzip.output.quantize import require_backend
 
-        require_backend(recipe.quantize, recipe.device)  # before any expensive step
+        require_backend(recipe.quantize, recipe.device)
     heal = recipe.heal_config()
     if not streamed and not given:
         refuse_if_too_large(source, recipe, needs, heal, ctx.world_size)
@@ -294,7 +303,8 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
             return None
         # the spectra are handed over, not kept here, so that the finishing step can free them before the Fisher pass
         # and the heal; the statistics are done with (on Qwen2.5-0.5B: 1 GB of bases, 5 GB of Gram matrices)
-        analysis = Analysis(units=units, calibration_tokens=int(stats.tokens) if stats is not None else 0)
+        analysis = Analysis(units=units, calibration_tokens=int(stats.tokens) if stats is not None else 0,
+                            stats=stats if request.recipe.lowbit else None)
         del stats, units
         staging = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.alloc-", dir=_parent(out)))
         try:
@@ -320,6 +330,7 @@ class Analysis:
 
     units: list[Any] | None
     calibration_tokens: int = 0
+    stats: Any = None  # kept only where the storage stage needs them (low-bit errors and compensations)
 
     def take_units(self) -> list[Any]:
         units, self.units = self.units, None
@@ -469,7 +480,8 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
                                         request.resume_dir))
         return healers[-1]
 
-    result = factorise(model, recipe, analysis.take_units(), calib_tokens=tokens, heldout_tokens=heldout,
+    result = factorise(model, recipe, analysis.take_units(), stats=analysis.stats, calib_tokens=tokens,
+                       heldout_tokens=heldout,
                        out_dir=staging, allocation_cache=request.allocation_cache, timings=timings,
                        healer=healer if layerwise else None)
     if heal_config is not None:
@@ -490,6 +502,10 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
         from svdzip.output.quantize import quantization_record
 
         manifest.quantization = quantization_record(quantized, recipe.quantize, recipe.quantize_scope, save_dtype)
+    if recipe.lowbit:
+        from svdzip.output.lowbit import lowbit_record
+
+        manifest.lowbit = lowbit_record(model)
     if heal_report is not None:
         from svdzip.recover.directory import record_recovery
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from svdzip.allocate import Allocation, AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
 from svdzip.core.statistics import CalibrationStats, default_stats_path, statistics_key
-from svdzip.errors import SvdzipError
+from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.factorisations import get_method
 from svdzip.methods.materialise import ModuleReport, materialise
@@ -79,7 +80,7 @@ def factorise(
     t0 = time.perf_counter()
     allocation, memory_plan, options = allocate_units(units, config, adapter, model=model,
                                                  calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
-                                                 cache=allocation_cache)
+                                                 cache=allocation_cache, stats=stats)
     ranks = allocation.ranks
     timings["allocate_s"] = time.perf_counter() - t0
     if out_dir is not None:
@@ -96,6 +97,11 @@ def factorise(
     else:
         rows = materialise_layers(adapter, units, ranks, healer(ranks), config.device)
         timings["materialise_heal_s"] = time.perf_counter() - t0
+
+    if allocation.lowbit:
+        t0 = time.perf_counter()
+        rows = store_lowbit(adapter, units, allocation, rows, stats, options["quant_errors"], config.device)
+        timings["lowbit_s"] = time.perf_counter() - t0
 
     if config.update:
         from svdzip.passes.update import apply_update
@@ -126,9 +132,12 @@ def factorise(
     if memory_plan is not None:
         from svdzip.allocate.memory import price
 
-        summary["memory"] = {**memory_plan.to_dict(),
-                             "planned_bytes": memory_plan.fixed_bytes + spent(price(units, memory_plan.pricing), ranks),
+        planned = (allocation.report["planned_matrix_bytes"] if config.lowbit
+                   else spent(price(units, memory_plan.pricing), ranks))
+        summary["memory"] = {**memory_plan.to_dict(), "planned_bytes": memory_plan.fixed_bytes + planned,
                              "params_first_ratio": options.get("params_first_ratio")}
+    if allocation.lowbit:
+        summary["lowbit"] = {k: v for k, v in allocation.report.items() if k != "predicted_loss"}
     if config.quantize:
         summary["quantize"] = {"precision": config.quantize, "scope": config.quantize_scope}
     log.info("%s: removed %.4f of decoder linear parameters (asked %s); model %d → %d parameters",
@@ -174,7 +183,8 @@ def materialise_layers(adapter: ModelAdapter, units: list[Unit], ranks: list[int
 
 def allocate_units(units: list[Unit], config: Recipe, adapter: ModelAdapter, *, model: nn.Module | None,
                    calib_tokens: torch.Tensor | None = None, heldout_tokens: torch.Tensor | None = None,
-                   cache: AllocationCache | None = None) -> tuple[Allocation, Any, dict[str, Any]]:
+                   cache: AllocationCache | None = None, stats: CalibrationStats | None = None
+                   ) -> tuple[Allocation, Any, dict[str, Any]]:
     """The allocation of the units under the config's budget (parameters, or bytes); the same for every mode.
 
     Returns (the allocation, the memory plan or None, the options the allocator saw).
@@ -186,10 +196,83 @@ def allocate_units(units: list[Unit], config: Recipe, adapter: ModelAdapter, *, 
         heldout_tokens=heldout_tokens, device=config.device, seed=config.seed,
         cache=cache if cache is not None else AllocationCache(),
     )
+    if config.lowbit:
+        return _plan_lowbit(model, units, ctx, config, adapter, stats)
     if config.memory_budget:
         allocation, memory_plan = _allocate_memory(model, units, ctx, config)
         return allocation, memory_plan, ctx.options
     return allocate(config.allocator, units, ctx), None, ctx.options
+
+
+def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: Recipe, adapter: ModelAdapter,
+                 stats: CalibrationStats | None) -> tuple[Allocation, Any, dict[str, Any]]:
+    """The byte planner's storage of every matrix (`allocate.storage`): low bits, compensation, factors, dense."""
+    from svdzip.allocate import parse_allocator_options
+    from svdzip.allocate.memory import plan
+    from svdzip.allocate.storage import menu_for, plan_storage, planner_weights, storage_value_bytes
+    from svdzip.output.loading import parse_dtype
+    from svdzip.passes.quant_error import quantization_errors
+
+    if config.allocator != "loss-aware":
+        raise SvdzipError(f"low-bit storage is planned by loss-aware's byte planner; --allocator {config.allocator} "
+                          "cannot choose bits (leave --allocator auto)")
+    dtype = parse_dtype(config.storage_dtype)
+    menu = menu_for(config.quantize, config.compensate, storage_value_bytes(dtype))
+    ctx.options = parse_allocator_options("loss-aware", ctx.options)
+    errors = ctx.cache.get("quant-errors", "shared", dict)  # filled per (matrix, bits); reused across budgets
+    quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors)
+    mplan = None
+    budget = None
+    if config.memory_budget:
+        mplan = plan(model, units, config.budget_bytes, config.budget_fraction, dtype, None)
+        budget = mplan.unit_budget
+    try:
+        allocation = plan_storage(units, planner_weights(units, ctx) if budget is not None else [1.0] * len(units),
+                                  errors, menu, budget)
+    except InfeasibleBudget as exc:
+        least, ref = mplan.fixed_bytes + exc.least_bytes, mplan.reference_bytes
+        raise SvdzipError(f"memory budget of {mplan.budget_bytes:,} bytes ({mplan.budget_bytes / ref:.1%}"
+                          f" of the dense bf16 weights) cannot be met with --quantize {config.quantize}: the smallest "
+                          f"it can store is {least:,} bytes ({least / ref:.1%}; embeddings and "
+                          f"norms {mplan.fixed_bytes:,})") from None
+    return allocation, mplan, {**ctx.options, "quant_errors": errors}
+
+
+def store_lowbit(adapter: ModelAdapter, units: list[Unit], allocation: Allocation, rows: list[ModuleReport],
+                 stats: CalibrationStats | None, errors: dict[Any, Any], device: str | torch.device
+                 ) -> list[ModuleReport]:
+    """Replace the planner's low-bit matrices by packed `LowBitLinear`s with their compensation (EoRA's closed
+    form on the calibration Grams); their report rows say bits and rank."""
+    from svdzip.methods.compensation import compensation_factors
+    from svdzip.models.lowrank import LowRankLinear
+    from svdzip.output.lowbit import LowBitLinear, packed_bytes
+    from svdzip.passes.quant_error import unit_gram
+
+    by_name = {u.name: u for u in units}
+    out = []
+    for row in tqdm(rows, desc="storing low-bit matrices", unit="matrix"):
+        if row.name not in allocation.lowbit:
+            out.append(row)
+            continue
+        bits, comp = allocation.lowbit[row.name]
+        unit, err = by_name[row.name], errors[row.name, bits]
+        module = adapter.module(row.name)
+        compensation = None
+        if comp:
+            with torch.no_grad():
+                weight = module.weight.detach().to(device)
+                b, a = compensation_factors(weight, err.packed.dequantize(torch.float32).to(device),
+                                            unit_gram(unit, stats).to(device), comp)
+            compensation = LowRankLinear.from_factors(b.to(module.weight), a.to(module.weight))
+        adapter.set_module(row.name, LowBitLinear.from_linear(module, bits, compensation, packed=err.packed))
+        stored = packed_bytes(row.out_features, row.in_features, bits)
+        energy = unit.spectrum.energy
+        out.append(dataclasses.replace(row, bits=bits, compensation_rank=comp,
+                                       loss=float(err.tail_curve()[comp]) / energy if energy > 0 else 0.0,
+                                       params=comp * (row.out_features + row.in_features),
+                                       kept=(stored / 2 + comp * (row.out_features + row.in_features))
+                                       / (row.out_features * row.in_features)))
+    return out
 
 
 def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: Recipe):
@@ -220,7 +303,7 @@ def store(result: CompressionResult, dtype: torch.dtype) -> list[str]:
     with torch.no_grad():
         for p in result.model.parameters():
             p.data = p.data.to(dtype)
-    if not result.config.quantize:
+    if not result.config.quantize or result.config.lowbit:  # low-bit matrices were packed by `store_lowbit`
         return []
     from svdzip.output.quantize import quantize_linears, require_backend
 

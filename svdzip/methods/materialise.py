@@ -29,6 +29,8 @@ class ModuleReport:
     loss: float  # relative data-weighted truncation loss tail(k) / energy of its unit
     seconds: float
     shared_with: str | None = None
+    bits: int | None = None  # stored at these bits (HQQ, packed); None = 16/32-bit
+    compensation_rank: int = 0  # rank of the low-rank correction of its quantization error
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,6 +46,7 @@ class SvdzipConfig(QuantizationConfigMixin):
         format: int = MANIFEST_FORMAT,
         details: dict[str, Any] | None = None,
         quantization: dict[str, Any] | None = None,
+        lowbit: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.quant_method = QUANT_METHOD
@@ -57,6 +58,7 @@ class SvdzipConfig(QuantizationConfigMixin):
         self.format = format
         self.details = details or {}
         self.quantization = quantization  # svdzip.output.quantize.quantization_record(), or None (16/32-bit only)
+        self.lowbit = lowbit  # svdzip.output.lowbit.lowbit_record(): the HQQ-packed linears, or None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -66,6 +68,8 @@ class SvdzipConfig(QuantizationConfigMixin):
         }
         if self.quantization:
             d["quantization"] = self.quantization
+        if self.lowbit:
+            d["lowbit"] = self.lowbit
         return d
 
 
@@ -161,6 +165,11 @@ class SvdzipQuantizer(HfQuantizer):
         aliases = apply_manifest(model, self.quantization_config.modules)
         if aliases:
             model.all_tied_weights_keys = {**getattr(model, "all_tied_weights_keys", {}), **aliases}
+        lowbit = getattr(self.quantization_config, "lowbit", None)
+        if lowbit:
+            from svdzip.output.lowbit import apply_lowbit
+
+            apply_lowbit(model, lowbit)
         q = self._quantization()
         if q:
             from svdzip.output.quantize import require_backend, swap_in_slots
@@ -199,6 +208,10 @@ class SvdzipQuantizer(HfQuantizer):
         return kept
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if getattr(self.quantization_config, "lowbit", None):
+            from svdzip.output.lowbit import check_packed
+
+            check_packed(model)
         if self._quantization():
             from svdzip.output.quantize import load_quantized
 
