@@ -278,6 +278,9 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
                                request.restart, ctx)
         units = request.units
         stats = None
+        if units is not None and recipe.lowbit:  # given spectra, but low-bit errors are measured on the Grams
+            stats = _statistics(request, model, adapter, tokens, source, Needs(statistics=frozenset({"grams"})),
+                                weights, state, ctx, stats_on_disk, timings)
         if units is None:  # given spectra need no statistics (the update captures its own inputs)
             t0 = time.perf_counter()
             stats = _statistics(request, model, adapter, tokens, source, needs, weights, state, ctx, stats_on_disk,

@@ -125,7 +125,8 @@ def factorise(
         "model_params_before": params_before,
         "model_params_after": params_after,
         "model_ratio_achieved": 1.0 - params_after / params_before,
-        "dense_modules": sum(1 for r in rows if r.rank is None),
+        "dense_modules": sum(1 for r in rows if r.rank is None and r.bits is None),
+        "lowbit_modules": sum(1 for r in rows if r.bits is not None),
         "calibration_tokens": stats.tokens if stats is not None else 0,
         **{k: round(v, 3) for k, v in timings.items()},
     }
@@ -211,6 +212,7 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
     from svdzip.allocate.memory import plan
     from svdzip.allocate.storage import menu_for, plan_storage, planner_weights, storage_value_bytes
     from svdzip.output.loading import parse_dtype
+    from svdzip.passes.head import head_unit
     from svdzip.passes.quant_error import quantization_errors
 
     if config.allocator != "loss-aware":
@@ -219,6 +221,9 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
     dtype = parse_dtype(config.storage_dtype)
     menu = menu_for(config.quantize, config.compensate, storage_value_bytes(dtype))
     ctx.options = parse_allocator_options("loss-aware", ctx.options)
+    head = head_unit(model, adapter, ctx.calib_tokens, stats, config.device)
+    if head is not None and all(u.name != head.name for u in units):
+        units.append(head)  # the caller's list: materialised and reported with the rest
     errors = ctx.cache.get("quant-errors", "shared", dict)  # filled per (matrix, bits); reused across budgets
     quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors)
     mplan = None

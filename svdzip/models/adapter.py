@@ -172,7 +172,7 @@ class ModelAdapter:
 
     def set_module(self, name: str, new: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
-        setattr(_get(self.model, parent_name), child, new)
+        setattr(_get(self.model, parent_name) if parent_name else self.model, child, new)
 
     def layer_of(self, info: LinearInfo) -> nn.Module:
         return self.layers[info.layer]

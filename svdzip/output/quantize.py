@@ -119,9 +119,14 @@ def storage_bytes(t: torch.Tensor) -> int:
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the model's unique parameters as stored (what a memory budget counts; buffers such as rotary
-    frequencies are recomputed on load, not saved)."""
-    return sum(storage_bytes(p) for p in model.parameters())
+    """Bytes of the model's unique parameters as stored, plus the packed low-bit weights (buffers of
+    `LowBitLinear`): what a memory budget counts. Other buffers, such as rotary frequencies, are recomputed on
+    load, not saved."""
+    from svdzip.output.lowbit import lowbit_linears
+
+    packed = sum(t.numel() * t.element_size() for m in lowbit_linears(model).values()
+                 for t in (m.packed, m.scale, m.zero))
+    return sum(storage_bytes(p) for p in model.parameters()) + packed
 
 
 def is_quantized(t: torch.Tensor) -> bool:

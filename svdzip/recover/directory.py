@@ -56,6 +56,10 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
     if manifest_dict.get("quantization"):
         raise SvdzipError(f"{src} is quantized: its int8 factors cannot be trained; heal before quantizing "
                           "(`svdzip compress --heal distill --quantize int8 …`)")
+    if manifest_dict.get("lowbit"):
+        raise SvdzipError(f"{src} holds packed low-bit weights: `svdzip heal` does not train them; heal while "
+                          "compressing instead (`svdzip compress --budget-fraction F --heal distill …` trains the "
+                          "factors and the compensations of the quantization errors against the dense model)")
     if out.exists() and not overwrite:
         raise SvdzipError(f"output directory {out} already exists; pass --overwrite to replace it")
     source = teacher_source(manifest_dict, teacher)

@@ -34,7 +34,8 @@ def human_bytes(n: float) -> str:
 
 
 def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[list[str], list[list[Any]]]:
-    """Layers × roles: the rank (or kept fraction) of every module; 'dense' where kept dense.
+    """Layers × roles: the rank (or kept fraction) of every module; 'dense' where kept dense, '4b+r12' where
+    stored at 4 bits with a compensation of rank 12.
 
     Several modules of one role in a layer (the experts of an MoE block) show as their range, "lo–hi".
     """
@@ -44,7 +45,11 @@ def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[l
         if m["role"] not in roles_seen:
             roles_seen.append(m["role"])
         v = m.get(value)
-        cells[m["layer"]][m["role"]].append("dense" if m.get("rank") is None and value == "rank" else v)
+        if m.get("bits") and value == "rank":  # stored at low bits: "4b", or "4b+r12" with its compensation
+            v = f"{m['bits']}b" + (f"+r{m['compensation_rank']}" if m.get("compensation_rank") else "")
+        elif m.get("rank") is None and value == "rank":
+            v = "dense"
+        cells[m["layer"]][m["role"]].append(v)
     grid = {layer: {role: _cell(values) for role, values in by_role.items()} for layer, by_role in cells.items()}
     roles = [r for r in ROLES if r in roles_seen] + [r for r in roles_seen if r not in ROLES]
     rows = [[layer, *(grid[layer].get(r, "") for r in roles)] for layer in sorted(grid)]

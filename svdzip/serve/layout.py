@@ -253,6 +253,13 @@ def check_format(quant_config: Mapping[str, Any]) -> None:
             f"{MANIFEST_FORMAT}" + ("; upgrade svdzip (`pip install -U svdzip`) to serve it" if newer else ""))
     if not isinstance(quant_config.get("modules"), dict):
         raise SvdzipError("svdzip manifest has no 'modules' table")
+    stored = [what for what, key in (("int8 weights (torchao)", "quantization"),
+                                     ("packed low-bit weights (HQQ)", "lowbit")) if quant_config.get(key)]
+    if stored:
+        raise SvdzipError(f"this directory holds {' and '.join(stored)}: svdzip's vLLM plugin serves 16/32-bit "
+                          "factors and dense matrices only (vLLM's own HQQ and int8 kernels expect their own "
+                          "checkpoint formats, on GPUs). Serve it with transformers (`svdzip.load`), or compress "
+                          "for vLLM without --quantize (with a memory budget: --quantize none)")
 
 
 def expected_linears(architecture: str, config: Mapping[str, Any] | Any) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,283 @@
+"""Low bits plus low rank at a memory budget: HQQ 4/3/2-bit alone, with EoRA compensation, and the byte planner.
+
+    python benchmarks/lowbit.py --model smollm2-135m --fractions 0.25,0.30,0.35,0.40,0.50,0.61 \
+        --eval-tokens 16384 --seq-len 512 --threads 2
+
+Budgets are fractions of the dense model's weight bytes in bfloat16 (embeddings, lm_head and norms stay
+bfloat16 in every recipe). Every cell is compressed from the same calibration statistics (64 × 512 wiki
+tokens), SAVED, RELOADED with `svdzip.load` (transformers' `from_pretrained` through svdzip's quantizer), and
+measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (bf16 weights, float32 compute). Recipes:
+
+* `dense-bf16`: the dense model.
+* `int8`: every decoder linear int8 (torchao, per row): one point, at its own size.
+* `hqq{b}`: every decoder linear at b bits (HQQ, groups of 64, bf16 scale and zero): one point each.
+* `plan@hqq{b}`: the byte planner (`--quantize plan`) at exactly the bytes of `hqq{b}`: equal-bytes comparison.
+* `hqq{b}+eora`: b bits everywhere plus compensations whose ranks the planner allocates within the budget, for
+  the widest b that fits the budget (`--quantize int{b} --compensate auto`).
+* `hqq{b}+eora-uniform`: the same bits with one compensation rank for every matrix, the largest that fits.
+* `plan`: `svdzip compress --budget-fraction F` with no other flag (quantize auto = plan, loss-aware weights).
+
+Results are rewritten after every cell; `--rewrite` redraws the table and plot from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import RESULTS, Bench, setup_logging, write_results
+
+import svdzip
+from svdzip.errors import SvdzipError
+from svdzip.evaluate.speed import SpeedSetting, measure_speed, weight_bytes
+from svdzip.output import io
+from svdzip.output.loading import load_model
+from svdzip.output.lowbit import lowbit_record, packed_bytes
+from svdzip.output.quantize import quantization_record
+from svdzip.report.tables import human_bytes
+
+log = logging.getLogger("benchmarks.lowbit")
+
+STORAGE = torch.bfloat16  # what every recipe stores (and the reference of the budgets)
+COMPUTE = torch.float32  # what the reloaded models compute in (this CPU has no native bf16 matmul)
+BASE = {"allocator": "loss-aware", "storage_dtype": "bfloat16", "allocator_options": {}}
+
+
+def save_and_reload(result, out: Path):
+    quantized = result.quantized  # `compress` stored it already (bf16, int8 or packed low bits)
+    manifest = io.build_manifest(result.modules, result.summary, result.config.to_dict())
+    if quantized:
+        manifest.quantization = quantization_record(quantized, result.config.quantize, result.config.quantize_scope,
+                                                    STORAGE)
+    manifest.lowbit = lowbit_record(result.model)
+    io.save(result.model, None, out, manifest, overwrite=True)
+    del result.model
+    gc.collect()
+    model, _ = svdzip.load(out, dtype=COMPUTE, with_tokenizer=False)
+    return model
+
+
+def measure(bench: Bench, model, args, dense=None, label: str = "") -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cell = {"ppl": bench.perplexity(model, max_tokens=args.eval_tokens, seq_len=args.seq_len),
+            "weight_bytes_in_memory": weight_bytes(model)}
+    if dense is not None:
+        settings = [SpeedSetting(b, args.prompt, args.new_tokens) for b in args.batches]
+        models = {"dense-bf16": dense} if model is dense else {"dense-bf16": dense, label: model}
+        speed = measure_speed(models, settings, repeats=args.repeats, reference="dense-bf16", clock="cpu")
+        cell["speed"] = {k: {m: speed["results"][label or "dense-bf16"][k][m] for m in
+                             ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_bytes")}
+                         for k in speed["results"][label or "dense-bf16"]}
+        cell["speed_ratio"] = speed.get("ratios", {}).get(label, {})
+    cell["eval_s"] = round(time.perf_counter() - t0, 1)
+    return cell
+
+
+def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args, dense) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        result = bench.compress(**{**BASE, **overrides})
+    except SvdzipError as exc:
+        log.warning("%s: %s", name, exc)
+        return {"recipe": name, **overrides, "error": str(exc)}
+    compress_s = round(time.perf_counter() - t0, 1)
+    summary = result.summary
+    out = tmp / f"cell-{name}"
+    model = save_and_reload(result, out)
+    cell = {"recipe": name, "label": result.config.label, "fraction": overrides.get("budget_fraction"),
+            "budget_bytes": overrides.get("budget_bytes") or summary.get("memory", {}).get("budget_bytes"),
+            "planned_bytes": summary.get("memory", {}).get("planned_bytes"), "disk_bytes": io.dir_size(out),
+            "lowbit": summary.get("lowbit"), "factorised_modules": sum(1 for r in result.modules if r.rank),
+            "compress_s": compress_s}
+    cell.update(measure(bench, model, args, dense if name in args.speed_cells else None, name))
+    log.info("%s: %s on disk, wiki %.2f, austen %.2f", name, human_bytes(cell["disk_bytes"]), cell["ppl"]["wiki"],
+             cell["ppl"]["austen"])
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    gc.collect()
+    return cell
+
+
+def alone_bytes(bench: Bench, bits: int, fixed: int) -> int:
+    """Weight bytes of the model with every decoder linear at `bits` bits (the planner's prices)."""
+    from svdzip.models.adapter import ModelAdapter
+
+    adapter = ModelAdapter(bench.fresh())
+    return fixed + sum(packed_bytes(i.out_features, i.in_features, bits) for i in adapter.linears())
+
+
+def uniform_rank(bench: Bench, bits: int, budget: int, fixed: int) -> int:
+    """The largest compensation rank that, given to every matrix, keeps b-bit storage within `budget`."""
+    from svdzip.models.adapter import ModelAdapter
+
+    infos = ModelAdapter(bench.fresh()).linears()
+    per_rank = sum(2 * (i.out_features + i.in_features) for i in infos)
+    return max(0, (budget - alone_bytes(bench, bits, fixed)) // per_rank)
+
+
+def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) -> list[tuple[str, dict[str, Any]]]:
+    cells: list[tuple[str, dict[str, Any]]] = [
+        ("int8", {"allocator": "uniform", "quantize": "int8", "byte_aware": False, "budget_fraction": 1.0})]
+    sizes = {b: alone_bytes(bench, b, fixed) for b in (4, 3, 2)}
+    for b, size in sizes.items():
+        cells.append((f"hqq{b}", {"quantize": f"int{b}", "compensate": 0}))
+        cells.append((f"plan@hqq{b}", {"quantize": "plan", "budget_bytes": size}))
+    for f in fractions:
+        budget = int(f * reference)
+        cells.append((f"plan@{f:.2f}", {"budget_fraction": f}))
+        fits = [b for b, size in sizes.items() if size <= budget]
+        if fits:
+            b = max(fits)
+            cells.append((f"hqq{b}+eora@{f:.2f}", {"quantize": f"int{b}", "compensate": "auto",
+                                                   "budget_fraction": f}))
+            rank = uniform_rank(bench, b, budget, fixed)
+            cells.append((f"hqq{b}+eora-uniform{rank}@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank)}))
+    return cells
+
+
+def markdown(data: dict[str, Any]) -> str:
+    ref, dense = data["reference_bytes"], data["dense"]["ppl"]
+    lines = [f"#### {data['model']}: low bits + low rank (fractions of the dense bf16 weights, {human_bytes(ref)})",
+             "", f"Dense bf16: wiki {dense['wiki']:.2f}, austen {dense['austen']:.2f}.", "",
+             "| recipe | budget | on disk | wiki ppl↓ (×dense) | austen ppl↓ (×dense) | storage chosen | "
+             "compensation ranks |", "|---|---|---|---|---|---|---|"]
+    for c in sorted(data["cells"], key=lambda c: (c.get("disk_bytes") or 0, c["recipe"])):
+        if "error" in c:
+            lines.append(f"| {c['recipe']} | — | does not fit: {c['error']} |||||")
+            continue
+        budget = f"{c['budget_bytes'] / ref:.1%}" if c.get("budget_bytes") else "its own size"
+        low = c.get("lowbit") or {}
+        storage = ", ".join(f"{v} {k}" for k, v in sorted((low.get("storage") or {}).items()))
+        if c.get("factorised_modules"):
+            storage = (storage + ", " if storage else "") + f"{c['factorised_modules']} factorised"
+        ppl = c["ppl"]
+        lines.append(f"| {c['recipe']} | {budget} | {human_bytes(c['disk_bytes'])} ({c['disk_bytes'] / ref:.1%}) | "
+                     f"{ppl['wiki']:.2f} ({ppl['wiki'] / dense['wiki']:.2f}×) | "
+                     f"{ppl['austen']:.2f} ({ppl['austen'] / dense['austen']:.2f}×) | {storage or '—'} | "
+                     f"{low.get('compensation_ranks', '—')} |")
+    lines += ["", f"- Perplexity: SVD-LLM protocol, bf16 weights computed in float32, windows of {data['seq_len']} tokens, the first "
+              f"{data['eval_tokens']} evaluation tokens per corpus; calibration on wiki (austen is another domain).",
+              "- On disk: the reloaded directory's files (model.safetensors holds the packed words, the bf16 scales "
+              "and zero points, the compensations and everything else).",
+              "- Storage chosen: matrices per storage (HQQ bits, 16-bit dense, factorised) as the planner chose."]
+    speed = [c for c in data["cells"] if c.get("speed")]
+    if speed:
+        lines += ["", "| model | decode tok/s b1 | decode tok/s b16 | peak b16 | ×dense decode b1 |",
+                  "|---|---|---|---|---|"]
+        for c in [data["dense"], *speed]:
+            s = c["speed"]
+            keys = sorted(s)
+            b1 = next(k for k in keys if k.startswith("b1_"))
+            b16 = next((k for k in keys if k.startswith("b16_")), b1)
+            ratio = (c.get("speed_ratio") or {}).get(b1, {}).get("decode_speedup", 1.0)
+            lines.append(f"| {c['recipe']} | {s[b1]['decode_tokens_per_s']:.1f} | {s[b16]['decode_tokens_per_s']:.1f}"
+                         f" | {human_bytes(s[b16].get('peak_bytes') or 0)} | {ratio:.2f} |")
+        lines += ["", "- Speed: transformers on CPU, cpu clock, each model timed alternately with the dense model. "
+                  "HQQ dequantizes each layer's weight per forward on a CPU (no fused low-bit kernel): the bytes are "
+                  "saved at rest, not per token."]
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = data["reference_bytes"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, corpus in zip(axes, ("wiki", "austen"), strict=True):
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for c in data["cells"]:
+            if "error" in c:
+                continue
+            family = c["recipe"].split("@")[0]
+            family = "hqq+eora (planned ranks)" if family.endswith("+eora") else family
+            family = "hqq+eora (uniform ranks)" if "eora-uniform" in family else family
+            family = "plan" if family.startswith("plan") else family
+            curves.setdefault(family, []).append((c["disk_bytes"] / ref, c["ppl"][corpus]))
+        for family, pts in sorted(curves.items()):
+            pts.sort()
+            single = len(pts) == 1
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="D" if single else "o",
+                    linestyle="none" if single else "-", label=family)
+        ax.axhline(data["dense"]["ppl"][corpus], color="black", linestyle=":", linewidth=0.8, label="dense bf16")
+        ax.set_yscale("log")
+        ax.set_xlabel("bytes on disk / dense bf16 weight bytes")
+        ax.set_ylabel(f"{corpus} perplexity (log)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{data['model']}: HQQ low bits, EoRA compensation and the byte planner")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--fractions", default="0.25,0.30,0.35,0.40,0.50,0.61")
+    p.add_argument("--only", default="", help="comma-separated cell names to run (default: all)")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--speed-cells", default="", help="cells whose decode speed and peak memory are measured")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default=None, help="result file name (default: lowbit_<model>)")
+    p.add_argument("--append", action="store_true", help="keep the cells of an earlier run; skip those already there")
+    p.add_argument("--rewrite", action="store_true", help="only redraw the Markdown and plot from the JSON")
+    args = p.parse_args()
+    name = args.name or f"lowbit_{args.model.split('-')[0]}"
+    if args.rewrite:
+        data = json.loads((RESULTS / f"{name}.json").read_text())
+        plot(data, RESULTS / f"{name}.png")
+        footer = (RESULTS / f"{name}.md").read_text().split("\n\nProduced by", 1)[1]
+        (RESULTS / f"{name}.md").write_text(f"{markdown(data)}\n\nProduced by{footer}")
+        return
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.speed_cells = {c for c in args.speed_cells.split(",") if c}
+    torch.set_num_threads(args.threads)
+    setup_logging()
+    bench = Bench(args.model, samples=args.calib_samples)
+    dense, _, _ = load_model(bench.source, dtype=STORAGE)
+    reference = weight_bytes(dense)
+    dense = dense.to(COMPUTE)  # the bf16 weights, computed in float32 like every cell
+    from svdzip.models.adapter import ModelAdapter
+
+    fixed = reference - 2 * ModelAdapter(dense).decoder_linear_params()
+    previous = RESULTS / f"{name}.json"
+    if args.append and previous.is_file():
+        data = json.loads(previous.read_text())
+    else:
+        dense_cell = {"recipe": "dense-bf16", **measure(bench, dense, args, dense if args.speed_cells else None)}
+        data = {"model": args.model, "reference_bytes": reference, "fixed_bytes": fixed,
+                "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "dense": dense_cell, "cells": []}
+    fractions = [float(f) for f in args.fractions.split(",") if f]
+    only = {c for c in args.only.split(",") if c}
+    done = {c["recipe"] for c in data["cells"]}
+    tmp = Path(tempfile.mkdtemp(prefix="svdzip-lowbit-"))
+    try:
+        for cell_name, overrides in cells_for(bench, fractions, reference, fixed):
+            if cell_name in done or (only and cell_name not in only):
+                continue
+            data["cells"].append(run_cell(bench, cell_name, overrides, tmp, args, dense))
+            write_results(name, data, markdown(data), bench.run)
+            plot(data, RESULTS / f"{name}.png")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
