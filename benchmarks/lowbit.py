@@ -163,7 +163,8 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{ppl['wiki']:.2f} ({ppl['wiki'] / dense['wiki']:.2f}×) | "
                      f"{ppl['austen']:.2f} ({ppl['austen'] / dense['austen']:.2f}×) | {storage or '—'} | "
                      f"{low.get('compensation_ranks', '—')} |")
-    lines += ["", f"- Perplexity: SVD-LLM protocol, bf16 weights computed in float32, windows of {data['seq_len']} tokens, the first "
+    lines += ["", f"- Perplexity: SVD-LLM protocol, bf16 weights computed in float32, windows of {data['seq_len']} "
+              "tokens, the first "
               f"{data['eval_tokens']} evaluation tokens per corpus; calibration on wiki (austen is another domain).",
               "- On disk: the reloaded directory's files (model.safetensors holds the packed words, the bf16 scales "
               "and zero points, the compensations and everything else).",
