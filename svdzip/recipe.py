@@ -97,7 +97,7 @@ class Recipe:
         heal = chosen["heal"] if self.heal == AUTO else self.heal
         if self.heal == AUTO and heal in LAYER_LOCAL and (self.update or self.group_size > 1):
             heal = "none"  # layer-wise healing trains each layer's own factors, then an update would overwrite them
-        quantize = (PLAN if self.memory_budget else None) if self.quantize == AUTO else self.quantize
+        quantize = self.quantize if self.quantize != AUTO else (PLAN if self.planner_applies() else None)
         if self.heal == AUTO and quantize in (PLAN, *LOWBIT):
             heal = "none"  # the planner's compensation is closed-form; --heal distill trains it further if asked
         storage = self.storage_dtype if self.storage_dtype != AUTO else (
@@ -124,6 +124,12 @@ class Recipe:
         """The recipe as it ran, for `recipe.yaml`: `auto` resolved beforehand, the recovery's options resolved."""
         healing = self.heal_config()
         return replace(self, healing=healing) if healing is not None else self
+
+    def planner_applies(self) -> bool:
+        """Whether `quantize: auto` means the byte planner: a memory budget, SVD-LLM's metric, loss-aware ranks,
+        one matrix per unit and no update (otherwise it means no quantization, as before the planner)."""
+        return (self.memory_budget and self.method == "svdllm" and self.allocator in (AUTO, "loss-aware")
+                and self.group_size == 1 and not self.update and self.heal not in LAYER_LOCAL)
 
     @property
     def lowbit(self) -> bool:
@@ -208,7 +214,8 @@ class Recipe:
         if self.compensate != AUTO and (isinstance(self.compensate, bool) or not isinstance(self.compensate, int)
                                         or self.compensate < 0):
             raise SvdzipError(f"compensate must be a rank ≥ 0 or auto, got {self.compensate!r}")
-        if self.compensate not in (AUTO, 0) and self.quantize not in (PLAN, *LOWBIT):
+        if self.compensate not in (AUTO, 0) and self.quantize not in (PLAN, *LOWBIT) and not (
+                self.quantize == AUTO and self.planner_applies()):
             raise SvdzipError(f"--compensate {self.compensate} corrects the error of low-bit weights: give "
                               f"--quantize {'|'.join((*LOWBIT, PLAN))} as well")
         if self.quantize == PLAN and not self.memory_budget:

@@ -71,8 +71,12 @@ def minimum_cost(units: list[Unit]) -> int:
 
 
 def plan(model: nn.Module, units: list[Unit], budget_bytes: int | None, budget_fraction: float | None,
-         dtype: torch.dtype, precision: str | None, scope: str = "all") -> MemoryPlan:
-    """Turn a byte budget or fraction into the units' byte budget; refuse one that cannot be met."""
+         dtype: torch.dtype, precision: str | None, scope: str = "all",
+         floor: tuple[int, str] | None = None) -> MemoryPlan:
+    """Turn a byte budget or fraction into the units' byte budget; refuse one that cannot be met.
+
+    `floor` is (the least the matrices can take, what that is); default: one rank per matrix at these prices.
+    """
     ref = reference_bytes(model)
     budget = int(budget_bytes) if budget_bytes is not None else int(budget_fraction * ref)
     size = torch.empty((), dtype=dtype).element_size()
@@ -83,11 +87,11 @@ def plan(model: nn.Module, units: list[Unit], budget_bytes: int | None, budget_f
         raise SvdzipError(f"memory budget of {budget:,} bytes ({budget / ref:.1%} of the dense bf16 weights) is "
                           f"below what the embeddings, lm_head and norms alone take at {str(dtype)[6:]} "
                           f"({fixed:,} bytes, {fixed / ref:.1%})")
-    floor = minimum_cost(priced)
-    if budget - fixed < floor:
+    least, what = floor or (minimum_cost(priced), "one rank per matrix")
+    if budget - fixed < least:
         raise SvdzipError(f"memory budget of {budget:,} bytes ({budget / ref:.1%}) is below the embeddings and norms "
-                          f"({fixed:,} bytes) plus one rank per matrix ({floor:,} bytes): at least "
-                          f"{fixed + floor:,} bytes ({(fixed + floor) / ref:.1%}) are needed")
+                          f"({fixed:,} bytes) plus {what} ({least:,} bytes): at least "
+                          f"{fixed + least:,} bytes ({(fixed + least) / ref:.1%}) are needed")
     return MemoryPlan(budget_bytes=budget, reference_bytes=ref, fixed_bytes=fixed, unit_budget=budget - fixed,
                       pricing=pricing)
 

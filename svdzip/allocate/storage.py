@@ -72,6 +72,18 @@ def menu_for(quantize: str, compensate: int | str, value_bytes: int) -> StorageM
                        value_bytes=value_bytes)
 
 
+def least_bytes(units: Sequence[Unit], menu: StorageMenu) -> tuple[int, str]:
+    """The fewest bytes the menu can store the matrices in, from their shapes alone (before any quantization):
+    one bit per weight when factorising is offered (below that no low-bit model is worth having), else each
+    matrix at the narrowest width with the fixed compensation. Returns (bytes, what that is)."""
+    if menu.factorise:
+        return sum(u.dense_params for u in units) // 8, "one bit per weight of the matrices"
+    comp = menu.comp or 0
+    bits = min(menu.bits)
+    return (sum(packed_bytes(u.rows, u.cols, bits) + comp * (u.rows + u.cols) * menu.value_bytes for u in units),
+            f"every matrix at {bits} bits" + (f" with rank-{comp} compensations" if comp else ""))
+
+
 def unit_options(unit: Unit, weight: float, errors: dict[tuple[str, int], Any], menu: StorageMenu) -> list[Option]:
     """Every option the menu allows for one matrix, with its bytes and weighted loss."""
     rows, cols = unit.rows, unit.cols

@@ -114,8 +114,10 @@ def factorise(
         del originals
         timings["update_s"] = time.perf_counter() - t0
 
-    kept_linear = spent(units, ranks)
-    params_after = count_params(model)
+    # a low-bit matrix counts as its bytes / 2: the bf16 parameters that would take the same memory
+    kept_linear = sum(r.params for r in rows) if allocation.lowbit else spent(units, ranks)
+    params_after = count_params(model) + sum(r.params - r.compensation_rank * (r.in_features + r.out_features)
+                                             for r in rows if r.bits is not None)
     summary = {
         "method": config.label,
         "ratio_requested": None if config.memory_budget else config.ratio,
@@ -210,7 +212,7 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
     """The byte planner's storage of every matrix (`allocate.storage`): low bits, compensation, factors, dense."""
     from svdzip.allocate import parse_allocator_options
     from svdzip.allocate.memory import plan
-    from svdzip.allocate.storage import menu_for, plan_storage, planner_weights, storage_value_bytes
+    from svdzip.allocate.storage import least_bytes, menu_for, plan_storage, planner_weights, storage_value_bytes
     from svdzip.output.loading import parse_dtype
     from svdzip.passes.head import head_unit
     from svdzip.passes.quant_error import quantization_errors
@@ -224,13 +226,14 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
     head = head_unit(model, adapter, ctx.calib_tokens, stats, config.device)
     if head is not None and all(u.name != head.name for u in units):
         units.append(head)  # the caller's list: materialised and reported with the rest
-    errors = ctx.cache.get("quant-errors", "shared", dict)  # filled per (matrix, bits); reused across budgets
-    quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors)
     mplan = None
     budget = None
     if config.memory_budget:
-        mplan = plan(model, units, config.budget_bytes, config.budget_fraction, dtype, None)
+        mplan = plan(model, units, config.budget_bytes, config.budget_fraction, dtype, None,
+                     floor=least_bytes(units, menu))
         budget = mplan.unit_budget
+    errors = ctx.cache.get("quant-errors", "shared", dict)  # filled per (matrix, bits); reused across budgets
+    quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors)
     try:
         allocation = plan_storage(units, planner_weights(units, ctx) if budget is not None else [1.0] * len(units),
                                   errors, menu, budget)
@@ -274,7 +277,7 @@ def store_lowbit(adapter: ModelAdapter, units: list[Unit], allocation: Allocatio
         energy = unit.spectrum.energy
         out.append(dataclasses.replace(row, bits=bits, compensation_rank=comp,
                                        loss=float(err.tail_curve()[comp]) / energy if energy > 0 else 0.0,
-                                       params=comp * (row.out_features + row.in_features),
+                                       params=stored // 2 + comp * (row.out_features + row.in_features),
                                        kept=(stored / 2 + comp * (row.out_features + row.in_features))
                                        / (row.out_features * row.in_features)))
     return out
