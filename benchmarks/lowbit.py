@@ -92,7 +92,7 @@ def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args
     summary = result.summary
     out = tmp / f"cell-{name}"
     model = save_and_reload(result, out)
-    cell = {"recipe": name, "label": result.config.label, "fraction": overrides.get("budget_fraction"),
+    cell = {"recipe": name, "label": result.config.label, "compensate": overrides.get("compensate"), "fraction": overrides.get("budget_fraction"),
             "budget_bytes": overrides.get("budget_bytes") or summary.get("memory", {}).get("budget_bytes"),
             "planned_bytes": summary.get("memory", {}).get("planned_bytes"), "disk_bytes": io.dir_size(out),
             "lowbit": summary.get("lowbit"), "factorised_modules": sum(1 for r in result.modules if r.rank),
@@ -139,7 +139,7 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
             cells.append((f"hqq{b}+eora@{f:.2f}", {"quantize": f"int{b}", "compensate": "auto",
                                                    "budget_fraction": f}))
             rank = uniform_rank(bench, b, budget, fixed)
-            cells.append((f"hqq{b}+eora-uniform{rank}@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank)}))
+            cells.append((f"hqq{b}+eora-uniform@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank)}))
     return cells
 
 
