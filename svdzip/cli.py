@@ -122,6 +122,18 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
            choices=list(ORDERS))
 
 
+def _lowbit_counts(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest's low-bit entry in brief: how many matrices at each width, how many compensated."""
+    if not record:
+        return None
+    specs = list(record["modules"].values())
+    bits: dict[str, int] = {}
+    for spec in specs:
+        bits[f"{spec['bits']} bits"] = bits.get(f"{spec['bits']} bits", 0) + 1
+    return {"backend": record["backend"], "backend_version": record.get("backend_version", ""), "bits": bits,
+            "compensated": sum(1 for s in specs if s["rank"]), "compensation_rank": sum(s["rank"] for s in specs)}
+
+
 def _rank_or_auto(text: str) -> int | str:
     if text == "auto":
         return text
@@ -660,7 +672,8 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     info = {"method": manifest.get("method"), "ratio": manifest.get("ratio"),
             "quantization": {k: v for k, v in (manifest.get("quantization") or {}).items() if k != "modules"} or None,
             "ratio_convention": manifest.get("ratio_convention"), "svdzip_version": manifest.get("svdzip_version"),
-            "size_bytes": io.dir_size(args.dir), "summary": summary, "factorised_modules": len(manifest["modules"])}
+            "size_bytes": io.dir_size(args.dir), "summary": summary, "factorised_modules": len(manifest["modules"]),
+            "lowbit": _lowbit_counts(manifest.get("lowbit"))}
     if not args.json:
         at = "a memory budget" if info["ratio"] is None else f"ratio {info['ratio']} ({info['ratio_convention']})"
         print(f"{args.dir}: {info['method']} at {at}, "
@@ -669,6 +682,12 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         if q:
             print(f"{q['precision']} weight-only ({q['backend']} {q.get('backend_version', '')}, scope {q['scope']}) "
                   f"for {len(q['modules'])} linears; the rest {q['dtype']}")
+        if info["lowbit"]:
+            low = info["lowbit"]
+            print(f"low-bit weights ({low['backend']} {low['backend_version']}, packed): "
+                  + ", ".join(f"{n} at {b}" for b, n in low["bits"].items())
+                  + f"; {low['compensated']} with a compensation (total rank {low['compensation_rank']}); "
+                  "per layer below: '4b+r12' = 4 bits with a rank-12 correction")
         if summary.get("memory"):
             mem = summary["memory"]
             print(f"memory budget {human_bytes(mem['budget_bytes'])} "

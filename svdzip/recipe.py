@@ -128,8 +128,11 @@ class Recipe:
     def planner_applies(self) -> bool:
         """Whether `quantize: auto` means the byte planner: a memory budget, SVD-LLM's metric, loss-aware ranks,
         one matrix per unit and no update (otherwise it means no quantization, as before the planner)."""
+        from svdzip.output.lowbit import backend_installed
+
         return (self.memory_budget and self.method == "svdllm" and self.allocator in (AUTO, "loss-aware")
-                and self.group_size == 1 and not self.update and self.heal not in LAYER_LOCAL)
+                and self.group_size == 1 and not self.update and self.heal not in LAYER_LOCAL
+                and backend_installed())
 
     @property
     def lowbit(self) -> bool:
@@ -220,6 +223,9 @@ class Recipe:
                               f"--quantize {'|'.join((*LOWBIT, PLAN))} as well")
         if self.quantize == PLAN and not self.memory_budget:
             raise SvdzipError("--quantize plan spends a memory budget: give --budget-fraction or --budget-bytes")
+        if self.quantize in (PLAN, *LOWBIT) and self.allocator not in (AUTO, "loss-aware"):
+            raise SvdzipError(f"low-bit storage is planned by loss-aware's byte planner: --allocator {self.allocator} "
+                              f"cannot choose bits (leave --allocator auto)")
         if self.quantize in (PLAN, *LOWBIT) and self.method != "svdllm":
             raise SvdzipError(f"low-bit storage prices every option in SVD-LLM's whitened metric (the Gram matrices "
                               f"of the inputs): use --method svdllm, not {self.method}")

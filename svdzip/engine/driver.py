@@ -194,6 +194,12 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         streamed = True
     mode = Mode(streamed=streamed, resumable=request.resume_dir is not None, world_size=ctx.world_size)
     recipe = request.recipe.validate().resolved(scaled=streamed or mode.resumable or ctx.enabled)
+    if recipe.memory_budget and request.recipe.quantize == "auto" and not recipe.quantize:
+        from svdzip.output.lowbit import INSTALL_HINT, backend_installed
+
+        if not backend_installed():
+            log.warning("HQQ is not installed: this memory budget is met without low-bit weights (the byte planner "
+                        "needs it: %s)", INSTALL_HINT)
     request = replace(request, recipe=recipe)
     parts = part_needs(recipe)
     refuse_unsupported(parts, mode)

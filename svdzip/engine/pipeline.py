@@ -78,6 +78,7 @@ def factorise(
     dense_linear = adapter.decoder_linear_params()
 
     t0 = time.perf_counter()
+    given, units = units, list(units)  # the planner may add the untied head; the caller's spectra stay as given
     allocation, memory_plan, options = allocate_units(units, config, adapter, model=model,
                                                  calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
                                                  cache=allocation_cache, stats=stats)
@@ -115,7 +116,8 @@ def factorise(
         timings["update_s"] = time.perf_counter() - t0
 
     # a low-bit matrix counts as its bytes / 2: the bf16 parameters that would take the same memory
-    kept_linear = sum(r.params for r in rows) if allocation.lowbit else spent(units, ranks)
+    kept_linear = (sum(r.params for r in rows if r.role != "head") if allocation.lowbit
+                   else spent(units, ranks))
     params_after = count_params(model) + sum(r.params - r.compensation_rank * (r.in_features + r.out_features)
                                              for r in rows if r.bits is not None)
     summary = {
@@ -148,7 +150,7 @@ def factorise(
              f"{config.ratio:.4f}", params_before, params_after)
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
-                             units=units, allocation_report=allocation.report)
+                             units=given, allocation_report=allocation.report)
 
 
 def units_by_layer(units: list[Unit]) -> dict[int, list[int]]:
@@ -223,16 +225,20 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
     dtype = parse_dtype(config.storage_dtype)
     menu = menu_for(config.quantize, config.compensate, storage_value_bytes(dtype))
     ctx.options = parse_allocator_options("loss-aware", ctx.options)
-    head = head_unit(model, adapter, ctx.calib_tokens, stats, config.device)
+    # the untied head competes too, where its weight can be priced (the local signal has no gain for it)
+    head = head_unit(model, adapter, ctx.calib_tokens, stats, config.device) if ctx.options.get(
+        "signal") != "local" else None
     if head is not None and all(u.name != head.name for u in units):
-        units.append(head)  # the caller's list: materialised and reported with the rest
+        units.append(head)  # factorise's own copy of the list: materialised and reported with the rest
     mplan = None
     budget = None
     if config.memory_budget:
         mplan = plan(model, units, config.budget_bytes, config.budget_fraction, dtype, None,
                      floor=least_bytes(units, menu))
         budget = mplan.unit_budget
-    errors = ctx.cache.get("quant-errors", "shared", dict)  # filled per (matrix, bits); reused across budgets
+    # filled per (matrix, bits), reused across budgets of the same weights and statistics
+    errors = ctx.cache.get("quant-errors", str((stats.meta.get("key") if stats is not None else None) or id(stats)),
+                           dict)
     quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors)
     try:
         allocation = plan_storage(units, planner_weights(units, ctx) if budget is not None else [1.0] * len(units),

@@ -57,7 +57,7 @@ def require_backend(bits: int, why: str = "") -> None:
     if bits not in BITS:
         raise SvdzipError(f"{bits}-bit weights are not supported; choose from {', '.join(map(str, BITS))} bits")
     if not backend_installed():
-        raise SvdzipError(f"{why or f'{bits}-bit weights'} need the HQQ library, which is not installed: "
+        raise SvdzipError(f"{why or f'{bits}-bit weights'}: needs the HQQ library, which is not installed: "
                           f"{INSTALL_HINT}")
 
 
@@ -201,8 +201,8 @@ def lowbit_linears(model: nn.Module) -> dict[str, LowBitLinear]:
 
 
 def check_packed(model: nn.Module) -> None:
-    """Refuse packed tensors that cannot be what the manifest says (a tampered or truncated file): every scale
-    finite and non-zero, every word within its bit width."""
+    """Refuse packed tensors that cannot be what the manifest says (a tampered file loaded with checksums off):
+    every scale and zero point finite, every 3-bit word within its 30 bits."""
     for name, m in lowbit_linears(model).items():
         if not (torch.isfinite(m.scale.float()).all() and torch.isfinite(m.zero.float()).all()):
             raise SvdzipError(f"{name}: its packed weight's scales or zero points are not finite (corrupt file?)")

@@ -56,18 +56,18 @@ def head_gram(model: nn.Module, head: nn.Linear, tokens: torch.Tensor, samples: 
 
 def head_unit(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor | None, stats: CalibrationStats | None,
               device: Any = "cpu") -> Unit | None:
-    """The untied head as a unit (its Gram added to `stats.grams` under its own key), or None."""
+    """The untied head as a unit, its input Gram in `extras["gram"]` (the statistics are not touched: they may
+    be read-only, on disk), or None."""
     head = untied_head(model)
     if head is None or tokens is None or stats is None:
         return None
-    if HEAD not in stats.grams:
-        windows = min(HEAD_SAMPLES, tokens.shape[0])
-        gram = head_gram(model, head, tokens, windows)
-        seen = windows * tokens.shape[1]
-        stats.grams[HEAD] = (gram * (stats.tokens / seen if stats.tokens else 1.0)).cpu()
+    windows = min(HEAD_SAMPLES, tokens.shape[0])
+    gram = head_gram(model, head, tokens, windows)
+    gram = (gram * (stats.tokens / (windows * tokens.shape[1]) if stats.tokens else 1.0)).cpu()
     rows, cols = head.weight.shape
     info = LinearInfo(name=HEAD, layer=adapter.num_layers, role="head", input_key=HEAD, out_features=rows,
                       in_features=cols)
-    spectrum = weighted_spectrum(head.weight.detach().to(device), stats.grams[HEAD].to(device),
+    spectrum = weighted_spectrum(head.weight.detach().to(device), gram.to(device),
                                  max_rank=math.ceil(BASIS_HEADROOM * rows * cols / (rows + cols)))
-    return Unit(members=[info], spectrum=type(spectrum)(spectrum.sigma2.cpu(), spectrum.basis.cpu()))
+    return Unit(members=[info], spectrum=type(spectrum)(spectrum.sigma2.cpu(), spectrum.basis.cpu()),
+                extras={"gram": gram})

@@ -36,6 +36,8 @@ class QuantError:
 
 def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
     """The Gram matrix of a unit's input (a single linear: the byte planner does not share bases)."""
+    if "gram" in unit.extras:  # a matrix outside the decoder (the untied head) carries its own
+        return unit.extras["gram"]
     if len(unit.members) != 1:
         raise SvdzipError("low-bit storage is planned per matrix: shared bases (--group-size > 1) are not supported")
     key = unit.members[0].input_key

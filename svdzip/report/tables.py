@@ -45,15 +45,20 @@ def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[l
         if m["role"] not in roles_seen:
             roles_seen.append(m["role"])
         v = m.get(value)
-        if m.get("bits") and value == "rank":  # stored at low bits: "4b", or "4b+r12" with its compensation
-            v = f"{m['bits']}b" + (f"+r{m['compensation_rank']}" if m.get("compensation_rank") else "")
-        elif m.get("rank") is None and value == "rank":
-            v = "dense"
+        if value == "rank":
+            v = storage_cell(m)
         cells[m["layer"]][m["role"]].append(v)
     grid = {layer: {role: _cell(values) for role, values in by_role.items()} for layer, by_role in cells.items()}
     roles = [r for r in ROLES if r in roles_seen] + [r for r in roles_seen if r not in ROLES]
     rows = [[layer, *(grid[layer].get(r, "") for r in roles)] for layer in sorted(grid)]
     return ["layer", *roles], rows
+
+
+def storage_cell(m: dict[str, Any]) -> Any:
+    """How one module is stored: its rank, 'dense', or '4b' / '4b+r12' (4 bits with a rank-12 correction)."""
+    if m.get("bits"):
+        return f"{m['bits']}b" + (f"+r{m['compensation_rank']}" if m.get("compensation_rank") else "")
+    return "dense" if m.get("rank") is None else m["rank"]
 
 
 def _cell(values: list[Any]) -> Any:
@@ -70,24 +75,27 @@ def _cell(values: list[Any]) -> Any:
 
 
 def role_summary(modules: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Per role: modules, how many dense, kept parameter fraction, mean relative whitened loss."""
+    """Per role: modules, how many dense (16/32-bit), how many at low bits, kept parameter fraction (a low-bit
+    matrix as its bytes / 2), mean relative whitened loss."""
     acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for m in modules:
         a = acc[m["role"]]
         a["n"] += 1
-        a["dense"] += m["rank"] is None
+        a["dense"] += m["rank"] is None and not m.get("bits")
+        a["lowbit"] += bool(m.get("bits"))
         a["params"] += m["params"]
         a["dense_params"] += m["out_features"] * m["in_features"]
         a["loss"] += m["loss"]
     rows = []
-    for role in [r for r in ROLES if r in acc]:
+    for role in [r for r in ROLES if r in acc] + [r for r in acc if r not in ROLES]:
         a = acc[role]
-        rows.append([role, int(a["n"]), int(a["dense"]), a["params"] / a["dense_params"], a["loss"] / a["n"]])
-    return ["type", "modules", "dense", "kept params", "mean rel. loss"], rows
+        rows.append([role, int(a["n"]), int(a["dense"]), int(a["lowbit"]), a["params"] / a["dense_params"],
+                     a["loss"] / a["n"]])
+    return ["type", "modules", "dense", "low-bit", "kept params", "mean rel. loss"], rows
 
 
 def module_table(modules: Sequence[dict[str, Any]]) -> str:
-    rows = [[m["name"], m["rank"] if m["rank"] is not None else "dense", f"{m['kept']:.3f}",
+    rows = [[m["name"], storage_cell(m), f"{m['kept']:.3f}",
              f"{m['loss']:.4f}", f"{m['seconds']:.2f}"] for m in modules]
     return table(["module", "rank", "kept", "rel. loss", "time s"], rows)
 
