@@ -92,7 +92,8 @@ def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args
     summary = result.summary
     out = tmp / f"cell-{name}"
     model = save_and_reload(result, out)
-    cell = {"recipe": name, "label": result.config.label, "compensate": overrides.get("compensate"), "fraction": overrides.get("budget_fraction"),
+    cell = {"recipe": name, "label": result.config.label, "compensate": overrides.get("compensate"),
+            "fraction": overrides.get("budget_fraction"),
             "budget_bytes": overrides.get("budget_bytes") or summary.get("memory", {}).get("budget_bytes"),
             "planned_bytes": summary.get("memory", {}).get("planned_bytes"), "disk_bytes": io.dir_size(out),
             "lowbit": summary.get("lowbit"), "factorised_modules": sum(1 for r in result.modules if r.rank),
@@ -153,10 +154,11 @@ def markdown(data: dict[str, Any]) -> str:
         if "error" in c:
             lines.append(f"| {c['recipe']} | — | does not fit: {c['error']} |||||")
             continue
-        budget = f"{c['budget_bytes'] / ref:.1%}" if c.get("budget_bytes") else "its own size"
+        budget = (f"{c['budget_bytes'] / ref:.1%}" if c.get("budget_bytes") else
+                  f"its own size (rank {c['compensate']} each)" if c.get("compensate") else "its own size")
         low = c.get("lowbit") or {}
         storage = ", ".join(f"{v} {k}" for k, v in sorted((low.get("storage") or {}).items()))
-        if c.get("factorised_modules"):
+        if c.get("factorised_modules") and "factorised" not in storage:
             storage = (storage + ", " if storage else "") + f"{c['factorised_modules']} factorised"
         ppl = c["ppl"]
         lines.append(f"| {c['recipe']} | {budget} | {human_bytes(c['disk_bytes'])} ({c['disk_bytes'] / ref:.1%}) | "
