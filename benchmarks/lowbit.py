@@ -107,20 +107,24 @@ def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args
     return cell
 
 
-def alone_bytes(bench: Bench, bits: int, fixed: int) -> int:
-    """Weight bytes of the model with every decoder linear at `bits` bits (the planner's prices)."""
+def planned_shapes(model) -> list[tuple[int, int]]:
+    """(out, in) of every matrix the low-bit recipes store: the decoder linears and an untied head."""
     from svdzip.models.adapter import ModelAdapter
+    from svdzip.passes.head import untied_head
 
-    adapter = ModelAdapter(bench.fresh())
-    return fixed + sum(packed_bytes(i.out_features, i.in_features, bits) for i in adapter.linears())
+    shapes = [(i.out_features, i.in_features) for i in ModelAdapter(model).linears()]
+    head = untied_head(model)
+    return shapes + ([tuple(head.weight.shape)] if head is not None else [])
+
+
+def alone_bytes(bench: Bench, bits: int, fixed: int) -> int:
+    """Weight bytes of the model with every planned matrix at `bits` bits (the planner's prices)."""
+    return fixed + sum(packed_bytes(o, i, bits) for o, i in planned_shapes(bench.fresh()))
 
 
 def uniform_rank(bench: Bench, bits: int, budget: int, fixed: int) -> int:
     """The largest compensation rank that, given to every matrix, keeps b-bit storage within `budget`."""
-    from svdzip.models.adapter import ModelAdapter
-
-    infos = ModelAdapter(bench.fresh()).linears()
-    per_rank = sum(2 * (i.out_features + i.in_features) for i in infos)
+    per_rank = sum(2 * (o + i) for o, i in planned_shapes(bench.fresh()))
     return max(0, (budget - alone_bytes(bench, bits, fixed)) // per_rank)
 
 
@@ -257,9 +261,8 @@ def main() -> None:
     dense, _, _ = load_model(bench.source, dtype=STORAGE)
     reference = weight_bytes(dense)
     dense = dense.to(COMPUTE)  # the bf16 weights, computed in float32 like every cell
-    from svdzip.models.adapter import ModelAdapter
 
-    fixed = reference - 2 * ModelAdapter(dense).decoder_linear_params()
+    fixed = reference - 2 * sum(o * i for o, i in planned_shapes(dense))  # embeddings, norms: kept bf16
     previous = RESULTS / f"{name}.json"
     if args.append and previous.is_file():
         data = json.loads(previous.read_text())
