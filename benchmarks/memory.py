@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, Bench, setup_logging, write_results
+from common import RESULTS, Bench, rewrite_results, setup_logging, write_results
 
 import svdzip
 from svdzip.engine.pipeline import store
@@ -236,12 +236,7 @@ def main() -> None:
     args = p.parse_args()
     name = args.name or f"memory_{args.model.split('-')[0]}"
     if args.rewrite:
-        import json
-
-        data = json.loads((RESULTS / f"{name}.json").read_text())
-        plot(data, RESULTS / f"{name}.png")
-        footer = (RESULTS / f"{name}.md").read_text().split("\n\nProduced by", 1)[1]
-        (RESULTS / f"{name}.md").write_text(f"{markdown(data)}\n\nProduced by{footer}")
+        rewrite_results(name, markdown, plot)
         return
     args.batches = [int(b) for b in args.batches.split(",") if b]
     torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from svdzip.errors import SvdzipError
 from svdzip.methods.compensation import error_spectrum
 from svdzip.methods.decompose import Unit
+from svdzip.methods.linalg import Spectrum
 from svdzip.models.adapter import ModelAdapter
 from svdzip.output.lowbit import GROUP_SIZE, Packed, quantize, supported
 
@@ -30,8 +31,7 @@ class QuantError:
 
     def tail_curve(self) -> torch.Tensor:
         """Loss left after a rank-r compensation, for r = 0 … len(sigma2)."""
-        rev = torch.flip(self.sigma2, dims=[0]).cumsum(0)
-        return torch.cat([torch.flip(rev, dims=[0]), rev.new_zeros(1)])
+        return Spectrum(self.sigma2, self.sigma2.new_zeros(0, 0)).tail_curve()
 
 
 def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
