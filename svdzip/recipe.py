@@ -92,7 +92,9 @@ class Recipe:
 
     def resolved(self, scaled: bool) -> Recipe:
         """`auto` replaced by what runs: the recommended recipe in memory, `SCALED` when `scaled`."""
-        chosen = SCALED if scaled else RECOMMENDED
+        from svdzip.methods.factorisations import get_method
+
+        chosen = get_method(self.method).recommended or (SCALED if scaled else RECOMMENDED)
         auto_allocator = self.allocator == AUTO
         heal = chosen["heal"] if self.heal == AUTO else self.heal
         if self.heal == AUTO and heal in LAYER_LOCAL and (self.update or self.group_size > 1):
@@ -168,7 +170,7 @@ class Recipe:
         from svdzip.methods.factorisations import get_method
         from svdzip.passes.update import get_update
 
-        get_method(self.method)
+        self._validate_structured(get_method(self.method))
         if self.update is not None:
             get_update(self.update)
         if self.allocator != AUTO:
@@ -198,6 +200,23 @@ class Recipe:
         if self.asvd_scaling not in ("abs_mean", "abs_max"):
             raise SvdzipError(f"asvd scaling must be abs_mean or abs_max, got '{self.asvd_scaling}'")
         return self
+
+    def _validate_structured(self, method: Any) -> None:
+        """A method that slims whole modules (MoDeGPT) with what can give its modules their widths."""
+        if not method.structured:
+            return
+        from svdzip.allocate import get_allocator, slimming_allocators
+
+        if self.allocator != AUTO and not get_allocator(self.allocator).slims:
+            raise SvdzipError(f"--method {self.method} slims whole modules; --allocator {self.allocator} allocates "
+                              f"factorisation ranks only: choose one of {', '.join(slimming_allocators())} (or auto)")
+        unsupported = [what for what, on in (
+            ("a memory budget", self.memory_budget), (f"--quantize {self.quantize}", self.quantize not in (None, AUTO)),
+            (f"--update {self.update}", bool(self.update)), ("--group-size > 1", self.group_size > 1),
+            (f"--heal {self.heal}", self.heal not in (AUTO, "none"))) if on]
+        if unsupported:
+            raise SvdzipError(f"--method {self.method} does not support {unsupported[0]} yet (its slimmed modules "
+                              "are plain dense linears of smaller shapes: no factors to update, share or heal)")
 
     def _validate_memory(self) -> None:
         from svdzip.output.quantize import PRECISIONS, SCOPES

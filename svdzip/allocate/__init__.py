@@ -42,6 +42,11 @@ def get_allocator(name: str | Allocator) -> Allocator:
     return registry[name]
 
 
+def slimming_allocators() -> list[str]:
+    """The allocators that can give slimmed modules their widths."""
+    return sorted(name for name, a in _registry().items() if a.slims)
+
+
 def is_byte_aware(name: str) -> bool:
     return get_allocator(name).byte_aware
 
@@ -61,6 +66,9 @@ def allocate(name: str | Allocator, units: Sequence[Unit], ctx: AllocationContex
     """Run an allocator on its parsed options; normalise its ranks (dense where factorising would not
     save) and check the budget."""
     allocator = get_allocator(name)
+    if not allocator.slims and any(u.slimmed for u in units):
+        raise SvdzipError(f"allocator '{allocator.name}' allocates factorisation ranks; slimmed modules (--method "
+                          f"modegpt) need one of: {', '.join(slimming_allocators())}")
     ctx = dataclasses.replace(ctx, options=allocator.parse_options(ctx.options))
     result = allocator.allocate(list(units), ctx)
     if len(result.ranks) != len(units):
@@ -77,4 +85,4 @@ def allocate(name: str | Allocator, units: Sequence[Unit], ctx: AllocationContex
 
 
 __all__ = ["DENSE", "Allocation", "AllocationCache", "AllocationContext", "Allocator", "allocate", "allocator_needs",
-           "available", "get_allocator", "is_byte_aware", "parse_allocator_options", "spent"]
+           "available", "get_allocator", "is_byte_aware", "slimming_allocators", "parse_allocator_options", "spent"]

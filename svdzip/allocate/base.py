@@ -76,6 +76,9 @@ class Allocator(ABC):
     #: spends `ctx.budget` through `Unit.cost`, so it can spend bytes of priced units directly; the
     #: others are run on parameters and fitted to a byte budget from outside (`memory.py`)
     byte_aware: ClassVar[bool] = False
+    #: allocates widths of slimmed modules (MoDeGPT's MLPs) as well as ranks: it reads only `Unit`'s own costs,
+    #: curves and `uniform_rank`, never a factorisation's shape
+    slims: ClassVar[bool] = False
     options: ClassVar[tuple[Option, ...]] = ()
 
     def parse_options(self, raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -127,16 +127,18 @@ def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> 
         raise SvdzipError("the fisher signal needs the model and calibration tokens")
     tokens = ctx.calib_tokens[: ctx.options["fisher_samples"]]
     batch = ctx.options["fisher_batch"]
-    names = [m.name for u in units for m in u.members]
+    names = [m.name for u in units for m in u.loss_members]
     fisher = ctx.cache.get("loss-aware", fisher_key(units, tokens, batch),
                            lambda: output_fisher(ctx.model, names, tokens, batch))
     # a shared unit's stacked loss sums its members' output errors: weight by their mean Fisher
-    return [sum(fisher[m.name] * m.out_features for m in u.members) / u.rows for u in units]
+    return [sum(fisher[m.name] * m.out_features for m in u.loss_members)
+            / max(sum(m.out_features for m in u.loss_members), 1) for u in units]
 
 
 class LossAware(Allocator):
     name = "loss-aware"
     summary = "greedy over every unit's loss-vs-parameters hull, weighted by what the loss costs the model"
+    slims = True
     byte_aware = True
     options = (
         opt.choice("signal", SIGNALS, "fisher", "what converts a unit's whitened loss into model loss"),

@@ -7,6 +7,7 @@ from types import MappingProxyType
 
 from svdzip.allocate.ara import ARA
 from svdzip.allocate.base import Allocator
+from svdzip.allocate.block_influence import BlockInfluence
 from svdzip.allocate.drank import DRank
 from svdzip.allocate.loss_aware import LossAware
 from svdzip.allocate.speed_aware import SpeedAware
@@ -15,4 +16,4 @@ from svdzip.allocate.svdllm_v2 import SVDLLMV2
 from svdzip.allocate.uniform import Uniform
 
 REGISTRY: Mapping[str, Allocator] = MappingProxyType(
-    {a.name: a for a in (Uniform(), DRank(), SVDLLMV2(), LossAware(), ARA(), STRS(), SpeedAware())})
+    {a.name: a for a in (Uniform(), DRank(), SVDLLMV2(), LossAware(), ARA(), STRS(), SpeedAware(), BlockInfluence())})

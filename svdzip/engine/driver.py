@@ -294,11 +294,16 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
             timings.setdefault("calibrate_s", time.perf_counter() - t0)
             t0 = time.perf_counter()
             from svdzip.methods.decompose import group_linears
+            from svdzip.methods.factorisations import get_method
             from svdzip.passes.spectra import decompose_units
 
-            groups = group_linears(adapter, recipe.share_roles, recipe.group_size)
-            units = decompose_units(adapter, stats, recipe, groups, weights=weights, on_disk=mode.streamed,
-                                    state=state, ctx=ctx, device=recipe.device)
+            method = get_method(recipe.method)
+            if method.structured:  # whole modules (MoDeGPT's MLPs), in memory: their needs refuse the other modes
+                units = method.build_units(adapter, stats, device=recipe.device)
+            else:
+                groups = group_linears(adapter, recipe.share_roles, recipe.group_size)
+                units = decompose_units(adapter, stats, recipe, groups, weights=weights, on_disk=mode.streamed,
+                                        state=state, ctx=ctx, device=recipe.device)
             timings["decompose_s"] = time.perf_counter() - t0
         if "local" in needs.statistics and any("local_gain" not in u.extras for u in units):
             from svdzip.passes.local_gain import attach_gains
@@ -515,6 +520,10 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
         from svdzip.output.lowbit import lowbit_record
 
         manifest.lowbit = lowbit_record(model)
+    if any(r.width is not None for r in result.modules):
+        from svdzip.output.slimmed import slimmed_record
+
+        manifest.slimmed = slimmed_record(result.modules, model)
     if heal_report is not None:
         from svdzip.recover.directory import record_recovery
 

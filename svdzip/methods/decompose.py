@@ -14,11 +14,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from svdzip.budget import DENSE, Pricing, max_useful_rank, rank_cost, unit_params
+from svdzip.budget import DENSE, Pricing, max_useful_rank, rank_cost, uniform_rank, unit_params
 from svdzip.core.statistics import CalibrationStats
 from svdzip.errors import SvdzipError
 from svdzip.methods.factorisations import FactorisationMethod, Settings, get_method
@@ -43,6 +44,8 @@ class Unit:
     seconds: float = 0.0
     extras: dict = field(default_factory=dict)
     pricing: Pricing | None = None  # byte costs (memory budgets); None = the budget counts parameters
+    #: a unit whose rank is a module's width (MoDeGPT's slimmed MLP) rather than a factorisation's rank
+    slimmed: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -51,6 +54,11 @@ class Unit:
     @property
     def role(self) -> str:
         return self.members[0].role
+
+    @property
+    def loss_members(self) -> list[LinearInfo]:
+        """The linears at whose outputs the unit's loss is measured (what weighs it for the model)."""
+        return self.members
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -84,6 +92,16 @@ class Unit:
         if self.pricing is None:
             return max_useful_rank(self.rows, self.cols)
         return self.pricing.max_useful_rank(self.rows, self.cols)
+
+    def uniform_rank(self, ratio: float) -> int | None:
+        """The papers' rank at `ratio` removed (the uniform allocator's): k = floor((1 − r)·m·n/(m + n))."""
+        return uniform_rank(self.rows, self.cols, ratio)
+
+    def materialise(self, adapter: ModelAdapter, rank: int | None) -> list[Any]:
+        """Build the unit at `rank` in the adapter's model; its report rows (`methods.materialise`)."""
+        from svdzip.methods.materialise import factorise_units
+
+        return factorise_units(adapter, [self], [rank])
 
     def normalise(self, rank: int | None) -> int | None:
         """Dense when the rank would not save budget; otherwise the rank, at least 1."""

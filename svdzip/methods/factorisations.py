@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -69,6 +69,14 @@ class FactorisationMethod(ABC):
 
     name: str = ""
     summary: str = ""
+    #: builds its own units (whole modules, `build_units`) instead of one spectrum per matrix under `metric`
+    structured: bool = False
+    #: what `auto` (allocator, its options, heal) means with this method; None = the recipe's own default
+    recommended: dict[str, Any] | None = None
+
+    def build_units(self, adapter: Any, stats: CalibrationStats, device: torch.device | str = "cpu") -> list[Any]:
+        """The units of a structured method (whole modules); only called where `structured` is set."""
+        raise NotImplementedError(f"method '{self.name}' factorises matrix by matrix (see `metric`)")
 
     @abstractmethod
     def needs(self, config: MethodSettings | None = None) -> Needs:
@@ -178,21 +186,25 @@ def _scaling(config: MethodSettings | None) -> str:
     return scaling
 
 
-REGISTRY: Mapping[str, FactorisationMethod] = MappingProxyType(
-    {m.name: m for m in (PlainSVD(), SVDLLM(), ASVD(), FWSVD())})
+def _registry() -> Mapping[str, FactorisationMethod]:
+    """Every method by name; MoDeGPT's module builds on this one's base class, so it is imported on first use."""
+    from svdzip.methods.modegpt import MoDeGPT
+
+    return MappingProxyType({m.name: m for m in (PlainSVD(), SVDLLM(), ASVD(), FWSVD(), MoDeGPT())})
 
 
 def available_methods() -> list[str]:
-    return list(REGISTRY)
+    return list(_registry())
 
 
 def get_method(name: str | FactorisationMethod) -> FactorisationMethod:
     """The method called `name` (a method object passes through); a clear error listing the choices."""
     if isinstance(name, FactorisationMethod):
         return name
-    method = REGISTRY.get(name)
+    registry = _registry()
+    method = registry.get(name)
     if method is None:
-        choices = ", ".join(f"{m.name} ({m.summary})" for m in REGISTRY.values())
+        choices = ", ".join(f"{m.name} ({m.summary})" for m in registry.values())
         raise SvdzipError(f"unknown method '{name}'; choose a factorisation from: {choices}")
     return method
 

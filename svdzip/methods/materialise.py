@@ -31,13 +31,23 @@ class ModuleReport:
     shared_with: str | None = None
     bits: int | None = None  # stored at these bits (HQQ, packed); None = 16/32-bit
     compensation_rank: int = 0  # rank of the low-rank correction of its quantization error
+    width: int | None = None  # neurons its slimmed MLP keeps (MoDeGPT); None = not slimmed
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@torch.no_grad()
 def materialise(adapter: ModelAdapter, units: list[Unit], ranks: list[int | None]) -> list[ModuleReport]:
+    """Every unit built at its rank, by the unit itself (factors, or a slimmed module); the report rows."""
+    rows: list[ModuleReport] = []
+    for unit, rank in zip(units, ranks, strict=True):
+        rows += unit.materialise(adapter, rank)
+    return rows
+
+
+@torch.no_grad()
+def factorise_units(adapter: ModelAdapter, units: list[Unit], ranks: list[int | None]) -> list[ModuleReport]:
+    """Replace each unit's linears by low-rank modules at its rank (a shared basis for a group)."""
     rows: list[ModuleReport] = []
     for unit, rank in zip(units, ranks, strict=True):
         energy = unit.spectrum.energy

@@ -47,6 +47,7 @@ class SvdzipConfig(QuantizationConfigMixin):
         details: dict[str, Any] | None = None,
         quantization: dict[str, Any] | None = None,
         lowbit: dict[str, Any] | None = None,
+        slimmed: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.quant_method = QUANT_METHOD
@@ -59,6 +60,7 @@ class SvdzipConfig(QuantizationConfigMixin):
         self.details = details or {}
         self.quantization = quantization  # svdzip.output.quantize.quantization_record(), or None (16/32-bit only)
         self.lowbit = lowbit  # svdzip.output.lowbit.lowbit_record(): the HQQ-packed linears, or None
+        self.slimmed = slimmed  # svdzip.methods.modegpt.slimmed_record(): linears of smaller shapes, or None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -70,6 +72,8 @@ class SvdzipConfig(QuantizationConfigMixin):
             d["quantization"] = self.quantization
         if self.lowbit:
             d["lowbit"] = self.lowbit
+        if self.slimmed:
+            d["slimmed"] = self.slimmed
         return d
 
 
@@ -163,6 +167,11 @@ class SvdzipQuantizer(HfQuantizer):
         check_stored_shapes(self.quantization_config.modules, files)
         open_structure(model)  # the structure the model was compressed in: per-expert linears for MoE
         aliases = apply_manifest(model, self.quantization_config.modules)
+        slimmed = getattr(self.quantization_config, "slimmed", None)
+        if slimmed:
+            from svdzip.output.slimmed import apply_slimmed
+
+            apply_slimmed(model, slimmed)
         if aliases:
             model.all_tied_weights_keys = {**getattr(model, "all_tied_weights_keys", {}), **aliases}
         lowbit = getattr(self.quantization_config, "lowbit", None)

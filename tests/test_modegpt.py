@@ -1,0 +1,186 @@
+"""MoDeGPT's Type I module (MLPs slimmed by Nyström) and its allocation: the maths against brute force on small
+matrices, the block-influence allocation, and compress → save → reload on tiny models of every MLP family."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import WIDE, tiny_model, tiny_tokens
+from transformers import AutoModelForCausalLM
+
+import svdzip
+from svdzip import Recipe, SvdzipError, compress
+from svdzip.allocate.block_influence import layer_sparsities
+from svdzip.cli import main
+from svdzip.methods.nystrom import leverage_order, nystrom_curve, nystrom_refit, ridge_leverage_scores
+from svdzip.models.adapter import ModelAdapter
+from svdzip.passes.block_influence import block_influence
+
+
+def _activations(n: int = 200, m: int = 12, seed: int = 0) -> torch.Tensor:
+    """Correlated activations with a few loud neurons, as an MLP's are."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, m, generator=g, dtype=torch.float64) @ torch.randn(m, m, generator=g, dtype=torch.float64)
+    return h * torch.logspace(0, 1.5, m, dtype=torch.float64)
+
+
+def test_ridge_leverage_scores_are_the_diagonal_of_the_ridge_hat_matrix():
+    c = (lambda h: h.T @ h)(_activations())
+    for ridge in (1e-3, 1e-2, 1.0):
+        lam = ridge * float(torch.diagonal(c).mean())
+        brute = torch.diagonal(c @ torch.linalg.inv(c + lam * torch.eye(c.shape[0], dtype=c.dtype)))
+        assert torch.allclose(ridge_leverage_scores(c, ridge), brute, atol=1e-10)
+    # a rescaled correlation selects the same neurons (the ridge is relative to the mean activation energy)
+    assert torch.equal(leverage_order(c, 1e-2), leverage_order(1e6 * c, 1e-2))
+
+
+@pytest.mark.parametrize("k", [1, 5, 11])
+def test_nystrom_refit_is_the_least_squares_down_projection_and_its_tail_the_residual(k):
+    h = _activations()
+    down = torch.randn(7, h.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # (d, m)
+    c = h.T @ h
+    order = leverage_order(c)
+    curve = nystrom_curve(c, down, order, jitter=0.0)
+    kept, refit = nystrom_refit(curve, k)
+    assert torch.equal(kept, torch.sort(order[:k]).values)
+    target = h @ down.T
+    brute = torch.linalg.lstsq(h[:, kept], target).solution  # (k, d)
+    assert torch.allclose(refit, brute.T, atol=1e-8)
+    residual = (target - h[:, kept] @ refit.T).pow(2).sum()
+    assert curve.tail(k) == pytest.approx(float(residual), rel=1e-8)
+    assert curve.tail(0) == pytest.approx(float(target.pow(2).sum()), rel=1e-10)
+
+
+def test_nystrom_at_full_width_keeps_the_down_projection():
+    h = _activations(m=9)
+    down = torch.randn(5, 9, dtype=torch.float64)
+    curve = nystrom_curve(h.T @ h, down, leverage_order(h.T @ h), jitter=0.0)
+    kept, refit = nystrom_refit(curve, 9)
+    assert torch.equal(kept, torch.arange(9)) and torch.allclose(refit, down, atol=1e-9)
+    assert curve.tail(9) == 0.0
+    with pytest.raises(SvdzipError, match="cannot keep"):
+        nystrom_refit(curve, 10)
+
+
+def test_layer_sparsities_meet_the_mean_and_respect_the_cap():
+    scores = [0.05, 0.3, 0.1, 0.02, 0.5, 0.2]
+    for eps, cap in ((0.05, 0.8), (0.2, 0.5), (0.01, 0.6)):
+        phi = layer_sparsities(scores, 0.3, eps, cap)
+        assert sum(phi) == pytest.approx(0.3 * len(scores))
+        assert max(phi) <= cap + 1e-12
+        assert phi[3] >= phi[0] >= phi[2] >= phi[5] >= phi[1] >= phi[4]  # less influence, more removed
+    assert layer_sparsities(scores, 0.3, 1e9, 0.8) == pytest.approx([0.3] * 6)  # ε → ∞: uniform
+    assert layer_sparsities(scores, 0.9, 0.1, 0.8) == pytest.approx([0.8] * 6)  # the cap bounds the mean too
+    assert layer_sparsities(scores, 0.3, 0.001, 0.8)[3] == pytest.approx(0.8)  # concentrated, then clamped
+
+
+def test_block_influence_is_one_minus_the_mean_cosine_of_each_layers_input_and_output():
+    model, tokens = tiny_model("llama", seed=2), tiny_tokens(4, 16)
+    scores = block_influence(model, tokens, batch_size=3)
+    with torch.no_grad():
+        states = model(input_ids=tokens, output_hidden_states=True).hidden_states
+    for i in range(len(scores) - 1):  # HF's last hidden state is after the final norm: compared by hooks only
+        cos = torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1)
+        assert scores[i] == pytest.approx(1 - float(cos.mean()), abs=1e-5)
+    assert all(0.0 <= s <= 2.0 for s in scores)
+
+
+def _mlp_output_error(model, compressed, tokens, layer: int) -> float:
+    """Σ over tokens of ‖MLP(x) − MLP'(x)‖² at `layer`, both fed the dense model's MLP inputs."""
+    dense_mlp = ModelAdapter(model).layers[layer].mlp
+    slim_mlp = ModelAdapter(compressed).layers[layer].mlp
+    seen = []
+    handle = dense_mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=tokens)
+        handle.remove()
+        x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+        return float((dense_mlp(x) - slim_mlp(x)).double().pow(2).sum())
+
+
+def test_compressed_mlp_loses_exactly_what_its_curve_says():
+    """The materialised MLP's output error on the calibration inputs is the Nyström tail its unit predicted."""
+    model, tokens = tiny_model("llama", seed=4), tiny_tokens(8, 24)
+    recipe = Recipe.plain(method="modegpt", ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
+    result = compress(copy.deepcopy(model), recipe, calib_tokens=tokens)
+    slim = [u for u in result.units if u.slimmed]
+    assert len(slim) == 3 and all(u.max_rank == 47 for u in slim)
+    for unit in slim:
+        layer = unit.members[0].layer
+        width = next(r.width for r in result.modules if r.name == unit.members[-1].name)
+        # the curve is of the dense model's calibration inputs to this MLP (statistics of the original model)
+        assert _mlp_output_error(model, result.model, tokens, layer) == pytest.approx(unit.curve.tail(width),
+                                                                                      rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "opt", "mixtral"])
+def test_slimmed_model_meets_the_ratio_and_reloads_to_identical_logits(family, tmp_path):
+    model, tokens = tiny_model(family, seed=1, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    dense_linear = ModelAdapter(model).decoder_linear_params()
+    recipe = Recipe.plain(method="modegpt", ratio=0.2, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
+    result = compress(model, recipe, calib_tokens=tokens, out=tmp_path / "m")
+    rows = {r.name: r for r in result.modules}
+    slimmed = [r for r in rows.values() if r.width is not None]
+    assert slimmed and all(r.rank is None for r in rows.values())  # nothing factorised, attention kept dense
+    assert all(r.params == r.in_features * r.out_features for r in rows.values() if r.width is None)
+    # uniform: every MLP keeps the same neurons; the MLPs carry all of the 20 % (one neuron of rounding each)
+    assert len({r.width for r in slimmed}) == 1
+    one_neuron = max(r.in_features if r.role.endswith("down") else r.out_features for r in slimmed) * 3
+    assert 0.2 - 1e-9 <= result.summary["ratio_achieved"] <= 0.2 + len(slimmed) * one_neuron / dense_linear
+    manifest = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert set(manifest["slimmed"]) == {r.name for r in slimmed} and not manifest["modules"]
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        assert torch.equal(again(tokens).logits, result.model(tokens).logits)
+        loaded, _ = svdzip.load(tmp_path / "m", with_tokenizer=False)
+        assert torch.equal(loaded(tokens).logits, result.model(tokens).logits)
+    stored = sum(p.numel() for n, p in again.named_parameters() if n.endswith("weight") and any(
+        n.startswith(r.name) for r in slimmed))
+    assert stored == sum(r.params for r in slimmed) == sum(r.kept * r.in_features * r.out_features for r in slimmed)
+
+
+def test_loss_aware_and_block_influence_give_mlps_different_widths_within_the_budget():
+    model, tokens = tiny_model("llama", seed=5, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    base = Recipe.plain(method="modegpt", ratio=0.25, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
+    for allocator, options in (("loss-aware", {"signal": "whitened"}),
+                               ("block-influence", {"epsilon": 0.01, "samples": 4})):
+        result = compress(copy.deepcopy(model), Recipe(**{**base.__dict__, "allocator": allocator,
+                                                          "allocator_options": options}), calib_tokens=tokens)
+        widths = [r.width for r in result.modules if r.role == "down"]
+        assert len(set(widths)) > 1, allocator
+        assert result.summary["ratio_achieved"] >= 0.25 - 1e-9
+    assert len(result.allocation_report["layer_sparsity"]) == 2
+
+
+def test_modegpt_auto_is_the_papers_allocation_without_healing():
+    recipe = Recipe(method="modegpt").resolved(scaled=False)
+    assert (recipe.allocator, recipe.heal) == ("block-influence", "none")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"allocator": "drank"}, "allocates factorisation ranks only"),
+    ({"budget_fraction": 0.5}, "memory budget"),
+    ({"heal": "distill"}, "--heal distill"),
+    ({"update": "svdllm"}, "--update svdllm"),
+])
+def test_modegpt_refuses_what_it_cannot_do_before_any_work(overrides, message):
+    with pytest.raises(SvdzipError, match=message):
+        Recipe(method="modegpt", **overrides).validate()
+
+
+def test_modegpt_refuses_a_fused_gate_up_projection():
+    with pytest.raises(SvdzipError, match="fuses"):
+        compress(tiny_model("phi3"), Recipe.plain(method="modegpt", calib_samples=4, calib_seq_len=16),
+                 calib_tokens=tiny_tokens(4, 16))
+
+
+def test_cli_refuses_modegpt_streamed(tmp_path, capsys):
+    from tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "src")
+    code = main(["compress", "--model", str(src), "--method", "modegpt", "--stream", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "modegpt" in err and "--stream" in err and not (tmp_path / "o").exists()
