@@ -299,7 +299,7 @@ def _compress(request: CompressRequest, source: str, mode: Mode, needs: Needs, c
 
             method = get_method(recipe.method)
             if method.structured:  # whole modules (MoDeGPT's MLPs), in memory: their needs refuse the other modes
-                units = method.build_units(adapter, stats, device=recipe.device)
+                units = method.build_units(adapter, stats, device=recipe.device, tokens=tokens)
             else:
                 groups = group_linears(adapter, recipe.share_roles, recipe.group_size)
                 units = decompose_units(adapter, stats, recipe, groups, weights=weights, on_disk=mode.streamed,

@@ -1,0 +1,76 @@
+"""Linears that keep a subset of their outputs or inputs (MoDeGPT's attention modules), at the original shapes.
+
+MoDeGPT's key–query and value–output modules give every head fewer dimensions. Instead of a copied
+attention with per-layer head sizes, the kept dimensions stay at their places inside the original
+head: `RowSubsetLinear` computes only the kept outputs of q/k/v and leaves zeros in the others, and
+`ColumnSubsetLinear` reads only the kept inputs of o_proj. A zero query/key dimension adds nothing
+to a score, and RoPE rotates a pair of zeros into zeros, so the stock attention (its softmax scale
+1/√d_h included, as the maths asks) computes exactly what a slimmed attention would, and every
+transformers release and family keeps working. The weights stored are the kept rows/columns only,
+with the index list as a buffer inside the safetensors file; what is not saved is the KV cache, which
+keeps the full head size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class RowSubsetLinear(nn.Module):
+    """y[..., index] = W x + b and 0 elsewhere: an `out_features`-wide output that computes `len(index)` rows."""
+
+    def __init__(self, in_features: int, out_features: int, kept: int, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(kept, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(kept, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        out = y.new_zeros(*y.shape[:-1], self.out_features)
+        return out.index_copy_(-1, self.index, y)
+
+
+class ColumnSubsetLinear(nn.Module):
+    """y = W x[..., index] + b: an `in_features`-wide input of which `len(index)` entries are read."""
+
+    def __init__(self, in_features: int, out_features: int, kept: int, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, kept, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
+
+
+def row_subset(weight: torch.Tensor, bias: torch.Tensor | None, out_features: int, index: torch.Tensor
+               ) -> RowSubsetLinear:
+    """A `RowSubsetLinear` holding `weight` (kept × in) for the outputs `index`."""
+    module = RowSubsetLinear(weight.shape[1], out_features, weight.shape[0], bias is not None, weight.device,
+                             weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.index.copy_(index)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+def column_subset(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int, index: torch.Tensor
+                  ) -> ColumnSubsetLinear:
+    """A `ColumnSubsetLinear` holding `weight` (out × kept) for the inputs `index`."""
+    module = ColumnSubsetLinear(in_features, weight.shape[0], weight.shape[1], bias is not None, weight.device,
+                                weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.index.copy_(index)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
