@@ -673,7 +673,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
             "quantization": {k: v for k, v in (manifest.get("quantization") or {}).items() if k != "modules"} or None,
             "ratio_convention": manifest.get("ratio_convention"), "svdzip_version": manifest.get("svdzip_version"),
             "size_bytes": io.dir_size(args.dir), "summary": summary, "factorised_modules": len(manifest["modules"]),
-            "lowbit": _lowbit_counts(manifest.get("lowbit"))}
+            "lowbit": _lowbit_counts(manifest.get("lowbit")), "slimmed_modules": len(manifest.get("slimmed") or {})}
     if not args.json:
         at = "a memory budget" if info["ratio"] is None else f"ratio {info['ratio']} ({info['ratio_convention']})"
         print(f"{args.dir}: {info['method']} at {at}, "
@@ -688,6 +688,9 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
                   + ", ".join(f"{n} at {b}" for b, n in low["bits"].items())
                   + f"; {low['compensated']} with a compensation (total rank {low['compensation_rank']}); "
                   "per layer below: '4b+r12' = 4 bits with a rank-12 correction")
+        if info["slimmed_modules"]:
+            print(f"{info['slimmed_modules']} linears slimmed (MoDeGPT): per layer below, 'w1024' = an MLP of 1024 "
+                  "neurons, or attention heads keeping 48 of their dimensions")
         if summary.get("memory"):
             mem = summary["memory"]
             print(f"memory budget {human_bytes(mem['budget_bytes'])} "

@@ -299,3 +299,19 @@ def test_every_module_at_full_width_reproduces_the_dense_model(family):
             if unit.slimmed:
                 unit.materialise(adapter, unit.module.width - 1)
         assert not torch.allclose(model(tokens).logits, dense(tokens).logits, atol=1e-3)
+
+
+def test_info_shows_widths_and_vllm_refuses_slimmed_directories(tmp_path, capsys):
+    from tiny_models import tiny_tokenizer
+
+    from svdzip.serve.layout import check_format
+
+    model, tokens = tiny_model("llama", seed=2), tiny_tokens(8, 24)
+    compress(model, Recipe.plain(method="modegpt", ratio=0.3, calib_samples=8, calib_seq_len=24),
+             calib_tokens=tokens, out=tmp_path / "m", tokenizer=tiny_tokenizer())
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "linears slimmed (MoDeGPT)" in out and " w33 " in out  # floor(0.7 · 48) neurons
+    manifest = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    with pytest.raises(SvdzipError, match="slimmed modules"):
+        check_format(manifest)

@@ -35,7 +35,7 @@ def human_bytes(n: float) -> str:
 
 def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[list[str], list[list[Any]]]:
     """Layers × roles: the rank (or kept fraction) of every module; 'dense' where kept dense, '4b+r12' where
-    stored at 4 bits with a compensation of rank 12.
+    stored at 4 bits with a compensation of rank 12, 'w48' where slimmed (MoDeGPT) to 48 neurons or head dims.
 
     Several modules of one role in a layer (the experts of an MoE block) show as their range, "lo–hi".
     """
@@ -55,7 +55,10 @@ def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[l
 
 
 def storage_cell(m: dict[str, Any]) -> Any:
-    """How one module is stored: its rank, 'dense', or '4b' / '4b+r12' (4 bits with a rank-12 correction)."""
+    """How one module is stored: its rank, 'dense', '4b' / '4b+r12' (4 bits with a rank-12 correction), or
+    'w1024' (slimmed by MoDeGPT to 1024 neurons, or to 48 dimensions per head)."""
+    if m.get("width") is not None:
+        return f"w{m['width']}"
     if m.get("bits"):
         return f"{m['bits']}b" + (f"+r{m['compensation_rank']}" if m.get("compensation_rank") else "")
     return "dense" if m.get("rank") is None else m["rank"]

@@ -253,6 +253,11 @@ def check_format(quant_config: Mapping[str, Any]) -> None:
             f"{MANIFEST_FORMAT}" + ("; upgrade svdzip (`pip install -U svdzip`) to serve it" if newer else ""))
     if not isinstance(quant_config.get("modules"), dict):
         raise SvdzipError("svdzip manifest has no 'modules' table")
+    if quant_config.get("slimmed"):
+        raise SvdzipError("this directory holds MoDeGPT's slimmed modules (MLPs of per-layer widths, attention heads "
+                          "keeping a subset of their dimensions): svdzip's vLLM plugin does not build those yet "
+                          "(vLLM's model code sizes every layer from the config). Serve it with transformers "
+                          "(`svdzip.load`), or compress for vLLM with a factorisation (--method svdllm)")
     stored = [what for what, key in (("int8 weights (torchao)", "quantization"),
                                      ("packed low-bit weights (HQQ)", "lowbit")) if quant_config.get(key)]
     if stored:
