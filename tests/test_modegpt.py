@@ -38,31 +38,32 @@ def test_ridge_leverage_scores_are_the_diagonal_of_the_ridge_hat_matrix():
 
 
 @pytest.mark.parametrize("k", [1, 5, 11])
-def test_nystrom_refit_is_the_least_squares_down_projection_and_its_tail_the_residual(k):
+def test_nystrom_refit_is_the_least_squares_down_projection_and_the_curve_its_residual(k):
     h = _activations()
     down = torch.randn(7, h.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # (d, m)
     c = h.T @ h
     order = leverage_order(c)
-    curve = nystrom_curve(c, down, order, jitter=0.0)
-    kept, refit = nystrom_refit(curve, k)
-    assert torch.equal(kept, torch.sort(order[:k]).values)
+    sigma2 = nystrom_curve(c, down, order, jitter=0.0)
+    kept = torch.sort(order[:k]).values
+    refit = nystrom_refit(c, down, kept, jitter=0.0)
     target = h @ down.T
     brute = torch.linalg.lstsq(h[:, kept], target).solution  # (k, d)
     assert torch.allclose(refit, brute.T, atol=1e-8)
     residual = (target - h[:, kept] @ refit.T).pow(2).sum()
-    assert curve.tail(k) == pytest.approx(float(residual), rel=1e-8)
-    assert curve.tail(0) == pytest.approx(float(target.pow(2).sum()), rel=1e-10)
+    assert float(sigma2[k:].sum()) == pytest.approx(float(residual), rel=1e-8)
+    assert float(sigma2.sum()) == pytest.approx(float(target.pow(2).sum()), rel=1e-10)
 
 
-def test_nystrom_at_full_width_keeps_the_down_projection():
+def test_nystrom_with_a_ridge_stays_close_and_at_full_width_keeps_the_down_projection():
     h = _activations(m=9)
-    down = torch.randn(5, 9, dtype=torch.float64)
-    curve = nystrom_curve(h.T @ h, down, leverage_order(h.T @ h), jitter=0.0)
-    kept, refit = nystrom_refit(curve, 9)
-    assert torch.equal(kept, torch.arange(9)) and torch.allclose(refit, down, atol=1e-9)
-    assert curve.tail(9) == 0.0
+    down = torch.randn(5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    c = h.T @ h
+    assert torch.allclose(nystrom_refit(c, down, torch.arange(9), jitter=0.0), down, atol=1e-9)
+    kept = torch.tensor([0, 2, 3, 7])
+    exact, ridged = nystrom_refit(c, down, kept, 0.0), nystrom_refit(c, down, kept, 1e-6)
+    assert float((exact - ridged).norm() / exact.norm()) < 1e-2
     with pytest.raises(SvdzipError, match="cannot keep"):
-        nystrom_refit(curve, 10)
+        nystrom_refit(c, down, torch.arange(10) % 9, 0.0)
 
 
 def test_layer_sparsities_meet_the_mean_and_respect_the_cap():
@@ -315,3 +316,63 @@ def test_info_shows_widths_and_vllm_refuses_slimmed_directories(tmp_path, capsys
     manifest = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     with pytest.raises(SvdzipError, match="slimmed modules"):
         check_format(manifest)
+
+
+def _units_of(family: str, seed: int = 8):
+    from svdzip.methods.modegpt import MoDeGPT
+    from svdzip.passes.calibrate import collect_statistics
+
+    model, tokens = tiny_model(family, seed=seed, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    stats = collect_statistics(model, tokens, 8, kinds={"grams"})
+    adapter = ModelAdapter(model)
+    return model, tokens, stats, adapter, MoDeGPT().build_units(adapter, stats, tokens=tokens)
+
+
+def test_key_query_at_partial_width_is_the_dense_projection_masked_per_kv_group():
+    """Query head j keeps the dimensions of its KV group j // g (HF's repeat_kv): checked against the dense
+    q/k outputs with every other dimension zeroed, on a GQA model with q/k biases."""
+    from svdzip.methods.key_query import kept_dims
+
+    model, tokens, _, adapter, units = _units_of("qwen2")
+    unit = next(u for u in units if u.role == "key-query" and u.members[0].layer == 0)
+    q_info, k_info = unit.members
+    dense_q, dense_k = copy.deepcopy(adapter.module(q_info.name)), copy.deepcopy(adapter.module(k_info.name))
+    rank = unit.module.width // 2
+    unit.materialise(adapter, rank)
+    d_h, heads = adapter.head_dim, adapter.num_heads
+    dims = kept_dims(unit.module.order, rank, d_h, rope=True)
+    kv = dims.shape[0]
+    assert kv == adapter.num_kv_heads < heads
+    x = torch.randn(5, q_info.in_features)
+    for info, dense, n in ((q_info, dense_q, heads), (k_info, dense_k, kv)):
+        mask = torch.zeros(n, d_h)
+        for h in range(n):
+            mask[h, dims[h // (heads // kv) if n == heads else h]] = 1
+        with torch.no_grad():
+            assert torch.allclose(adapter.module(info.name)(x), dense(x) * mask.flatten(), atol=1e-6)
+        assert adapter.module(info.name).weight.shape[0] == n * 2 * rank
+
+
+def test_value_output_at_partial_width_loses_its_tail_in_the_whitened_metric():
+    model, tokens, stats, adapter, units = _units_of("llama")
+    unit = next(u for u in units if u.role == "value-output" and u.members[0].layer == 1)
+    v_info, o_info = unit.members
+    w_v = adapter.module(v_info.name).weight.detach().double()
+    w_o = adapter.module(o_info.name).weight.detach().double()
+    d_h, heads, kv = adapter.head_dim, adapter.num_heads, adapter.num_kv_heads
+    gram = stats.grams[v_info.input_key].double()
+
+    def products(wv, wo):  # each query head's d×d map x ↦ o-contribution, through its KV head's values
+        return [wv[(j // (heads // kv)) * d_h:(j // (heads // kv) + 1) * d_h].T @ wo[:, j * d_h:(j + 1) * d_h].T
+                for j in range(heads)]
+
+    before = products(w_v, w_o)
+    rank = 3
+    unit.materialise(adapter, rank)
+    v_new, o_new = adapter.module(v_info.name), adapter.module(o_info.name)
+    dense_v = torch.zeros_like(w_v)
+    dense_v[v_new.index] = v_new.weight.detach().double()
+    dense_o = torch.zeros_like(w_o)
+    dense_o[:, o_new.index] = o_new.weight.detach().double()
+    error = sum(float(torch.trace((a - b).T @ gram @ (a - b))) for a, b in zip(before, products(dense_v, dense_o)))
+    assert error == pytest.approx(unit.spectrum.tail(rank), rel=1e-3)  # the ridge (1e-4 of the mean) is the gap

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,14 +35,7 @@ from svdzip.methods.decompose import Unit
 from svdzip.methods.factorisations import FactorisationMethod, Metric
 from svdzip.methods.key_query import energy_curve, kept_dims, selection_order
 from svdzip.methods.linalg import Spectrum
-from svdzip.methods.nystrom import (
-    LEVERAGE_RIDGE,
-    REFIT_JITTER,
-    NystromCurve,
-    leverage_order,
-    nystrom_curve,
-    nystrom_refit,
-)
+from svdzip.methods.nystrom import LEVERAGE_RIDGE, REFIT_JITTER, leverage_order, nystrom_curve, nystrom_refit
 from svdzip.methods.value_output import ValueOutputBasis, value_output_basis, whitening_factor
 from svdzip.models.adapter import LinearInfo, ModelAdapter
 from svdzip.models.sliced import column_subset, row_subset
@@ -155,18 +149,19 @@ class NystromMLP(SlimModule):
     kind = "mlp"
     loss_roles = DOWN_ROLES
 
-    def __init__(self, curve: NystromCurve, per_rank: int):
-        self.curve, self.per_rank = curve, per_rank
-        self.width = curve.order.numel()
-        self.sigma2 = curve.sigma2
+    def __init__(self, order: torch.Tensor, sigma2: torch.Tensor, per_rank: int, gram: Callable[[], torch.Tensor]):
+        self.order, self.sigma2, self.per_rank, self.gram = order, sigma2, per_rank, gram
+        self.width = order.numel()
 
     def build(self, adapter, members, rank):
-        kept, down = nystrom_refit(self.curve, rank)
+        kept = torch.sort(self.order[:rank]).values
         built = {}
         for info in members:
             old = adapter.module(info.name)
             weight, bias = old.weight.detach(), getattr(old, "bias", None)
             if info.role in DOWN_ROLES:
+                gram = self.gram().to(weight.device)
+                down = nystrom_refit(gram, weight, kept.to(weight.device), REFIT_JITTER)
                 new = nn.Linear(rank, info.out_features, bias=bias is not None, device=weight.device,
                                 dtype=weight.dtype)
                 new.weight.copy_(down.to(weight))
@@ -283,6 +278,10 @@ class MoDeGPT(FactorisationMethod):
             energies = output_energies(adapter.model, names, tokens[:ENERGY_WINDOWS], scale_to=stats.tokens)
         for kind, path, members in tqdm(modules, desc="MoDeGPT: module curves", unit="module"):
             t0 = time.perf_counter()
+            if any(m.input_key not in stats.grams for m in members) and ".experts." in path:
+                log.warning("modegpt keeps %s dense: the router sent it no calibration token", path)
+                units += [KeptUnit(members=[m], spectrum=_flat()) for m in members]
+                continue
             module = BUILDERS[kind](adapter, stats, members, device, energies)
             units.append(SlimUnit(members=members, spectrum=_flat(module.sigma2.double().cpu()),
                                   seconds=time.perf_counter() - t0, module=module, path=path))
@@ -307,10 +306,12 @@ def _mlp(adapter: ModelAdapter, stats: Any, members: list[LinearInfo], device, e
     down = next(m for m in members if m.role in DOWN_ROLES)
     gram = _gram(stats, down, device)
     weight = adapter.module(down.name).weight.detach().to(device)
-    curve = nystrom_curve(gram, weight, leverage_order(gram, LEVERAGE_RIDGE), REFIT_JITTER, dtype=torch.float32)
-    curve = NystromCurve(curve.order.cpu(), curve.factor.cpu(), curve.whitened.cpu())
-    # the budget counts weights (as for a factorisation's): a neuron's gate/up rows and its down column
-    return NystromMLP(curve, sum(m.in_features for m in members if m.role in NEURON_ROLES) + down.out_features)
+    order = leverage_order(gram, LEVERAGE_RIDGE)
+    sigma2 = nystrom_curve(gram, weight, order, REFIT_JITTER)
+    # the budget counts weights (as for a factorisation's): a neuron's gate/up rows and its down column;
+    # the Gram is read again for the refit (from the statistics, in memory or on disk), not kept here
+    return NystromMLP(order.cpu(), sigma2.cpu(), sum(m.in_features for m in members if m.role in NEURON_ROLES)
+                      + down.out_features, lambda: _gram(stats, down, "cpu"))
 
 
 def _key_query(adapter: ModelAdapter, stats: Any, members: list[LinearInfo], device, energies) -> SlimModule:
@@ -347,6 +348,18 @@ def _uses_rope(adapter: ModelAdapter) -> bool:
     return any("rotary" in name for name, _ in adapter.model.named_modules())
 
 
+def _full_rope_or_none(adapter: ModelAdapter) -> bool:
+    """RoPE over the whole head in HF's rotate_half pairing (p with p + d_h/2), or no RoPE at all."""
+    if not _uses_rope(adapter):
+        return True
+    config = adapter.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = getattr(config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) if isinstance(
+        params, dict) else getattr(config, "partial_rotary_factor", 1.0)
+    return adapter.head_dim % 2 == 0 and (factor is None or float(factor) == 1.0)
+
+
 def slimmable_modules(adapter: ModelAdapter) -> list[tuple[str, str, list[LinearInfo]]]:
     """(kind, module path, members) of every module this family can slim, in model order."""
     by_parent: dict[str, list[LinearInfo]] = {}
@@ -369,9 +382,10 @@ def slimmable_modules(adapter: ModelAdapter) -> list[tuple[str, str, list[Linear
             found.append(("mlp", path, [i for i in infos if i.role in NEURON_ROLES] + downs))
             continue
         attention = adapter.model.get_submodule(path)
-        if {"q", "k"} <= set(roles) and not hasattr(attention, "q_norm") and adapter.head_dim % 2 == 0:
+        # per-head q/k norms see every dimension, partial or interleaved RoPE does not pair p with p + d_h/2
+        if {"q", "k"} <= set(roles) and not hasattr(attention, "q_norm") and _full_rope_or_none(adapter):
             found.append(("key-query", path, [roles["q"], roles["k"]]))
-        if {"v", "o"} <= set(roles):
+        if {"v", "o"} <= set(roles) and not hasattr(attention, "sinks"):  # sinks: rows no longer sum to 1
             found.append(("value-output", path, [roles["v"], roles["o"]]))
     return found
 

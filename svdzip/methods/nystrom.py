@@ -6,16 +6,15 @@ X_S = argmin ‖H W_D − H_S X‖² = C[S,S]⁻¹ C[S,:] W_D, with C = HᵀH/N 
 Which neurons: MoDeGPT's ridge leverage scores τ_i = [C (C + λI)⁻¹]_ii, top k, deterministic.
 
 The leverage order is fixed for every k, so one Cholesky factor of C permuted into that order gives
-the whole loss-vs-width curve and the refit at any width: with P C Pᵀ = L Lᵀ and G = Lᵀ P W_D,
-the error of keeping the first k neurons is Σ_{j ≥ k} ‖G_j‖² and the refit is L[:k,:k]⁻ᵀ G[:k].
-That curve plays the role a spectrum plays for a factorisation: the allocators read it the same way.
+the whole loss-vs-width curve: with P C Pᵀ = L Lᵀ and G = Lᵀ P W_D, the error of keeping the first k
+neurons is Σ_{j ≥ k} ‖G_j‖² (the refit L[:k,:k]⁻ᵀ G[:k] would come from the same factor). That curve
+plays the role a spectrum plays for a factorisation: the allocators read it the same way. The refit at
+the chosen width is solved from the Gram matrix again, so that no m×m factor per MLP stays in memory.
 
 Pure functions on tensors (float64); `methods.modegpt` builds the units and the modules from them.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -66,47 +65,35 @@ def leverage_order(c: torch.Tensor, ridge: float = LEVERAGE_RIDGE) -> torch.Tens
     return torch.sort(-scores, stable=True).indices
 
 
-@dataclass
-class NystromCurve:
-    """Everything a slimmed MLP needs at any width: the neuron order, the permuted Cholesky factor of C and
-    the whitened down projection G = Lᵀ (P W_D); `sigma2[j]` is the output error keeping neuron j removes."""
-
-    order: torch.Tensor  # (m,) int64, neurons by priority
-    factor: torch.Tensor  # (m, m) lower triangular, L Lᵀ = C[order][:, order] + jitter·I
-    whitened: torch.Tensor  # (m, d) G
-
-    @property
-    def sigma2(self) -> torch.Tensor:
-        return self.whitened.double().pow(2).sum(1)
-
-    def tail(self, k: int) -> float:
-        """Output error ‖H W_D − H_S X_S‖² / N of keeping the first k neurons (refit included)."""
-        return float(self.sigma2[k:].sum())
-
-
 def nystrom_curve(c: torch.Tensor, down_weight: torch.Tensor, order: torch.Tensor,
-                  jitter: float = REFIT_JITTER, dtype: torch.dtype = torch.float64) -> NystromCurve:
-    """The curve of keeping the neurons in `order`; `down_weight` is torch's (d, m) `down_proj.weight`.
+                  jitter: float = REFIT_JITTER) -> torch.Tensor:
+    """sigma2[j]: the output error keeping the j-th neuron of `order` removes (refit included), float64.
 
-    `dtype` is what the factor and G are kept in (float32 halves the memory; the refit solves in float64).
+    `down_weight` is torch's (d, m) `down_proj.weight`. The factor is not kept: `nystrom_refit` solves for the
+    width the allocation chose from the Gram matrix again, so no m×m matrix per MLP waits in memory.
     """
     c = _sym(c)
     if down_weight.shape[1] != c.shape[0]:
         raise SvdzipError(f"the down projection reads {down_weight.shape[1]} neurons, the statistics have "
                           f"{c.shape[0]}")
-    permuted = c[order][:, order]
-    factor = robust_cholesky(permuted, jitter * scale_of(c))
-    whitened = factor.T @ down_weight.double().T[order]
-    return NystromCurve(order=order.clone(), factor=factor.to(dtype), whitened=whitened.to(dtype))
+    factor = robust_cholesky(c[order][:, order], jitter * scale_of(c))
+    return (factor.T @ down_weight.double().T[order]).pow(2).sum(1)
 
 
-def nystrom_refit(curve: NystromCurve, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept neurons ascending, the refit down projection (d, k) whose columns follow them) at width k."""
-    m = curve.order.numel()
-    if not 1 <= k <= m:
-        raise SvdzipError(f"an MLP of {m} neurons cannot keep {k}")
-    upper = curve.factor[:k, :k].double().T
-    rows = torch.linalg.solve_triangular(upper, curve.whitened[:k].double(), upper=True)  # (k, d), in order
-    kept = curve.order[:k]
-    ascending = torch.argsort(kept)
-    return kept[ascending], rows[ascending].T.contiguous()
+def nystrom_refit(c: torch.Tensor, down_weight: torch.Tensor, kept: torch.Tensor,
+                  jitter: float = REFIT_JITTER) -> torch.Tensor:
+    """The least-squares down projection (d, k) for the neurons `kept` (its columns follow them).
+
+    X = W_S + (C + δI)[S,S]⁻¹ C[S,R] W_R: the dropped neurons' contribution, predicted from the kept ones —
+    the same solution as the curve's (the ridge δ only on the kept block), so the error is its tail.
+    """
+    c = _sym(c)
+    m = c.shape[0]
+    if not 1 <= kept.numel() <= m:
+        raise SvdzipError(f"an MLP of {m} neurons cannot keep {kept.numel()}")
+    dropped = torch.ones(m, dtype=torch.bool, device=c.device)
+    dropped[kept] = False
+    w = down_weight.double().T  # (m, d)
+    factor = robust_cholesky(c[kept][:, kept], jitter * scale_of(c))
+    rows = w[kept] + torch.cholesky_solve(c[kept][:, dropped] @ w[dropped], factor)
+    return rows.T.contiguous()
