@@ -374,5 +374,6 @@ def test_value_output_at_partial_width_loses_its_tail_in_the_whitened_metric():
     dense_v[v_new.index] = v_new.weight.detach().double()
     dense_o = torch.zeros_like(w_o)
     dense_o[:, o_new.index] = o_new.weight.detach().double()
-    error = sum(float(torch.trace((a - b).T @ gram @ (a - b))) for a, b in zip(before, products(dense_v, dense_o)))
+    after = products(dense_v, dense_o)
+    error = sum(float(torch.trace((a - b).T @ gram @ (a - b))) for a, b in zip(before, after, strict=True))
     assert error == pytest.approx(unit.spectrum.tail(rank), rel=1e-3)  # the ridge (1e-4 of the mean) is the gap
