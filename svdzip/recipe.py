@@ -207,6 +207,9 @@ class Recipe:
             return
         from svdzip.allocate import get_allocator, slimming_allocators
 
+        if self.allocator != AUTO and method.allocators and self.allocator not in method.allocators:
+            raise SvdzipError(f"--method {self.method} chooses per module with {' or '.join(method.allocators)}; "
+                              f"--allocator {self.allocator} cannot (leave --allocator auto)")
         if self.allocator != AUTO and not get_allocator(self.allocator).slims:
             raise SvdzipError(f"--method {self.method} slims whole modules; --allocator {self.allocator} allocates "
                               f"factorisation ranks only: choose one of {', '.join(slimming_allocators())} (or auto)")

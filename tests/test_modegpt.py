@@ -377,3 +377,61 @@ def test_value_output_at_partial_width_loses_its_tail_in_the_whitened_metric():
     after = products(dense_v, dense_o)
     error = sum(float(torch.trace((a - b).T @ gram @ (a - b))) for a, b in zip(before, after, strict=True))
     assert error == pytest.approx(unit.spectrum.tail(rank), rel=1e-3)  # the ridge (1e-4 of the mean) is the gap
+
+
+# ---------------------------------------------------------------- the hybrid: slim or factorise, per module
+
+def test_factorised_options_are_the_best_rank_combinations_on_the_hull():
+    """Brute force over every rank combination of two matrices: each merged option is on the lower hull of
+    (cost, weighted loss), and the option list covers every hull point of the combinations."""
+    from itertools import product
+
+    from svdzip.methods.decompose import decompose
+    from svdzip.methods.hybrid import factorised_options, pareto
+    from svdzip.passes.calibrate import collect_statistics
+
+    model, tokens = tiny_model("llama", seed=9), tiny_tokens(8, 24)
+    adapter = ModelAdapter(model)
+    stats = collect_statistics(model, tokens, 8, kinds={"grams"})
+    parts = decompose(adapter, stats, "svdllm", [[i] for i in adapter.layer_linears(0)[2:4]])  # v and o
+    weights = [2.0, 0.5]
+    options = factorised_options(parts, weights)
+    assert all(b.cost > a.cost and b.loss <= a.loss + 1e-9 for a, b in zip(options, options[1:], strict=False))
+
+    def loss(ranks):
+        return sum(w * (p.spectrum.tail(r) if r is not None else 0.0) for p, w, r in zip(parts, weights, ranks,
+                                                                                        strict=True))
+
+    for o in options:
+        assert o.loss == pytest.approx(loss(o.ranks), rel=1e-6, abs=1e-9)
+    grid = [(sum(p.cost(r) for p, r in zip(parts, rs, strict=True)), loss(rs)) for rs in product(
+        *[[*range(1, p.max_rank + 1), None] for p in parts])]
+    for cost, value in grid:  # no combination lies below the chords of the merged options
+        below = [o for o in options if o.cost <= cost]
+        above = [o for o in options if o.cost >= cost]
+        if below and above:
+            a, b = below[-1], above[0]
+            t = 0.0 if b.cost == a.cost else (cost - a.cost) / (b.cost - a.cost)
+            assert value >= a.loss + t * (b.loss - a.loss) - 1e-6
+    front = pareto(options, sum(p.dense_params for p in parts))
+    assert all(o.cost < sum(p.dense_params for p in parts) for o in front)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_hybrid_chooses_per_module_within_the_budget_and_reloads(family, tmp_path):
+    model, tokens = tiny_model(family, seed=3, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    recipe = Recipe(method="hybrid", ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
+    result = compress(model, recipe, calib_tokens=tokens, out=tmp_path / "h")
+    assert result.config.allocator == "loss-aware" and result.config.heal == "none"
+    assert result.summary["ratio_achieved"] >= 0.3 - 1e-9
+    kinds = {("factorised" if r.rank is not None else "slimmed" if r.width is not None else "dense")
+             for r in result.modules}
+    assert {"factorised", "slimmed"} <= kinds  # both families chosen somewhere
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+        assert torch.equal(again(tokens).logits, result.model(tokens).logits)
+
+
+def test_hybrid_refuses_an_allocator_that_cannot_choose():
+    with pytest.raises(SvdzipError, match="chooses per module"):
+        Recipe(method="hybrid", allocator="uniform").validate()

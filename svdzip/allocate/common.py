@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from svdzip.budget import DENSE
 from svdzip.errors import InfeasibleBudget, SvdzipError
-from svdzip.methods.decompose import Unit
+from svdzip.methods.decompose import Unit, hull_segments  # noqa: F401  (hull_segments: the allocators')
 
 Rank = int | None
 #: benefit per parameter of unit i's next step up from `rank` (higher = served first)
@@ -135,36 +135,6 @@ def loss_gain(units: Sequence[Unit], weights: Sequence[float]) -> Gain:
         return -math.inf if up is None else weights[i] * marginal_loss(units[i], rank) / max(up[1], 1)
 
     return gain
-
-
-def hull_segments(unit: Unit, weight: float) -> list[tuple[float, Rank, int]]:
-    """Upper concave hull of (parameters, weighted loss removed) from rank 1 up to dense.
-
-    Returns segments (gain per parameter, rank reached, cost) in decreasing-gain order. Ranks alone
-    give a concave curve (σ² descends); the dense point can lie above it, in which case the hull jumps
-    straight to dense from the rank where that is the better buy — the "one big step" of going dense.
-    """
-    kmax = unit.max_rank
-    tail = unit.spectrum.tail_curve()
-    base = float(tail[1]) if tail.numel() > 1 else 0.0
-    pts: list[tuple[int, float, Rank]] = []
-    for k in range(1, kmax + 1):
-        reached = float(tail[k]) if k < tail.numel() else 0.0
-        pts.append((unit.cost(k), weight * (base - reached), k))
-    pts.append((unit.cost(DENSE), weight * base, DENSE))
-    hull: list[tuple[int, float, Rank]] = []
-    for p in pts:
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):  # hull[-1] lies under the chord
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    segs = []
-    for (x1, y1, _), (x2, y2, r2) in zip(hull, hull[1:], strict=False):
-        segs.append(((y2 - y1) / max(x2 - x1, 1), r2, x2 - x1))
-    return segs
 
 
 def greedy_loss_allocation(units: Sequence[Unit], weights: Sequence[float], budget: int) -> list[Rank]:

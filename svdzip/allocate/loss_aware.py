@@ -135,10 +135,23 @@ def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> 
             / max(sum(m.out_features for m in u.loss_members), 1) for u in units]
 
 
+def choice_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> list[float]:
+    """`unit_weights`, where a unit that chooses between families (`ChoiceUnit`) first builds its options from
+    the weights of its alternatives and then counts with weight 1 (its losses are weighted already)."""
+    inner = [a for u in units if u.chooses for a in u.alternatives]
+    plain = [u for u in units if not u.chooses]
+    weights = dict(zip(map(id, inner + plain), unit_weights(inner + plain, ctx, signal), strict=True))
+    for u in units:
+        if u.chooses:
+            u.prepare(lambda a: weights[id(a)])
+    return [1.0 if u.chooses else weights[id(u)] for u in units]
+
+
 class LossAware(Allocator):
     name = "loss-aware"
     summary = "greedy over every unit's loss-vs-parameters hull, weighted by what the loss costs the model"
     slims = True
+    chooses = True
     byte_aware = True
     options = (
         opt.choice("signal", SIGNALS, "fisher", "what converts a unit's whitened loss into model loss"),
@@ -165,7 +178,7 @@ class LossAware(Allocator):
 
     def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
         o = ctx.options
-        weights = unit_weights(units, ctx, o["signal"])
+        weights = choice_weights(units, ctx, o["signal"])
         ranks = greedy_loss_allocation(units, weights, ctx.budget)
         if not o["guard"]:
             return Allocation(ranks)

@@ -46,6 +46,8 @@ class Unit:
     pricing: Pricing | None = None  # byte costs (memory budgets); None = the budget counts parameters
     #: a unit whose rank is a module's width (MoDeGPT's slimmed MLP) rather than a factorisation's rank
     slimmed: ClassVar[bool] = False
+    #: a unit whose options are built by the allocator's weights (the hybrid's `ChoiceUnit`)
+    chooses: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -108,6 +110,36 @@ class Unit:
         if rank is DENSE or rank > self.max_rank or self.max_rank < 1:
             return DENSE
         return max(1, int(rank))
+
+
+def hull_segments(unit: Unit, weight: float) -> list[tuple[float, int | None, int]]:
+    """Upper concave hull of (parameters, weighted loss removed) from rank 1 up to dense.
+
+    Returns segments (gain per parameter, rank reached, cost) in decreasing-gain order. Ranks alone
+    give a concave curve (σ² descends); the dense point can lie above it, in which case the hull jumps
+    straight to dense from the rank where that is the better buy — the "one big step" of going dense.
+    """
+    kmax = unit.max_rank
+    tail = unit.spectrum.tail_curve()
+    base = float(tail[1]) if tail.numel() > 1 else 0.0
+    pts: list[tuple[int, float, int | None]] = []
+    for k in range(1, kmax + 1):
+        reached = float(tail[k]) if k < tail.numel() else 0.0
+        pts.append((unit.cost(k), weight * (base - reached), k))
+    pts.append((unit.cost(DENSE), weight * base, DENSE))
+    hull: list[tuple[int, float, int | None]] = []
+    for p in pts:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):  # hull[-1] lies under the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    segs = []
+    for (x1, y1, _), (x2, y2, r2) in zip(hull, hull[1:], strict=False):
+        segs.append(((y2 - y1) / max(x2 - x1, 1), r2, x2 - x1))
+    return segs
 
 
 def group_linears(

@@ -73,6 +73,8 @@ class FactorisationMethod(ABC):
     structured: bool = False
     #: what `auto` (allocator, its options, heal) means with this method; None = the recipe's own default
     recommended: dict[str, Any] | None = None
+    #: the only allocators that can allocate its units (None: any that `slims`, for a structured method)
+    allocators: tuple[str, ...] | None = None
 
     def build_units(self, adapter: Any, stats: CalibrationStats, device: torch.device | str = "cpu") -> list[Any]:
         """The units of a structured method (whole modules); only called where `structured` is set."""
@@ -187,10 +189,11 @@ def _scaling(config: MethodSettings | None) -> str:
 
 
 def _registry() -> Mapping[str, FactorisationMethod]:
-    """Every method by name; MoDeGPT's module builds on this one's base class, so it is imported on first use."""
+    """Every method by name; the structured ones build on this module's base class, so they are imported here."""
+    from svdzip.methods.hybrid import Hybrid
     from svdzip.methods.modegpt import MoDeGPT
 
-    return MappingProxyType({m.name: m for m in (PlainSVD(), SVDLLM(), ASVD(), FWSVD(), MoDeGPT())})
+    return MappingProxyType({m.name: m for m in (PlainSVD(), SVDLLM(), ASVD(), FWSVD(), MoDeGPT(), Hybrid())})
 
 
 def available_methods() -> list[str]:
