@@ -1,23 +1,27 @@
-"""MoDeGPT's slimmed MLPs against SVD-LLM(W) factorisation, from the same calibration statistics (issue 19).
+"""MoDeGPT and the hybrid against SVD-LLM(W) factorisation, from the same calibration statistics (issue 19).
 
     python benchmarks/modegpt.py --models smollm2-135m --ratios 0.2,0.4 \
-        --cells svdllm:uniform,svdllm:loss-aware,modegpt:uniform,modegpt:block-influence,modegpt:loss-aware
+        --cells svdllm:uniform,svdllm:loss-aware,modegpt:uniform,modegpt:block-influence,modegpt:loss-aware,\
+hybrid:loss-aware
 
 A cell is `method:allocator[:key=value,...]` (allocator options), e.g. `modegpt:block-influence:epsilon=0.05`.
-MoDeGPT here is its Type I module only (MLPs slimmed by Nyström, attention kept dense), so at a ratio
-of the decoder linears its MLPs carry the whole reduction. Perplexity on wiki (the calibration's
-domain) and austen (another), ≥ 16k tokens each; compression wall time per cell.
+MoDeGPT: MLPs slimmed by Nyström, query/key dimensions by CR scores, value-output products truncated
+whitened; hybrid: per module the loss-aware choice between that and SVD-LLM factorisation. Perplexity
+on wiki (the calibration's domain) and austen (another), ≥ 16k tokens each; compression wall time per
+cell (the statistics are computed once per model, before the cells). `--append` adds cells to the
+results file (the dense row is measured once); `--rewrite` redraws the Markdown from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from typing import Any
 
 import torch
-from common import Bench, setup_logging, write_results
+from common import RESULTS, Bench, setup_logging, write_results
 
 log = logging.getLogger("benchmarks.modegpt")
 
@@ -39,19 +43,30 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64, help="calibration windows (512 tokens)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--name", default="modegpt")
+    p.add_argument("--append", action="store_true", help="add to the cells of an earlier run of --name")
+    p.add_argument("--rewrite", action="store_true", help="only redraw the Markdown from the JSON")
     args = p.parse_args()
     setup_logging()
+    path = RESULTS / f"{args.name}.json"
+    if args.rewrite or args.append:
+        earlier = json.loads(path.read_text())
+        if args.rewrite:
+            md = (RESULTS / f"{args.name}.md").read_text().split("\n\nProduced by", 1)[1]
+            (RESULTS / f"{args.name}.md").write_text(markdown(args, earlier["cells"], tuple(args.corpora.split(",")))
+                                                   + "\n\nProduced by" + md)
+            return
     if args.threads:
         torch.set_num_threads(args.threads)
     corpora = tuple(args.corpora.split(","))
-    cells: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = earlier["cells"] if args.append else []
     for model_name in args.models.split(","):
         bench = Bench(model_name, samples=args.samples)
-        dense = bench.fresh()
-        cells.append({"model": model_name, "cell": "dense", "ratio": 0.0,
-                      "ppl": bench.perplexity(dense, corpora, args.eval_tokens)})
-        del dense
-        _write(args, bench, cells, corpora)
+        if not any(c["model"] == model_name and c["cell"] == "dense" for c in cells):
+            dense = bench.fresh()
+            cells.append({"model": model_name, "cell": "dense", "ratio": 0.0,
+                          "ppl": bench.perplexity(dense, corpora, args.eval_tokens)})
+            del dense
+            _write(args, bench, cells, corpora)
         for ratio in (float(r) for r in args.ratios.split(",")):
             for text in args.cells.split(","):
                 method, allocator, options = parse_cell(text)
@@ -72,7 +87,11 @@ def main() -> None:
 
 
 def _write(args, bench: Bench, cells: list[dict[str, Any]], corpora) -> None:
-    lines = ["# MoDeGPT (Type I: MLPs slimmed by Nyström) vs SVD-LLM(W)\n",
+    write_results(args.name, {"cells": cells}, markdown(args, cells, corpora), bench.run)
+
+
+def markdown(args, cells: list[dict[str, Any]], corpora) -> str:
+    lines = ["# MoDeGPT and the hybrid vs SVD-LLM(W)\n",
              f"Perplexity (svdllm protocol, {args.eval_tokens} tokens per corpus in windows of 2048; calibration "
              f"{args.samples} × 512 wiki windows; no healing). '× dense' = perplexity / the dense model's.\n"]
     for model in dict.fromkeys(c["model"] for c in cells):
@@ -85,7 +104,7 @@ def _write(args, bench: Bench, cells: list[dict[str, Any]], corpora) -> None:
             lines.append("| " + " | ".join([c["cell"], f"{c['ratio']:.0%}", *(f"{c['ppl'][k]:.2f}" for k in corpora),
                                             *(f"{c['ppl'][k] / dense[k]:.2f}" for k in corpora),
                                             str(c.get("dense_modules", "")), str(c.get("seconds", ""))]) + " |")
-    write_results(args.name, {"cells": cells}, "\n".join(lines), bench.run)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -216,10 +216,11 @@ class Recipe:
         unsupported = [what for what, on in (
             ("a memory budget", self.memory_budget), (f"--quantize {self.quantize}", self.quantize not in (None, AUTO)),
             (f"--update {self.update}", bool(self.update)), ("--group-size > 1", self.group_size > 1),
-            (f"--heal {self.heal}", self.heal not in (AUTO, "none"))) if on]
+            (f"--heal {self.heal}", self.heal not in (AUTO, "none", "distill"))) if on]
         if unsupported:
             raise SvdzipError(f"--method {self.method} does not support {unsupported[0]} yet (its slimmed modules "
-                              "are plain dense linears of smaller shapes: no factors to update, share or heal)")
+                              "are plain linears of smaller shapes: no factors to update, share or put adapters on; "
+                              "--heal distill trains them)")
 
     def _validate_memory(self) -> None:
         from svdzip.output.quantize import PRECISIONS, SCOPES

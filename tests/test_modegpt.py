@@ -168,7 +168,8 @@ def test_modegpt_auto_is_the_papers_allocation_without_healing():
 @pytest.mark.parametrize("overrides, message", [
     ({"allocator": "drank"}, "allocates factorisation ranks only"),
     ({"budget_fraction": 0.5}, "memory budget"),
-    ({"heal": "distill"}, "--heal distill"),
+    ({"heal": "seq-lora"}, "--heal seq-lora"),
+    ({"heal": "layerwise"}, "--heal layerwise"),
     ({"update": "svdllm"}, "--update svdllm"),
 ])
 def test_modegpt_refuses_what_it_cannot_do_before_any_work(overrides, message):
@@ -435,3 +436,27 @@ def test_hybrid_chooses_per_module_within_the_budget_and_reloads(family, tmp_pat
 def test_hybrid_refuses_an_allocator_that_cannot_choose():
     with pytest.raises(SvdzipError, match="chooses per module"):
         Recipe(method="hybrid", allocator="uniform").validate()
+
+
+def test_distillation_trains_the_slimmed_linears_only_and_lowers_the_heldout_kl():
+    from svdzip.models.sliced import slimmed_modules
+    from svdzip.recover.config import HealConfig
+    from svdzip.recover.heal import heal
+
+    teacher = tiny_model("llama", seed=11)
+    student = copy.deepcopy(teacher)
+    compress(student, Recipe.plain(method="modegpt", ratio=0.6, calib_samples=8, calib_seq_len=24),
+             calib_tokens=tiny_tokens(8, 24))
+    slim = slimmed_modules(student)
+    assert {type(m).__name__ for m in slim.values()} == {"SlimLinear", "RowSubsetLinear", "ColumnSubsetLinear"}
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not any(n.startswith(s + ".weight")
+                                                                                      for s in slim)}
+    windows = tiny_tokens(8, 16, seed=5)
+    config = HealConfig(method="distill", steps=8, batch_size=2, grad_accum=1, eval_every=2, patience=10,
+                        warmup=0.0, lr=1e-5, seq_len=16)  # a tiny random model: a tiny KL, a tiny lr
+    report = heal(student, teacher, (windows, windows[:4]), config)
+    assert report.trained_params == sum(m.weight.numel() for m in slim.values())
+    assert report.improved and report.final_heldout < report.initial_heldout
+    for n, p in student.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n

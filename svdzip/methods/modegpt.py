@@ -38,7 +38,7 @@ from svdzip.methods.linalg import Spectrum
 from svdzip.methods.nystrom import LEVERAGE_RIDGE, REFIT_JITTER, leverage_order, nystrom_curve, nystrom_refit
 from svdzip.methods.value_output import ValueOutputBasis, value_output_basis, whitening_factor
 from svdzip.models.adapter import LinearInfo, ModelAdapter
-from svdzip.models.sliced import column_subset, row_subset
+from svdzip.models.sliced import SlimLinear, column_subset, row_subset
 from svdzip.needs import Needs
 
 log = logging.getLogger(__name__)
@@ -162,15 +162,15 @@ class NystromMLP(SlimModule):
             if info.role in DOWN_ROLES:
                 gram = self.gram().to(weight.device)
                 down = nystrom_refit(gram, weight, kept.to(weight.device), REFIT_JITTER)
-                new = nn.Linear(rank, info.out_features, bias=bias is not None, device=weight.device,
-                                dtype=weight.dtype)
+                new = SlimLinear(rank, info.out_features, bias=bias is not None, device=weight.device,
+                                 dtype=weight.dtype)
                 new.weight.copy_(down.to(weight))
                 if bias is not None:
                     new.bias.copy_(bias)
             else:
                 index = kept.to(weight.device)
-                new = nn.Linear(info.in_features, rank, bias=bias is not None, device=weight.device,
-                                dtype=weight.dtype)
+                new = SlimLinear(info.in_features, rank, bias=bias is not None, device=weight.device,
+                                 dtype=weight.dtype)
                 new.weight.copy_(weight[index])
                 if bias is not None:
                     new.bias.copy_(bias[index])

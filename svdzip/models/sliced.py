@@ -8,7 +8,7 @@ to a score, and RoPE rotates a pair of zeros into zeros, so the stock attention 
 1/√d_h included, as the maths asks) computes exactly what a slimmed attention would, and every
 transformers release and family keeps working. The weights stored are the kept rows/columns only,
 with the index list as a buffer inside the safetensors file; what is not saved is the KV cache, which
-keeps the full head size.
+keeps the full head size. A slimmed MLP's linears are `SlimLinear`s: plain linears of fewer neurons.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+class SlimLinear(nn.Linear):
+    """An `nn.Linear` of a slimmed MLP (fewer neurons): the same module, marked as what healing may train."""
 
 
 class RowSubsetLinear(nn.Module):
@@ -74,3 +78,12 @@ def column_subset(weight: torch.Tensor, bias: torch.Tensor | None, in_features: 
         if bias is not None:
             module.bias.copy_(bias)
     return module
+
+
+#: the modules a slimmed (MoDeGPT) model is built of: what healing trains besides low-rank factors
+SLIMMED = (SlimLinear, RowSubsetLinear, ColumnSubsetLinear)
+
+
+def slimmed_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every slimmed linear of `model`, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SLIMMED)}

@@ -9,9 +9,9 @@ from typing import Any
 from torch import nn
 
 from svdzip.errors import SvdzipError
-from svdzip.models.sliced import ColumnSubsetLinear, RowSubsetLinear
+from svdzip.models.sliced import ColumnSubsetLinear, RowSubsetLinear, SlimLinear
 
-KINDS = {"linear": nn.Linear, "rows": RowSubsetLinear, "cols": ColumnSubsetLinear}
+KINDS = {"linear": SlimLinear, "rows": RowSubsetLinear, "cols": ColumnSubsetLinear}
 
 
 def _kind(module: nn.Module) -> str:
@@ -51,7 +51,7 @@ def apply_slimmed(model: nn.Module, record: dict[str, dict[str, Any]]) -> None:
         where = {"device": weight.device if weight is not None else None,
                  "dtype": weight.dtype if weight is not None else None}
         if kind == "linear":
-            new = nn.Linear(spec["in"], spec["out"], bias=spec.get("bias", False), **where)
+            new = SlimLinear(spec["in"], spec["out"], bias=spec.get("bias", False), **where)
         else:
             new = KINDS[kind](spec["in"], spec["out"], spec["kept"], bias=spec.get("bias", False), **where)
         parent, _, child = name.rpartition(".")

@@ -30,6 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdzip.errors import SvdzipError
+from svdzip.models.lowrank import LowRankLinear
+from svdzip.models.sliced import slimmed_modules
 from svdzip.recover.config import HealConfig
 from svdzip.recover.losses import TopK, kl_full, kl_topk, next_token_ce, topk_of
 from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules, phase_sides
@@ -160,15 +162,21 @@ class Objective:
 
 
 def _trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The low-rank factors' weights, the only parameters left trainable (embeddings, norms, biases frozen)."""
+    """The low-rank factors' and the slimmed linears' weights, the only parameters left trainable (embeddings,
+    norms, biases and the dense linears frozen)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = {}
-    for name in factor_targets(model, "left") + factor_targets(model, "right"):
+    factors = factor_targets(model, "left") + factor_targets(model, "right") if _has_factors(model) else []
+    for name in factors + list(slimmed_modules(model)):
         p = model.get_submodule(name).weight
         p.requires_grad_(True)
         params[f"{name}.weight"] = p
     return params
+
+
+def _has_factors(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
 def _run_phase(model: nn.Module, params: dict[str, nn.Parameter], objective: Objective, config: HealConfig,
@@ -194,7 +202,10 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
     if config.layer_local:
         raise SvdzipError(f"--heal {config.method} runs inside the compression's layer walk, where each dense layer "
                           "is at hand; it cannot heal a finished model: `svdzip compress --heal layerwise …`")
-    low_rank_modules(student)  # refuses a model with nothing to recover
+    if not _has_factors(student) and not slimmed_modules(student):
+        raise SvdzipError("the model has no factorised or slimmed linears: nothing to recover")
+    if config.method != "distill" and not _has_factors(student):
+        low_rank_modules(student)  # seq-lora's adapters sit on factors: refuses a model without any
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     train_windows, heldout = windows
