@@ -53,13 +53,14 @@ class Bench:
     def fresh(self):
         return load_model(self.source, self.device)[0]
 
-    def compress(self, **overrides: Any):
+    def compress(self, tokenizer: Any = None, **overrides: Any):
+        """The model compressed with the base recipe and `overrides`; give `tokenizer` where the recipe heals."""
         cfg = dataclasses.replace(self.base, **overrides)
         model = self.fresh()
         key = (cfg.method, cfg.group_size, tuple(cfg.share_roles), cfg.asvd_alpha, cfg.asvd_scaling)
         t0 = time.perf_counter()
         result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens, units=self._spectra.get(key),
-                          allocation_cache=self.allocation_cache)
+                          allocation_cache=self.allocation_cache, tokenizer=tokenizer)
         result.summary["wall_s"] = round(time.perf_counter() - t0, 2)
         if result.units is not None:
             self._spectra[key] = result.units

@@ -4,7 +4,8 @@
         --cells svdllm:uniform,svdllm:loss-aware,modegpt:uniform,modegpt:block-influence,modegpt:loss-aware,\
 hybrid:loss-aware
 
-A cell is `method:allocator[:key=value,...]` (allocator options), e.g. `modegpt:block-influence:epsilon=0.05`.
+A cell is `method:allocator[:key=value,...][+distill]` (allocator options; `+distill`: healed with the default
+distillation), e.g. `modegpt:block-influence:epsilon=0.05` or `hybrid:loss-aware+distill`.
 MoDeGPT: MLPs slimmed by Nyström, query/key dimensions by CR scores, value-output products truncated
 whitened; hybrid: per module the loss-aware choice between that and SVD-LLM factorisation. Perplexity
 on wiki (the calibration's domain) and austen (another), ≥ 16k tokens each; compression wall time per
@@ -26,10 +27,12 @@ from common import RESULTS, Bench, setup_logging, write_results
 log = logging.getLogger("benchmarks.modegpt")
 
 
-def parse_cell(text: str) -> tuple[str, str, dict[str, Any]]:
+def parse_cell(text: str) -> tuple[str, str, dict[str, Any], str]:
+    """`method:allocator[:k=v,...][+distill]` → (method, allocator, options, heal)."""
+    text, _, heal = text.partition("+")
     method, allocator, *rest = text.split(":")
     options = dict(kv.split("=", 1) for kv in ",".join(rest).split(",") if kv) if rest else {}
-    return method, allocator, options
+    return method, allocator, options, heal or "none"
 
 
 def main() -> None:
@@ -69,9 +72,10 @@ def main() -> None:
             _write(args, bench, cells, corpora)
         for ratio in (float(r) for r in args.ratios.split(",")):
             for text in args.cells.split(","):
-                method, allocator, options = parse_cell(text)
+                method, allocator, options, heal = parse_cell(text)
                 t0 = time.perf_counter()
-                result = bench.compress(method=method, allocator=allocator, allocator_options=options, ratio=ratio)
+                result = bench.compress(method=method, allocator=allocator, allocator_options=options, ratio=ratio,
+                                        heal=heal, tokenizer=bench.tokenizer if heal != "none" else None)
                 seconds = time.perf_counter() - t0
                 ppl = bench.perplexity(result.model, corpora, args.eval_tokens)
                 cells.append({"model": model_name, "cell": text, "ratio": ratio, "ppl": ppl,
@@ -80,7 +84,7 @@ def main() -> None:
                               "allocation": {k: v for k, v in result.allocation_report.items()
                                              if k in ("layer_sparsity", "block_influence", "guard_kept")},
                               "widths": [r.width for r in result.modules if r.role in ("down", "expert_down")],
-                              "seconds": round(seconds, 1)})
+                              "heal": result.summary.get("heal"), "seconds": round(seconds, 1)})
                 log.info("%s %s %.0f%%: %s", model_name, text, 100 * ratio, ppl)
                 del result
                 _write(args, bench, cells, corpora)
