@@ -295,7 +295,8 @@ def test_registry_lists_objects_that_declare_their_options():
     from svdzip.allocate import available, get_allocator
 
     names = available()
-    assert names == sorted(["uniform", "drank", "svdllm-v2", "loss-aware", "ara", "strs", "speedaware"])
+    assert names == sorted(["uniform", "drank", "svdllm-v2", "loss-aware", "ara", "strs", "speedaware",
+                            "block-influence"])
     for name in names:
         allocator = get_allocator(name)
         assert allocator.name == name and allocator.summary
@@ -303,7 +304,8 @@ def test_registry_lists_objects_that_declare_their_options():
         defaults = allocator.parse_options({})
         assert allocator.parse_options(defaults) == defaults  # parsing is idempotent
     assert [n for n in names if get_allocator(n).byte_aware] == ["loss-aware"]
-    with pytest.raises(SvdzipError, match="unknown allocator 'dranc'; choose from ara, drank"):
+    assert [n for n in names if get_allocator(n).slims] == ["block-influence", "loss-aware", "uniform"]
+    with pytest.raises(SvdzipError, match="unknown allocator 'dranc'; choose from ara, block-influence, drank"):
         get_allocator("dranc")
 
 

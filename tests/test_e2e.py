@@ -237,3 +237,22 @@ def test_a_failed_compress_leaves_neither_output_nor_staging(tiny_dir, tmp_path,
                  "--allocator", "uniform", "--calib-samples", "8", "--calib-seq-len", "64"]) == 2
     assert "No space left on device; nothing was written" in capsys.readouterr().err  # one line, no traceback
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_modegpt_on_the_default_model_saves_smaller_and_reloads(default, tmp_path):
+    """MoDeGPT (its three module types, the paper's block-influence allocation) on the real SmolLM2: smaller on
+    disk by the parameters it removed, identical logits after reload. (Its quality needs more calibration tokens
+    than this fixture's 1,024: benchmarks/modegpt.py.)"""
+    source, tokenizer, tokens, stats, held_out = default
+    model = load_model(source)[0]
+    result = svdzip.compress(model, svdzip.Recipe(method="modegpt", ratio=0.2, allocator="block-influence",
+                                                  allocator_options={"samples": 4}, heal="none"),
+                             stats=stats, calib_tokens=tokens, out=tmp_path / "m", tokenizer=tokenizer)
+    assert result.config.allocator == "block-influence" and 0.2 - 1e-9 <= result.summary["ratio_achieved"] < 0.21
+    assert {r.role for r in result.modules if r.width is not None} == {"q", "k", "v", "o", "gate", "up", "down"}
+    ids = held_out[:, :64]
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    removed = result.summary["model_params_before"] - result.summary["model_params_after"]
+    assert dir_size(source) - dir_size(tmp_path / "m") == pytest.approx(4 * removed, rel=0.02)

@@ -17,7 +17,8 @@ from svdzip.recipe import Recipe
 
 
 def test_method_registry_and_errors():
-    assert available_methods() == ["svd", "svdllm", "asvd", "fwsvd"]
+    assert available_methods() == ["svd", "svdllm", "asvd", "fwsvd", "modegpt", "hybrid"]
+    assert [m for m in available_methods() if get_method(m).structured] == ["modegpt", "hybrid"]
     assert get_method("asvd").name == "asvd" and get_method(get_method("svd")) is get_method("svd")
     with pytest.raises(SvdzipError, match=r"unknown method 'svdlm'; choose a factorisation from: svd \(.*fwsvd \("):
         get_method("svdlm")

@@ -17,7 +17,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -189,11 +188,10 @@ def _scaling(config: MethodSettings | None) -> str:
 
 
 def _registry() -> Mapping[str, FactorisationMethod]:
-    """Every method by name; the structured ones build on this module's base class, so they are imported here."""
-    from svdzip.methods.hybrid import Hybrid
-    from svdzip.methods.modegpt import MoDeGPT
+    """Every method by name (`methods.registry`: the module methods build on this module's base class)."""
+    from svdzip.methods.registry import REGISTRY
 
-    return MappingProxyType({m.name: m for m in (PlainSVD(), SVDLLM(), ASVD(), FWSVD(), MoDeGPT(), Hybrid())})
+    return REGISTRY
 
 
 def available_methods() -> list[str]:
