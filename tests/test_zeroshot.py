@@ -373,3 +373,12 @@ def test_real_model_matches_lm_eval_bit_for_bit():
     theirs = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)],
                                                disable_tqdm=True)]
     assert ours == theirs
+
+
+def test_summary_reports_the_majority_rate_and_what_the_model_predicted():
+    from svdzip.evaluate.zeroshot import DocScore, summarize
+
+    docs = [DocScore((0.0, -1.0), gold, float(gold == 0), float(gold == 0), 0) for gold in (1, 1, 1, 0)]
+    row = summarize({"boolq": docs})["boolq"]
+    assert row["majority_rate"] == 0.75 and row["predicted"] == {"0": 1.0}  # always "no": a collapsed model
+    assert row["acc"] == 0.25

@@ -37,6 +37,7 @@ import inspect
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +406,7 @@ class DocScore:
     gold: int
     acc: float
     acc_norm: float
+    pred: int = -1  # the choice `acc` picked
 
 
 def _score_doc(item: MCItem, lls: Sequence[float]) -> DocScore:
@@ -414,7 +416,7 @@ def _score_doc(item: MCItem, lls: Sequence[float]) -> DocScore:
         pred_norm = int(np.argmax(lls_arr / lengths))
     pred = int(np.argmax(lls_arr))  # argmax takes the first of ties, as lm-eval does
     return DocScore(tuple(float(x) for x in lls_arr), item.gold,
-                    float(pred == item.gold), float(pred_norm == item.gold))
+                    float(pred == item.gold), float(pred_norm == item.gold), pred)
 
 
 def score_zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str] | None = None,
@@ -466,8 +468,20 @@ def summarize(scores: dict[str, list[DocScore]]) -> dict[str, dict]:
             "n": len(docs),
             "acc_stderr": _mean_stderr(acc),
             "acc_norm_stderr": _mean_stderr(acc_norm),
+            **label_balance(docs),
         }
     return out
+
+
+def label_balance(docs: Sequence[DocScore]) -> dict[str, Any]:
+    """What always answering one choice would score (`majority_rate`) and how often `acc` picked each choice
+    (`predicted`): a model that collapses to one label (MoDeGPT's BoolQ in the arena's audit) shows here."""
+    if not docs:
+        return {"majority_rate": math.nan, "predicted": {}}
+    n = len(docs)
+    golds, preds = Counter(d.gold for d in docs), Counter(d.pred for d in docs)
+    return {"majority_rate": max(golds.values()) / n,
+            "predicted": {str(k): round(v / n, 4) for k, v in sorted(preds.items())}}
 
 
 def evaluate_zero_shot(model: torch.nn.Module, tokenizer: Any, tasks: list[str] | None = None,
