@@ -47,6 +47,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--name", default="modegpt")
     p.add_argument("--append", action="store_true", help="add to the cells of an earlier run of --name")
+    p.add_argument("--speed", action="store_true",
+                   help="instead of perplexity: time decode and prefill of every cell against dense (one process, "
+                        "alternating; use --threads 1) and compare with the bytes bound (dense bytes / model bytes)")
     p.add_argument("--rewrite", action="store_true", help="only redraw the Markdown from the JSON")
     args = p.parse_args()
     setup_logging()
@@ -61,6 +64,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     corpora = tuple(args.corpora.split(","))
+    if args.speed:
+        return speed(args)
     cells: list[dict[str, Any]] = earlier["cells"] if args.append else []
     for model_name in args.models.split(","):
         bench = Bench(model_name, samples=args.samples)
@@ -88,6 +93,37 @@ def main() -> None:
                 log.info("%s %s %.0f%%: %s", model_name, text, 100 * ratio, ppl)
                 del result
                 _write(args, bench, cells, corpora)
+
+
+def speed(args) -> None:
+    """Decode speed of each cell's model against dense and against its bytes bound (weights read per token)."""
+    from svdzip.evaluate.speed import SpeedSetting, measure_speed, summary_row
+
+    rows = []
+    for model_name in args.models.split(","):
+        bench = Bench(model_name, samples=args.samples)
+        models = {"dense": bench.fresh()}
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for text in args.cells.split(","):
+                method, allocator, options, _ = parse_cell(text)
+                models[f"{text}@{ratio:.0%}"] = bench.compress(method=method, allocator=allocator,
+                                                               allocator_options=options, ratio=ratio).model
+        result = measure_speed(models, [SpeedSetting(1, 128, 33)], repeats=5, clock="cpu")
+        for label in models:
+            row = summary_row(result, label)
+            row["bytes_bound"] = 1.0 / row["weight_bytes_ratio"]
+            rows.append({"model": model_name, "cell": label, **{k: round(v, 4) for k, v in row.items()}})
+            log.info("%s %s: %s", model_name, label, rows[-1])
+        lines = ["# Decode speed of MoDeGPT and the hybrid vs dense (transformers, CPU)\n",
+                 f"Batch 1, a 128-token prompt, 32 new tokens; median of 5 alternating repeats, CPU time, "
+                 f"{torch.get_num_threads()} thread(s). 'bytes bound' = dense weight bytes / the model's: the speedup "
+                 "a decode limited by reading its weights would reach.\n",
+                 "| model | cell | decode tok/s | decode ×dense | bytes bound | prefill ×dense |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['cell']} | {r.get('decode_tokens_per_s', 0):.1f} | "
+                  f"{r.get('decode_speedup', 1):.2f} | {r['bytes_bound']:.2f} | {r.get('prefill_speedup', 1):.2f} |"
+                  for r in rows]
+        write_results(args.name, {"cells": rows, "speed": result}, "\n".join(lines), bench.run)
 
 
 def _write(args, bench: Bench, cells: list[dict[str, Any]], corpora) -> None:
