@@ -122,6 +122,7 @@ def test_compressed_mlp_loses_exactly_what_its_curve_says():
 def test_slimmed_model_meets_the_ratio_and_reloads_to_identical_logits(family, tmp_path):
     model, tokens = tiny_model(family, seed=1, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
     dense_linear = ModelAdapter(model).decoder_linear_params()
+    scales = [m.scaling for m in model.modules() if hasattr(m, "scaling")]
     recipe = Recipe.plain(method="modegpt", ratio=0.2, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
     result = compress(model, recipe, calib_tokens=tokens, out=tmp_path / "m")
     rows = {r.name: r for r in result.modules}
@@ -134,6 +135,8 @@ def test_slimmed_model_meets_the_ratio_and_reloads_to_identical_logits(family, t
     units = [u for u in result.units if u.slimmed]
     slack = sum(u.cost_per_rank for u in units) / dense_linear
     assert 0.2 - 1e-9 <= result.summary["ratio_achieved"] <= 0.2 + slack
+    # the softmax keeps the dense 1/√d_h (the maths), not the re-implementations' 1/√r of the kept dimensions
+    assert scales and [m.scaling for m in result.model.modules() if hasattr(m, "scaling")] == scales
     manifest = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert set(manifest["slimmed"]) == {r.name for r in slimmed} and not manifest["modules"]
     with torch.no_grad():

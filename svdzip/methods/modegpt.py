@@ -270,6 +270,11 @@ class MoDeGPT(FactorisationMethod):
         modules = slimmable_modules(adapter)
         kept = [info for info in adapter.linears() if not any(info in members for _, _, members in modules)]
         units: list[Unit] = [KeptUnit(members=[info], spectrum=_flat()) for info in kept]
+        widest = max((members[-1].in_features for kind, _, members in modules if kind == "mlp"), default=0)
+        if widest and stats.tokens < 4 * widest:
+            log.warning("modegpt refits each down_proj on %d calibration tokens for up to %d neurons: with fewer than "
+                        "about 4 tokens a neuron the refit fits the calibration text, not the language (raise "
+                        "--calib-samples)", stats.tokens, widest)
         energies = None
         if any(kind == "key-query" for kind, _, _ in modules):
             if tokens is None:
