@@ -22,16 +22,37 @@ class SlimLinear(nn.Linear):
     """An `nn.Linear` of a slimmed MLP (fewer neurons): the same module, marked as what healing may train."""
 
 
-class RowSubsetLinear(nn.Module):
+class _SubsetLinear(nn.Module):
+    """A linear that stores `kept` rows (outputs) or columns (inputs) and the index list that places them."""
+
+    def __init__(self, in_features: int, out_features: int, kept: int, weight_shape: tuple[int, int], bias: bool,
+                 device: torch.device | str | None, dtype: torch.dtype | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(*weight_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0], device=device, dtype=dtype)) if bias else None
+        self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
+
+    @classmethod
+    def holding(cls, weight: torch.Tensor, bias: torch.Tensor | None, full: int, index: torch.Tensor):
+        """The module with these kept weights, placed at `index` of its `full`-wide side."""
+        kept = index.numel()
+        shape = (full, weight.shape[1]) if cls is RowSubsetLinear else (weight.shape[0], full)
+        module = cls(shape[1], shape[0], kept, bias is not None, weight.device, weight.dtype)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            module.index.copy_(index)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+
+class RowSubsetLinear(_SubsetLinear):
     """y[..., index] = W x + b and 0 elsewhere: an `out_features`-wide output that computes `len(index)` rows."""
 
     def __init__(self, in_features: int, out_features: int, kept: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(kept, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(kept, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
+        super().__init__(in_features, out_features, kept, (kept, in_features), bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -39,16 +60,12 @@ class RowSubsetLinear(nn.Module):
         return out.index_copy_(-1, self.index, y)
 
 
-class ColumnSubsetLinear(nn.Module):
+class ColumnSubsetLinear(_SubsetLinear):
     """y = W x[..., index] + b: an `in_features`-wide input of which `len(index)` entries are read."""
 
     def __init__(self, in_features: int, out_features: int, kept: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, kept, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
+        super().__init__(in_features, out_features, kept, (out_features, kept), bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
@@ -57,27 +74,13 @@ class ColumnSubsetLinear(nn.Module):
 def row_subset(weight: torch.Tensor, bias: torch.Tensor | None, out_features: int, index: torch.Tensor
                ) -> RowSubsetLinear:
     """A `RowSubsetLinear` holding `weight` (kept × in) for the outputs `index`."""
-    module = RowSubsetLinear(weight.shape[1], out_features, weight.shape[0], bias is not None, weight.device,
-                             weight.dtype)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        module.index.copy_(index)
-        if bias is not None:
-            module.bias.copy_(bias)
-    return module
+    return RowSubsetLinear.holding(weight, bias, out_features, index)
 
 
 def column_subset(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int, index: torch.Tensor
                   ) -> ColumnSubsetLinear:
     """A `ColumnSubsetLinear` holding `weight` (out × kept) for the inputs `index`."""
-    module = ColumnSubsetLinear(in_features, weight.shape[0], weight.shape[1], bias is not None, weight.device,
-                                weight.dtype)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        module.index.copy_(index)
-        if bias is not None:
-            module.bias.copy_(bias)
-    return module
+    return ColumnSubsetLinear.holding(weight, bias, in_features, index)
 
 
 #: the modules a slimmed (MoDeGPT) model is built of: what healing trains besides low-rank factors
