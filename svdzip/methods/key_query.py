@@ -3,8 +3,6 @@
 The attention score q·k = Σ_p q_p k_p is a sum over head dimensions; column–row sampling keeps the
 dimensions with the largest ‖q_p‖·‖k_p‖. With E_q[j, p] = Σ_t q_{t,p}² (query head j) and E_k[i, p]
 (key head i), a KV group i shares one selection with its g query heads: s²_p = Σ_j E_q[j, p]·E_k[i, p].
-`modegpt` gives E_k as the keys' variance, not their second moment (beyond the paper): a dimension whose key is
-constant (a large k bias, as Qwen2's) adds the same to every score of a query, which the softmax ignores.
 With RoPE, dimension p and p + d_h/2 are rotated together, so whole pairs are kept (score: the sum over
 the pair, the re-implementations' form) and RoPE commutes with the selection exactly.
 

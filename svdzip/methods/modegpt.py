@@ -323,9 +323,8 @@ def _key_query(adapter: ModelAdapter, stats: Any, members: list[LinearInfo], dev
     q = next(m for m in members if m.role == "q")
     k = next(m for m in members if m.role == "k")
     d_h, rope = adapter.head_dim, _uses_rope(adapter)
-    # a key's mean adds the same to every score of a query, which the softmax ignores: keys count by their variance
-    q_energy = energies[q.name]["raw"].view(-1, d_h)
-    k_energy = energies[k.name]["centred"].view(-1, d_h)
+    q_energy = energies[q.name].view(-1, d_h)
+    k_energy = energies[k.name].view(-1, d_h)
     order = selection_order(q_energy, k_energy, rope)
     return KeyQuery(order, energy_curve(q_energy, k_energy, order, rope), d_h, q_energy.shape[0], rope, q.in_features)
 
@@ -398,17 +397,16 @@ def slimmable_modules(adapter: ModelAdapter) -> list[tuple[str, str, list[Linear
 
 @torch.no_grad()
 def output_energies(model: nn.Module, names: list[str], tokens: torch.Tensor, scale_to: int | None = None,
-                    batch_size: int = 2) -> dict[str, dict[str, torch.Tensor]]:
-    """Per output of each named linear, from a forward over `tokens` (float64): `raw` = Σ_t y², `centred` =
-    Σ_t (y − ȳ)²; rescaled to `scale_to` tokens (the statistics' count) so that they are in the Grams' units."""
-    sums: dict[str, list[torch.Tensor]] = {}
+                    batch_size: int = 2) -> dict[str, torch.Tensor]:
+    """Σ over tokens of each named linear's squared outputs, per output (float64), from a forward over `tokens`;
+    rescaled to `scale_to` tokens (the statistics' count) so that they are in the Grams' units."""
+    sums: dict[str, torch.Tensor] = {}
     handles = []
 
     def watch(name: str):
         def hook(_module, _args, out):
             y = out.detach().double().reshape(-1, out.shape[-1])
-            acc = sums.setdefault(name, [0, 0, 0])
-            acc[0], acc[1], acc[2] = acc[0] + y.pow(2).sum(0), acc[1] + y.sum(0), acc[2] + y.shape[0]
+            sums[name] = sums.get(name, 0) + y.pow(2).sum(0)
         return hook
 
     modules = dict(model.named_modules())
@@ -422,5 +420,4 @@ def output_energies(model: nn.Module, names: list[str], tokens: torch.Tensor, sc
         for h in handles:
             h.remove()
     factor = (scale_to / tokens.numel()) if scale_to else 1.0
-    return {n: {"raw": (sq * factor).cpu(), "centred": ((sq - s * s / count) * factor).clamp_min(0).cpu()}
-            for n, (sq, s, count) in sums.items()}
+    return {n: (s * factor).cpu() for n, s in sums.items()}
