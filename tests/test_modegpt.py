@@ -463,3 +463,20 @@ def test_distillation_trains_the_slimmed_linears_only_and_lowers_the_heldout_kl(
     for n, p in student.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_breakage_check_is_recorded_and_warns_when_the_model_breaks(caplog):
+    from svdzip.engine.pipeline import BreakageCheck
+
+    model, tokens = tiny_model("llama", seed=12, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    result = compress(copy.deepcopy(model), Recipe.plain(method="modegpt", ratio=0.2, calib_samples=8,
+                                                         calib_seq_len=24), calib_tokens=tokens)
+    check = result.summary["breakage_check"]
+    assert check["windows"] == 4 and check["ratio"] == pytest.approx(check["compressed_ppl"] / check["dense_ppl"],
+                                                                      rel=1e-3)
+    guard = BreakageCheck.before(model, tokens, Recipe())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # confidently wrong everywhere
+    with caplog.at_level("WARNING"):
+        guard.after(model)
+    assert guard.result["ratio"] > 2 and "may be broken" in caplog.text

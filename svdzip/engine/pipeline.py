@@ -91,6 +91,8 @@ def factorise(
 
     # the update's target is the ORIGINAL weight's output: keep the dense modules (no copy) until then
     originals = {m.name: adapter.module(m.name) for u in units for m in u.members} if config.update else None
+    check = BreakageCheck.before(model, heldout_tokens if heldout_tokens is not None else calib_tokens,
+                                 config) if get_method(config.method).structured else None
     t0 = time.perf_counter()
     if healer is None:
         rows = materialise(adapter, units, ranks)
@@ -115,6 +117,8 @@ def factorise(
         del originals
         timings["update_s"] = time.perf_counter() - t0
 
+    if check is not None:
+        timings["check_s"] = check.after(model)
     # a low-bit matrix counts as its bytes / 2: the bf16 parameters that would take the same memory
     kept_linear = (sum(r.params for r in rows if r.role != "head") if allocation.lowbit
                    else spent(units, ranks))
@@ -144,6 +148,8 @@ def factorise(
                              "params_first_ratio": options.get("params_first_ratio")}
     if allocation.lowbit:
         summary["lowbit"] = {k: v for k, v in allocation.report.items() if k != "predicted_loss"}
+    if check is not None and check.result:
+        summary["breakage_check"] = check.result
     if config.quantize:
         summary["quantize"] = {"precision": config.quantize, "scope": config.quantize_scope}
     log.info("%s: removed %.4f of decoder linear parameters (asked %s); model %d → %d parameters",
@@ -152,6 +158,53 @@ def factorise(
     return CompressionResult(model=model, config=config, modules=rows, summary=summary,
                              ranks={r.name: r.rank for r in rows}, effective_ranks=unit_effective_ranks(units),
                              units=given, allocation_report=allocation.report)
+
+
+#: calibration windows the breakage check runs, and the perplexity ratio above which it warns
+CHECK_WINDOWS = 4
+BROKEN_RATIO = 2.0
+
+
+@dataclass
+class BreakageCheck:
+    """The whole model's next-token perplexity on a few calibration windows, before and after the modules change.
+
+    MoDeGPT's closed forms minimise each module's own output error; on Qwen2.5-0.5B a module whose error is small
+    in that metric (an early MLP that writes the massive activations) still breaks the model when slimmed. This is
+    the check that sees it: held-out windows where the run drew them, otherwise calibration windows.
+    """
+
+    tokens: torch.Tensor | None
+    dense: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def before(cls, model: nn.Module, tokens: torch.Tensor | None, config: Recipe) -> BreakageCheck:
+        check = cls(tokens[:CHECK_WINDOWS] if tokens is not None else None)
+        if check.tokens is not None:
+            check.dense = check._ppl(model)
+        return check
+
+    def _ppl(self, model: nn.Module) -> float:
+        from svdzip.evaluate.perplexity import perplexity
+
+        return perplexity(model, self.tokens.reshape(1, -1), seq_len=self.tokens.shape[1],
+                          desc="breakage check").ppl
+
+    def after(self, model: nn.Module) -> float:
+        """Measure the compressed model (seconds spent); warn when it lost more than `BROKEN_RATIO`× dense."""
+        if self.tokens is None:
+            return 0.0
+        t0 = time.perf_counter()
+        ppl = self._ppl(model)
+        ratio = ppl / self.dense
+        self.result = {"windows": int(self.tokens.shape[0]), "dense_ppl": round(self.dense, 4),
+                       "compressed_ppl": round(ppl, 4), "ratio": round(ratio, 4)}
+        if not ratio <= BROKEN_RATIO:
+            log.warning("the compressed model's perplexity on %d calibration windows is %.1f× the dense model's "
+                        "(%.2f → %.2f): it may be broken. Try --allocator loss-aware or --method hybrid, a smaller "
+                        "--ratio, or --heal distill", self.tokens.shape[0], ratio, self.dense, ppl)
+        return time.perf_counter() - t0
 
 
 def units_by_layer(units: list[Unit]) -> dict[int, list[int]]:
