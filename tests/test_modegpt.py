@@ -163,9 +163,9 @@ def test_loss_aware_and_block_influence_give_mlps_different_widths_within_the_bu
     assert len(result.allocation_report["layer_sparsity"]) == 2
 
 
-def test_modegpt_auto_is_the_papers_allocation_without_healing():
+def test_modegpt_auto_is_loss_aware_without_healing():
     recipe = Recipe(method="modegpt").resolved(scaled=False)
-    assert (recipe.allocator, recipe.heal) == ("block-influence", "none")
+    assert (recipe.allocator, recipe.heal) == ("loss-aware", "none")
 
 
 @pytest.mark.parametrize("overrides, message", [
