@@ -67,6 +67,7 @@ def main() -> None:
     if args.speed:
         return speed(args)
     cells: list[dict[str, Any]] = earlier["cells"] if args.append else []
+    args.runs = earlier.get("runs", []) if args.append else []  # kept in the file: every run that added cells
     for model_name in args.models.split(","):
         bench = Bench(model_name, samples=args.samples)
         if not any(c["model"] == model_name and c["cell"] == "dense" for c in cells):
@@ -127,7 +128,7 @@ def speed(args) -> None:
 
 
 def _write(args, bench: Bench, cells: list[dict[str, Any]], corpora) -> None:
-    write_results(args.name, {"cells": cells}, markdown(args, cells, corpora), bench.run)
+    write_results(args.name, {"cells": cells, "runs": args.runs}, markdown(args, cells, corpora), bench.run)
 
 
 def markdown(args, cells: list[dict[str, Any]], corpora) -> str:
