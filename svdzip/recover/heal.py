@@ -203,7 +203,7 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
         raise SvdzipError(f"--heal {config.method} runs inside the compression's layer walk, where each dense layer "
                           "is at hand; it cannot heal a finished model: `svdzip compress --heal layerwise …`")
     if not _has_factors(student) and not slimmed_modules(student):
-        raise SvdzipError("the model has no factorised or slimmed linears: nothing to recover")
+        raise SvdzipError("the model has no factorised linears and no slimmed ones: nothing to recover")
     if config.method != "distill" and not _has_factors(student):
         low_rank_modules(student)  # seq-lora's adapters sit on factors: refuses a model without any
     t0 = time.perf_counter()
