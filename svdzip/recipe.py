@@ -9,7 +9,8 @@ not part of the recipe file: the same recipe gives the same model on any device.
 `allocator` and `heal` default to `auto`: the recommended recipe (loss-aware ranks, then distillation) for
 a model held in memory; for a streamed, resumable or distributed run, whose point is not holding the whole
 model, the same allocator on its layer-local signal and layer-wise healing (benchmarks/streamed_recipes.py).
-`resolved(mode)` turns `auto` into what runs, and the recipe file records the resolved value.
+A method may declare its own `auto` (`FactorisationMethod.recommended`: modegpt and hybrid mean loss-aware over
+their modules, no healing). `resolved(mode)` turns `auto` into what runs, and the recipe file records it.
 """
 
 from __future__ import annotations
