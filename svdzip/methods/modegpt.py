@@ -126,9 +126,8 @@ class SlimUnit(Unit):
         from svdzip.methods.materialise import ModuleReport
 
         share = self.seconds / len(self.members)
-        if rank is DENSE:
-            return [ModuleReport(m.name, m.role, m.layer, m.out_features, m.in_features, None, m.dense_params, 1.0,
-                                 0.0, share) for m in self.members]
+        if rank is DENSE:  # kept as it is: the same report rows as any dense unit
+            return super().materialise(adapter, DENSE)
         built = self.module.build(adapter, self.members, rank)
         energy = self.spectrum.energy
         loss = self.spectrum.tail(rank) / energy if energy > 0 else 0.0
