@@ -103,9 +103,10 @@ def bytes_per_token(path: str, bytes_per_value: int) -> dict[str, int]:
     from svdzip.serve.layout import expected_linears, weight_bytes
 
     cfg = json.loads((Path(path) / "config.json").read_text())
-    modules = (cfg.get("quantization_config") or {}).get("modules", {})
+    manifest = cfg.get("quantization_config") or {}
     expected = expected_linears(cfg["architectures"][0], cfg)
-    return weight_bytes(modules, expected, cfg["vocab_size"] * cfg["hidden_size"], bytes_per_value)
+    return weight_bytes(manifest.get("modules", {}), expected, cfg["vocab_size"] * cfg["hidden_size"],
+                        bytes_per_value, slimmed=manifest.get("slimmed"))
 
 
 def transformers_speed(models: dict[str, str], prompt_len: int, new_tokens: int, repeats: int,

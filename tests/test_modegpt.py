@@ -306,10 +306,10 @@ def test_every_module_at_full_width_reproduces_the_dense_model(family):
         assert not torch.allclose(model(tokens).logits, dense(tokens).logits, atol=1e-3)
 
 
-def test_info_shows_widths_and_vllm_refuses_slimmed_directories(tmp_path, capsys):
+def test_info_shows_widths_and_the_manifest_fits_the_serving_layout(tmp_path, capsys):
     from tiny_models import tiny_tokenizer
 
-    from svdzip.serve.layout import check_format
+    from svdzip.serve.layout import check_format, check_manifest, expected_linears
 
     model, tokens = tiny_model("llama", seed=2), tiny_tokens(8, 24)
     compress(model, Recipe.plain(method="modegpt", ratio=0.3, calib_samples=8, calib_seq_len=24),
@@ -317,9 +317,11 @@ def test_info_shows_widths_and_vllm_refuses_slimmed_directories(tmp_path, capsys
     assert main(["info", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "linears slimmed (MoDeGPT)" in out and " w33 " in out  # floor(0.7 · 48) neurons
-    manifest = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
-    with pytest.raises(SvdzipError, match="slimmed modules"):
-        check_format(manifest)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    manifest = config["quantization_config"]
+    check_format(manifest)  # the vLLM plugin serves it (tests/test_vllm_plugin.py); here: its checks accept it
+    check_manifest(manifest["modules"], expected_linears("LlamaForCausalLM", config), manifest["slimmed"])
+    assert {spec["kind"] for spec in manifest["slimmed"].values()} == {"linear", "rows", "cols"}
 
 
 def _units_of(family: str, seed: int = 8):

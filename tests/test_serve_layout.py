@@ -28,6 +28,7 @@ from svdzip.serve.layout import (
     served_family,
     shard_index,
     shard_names,
+    slimmed_subset,
     weight_bytes,
 )
 
@@ -262,3 +263,75 @@ def test_tensor_parallel_slices_reassemble_the_unsplit_layers(tp, kv_heads):
     pieces = [x[:, r * cols:(r + 1) * cols] @ _cut(dense, rank_slice("row", "dense", 0, r, 1, False, hidden, cols)).T
               for r in range(tp)]
     torch.testing.assert_close(sum(pieces), x @ dense.T)
+
+
+def test_slimmed_shards_beside_low_rank_and_dense_reproduce_the_transformers_modules():
+    """q keeps 5 rows at an index list (MoDeGPT's key–query), k is low-rank, v dense, in one fused layer; then
+    an o that reads 3 inputs at an index list, and a slimmed MLP's gate (first 7 of 12 neurons) and down.
+    The plugin's way (stack of stored rows, placements, reads) must equal the transformers modules."""
+    from svdzip.models.sliced import SlimLinear, column_subset, row_subset
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    q_index = torch.tensor([0, 1, 4, 5, 7])
+    q = row_subset(torch.randn(5, 8), torch.randn(5), 8, q_index)
+    k_left, k_right, v = torch.randn(4, 2), torch.randn(2, 8), torch.randn(4, 8)
+    modules = {f"{P}.k_proj": {"in": 8, "out": 4, "rank": 2}}
+    slimmed = {f"{P}.q_proj": {"kind": "rows", "in": 8, "out": 8, "kept": 5, "bias": True},
+               f"{P}.o_proj": {"kind": "cols", "in": 8, "out": 8, "kept": 3, "bias": True},
+               "model.layers.0.mlp.gate_proj": {"kind": "linear", "in": 8, "out": 7, "bias": False},
+               "model.layers.0.mlp.down_proj": {"kind": "linear", "in": 7, "out": 8, "bias": False}}
+    qkv = build_layout(f"{P}.qkv_proj", 8, [8, 4, 4], modules, PACKED, slimmed=slimmed)
+    assert [(s.subset, s.kept, s.indexed, s.low_rank) for s in qkv.shards] == [
+        ("rows", 5, True, False), (None, None, False, True), (None, None, False, False)]
+    assert (qkv.dense_rows, qkv.own_right_rows, qkv.index_numel, qkv.reads) == (5 + 4, 2, 5, 8)
+    stack = torch.cat([k_right, q.weight, v])  # own right factors first, then the dense shards' stored rows
+    assert qkv.stack_slices() == {1: (0, 2), 0: (2, 7), 2: (7, 11)}
+    y = x @ stack.T
+    q_out = torch.zeros(6, 8).index_copy_(1, q_index, y[:, 2:7]) + q.bias  # the engine adds its full-width bias
+    fused = torch.cat([q_out, y[:, 0:2] @ k_left.T, y[:, 7:11]], dim=1)
+    want = torch.cat([q(x), x @ (k_left @ k_right).T, x @ v.T], dim=1)
+    torch.testing.assert_close(fused, want)
+    assert torch.count_nonzero(q(x)[:, [2, 3, 6]]) == 0  # rows it does not keep stay zero, bias included
+
+    o = column_subset(torch.randn(8, 3), torch.randn(8), 8, torch.tensor([1, 2, 6]))
+    o_layout = build_layout(f"{P}.o_proj", 8, [8], {}, PACKED, slimmed=slimmed)
+    assert (o_layout.reads, o_layout.dense_rows, o_layout.index_numel) == (3, 8, 3)
+    torch.testing.assert_close(x.index_select(1, o.index) @ o.weight.T + o.bias, o(x))
+    assert o_layout.weight_elements() == 3 * 8 and o_layout.dense_elements() == 64
+
+    gate_up = build_layout("model.layers.0.mlp.gate_up_proj", 8, [12, 12], {}, PACKED, slimmed=slimmed)
+    assert [(s.subset, s.kept, s.indexed) for s in gate_up.shards] == [("rows", 7, False), (None, None, False)]
+    down_layout = build_layout("model.layers.0.mlp.down_proj", 12, [8], {}, PACKED, slimmed=slimmed)
+    assert (down_layout.reads, down_layout.index_numel) == (7, 0)  # the first 7 neurons, no index stored
+    down = SlimLinear(7, 8, bias=False)
+    h = torch.randn(6, 12)
+    torch.testing.assert_close(h[:, :7] @ down.weight.T, down(h[:, :7]))
+
+
+@pytest.mark.parametrize("spec,shape,match", [
+    ({"kind": "rows", "in": 8, "out": 8, "kept": 9}, (8, 8), "does not fit"),
+    ({"kind": "cols", "in": 6, "out": 8, "kept": 3}, (8, 8), "does not fit"),
+    ({"kind": "linear", "in": 8, "out": 7}, (9, 12), "does not fit"),
+    ({"kind": "linear", "in": 8, "out": 7, "bias": True}, (8, 12), "bias of its own width"),
+    ({"kind": "heads", "in": 8, "out": 8}, (8, 8), "unknown slimmed kind 'heads'"),
+])
+def test_slimmed_entries_that_do_not_fit_are_refused(spec, shape, match):
+    with pytest.raises(SvdzipError, match=match):
+        slimmed_subset("m", spec, *shape)
+
+
+def test_slimmed_manifests_are_checked_and_refused_under_tensor_parallelism():
+    expected = {f"{P}.q_proj": (8, 8), f"{P}.k_proj": (8, 4)}
+    rows = {"kind": "rows", "in": 8, "out": 8, "kept": 4}
+    check_manifest({}, expected, {f"{P}.q_proj": rows})
+    with pytest.raises(SvdzipError, match="as both low-rank and slimmed"):
+        check_manifest({f"{P}.q_proj": {"in": 8, "out": 8, "rank": 2}}, expected, {f"{P}.q_proj": rows})
+    with pytest.raises(SvdzipError, match="does not have: model.layers.5"):
+        check_manifest({}, expected, {"model.layers.5.mlp.up_proj": rows})
+    with pytest.raises(SvdzipError, match="without tensor parallelism"):  # this rank holds half of q's outputs
+        build_layout(f"{P}.qkv_proj", 8, [4, 4, 4], {}, PACKED, full_outs=[8, 4, 4],
+                     slimmed={f"{P}.q_proj": rows})
+    check_format({"quant_method": "svdzip", "format": MANIFEST_FORMAT, "modules": {}, "slimmed": {f"{P}.q_proj": rows}})
+    got = weight_bytes({}, expected, other_params=0, bytes_per_value=2, slimmed={f"{P}.q_proj": rows})
+    assert got["stored"] == got["read_per_token"] == (4 * 8 + 8 * 4) * 2 and got["dense"] == (64 + 32) * 2

@@ -182,3 +182,52 @@ def test_tensor_parallel_two_ranks_equal_transformers(tmp, family, group_size, m
         del llm
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     assert len(per_rank) == 2 and all(0 < held < dense for held, dense in per_rank)
+
+
+def _make_slimmed(tmp: Path, family: str, method: str) -> Path:
+    """MoDeGPT or the hybrid on a tiny model: slimmed MLPs (first neurons) and attention subsets (index lists)."""
+    from tiny_models import tiny_tokenizer
+
+    model = tiny_model(family, shape=VLLM)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.5)
+    tokens = torch.randint(3, VOCAB, (16, 32), generator=torch.Generator().manual_seed(1))
+    out = tmp / f"{family}-{method}"
+    allocator = "uniform" if method == "modegpt" else "loss-aware"  # uniform slims every module
+    compress(model, Recipe.plain(method=method, allocator=allocator, ratio=0.3, calib_samples=16, calib_seq_len=32),
+             calib_tokens=tokens, out=out, tokenizer=tiny_tokenizer())
+    return out
+
+
+@pytest.mark.parametrize("family,method", [("qwen2", "modegpt"), ("llama", "hybrid"), ("gemma3", "modegpt")])
+def test_slimmed_models_served_equal_transformers(tmp, family, method):
+    path = _make_slimmed(tmp, family, method)
+    manifest = json.loads((path / "config.json").read_text())["quantization_config"]
+    kinds = {spec["kind"] for spec in manifest["slimmed"].values()}
+    if method == "hybrid":  # slimmed MLPs beside factorised attention
+        assert kinds == {"linear"} and manifest["modules"]
+    else:  # every kind: MLPs (first neurons), q/k/v rows and o columns at stored index lists; Gemma 3 keeps q/k
+        assert kinds == ({"linear", "rows", "cols"})
+    ids = torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = _reference_logprobs(path, ids)
+    llm = _llm(path)
+    try:
+        got = _vllm_logprobs(llm, ids)
+        held, dense = llm.apply_model(_weight_values)[0]
+    finally:
+        del llm
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert 0 < held < dense
+
+
+def test_slimmed_models_refuse_tensor_parallelism(tmp, monkeypatch, capfd):
+    """Refused in each worker as it builds its first slimmed layer, before any weight is read (the engine's
+    main process is not told the parallel sizes when it checks the manifest)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    path = tmp / "qwen2-modegpt" if (tmp / "qwen2-modegpt").exists() else _make_slimmed(tmp, "qwen2", "modegpt")
+    with pytest.raises(Exception):  # noqa: B017 - vLLM wraps the workers' errors in its own
+        _llm(path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    logs = capfd.readouterr()
+    assert "serves slimmed modules without tensor parallelism; serve with --tensor-parallel-size 1" in (
+        logs.out + logs.err)

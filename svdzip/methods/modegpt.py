@@ -239,8 +239,10 @@ class ValueOutput(SlimModule):
             per_head = v_old.bias.detach().double().view(kv, 1, self.head_dim).expand(kv, group, self.head_dim)
             fold = o_old.weight.detach().double() @ per_head.reshape(-1)
             bias = fold if bias is None else bias + fold
+        # v keeps a (zero) bias where it had one, so that a checkpoint holds every tensor the family's layers expect
+        v_bias = value.new_zeros(value.shape[0]) if getattr(v_old, "bias", None) is not None else None
         return {
-            v_info.name: row_subset(value.to(device, dtype), None, v_info.out_features, v_index.to(device)),
+            v_info.name: row_subset(value.to(device, dtype), v_bias, v_info.out_features, v_index.to(device)),
             o_info.name: column_subset(output.to(device, dtype), bias.to(device, dtype) if bias is not None else None,
                                        o_info.in_features, o_index.to(device)),
         }

@@ -8,7 +8,9 @@ to a score, and RoPE rotates a pair of zeros into zeros, so the stock attention 
 1/√d_h included, as the maths asks) computes exactly what a slimmed attention would, and every
 transformers release and family keeps working. The weights stored are the kept rows/columns only,
 with the index list as a buffer inside the safetensors file; what is not saved is the KV cache, which
-keeps the full head size. A slimmed MLP's linears are `SlimLinear`s: plain linears of fewer neurons.
+keeps the full head size. A bias is stored at the full output width, zero where no row is kept (a handful
+of values), so that a serving engine's own bias loading takes it as it is. A slimmed MLP's linears are
+`SlimLinear`s: plain linears of fewer neurons.
 """
 
 from __future__ import annotations
@@ -30,34 +32,36 @@ class _SubsetLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(*weight_shape, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(weight_shape[0], device=device, dtype=dtype)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
 
     @classmethod
     def holding(cls, weight: torch.Tensor, bias: torch.Tensor | None, full: int, index: torch.Tensor):
-        """The module with these kept weights, placed at `index` of its `full`-wide side."""
+        """The module with these kept weights (and the kept rows' bias), placed at `index` of its `full`-wide side."""
         kept = index.numel()
         shape = (full, weight.shape[1]) if cls is RowSubsetLinear else (weight.shape[0], full)
         module = cls(shape[1], shape[0], kept, bias is not None, weight.device, weight.dtype)
         with torch.no_grad():
             module.weight.copy_(weight)
             module.index.copy_(index)
-            if bias is not None:
+            if bias is not None and cls is RowSubsetLinear:
+                module.bias.zero_().index_copy_(0, index, bias)
+            elif bias is not None:
                 module.bias.copy_(bias)
         return module
 
 
 class RowSubsetLinear(_SubsetLinear):
-    """y[..., index] = W x + b and 0 elsewhere: an `out_features`-wide output that computes `len(index)` rows."""
+    """y[..., index] = W x, 0 elsewhere, plus b: an `out_features`-wide output that computes `len(index)` rows."""
 
     def __init__(self, in_features: int, out_features: int, kept: int, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, kept, (kept, in_features), bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        out = y.new_zeros(*y.shape[:-1], self.out_features)
-        return out.index_copy_(-1, self.index, y)
+        y = F.linear(x, self.weight)
+        out = y.new_zeros(*y.shape[:-1], self.out_features).index_copy_(-1, self.index, y)
+        return out if self.bias is None else out + self.bias
 
 
 class ColumnSubsetLinear(_SubsetLinear):

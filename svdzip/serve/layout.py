@@ -16,7 +16,12 @@ every shard's pieces live:
   is stored once, outside any stack, and every member multiplies by that same tensor.
 
 The output of the layer is then `cat(left_i(stack_rows_i(x)) or stack_rows_i(x), ...)` in shard
-order. Under tensor parallelism each rank holds the slices `rank_slice` names. The checks
+order. MoDeGPT's slimmed modules (the manifest's `slimmed` section) are dense shards that keep a subset:
+a *rows* shard stores only its kept output rows and places them (at its stored index list, or first)
+in a zero-filled output of the engine's width — a slimmed MLP keeps its neurons first, so act(0)·0 = 0
+fills the rest and the down projection reads only them; a *cols* layer (o_proj, down_proj) reads only
+its kept inputs. vLLM's model code then runs with the config's sizes, unchanged. Under tensor
+parallelism each rank holds the slices `rank_slice` names (slimmed modules are served without it). The checks
 (`check_manifest`, `check_format`, `check_parallel`) give the clear errors a user needs before any weight is read.
 """
 
@@ -37,7 +42,9 @@ PARAM_RENAMES = (
     (".left.weight", ".lowrank_left"),
     (".right.weight", ".lowrank_right"),
     (".left.bias", ".bias"),
+    (".index", ".svdzip_index"),
 )
+SUBSETS = ("rows", "cols")
 
 
 @dataclass(frozen=True)
@@ -101,17 +108,27 @@ def check_packing(engine: Mapping[str, Sequence[str]], table: Packing, architect
 
 @dataclass(frozen=True)
 class Shard:
-    """One checkpoint linear inside an engine layer: dense (`rank is None`) or low-rank."""
+    """One checkpoint linear inside an engine layer: dense (`rank is None`) or low-rank; a dense shard may be
+    slimmed (`subset`): 'rows' computes `kept` of its `out` outputs, 'cols' reads `kept` of the layer's inputs,
+    at the places a stored index list gives (`indexed`) or the first `kept`."""
 
     name: str
     out: int
     rank: int | None = None
     shared_with: str | None = None
     is_basis_leader: bool = False
+    subset: str | None = None
+    kept: int | None = None
+    indexed: bool = False
 
     @property
     def low_rank(self) -> bool:
         return self.rank is not None
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows of this dense shard's stored weight."""
+        return self.kept if self.subset == "rows" else self.out
 
     @property
     def owns_right(self) -> bool:
@@ -129,12 +146,21 @@ class LayerLayout:
     shard_ids: tuple[str | int, ...] = (0,)  # what the engine's weight loader calls each shard
 
     @property
+    def reads(self) -> int:
+        """Input entries the layer reads: all, or the kept ones of a slimmed 'cols' layer."""
+        return next((s.kept for s in self.shards if s.subset == "cols"), self.in_features)
+
+    @property
     def own_right_rows(self) -> int:
         return sum(s.rank for s in self.shards if s.owns_right)
 
     @property
     def dense_rows(self) -> int:
-        return sum(s.out for s in self.shards if not s.low_rank)
+        return sum(s.stored_rows for s in self.shards if not s.low_rank)
+
+    @property
+    def index_numel(self) -> int:
+        return sum(s.kept for s in self.shards if s.indexed)
 
     @property
     def left_numel(self) -> int:
@@ -143,7 +169,7 @@ class LayerLayout:
     def stack_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> rows of the stack (own right factors first, then dense weights)."""
         return _packed([(i, s.rank) for i, s in enumerate(self.shards) if s.owns_right]
-                       + [(i, s.out) for i, s in enumerate(self.shards) if not s.low_rank])
+                       + [(i, s.stored_rows) for i, s in enumerate(self.shards) if not s.low_rank])
 
     def left_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> (start, stop) of its flattened left factor in the left buffer."""
@@ -151,7 +177,11 @@ class LayerLayout:
 
     def dense_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> rows of the `weight` parameter (dense shards only, in shard order)."""
-        return _packed([(i, s.out) for i, s in enumerate(self.shards) if not s.low_rank])
+        return _packed([(i, s.stored_rows) for i, s in enumerate(self.shards) if not s.low_rank])
+
+    def index_slices(self) -> dict[int, tuple[int, int]]:
+        """Shard index -> (start, stop) of its index list in the `svdzip_index` parameter (indexed shards only)."""
+        return _packed([(i, s.kept) for i, s in enumerate(self.shards) if s.indexed])
 
     def own_right_slices(self) -> dict[int, tuple[int, int]]:
         """Shard index -> rows of the `lowrank_right` parameter (own right factors only)."""
@@ -160,7 +190,7 @@ class LayerLayout:
     def weight_elements(self) -> int:
         """Values this layer holds: own rights + dense rows + lefts + bases it leads (stored once)."""
         bases = sum(s.rank * self.in_features for s in self.shards if s.is_basis_leader)
-        return (self.own_right_rows + self.dense_rows) * self.in_features + self.left_numel + bases
+        return (self.own_right_rows + self.dense_rows) * self.reads + self.left_numel + bases
 
     def dense_elements(self) -> int:
         return sum(s.out for s in self.shards) * self.in_features
@@ -191,24 +221,36 @@ def shard_names(prefix: str, packing: Packing) -> list[str]:
 
 def build_layout(prefix: str, in_features: int, output_sizes: Sequence[int],
                  modules: Mapping[str, Mapping[str, Any]], packing: Packing,
-                 full_in: int | None = None, full_outs: Sequence[int] | None = None) -> LayerLayout | None:
-    """The layout of engine layer `prefix`, or None when none of its shards is low-rank (stays dense).
+                 full_in: int | None = None, full_outs: Sequence[int] | None = None,
+                 slimmed: Mapping[str, Mapping[str, Any]] | None = None) -> LayerLayout | None:
+    """The layout of engine layer `prefix`, or None when none of its shards is low-rank or slimmed (stays dense).
 
     `in_features` / `output_sizes` are this tensor-parallel rank's sizes (what the layer stores);
     `full_in` / `full_outs` the unsplit ones the manifest records (default: the same, i.e. TP = 1).
+    `slimmed` is the manifest's section of MoDeGPT's slimmed linears.
     Raises when the manifest disagrees with the engine's shapes: a wrong size must never load.
     """
+    slimmed = slimmed or {}
     names = shard_names(prefix, packing)
     if len(names) != len(output_sizes):
         raise SvdzipError(f"{prefix}: the engine has {len(output_sizes)} shards, svdzip expected {len(names)} "
                           f"({', '.join(names)})")
-    if not any(n in modules for n in names):
+    if not any(n in modules or n in slimmed for n in names):
         return None
     full_in = in_features if full_in is None else full_in
     full_outs = list(output_sizes) if full_outs is None else list(full_outs)
     leaders = {spec["shared_with"] for spec in modules.values() if spec.get("shared_with")}
     shards = []
     for name, out, full_out in zip(names, output_sizes, full_outs, strict=True):
+        if name in slimmed:
+            if in_features != full_in or out != full_out:
+                raise SvdzipError(f"{name} is slimmed (MoDeGPT): svdzip's vLLM plugin serves slimmed modules "
+                                  "without tensor parallelism; serve with --tensor-parallel-size 1")
+            subset, kept, indexed = slimmed_subset(name, slimmed[name], full_in, full_out)
+            if subset == "cols" and len(names) > 1:
+                raise SvdzipError(f"{name}: a slimmed input subset inside the fused layer {prefix} is not supported")
+            shards.append(Shard(name, out, subset=subset, kept=kept, indexed=indexed))
+            continue
         spec = modules.get(name)
         if spec is None:
             shards.append(Shard(name, out))
@@ -219,6 +261,30 @@ def build_layout(prefix: str, in_features: int, output_sizes: Sequence[int],
         shards.append(Shard(name, out, int(spec["rank"]), spec.get("shared_with"), is_basis_leader=name in leaders))
     packed = packing.get(prefix.rpartition(".")[2])
     return LayerLayout(prefix, in_features, tuple(shards), packed.shard_ids if packed else (0,))
+
+
+def slimmed_subset(name: str, spec: Mapping[str, Any], full_in: int, full_out: int) -> tuple[str, int, bool]:
+    """(subset, kept, indexed) of a slimmed linear of the manifest inside a model of these shapes, or a refusal.
+
+    A slimmed MLP's linear ('linear') is smaller on one side: its neurons are the first `kept`; a key–query or
+    value–output module ('rows' / 'cols') keeps the model's shapes and stores where its kept dimensions sit."""
+    kind, i, o = spec.get("kind", "linear"), spec.get("in"), spec.get("out")
+    if kind == "linear":
+        if i == full_in and isinstance(o, int) and 1 <= o <= full_out:
+            if spec.get("bias"):
+                raise SvdzipError(f"{name}: a slimmed MLP linear with a bias of its own width cannot be served with "
+                                  "the engine's full-width bias; serve it with transformers (`svdzip.load`)")
+            return "rows", o, False
+        if o == full_out and isinstance(i, int) and 1 <= i < full_in:
+            return "cols", i, False
+    elif kind in SUBSETS:
+        kept = spec.get("kept")
+        if (i, o) == (full_in, full_out) and isinstance(kept, int) and 1 <= kept <= (o if kind == "rows" else i):
+            return kind, kept, True
+    else:
+        raise SvdzipError(f"{name}: the manifest gives the unknown slimmed kind {kind!r} (written by a newer svdzip?)")
+    raise SvdzipError(f"{name}: the manifest's slimmed {kind} {i}→{o} (kept {spec.get('kept')}) does not fit the "
+                      f"model's {full_in}→{full_out}")
 
 
 def rank_slice(parallel: str, kind: str, shard: int, tp_rank: int, kv_replicas: int, is_qkv: bool,
@@ -253,11 +319,6 @@ def check_format(quant_config: Mapping[str, Any]) -> None:
             f"{MANIFEST_FORMAT}" + ("; upgrade svdzip (`pip install -U svdzip`) to serve it" if newer else ""))
     if not isinstance(quant_config.get("modules"), dict):
         raise SvdzipError("svdzip manifest has no 'modules' table")
-    if quant_config.get("slimmed"):
-        raise SvdzipError("this directory holds MoDeGPT's slimmed modules (MLPs of per-layer widths, attention heads "
-                          "keeping a subset of their dimensions): svdzip's vLLM plugin does not build those yet "
-                          "(vLLM's model code sizes every layer from the config). Serve it with transformers "
-                          "(`svdzip.load`), or compress for vLLM with a factorisation (--method svdllm)")
     stored = [what for what, key in (("int8 weights (torchao)", "quantization"),
                                      ("packed low-bit weights (HQQ)", "lowbit")) if quant_config.get(key)]
     if stored:
@@ -284,13 +345,20 @@ def expected_linears(architecture: str, config: Mapping[str, Any] | Any) -> dict
     return {info.name: (info.in_features, info.out_features) for info in ModelAdapter(model).linears()}
 
 
-def check_manifest(modules: Mapping[str, Mapping[str, Any]], expected: Mapping[str, tuple[int, int]]) -> None:
-    """Every manifest entry must name a linear the model has, with its shape and a sensible rank."""
-    unknown = sorted(set(modules) - set(expected))
+def check_manifest(modules: Mapping[str, Mapping[str, Any]], expected: Mapping[str, tuple[int, int]],
+                   slimmed: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Every manifest entry must name a linear the model has, with its shape and a sensible rank (or kept size)."""
+    slimmed = slimmed or {}
+    unknown = sorted((set(modules) | set(slimmed)) - set(expected))
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise SvdzipError(f"the svdzip manifest names modules this model does not have: "
                           f"{', '.join(unknown[:3])}{more}")
+    both = sorted(set(modules) & set(slimmed))
+    if both:
+        raise SvdzipError(f"the svdzip manifest lists {both[0]} as both low-rank and slimmed")
+    for name, spec in slimmed.items():
+        slimmed_subset(name, spec, *expected[name])
     for name, spec in modules.items():
         i, o = expected[name]
         if (spec.get("in"), spec.get("out")) != (i, o):
@@ -314,23 +382,31 @@ def check_parallel(pipeline_parallel: int) -> None:
 
 
 def weight_bytes(modules: Mapping[str, Mapping[str, Any]], expected: Mapping[str, tuple[int, int]],
-                 other_params: int, bytes_per_value: int) -> dict[str, int]:
+                 other_params: int, bytes_per_value: int,
+                 slimmed: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, int]:
     """Bytes of weights read per decoded token, dense vs compressed (embedding/lm_head in `other_params`).
 
     A shared basis is counted once: it is read once per layer that uses it, but the dense model reads
-    every matrix too, so per-token traffic counts each use; this returns both views.
+    every matrix too, so per-token traffic counts each use; this returns both views. A slimmed linear
+    holds (and reads) only its kept rows or columns.
     """
+    slimmed = slimmed or {}
     dense = sum(i * o for i, o in expected.values())
     stored = read = 0
     for name, (i, o) in expected.items():
         spec = modules.get(name)
-        if spec is None:
+        if name in slimmed:
+            subset, kept, _ = slimmed_subset(name, slimmed[name], i, o)
+            values = kept * (i if subset == "rows" else o)
+            stored += values
+            read += values
+        elif spec is None:
             stored += i * o
             read += i * o
-            continue
-        k = spec["rank"]
-        stored += k * o + (0 if spec.get("shared_with") else k * i)
-        read += k * (o + i)
+        else:
+            k = spec["rank"]
+            stored += k * o + (0 if spec.get("shared_with") else k * i)
+            read += k * (o + i)
     return {"dense": (dense + other_params) * bytes_per_value, "stored": (stored + other_params) * bytes_per_value,
             "read_per_token": (read + other_params) * bytes_per_value}
 

@@ -6,7 +6,9 @@ It registers the quantization method `svdzip`, which vLLM picks from `config.jso
 layer multiplies its input once by the stack of its shards' right factors (plus any dense shard's
 weight), then each low-rank shard's left factor (see `svdzip.serve.layout`). Which architectures are
 served and which layers pack which shards is the family table's `serving` entry (`svdzip.models.families`),
-checked against vLLM's own packing when the first layer is built. Basis-Sharing bases are
+checked against vLLM's own packing when the first layer is built. MoDeGPT's slimmed linears are dense
+shards that compute a subset of their outputs (zeros elsewhere) or read a subset of their inputs, so
+vLLM's model code runs at the config's sizes, unchanged (`svdzip.serve.layout`). Basis-Sharing bases are
 stored once in the config object and used by every layer of their group. Every factor goes through
 vLLM's own CPU GEMM dispatch (oneDNN / AMX kernels), the same as the dense layers it replaces.
 Under tensor parallelism each rank loads the slices `layout.rank_slice` names (README "Serving with vLLM").
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -91,6 +94,7 @@ class SvdzipVllmConfig(QuantizationConfig):
             raise SvdzipError(f"SVDZIP_VLLM_LAYOUT must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.manifest = manifest
         self.modules: dict[str, dict[str, Any]] = dict(manifest["modules"])
+        self.slimmed: dict[str, dict[str, Any]] = dict(manifest.get("slimmed") or {})
         self.layout = layout
         self.bases: dict[str, torch.Tensor] = {}
         self.loaded_bases: set[str] = set()
@@ -127,11 +131,16 @@ class SvdzipVllmConfig(QuantizationConfig):
             raise SvdzipError(f"{model_name}: config.json must name exactly one architecture, got {archs}")
         spec, _ = served_family(archs[0], getattr(hf_config, "model_type", None))
         self.architecture, self.packing = archs[0], packing(spec)
-        check_manifest(self.modules, expected_linears(archs[0], hf_config))
+        check_manifest(self.modules, expected_linears(archs[0], hf_config), self.slimmed)
 
     def get_checkpoint_weight_mapper(self) -> WeightsMapper:
-        """Checkpoint `<m>.left.weight` / `.right.weight` / `.left.bias` -> this method's parameters."""
-        renames = WeightsMapper(orig_to_new_suffix=dict(PARAM_RENAMES))
+        """Checkpoint `<m>.left.weight` / `.right.weight` / `.left.bias` / `.index` -> this method's parameters.
+
+        A slimmed layer that reads a subset of its inputs may carry a bias the engine's layer lacks (MoDeGPT
+        folds v's bias into o's: Qwen2's o_proj has none), so its bias loads into this method's `svdzip_bias`."""
+        own_bias = {re.compile(f"^{re.escape(name)}\\.bias$"): f"{name}.svdzip_bias"
+                    for name, spec in self.slimmed.items() if spec.get("bias") and spec.get("kind") != "rows"}
+        renames = WeightsMapper(orig_to_new_regex=own_bias, orig_to_new_suffix=dict(PARAM_RENAMES))
         return super().get_checkpoint_weight_mapper() | renames
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
@@ -146,13 +155,13 @@ class SvdzipVllmConfig(QuantizationConfig):
         if not self.packing_checked:  # vLLM has set its model's packed_modules_mapping by now
             check_packing(self.packed_modules_mapping, self.packing, self.architecture)
             self.packing_checked = True
-        if not any(n in self.modules for n in shard_names(prefix, self.packing)):
+        if not any(n in self.modules or n in self.slimmed for n in shard_names(prefix, self.packing)):
             return UnquantizedLinearMethod()
         return SvdzipLinearMethod(self, prefix)
 
 
 class SvdzipLinearMethod(LinearMethodBase):
-    """One engine layer whose shards are (partly) low-rank: factors in, two matmuls out."""
+    """One engine layer whose shards are (partly) low-rank or slimmed: factors in, two matmuls out."""
 
     def __init__(self, config: SvdzipVllmConfig, prefix: str):
         self.config = config
@@ -163,20 +172,27 @@ class SvdzipLinearMethod(LinearMethodBase):
         extra_weight_attrs.pop("weight_loader", None)
         layout = build_layout(self.prefix, input_size_per_partition, output_partition_sizes, self.config.modules,
                               self.config.packing, full_in=input_size,
-                              full_outs=full_output_sizes(layer, output_partition_sizes))
+                              full_outs=full_output_sizes(layer, output_partition_sizes), slimmed=self.config.slimmed)
         if layout is None:
-            raise SvdzipError(f"{self.prefix}: no low-rank shard, yet the svdzip method was chosen")
+            raise SvdzipError(f"{self.prefix}: no low-rank or slimmed shard, yet the svdzip method was chosen")
         layer.svdzip_layout = layout
         layer.svdzip_loaded = set()
-        self._register(layer, "lowrank_right", torch.empty(layout.own_right_rows, layout.in_features,
-                                                           dtype=params_dtype), "right")
+        self._register(layer, "lowrank_right", torch.empty(layout.own_right_rows, layout.reads, dtype=params_dtype),
+                       "right")
         self._register(layer, "lowrank_left", torch.empty(layout.left_numel, dtype=params_dtype), "left")
         if layout.dense_rows:
-            self._register(layer, "weight", torch.empty(layout.dense_rows, layout.in_features, dtype=params_dtype),
-                           "dense")
+            self._register(layer, "weight", torch.empty(layout.dense_rows, layout.reads, dtype=params_dtype), "dense")
+        if layout.index_numel:
+            self._register(layer, "svdzip_index", torch.empty(layout.index_numel, dtype=torch.int64), "index")
+        if self._owns_bias(layout):
+            self._register(layer, "svdzip_bias", torch.empty(output_partition_sizes[0], dtype=params_dtype), "bias")
         for shard in layout.shards:
             if shard.is_basis_leader:
                 self.config.bases[shard.name] = torch.empty(shard.rank, layout.in_features, dtype=params_dtype)
+
+    def _owns_bias(self, layout: LayerLayout) -> bool:
+        """Whether this layer's bias comes from the checkpoint into `svdzip_bias` (see get_checkpoint_weight_mapper)."""
+        return any(s.subset == "cols" and self.config.slimmed[s.name].get("bias") for s in layout.shards)
 
     def _register(self, layer: nn.Module, name: str, data: torch.Tensor, kind: str) -> None:
         param = nn.Parameter(data, requires_grad=False)
@@ -207,6 +223,13 @@ class SvdzipLinearMethod(LinearMethodBase):
 
     def _target(self, param: nn.Parameter, layout: LayerLayout, kind: str, i: int) -> torch.Tensor:
         shard = layout.shards[i]
+        if kind == "bias":
+            return param.data
+        if kind == "index":
+            if not shard.indexed:
+                raise SvdzipError(f"{shard.name}: checkpoint has an index list, the manifest does not slim it so")
+            a, b = layout.index_slices()[i]
+            return param.data[a:b]
         if kind == "dense":
             if shard.low_rank:
                 raise SvdzipError(f"{shard.name}: checkpoint has a dense weight, the manifest says rank {shard.rank}")
@@ -232,34 +255,45 @@ class SvdzipLinearMethod(LinearMethodBase):
         left = layer.lowrank_left.data
         lefts = {i: left[a:b].view(layout.shards[i].out, layout.shards[i].rank)
                  for i, (a, b) in layout.left_slices().items()}
+        indices = {i: layer.svdzip_index.data[a:b].clone() for i, (a, b) in layout.index_slices().items()}
         rows = [layer.lowrank_right.data] + ([layer.weight.data] if layout.dense_rows else [])
         stack = torch.cat(rows) if len(rows) > 1 else rows[0]
         slices = layout.stack_slices()
-        plan: list[tuple[Gemm | None, tuple[int, int] | None, Gemm | None]] = []
+        plan: list[tuple[Gemm | None, tuple[int, int] | None, Gemm | None, Gemm | None]] = []
         stack_gemm = None
         if self.config.layout == "stacked" and stack.shape[0]:
             stack_gemm = make_gemm(stack)
+        layer.svdzip_read = None
         for i, shard in enumerate(layout.shards):
             left_gemm = make_gemm(lefts[i]) if shard.low_rank else None
+            place = subset_placement(shard.out, shard.kept, indices.get(i)) if shard.subset == "rows" else None
+            if shard.subset == "cols":
+                layer.svdzip_read = subset_reader(shard.kept, indices.get(i))
             basis = shard.shared_with or (shard.name if shard.is_basis_leader else None)
             if basis is not None:
-                plan.append((self._basis_gemm(basis), None, left_gemm))
+                plan.append((self._basis_gemm(basis), None, left_gemm, place))
             elif stack_gemm is not None:
-                plan.append((None, slices[i], left_gemm))
+                plan.append((None, slices[i], left_gemm, place))
             else:
                 a, b = slices[i]
-                plan.append((make_gemm(stack[a:b]), None, left_gemm))
+                plan.append((make_gemm(stack[a:b]), None, left_gemm, place))
         layer.svdzip_stack_gemm = stack_gemm
         layer.svdzip_plan = plan
+        layer.svdzip_own_bias = layer.svdzip_bias.data.clone() if self._owns_bias(layout) else None
+        if layer.svdzip_own_bias is not None and getattr(layer, "bias", None) is not None:
+            layer.bias.data.zero_()  # the engine's own bias had nothing to load: the checkpoint's is ours
         empty = torch.empty(0, dtype=left.dtype, device=left.device)
-        for name in ("lowrank_right", "lowrank_left", "weight"):
+        for name in ("lowrank_right", "lowrank_left", "weight", "svdzip_index", "svdzip_bias"):
             if hasattr(layer, name):
                 setattr(layer, name, nn.Parameter(empty, requires_grad=False))
 
     def _check_loaded(self, layer: nn.Module, layout: LayerLayout) -> None:
         missing = []
         for i, shard in enumerate(layout.shards):
-            need = ["dense"] if not shard.low_rank else ["left"] + ([] if shard.shared_with else ["right"])
+            need = (["dense"] + (["index"] if shard.indexed else []) if not shard.low_rank
+                    else ["left"] + ([] if shard.shared_with else ["right"]))
+            if i == 0 and self._owns_bias(layout):
+                need.append("bias")
             missing += [f"{shard.name} ({kind})" for kind in need if (kind, i) not in layer.svdzip_loaded]
             if shard.shared_with and shard.shared_with not in self.config.loaded_bases:
                 missing.append(f"{shard.shared_with} (shared basis used by {shard.name})")
@@ -272,17 +306,35 @@ class SvdzipLinearMethod(LinearMethodBase):
         return self.config.basis_gemms[leader]
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.svdzip_read is not None:
+            x = layer.svdzip_read(x)
         y = layer.svdzip_stack_gemm(x) if layer.svdzip_stack_gemm is not None else None
         pieces = []
-        for own_gemm, rows, left_gemm in layer.svdzip_plan:
+        for own_gemm, rows, left_gemm, place in layer.svdzip_plan:
             z = own_gemm(x) if own_gemm is not None else y[..., rows[0]:rows[1]]
             if left_gemm is not None:
                 z = left_gemm(z.contiguous())
-            pieces.append(z)
+            pieces.append(z if place is None else place(z))
         out = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
-        if bias is not None:
-            out = out + bias
+        for b in (bias, layer.svdzip_own_bias):
+            if b is not None:
+                out = out + b
         return out
+
+
+def subset_placement(width: int, kept: int, index: torch.Tensor | None) -> Gemm:
+    """A slimmed shard's `kept` outputs -> its `width`-wide output: at `index`, or first (a slimmed MLP's
+    neurons), zeros elsewhere."""
+    if index is None:
+        return lambda z: torch.nn.functional.pad(z, (0, width - kept))
+    return lambda z: z.new_zeros(*z.shape[:-1], width).index_copy_(-1, index.to(z.device), z)
+
+
+def subset_reader(kept: int, index: torch.Tensor | None) -> Gemm:
+    """The inputs a slimmed 'cols' layer reads: at `index`, or the first `kept`."""
+    if index is None:
+        return lambda x: x[..., :kept].contiguous()
+    return lambda x: x.index_select(-1, index.to(x.device))
 
 
 def register() -> None:
