@@ -6,11 +6,15 @@ the command line (its flags and their help) and the sweep alike. Every output di
 `recipe.yaml`, and `svdzip compress --recipe FILE` reruns it exactly. Where a run executes (`device`) is
 not part of the recipe file: the same recipe gives the same model on any device.
 
-`allocator` and `heal` default to `auto`: the recommended recipe (loss-aware ranks, then distillation) for
-a model held in memory; for a streamed, resumable or distributed run, whose point is not holding the whole
-model, the same allocator on its layer-local signal and layer-wise healing (benchmarks/streamed_recipes.py).
-A method may declare its own `auto` (`FactorisationMethod.recommended`: modegpt and hybrid mean loss-aware over
-their modules, no healing). `resolved(mode)` turns `auto` into what runs, and the recipe file records it.
+`method`, `allocator` and `heal` default to `auto`: the recommended recipe for a model held in memory and a
+parameter ratio is the hybrid (per module, MoDeGPT's slimming or SVD-LLM factors, chosen by loss-aware), then
+distillation (README "MoDeGPT and the hybrid": the best in every row measured, on three models); where the hybrid
+cannot run (memory budgets and quantization, updates, Basis Sharing, seq-lora or layer-wise healing, and streamed,
+resumable or distributed runs, whose point is not holding the whole model) the method is SVD-LLM, with loss-aware
+ranks in memory, and on their layer-local signal with layer-wise healing when scaled
+(benchmarks/streamed_recipes.py). A method may declare its own `auto` (`FactorisationMethod.recommended`: modegpt
+means loss-aware over its modules, no healing). `resolved(mode)` turns `auto` into what runs, and the recipe file
+records it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class Recipe:
     budget_bytes: int | None = None  # weight bytes the whole saved model may take
     budget_fraction: float | None = None  # … as a fraction of the dense model's bfloat16 weight bytes
     # the factorisation
-    method: str = "svdllm"  # svd | svdllm | asvd | fwsvd
+    method: str = AUTO  # auto (see the module docstring) | svd | svdllm | asvd | fwsvd | modegpt | hybrid
     group_size: int = 1  # > 1: Basis Sharing over that many consecutive layers
     share_roles: tuple[str, ...] = SHAREABLE_ROLES
     asvd_alpha: float = 0.5
@@ -83,7 +87,7 @@ class Recipe:
     @classmethod
     def plain(cls, **overrides: Any) -> Recipe:
         """The papers' protocol (SVD-LLM(W) and the others as published): uniform ranks, no recovery."""
-        return cls(**{"allocator": "uniform", "heal": "none", **overrides})
+        return cls(**{"method": "svdllm", "allocator": "uniform", "heal": "none", **overrides})
 
     # ------------------------------------------------------------------ derived
 
@@ -91,11 +95,23 @@ class Recipe:
     def memory_budget(self) -> bool:
         return self.budget_bytes is not None or self.budget_fraction is not None
 
+    def auto_method(self, scaled: bool) -> tuple[str, str]:
+        """What `method: auto` means for this recipe, and why: the hybrid where it can run, else SVD-LLM."""
+        from svdzip.methods.factorisations import get_method
+
+        hybrid = replace(self, method="hybrid")
+        problems = (["a streamed, resumable or distributed run"] if scaled else []) + hybrid.structured_problems(
+            get_method("hybrid"))
+        if problems:
+            return "svdllm", f"svdllm: the hybrid does not support {problems[0]}"
+        return "hybrid", "hybrid: per module, slimmed (MoDeGPT) or factorised (SVD-LLM), chosen by loss-aware"
+
     def resolved(self, scaled: bool) -> Recipe:
         """`auto` replaced by what runs: the recommended recipe in memory, `SCALED` when `scaled`."""
         from svdzip.methods.factorisations import get_method
 
-        chosen = get_method(self.method).recommended or (SCALED if scaled else RECOMMENDED)
+        method = self.method if self.method != AUTO else self.auto_method(scaled)[0]
+        chosen = get_method(method).recommended or (SCALED if scaled else RECOMMENDED)
         auto_allocator = self.allocator == AUTO
         heal = chosen["heal"] if self.heal == AUTO else self.heal
         if self.heal == AUTO and heal in LAYER_LOCAL and (self.update or self.group_size > 1):
@@ -105,7 +121,7 @@ class Recipe:
             heal = "none"  # the planner's compensation is closed-form; --heal distill trains it further if asked
         storage = self.storage_dtype if self.storage_dtype != AUTO else (
             "bfloat16" if self.memory_budget else "float32")
-        return replace(self, allocator=chosen["allocator"] if auto_allocator else self.allocator,
+        return replace(self, method=method, allocator=chosen["allocator"] if auto_allocator else self.allocator,
                        allocator_options=dict(chosen["allocator_options"]) if auto_allocator
                        else self.allocator_options, heal=heal, quantize=quantize, storage_dtype=storage).validate()
 
@@ -133,7 +149,7 @@ class Recipe:
         one matrix per unit and no update (otherwise it means no quantization, as before the planner)."""
         from svdzip.output.lowbit import backend_installed
 
-        return (self.memory_budget and self.method == "svdllm" and self.allocator in (AUTO, "loss-aware")
+        return (self.memory_budget and self.method in ("svdllm", AUTO) and self.allocator in (AUTO, "loss-aware")
                 and self.group_size == 1 and not self.update and self.heal not in LAYER_LOCAL
                 and backend_installed())
 
@@ -171,7 +187,8 @@ class Recipe:
         from svdzip.methods.factorisations import get_method
         from svdzip.passes.update import get_update
 
-        self._validate_structured(get_method(self.method))
+        if self.method != AUTO:
+            self._validate_structured(get_method(self.method))
         if self.update is not None:
             get_update(self.update)
         if self.allocator != AUTO:
@@ -204,24 +221,35 @@ class Recipe:
 
     def _validate_structured(self, method: Any) -> None:
         """A method that slims whole modules (MoDeGPT) with what can give its modules their widths."""
+        problems = self.structured_problems(method)
+        if problems:
+            raise SvdzipError(f"--method {self.method} does not support {problems[0]}")
+
+    def structured_problems(self, method: Any) -> list[str]:
+        """What in this recipe a method that slims whole modules cannot do, each with the reason; [] if none."""
         if not method.structured:
-            return
+            return []
         from svdzip.allocate import get_allocator, slimming_allocators
 
+        problems = []
         if self.allocator != AUTO and method.allocators and self.allocator not in method.allocators:
-            raise SvdzipError(f"--method {self.method} chooses per module with {' or '.join(method.allocators)}; "
-                              f"--allocator {self.allocator} cannot (leave --allocator auto)")
-        if self.allocator != AUTO and not get_allocator(self.allocator).slims:
-            raise SvdzipError(f"--method {self.method} slims whole modules; --allocator {self.allocator} allocates "
-                              f"factorisation ranks only: choose one of {', '.join(slimming_allocators())} (or auto)")
-        unsupported = [what for what, on in (
+            problems.append(f"--allocator {self.allocator} (it chooses per module with "
+                            f"{' or '.join(method.allocators)}: leave --allocator auto)")
+        elif self.allocator != AUTO and not get_allocator(self.allocator).slims:
+            problems.append(f"--allocator {self.allocator} (it allocates factorisation ranks only: choose one of "
+                            f"{', '.join(slimming_allocators())}, or auto)")
+        options = self.allocator_options
+        problems += [what for what, on in (
             ("a memory budget", self.memory_budget), (f"--quantize {self.quantize}", self.quantize not in (None, AUTO)),
             (f"--update {self.update}", bool(self.update)), ("--group-size > 1", self.group_size > 1),
-            (f"--heal {self.heal}", self.heal not in (AUTO, "none", "distill"))) if on]
-        if unsupported:
-            raise SvdzipError(f"--method {self.method} does not support {unsupported[0]} yet (its slimmed modules "
-                              "are plain linears of smaller shapes: no factors to update, share or put adapters on; "
-                              "--heal distill trains them)")
+            (f"--heal {self.heal}", self.heal not in (AUTO, "none", "distill")),
+            ("loss-aware's layer-local signal (signal=local)", str(options.get("signal")) == "local"),
+            ("loss-aware's guard=true (it compares with uniform ranks, which cannot choose per module)",
+             bool(method.allocators) and str(options.get("guard")).lower() in ("true", "1", "yes"))) if on]
+        if problems and not problems[0].startswith("--allocator"):
+            problems[0] += (" yet (its slimmed modules are plain linears of smaller shapes: no factors to update, "
+                            "share or put adapters on; --heal distill trains them)")
+        return problems
 
     def _validate_memory(self) -> None:
         from svdzip.output.quantize import PRECISIONS, SCOPES
@@ -250,7 +278,7 @@ class Recipe:
         if self.quantize in (PLAN, *LOWBIT) and self.allocator not in (AUTO, "loss-aware"):
             raise SvdzipError(f"low-bit storage is planned by loss-aware's byte planner: --allocator {self.allocator} "
                               f"cannot choose bits (leave --allocator auto)")
-        if self.quantize in (PLAN, *LOWBIT) and self.method != "svdllm":
+        if self.quantize in (PLAN, *LOWBIT) and self.method not in ("svdllm", AUTO):
             raise SvdzipError(f"low-bit storage prices every option in SVD-LLM's whitened metric (the Gram matrices "
                               f"of the inputs): use --method svdllm, not {self.method}")
         if self.quantize in (PLAN, *LOWBIT) and (self.update or self.heal in LAYER_LOCAL):

@@ -426,9 +426,9 @@ def test_factorised_options_are_the_best_rank_combinations_on_the_hull():
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_hybrid_chooses_per_module_within_the_budget_and_reloads(family, tmp_path):
     model, tokens = tiny_model(family, seed=3, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
-    recipe = Recipe(method="hybrid", ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
+    recipe = Recipe(method="hybrid", heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
     result = compress(model, recipe, calib_tokens=tokens, out=tmp_path / "h")
-    assert result.config.allocator == "loss-aware" and result.config.heal == "none"
+    assert result.config.allocator == "loss-aware"
     assert result.summary["ratio_achieved"] >= 0.3 - 1e-9
     kinds = {("factorised" if r.rank is not None else "slimmed" if r.width is not None else "dense")
              for r in result.modules}
@@ -441,6 +441,43 @@ def test_hybrid_chooses_per_module_within_the_budget_and_reloads(family, tmp_pat
 def test_hybrid_refuses_an_allocator_that_cannot_choose():
     with pytest.raises(SvdzipError, match="chooses per module"):
         Recipe(method="hybrid", allocator="uniform").validate()
+    with pytest.raises(SvdzipError, match="guard=true"):
+        Recipe(method="hybrid", allocator="loss-aware", allocator_options={"guard": True}).validate()
+
+
+@pytest.mark.parametrize("overrides, method, why", [
+    ({}, "hybrid", "per module"),
+    ({"heal": "none"}, "hybrid", "per module"),
+    ({"budget_fraction": 0.5}, "svdllm", "a memory budget"),
+    ({"quantize": "int8"}, "svdllm", "--quantize int8"),
+    ({"heal": "seq-lora"}, "svdllm", "--heal seq-lora"),
+    ({"group_size": 2}, "svdllm", "--group-size > 1"),
+    ({"allocator": "drank"}, "svdllm", "--allocator drank"),
+    ({"allocator": "loss-aware", "allocator_options": {"signal": "local"}}, "svdllm", "signal=local"),
+    ({"allocator": "loss-aware", "allocator_options": {"guard": True}}, "svdllm", "guard=true"),
+])
+def test_auto_method_is_the_hybrid_where_it_can_run_else_svdllm(overrides, method, why):
+    recipe = Recipe(**overrides)
+    assert recipe.method == "auto"
+    chosen, reason = recipe.auto_method(scaled=False)
+    assert chosen == method and why in reason
+    resolved = recipe.resolved(scaled=False)
+    assert resolved.method == method
+    if not overrides:  # the recommended recipe: the hybrid, loss-aware, then distillation
+        assert (resolved.allocator, resolved.heal) == ("loss-aware", "distill")
+    assert recipe.auto_method(scaled=True) == ("svdllm", "svdllm: the hybrid does not support a streamed, resumable "
+                                                          "or distributed run")
+
+
+def test_a_phi3_model_gets_the_hybrid_with_its_fused_modules_factorised():
+    """Phi-3 fuses q/k/v and gate/up: nothing MoDeGPT can slim, so the default (the hybrid) factorises them all
+    where `--method modegpt` refuses the family."""
+    model, tokens = tiny_model("phi3", seed=3, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    result = compress(model, Recipe(heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24),
+                      calib_tokens=tokens)
+    assert result.config.method == "hybrid" and result.summary["ratio_achieved"] >= 0.3 - 1e-9
+    assert all(r.width is None for r in result.modules)
+    assert {r.role for r in result.modules if r.rank is not None} >= {"gate_up", "down"}
 
 
 def test_distillation_trains_the_slimmed_linears_only_and_lowers_the_heldout_kl():

@@ -9,8 +9,8 @@ into one list of options sorted by cost, each cheaper than dense and better than
 one. The unit's "rank" is the index into that list, so the allocator's greedy over concave hulls
 chooses, per module and globally under the budget, both the family and how deep.
 
-Matrices that MoDeGPT cannot slim in a family (Gemma's q/k, with per-head norms) are ordinary
-factorisation units here, so nothing stays dense for lack of a method.
+Matrices that MoDeGPT cannot slim in a family (Gemma's q/k, with per-head norms; Phi-3's fused gate/up) are
+ordinary factorisation units here, so nothing stays dense for lack of a method.
 """
 
 from __future__ import annotations
@@ -152,9 +152,7 @@ class Hybrid(FactorisationMethod):
     name = "hybrid"
     summary = ("per module, the loss-aware choice between MoDeGPT's slimming and SVD-LLM factorisation of its "
                "matrices (or dense), under one budget")
-    structured = True
-    recommended: ClassVar[dict[str, Any] | None] = {"allocator": "loss-aware", "allocator_options": {},
-                                                    "heal": "none"}
+    structured = True  # `auto` is the recommended recipe's (it is the recommended method): loss-aware, distillation
     allocators: ClassVar[tuple[str, ...]] = ("loss-aware",)
 
     def needs(self, config: Any = None) -> Needs:
@@ -165,7 +163,7 @@ class Hybrid(FactorisationMethod):
 
     def build_units(self, adapter: ModelAdapter, stats: Any, device: torch.device | str = "cpu",
                     tokens: torch.Tensor | None = None) -> list[Unit]:
-        slimmable = MoDeGPT().build_units(adapter, stats, device, tokens)
+        slimmable = MoDeGPT().build_units(adapter, stats, device, tokens, skip_fused=True)
         members = [[m] for u in slimmable for m in u.members]
         spectra = {u.members[0].name: u for u in decompose(adapter, stats, "svdllm", members, device=device)}
         units: list[Unit] = []

@@ -269,9 +269,9 @@ class MoDeGPT(FactorisationMethod):
         raise SvdzipError("modegpt slims whole modules; it has no per-matrix metric")
 
     def build_units(self, adapter: ModelAdapter, stats: Any, device: torch.device | str = "cpu",
-                    tokens: torch.Tensor | None = None) -> list[Unit]:
+                    tokens: torch.Tensor | None = None, skip_fused: bool = False) -> list[Unit]:
         """Every module this family can slim as a `SlimUnit` (its curve computed), the other linears kept."""
-        modules = slimmable_modules(adapter)
+        modules = slimmable_modules(adapter, skip_fused)
         kept = [info for info in adapter.linears() if not any(info in members for _, _, members in modules)]
         units: list[Unit] = [KeptUnit(members=[info], spectrum=_flat()) for info in kept]
         widest = max((members[-1].in_features for kind, _, members in modules if kind == "mlp"), default=0)
@@ -369,14 +369,17 @@ def _full_rope_or_none(adapter: ModelAdapter) -> bool:
     return adapter.head_dim % 2 == 0 and (factor is None or float(factor) == 1.0)
 
 
-def slimmable_modules(adapter: ModelAdapter) -> list[tuple[str, str, list[LinearInfo]]]:
-    """(kind, module path, members) of every module this family can slim, in model order."""
+def slimmable_modules(adapter: ModelAdapter, skip_fused: bool = False) -> list[tuple[str, str, list[LinearInfo]]]:
+    """(kind, module path, members) of every module this family can slim, in model order; an MLP with fused
+    gate/up (Phi-3) is refused, or left out with `skip_fused` (the hybrid factorises it instead)."""
     by_parent: dict[str, list[LinearInfo]] = {}
     for info in adapter.linears():
         by_parent.setdefault(info.name.rpartition(".")[0], []).append(info)
     found = []
     for path, infos in by_parent.items():
         roles = {i.role: i for i in infos}
+        if "gate_up" in roles and skip_fused:
+            continue
         if "gate_up" in roles:
             raise SvdzipError(f"modegpt slims an MLP's neurons in separate gate/up projections; {path} fuses them "
                               "(Phi-3), which is not supported yet")
