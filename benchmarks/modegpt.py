@@ -4,8 +4,9 @@
         --cells svdllm:uniform,svdllm:loss-aware,modegpt:uniform,modegpt:block-influence,modegpt:loss-aware,\
 hybrid:loss-aware
 
-A cell is `method:allocator[:key=value,...][+distill]` (allocator options; `+distill`: healed with the default
-distillation), e.g. `modegpt:block-influence:epsilon=0.05` or `hybrid:loss-aware+distill`.
+A cell is `method:allocator[:key=value,...][+distill[@corpus]]` (allocator options; `+distill`: healed with the
+default distillation, on the calibration corpus or `@corpus`), e.g. `modegpt:block-influence:epsilon=0.05`,
+`hybrid:loss-aware+distill` or `hybrid:loss-aware+distill@mix`.
 MoDeGPT: MLPs slimmed by Nyström, query/key dimensions by CR scores, value-output products truncated
 whitened; hybrid: per module the loss-aware choice between that and SVD-LLM factorisation. Perplexity
 on wiki (the calibration's domain) and austen (another), ≥ 16k tokens each; compression wall time per
@@ -16,6 +17,7 @@ results file (the dense row is measured once); `--rewrite` redraws the Markdown 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -27,12 +29,13 @@ from common import RESULTS, Bench, setup_logging, write_results
 log = logging.getLogger("benchmarks.modegpt")
 
 
-def parse_cell(text: str) -> tuple[str, str, dict[str, Any], str]:
-    """`method:allocator[:k=v,...][+distill]` → (method, allocator, options, heal)."""
+def parse_cell(text: str) -> tuple[str, str, dict[str, Any], str, str | None]:
+    """`method:allocator[:k=v,...][+distill[@corpus]]` → (method, allocator, options, heal, healing corpus)."""
     text, _, heal = text.partition("+")
+    heal, _, heal_corpus = heal.partition("@")
     method, allocator, *rest = text.split(":")
     options = dict(kv.split("=", 1) for kv in ",".join(rest).split(",") if kv) if rest else {}
-    return method, allocator, options, heal or "none"
+    return method, allocator, options, heal or "none", heal_corpus or None
 
 
 def main() -> None:
@@ -46,6 +49,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64, help="calibration windows (512 tokens)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--name", default="modegpt")
+    p.add_argument("--heal-steps", type=int, default=None, help="distillation steps (default: the recipe's)")
+    p.add_argument("--heal-eval-every", type=int, default=None, help="held-out evaluation every N steps")
     p.add_argument("--append", action="store_true", help="add to the cells of an earlier run of --name")
     p.add_argument("--speed", action="store_true",
                    help="instead of perplexity: time decode and prefill of every cell against dense (one process, "
@@ -78,10 +83,13 @@ def main() -> None:
             _write(args, bench, cells, corpora)
         for ratio in (float(r) for r in args.ratios.split(",")):
             for text in args.cells.split(","):
-                method, allocator, options, heal = parse_cell(text)
+                method, allocator, options, heal, heal_corpus = parse_cell(text)
                 t0 = time.perf_counter()
+                healing = dataclasses.replace(bench.base.healing, corpus=heal_corpus, steps=args.heal_steps,
+                                              eval_every=args.heal_eval_every or bench.base.healing.eval_every)
                 result = bench.compress(method=method, allocator=allocator, allocator_options=options, ratio=ratio,
-                                        heal=heal, tokenizer=bench.tokenizer if heal != "none" else None)
+                                        heal=heal, healing=healing,
+                                        tokenizer=bench.tokenizer if heal != "none" else None)
                 seconds = time.perf_counter() - t0
                 ppl = bench.perplexity(result.model, corpora, args.eval_tokens)
                 cells.append({"model": model_name, "cell": text, "ratio": ratio, "ppl": ppl,
@@ -106,7 +114,7 @@ def speed(args) -> None:
         models = {"dense": bench.fresh()}
         for ratio in (float(r) for r in args.ratios.split(",")):
             for text in args.cells.split(","):
-                method, allocator, options, _ = parse_cell(text)
+                method, allocator, options, *_ = parse_cell(text)
                 models[f"{text}@{ratio:.0%}"] = bench.compress(method=method, allocator=allocator,
                                                                allocator_options=options, ratio=ratio).model
         result = measure_speed(models, [SpeedSetting(1, 128, 33)], repeats=5, clock="cpu")
@@ -134,18 +142,27 @@ def _write(args, bench: Bench, cells: list[dict[str, Any]], corpora) -> None:
 def markdown(args, cells: list[dict[str, Any]], corpora) -> str:
     lines = ["# MoDeGPT and the hybrid vs SVD-LLM(W)\n",
              f"Perplexity (svdllm protocol, {args.eval_tokens} tokens per corpus in windows of 2048; calibration "
-             f"{args.samples} × 512 wiki windows; no healing). '× dense' = perplexity / the dense model's.\n"]
+             f"{args.samples} × 512 wiki windows; a `+distill` cell is healed by the default distillation, on its "
+             f"`@corpus` or wiki). '× dense' = perplexity / the dense model's; 'heal' = held-out KL of the "
+             "healing corpus at step 0 → of the weights kept (best step).\n"]
     for model in dict.fromkeys(c["model"] for c in cells):
         mine = [c for c in cells if c["model"] == model]
         dense = next(c["ppl"] for c in mine if c["cell"] == "dense")
         header = ["cell", "removed", *(f"{c} ppl" for c in corpora), *(f"{c} × dense" for c in corpora),
-                  "dense linears", "seconds"]
+                  "dense linears", "heal", "seconds"]
         lines += [f"\n## {model}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for c in mine:
             lines.append("| " + " | ".join([c["cell"], f"{c['ratio']:.0%}", *(f"{c['ppl'][k]:.2f}" for k in corpora),
                                             *(f"{c['ppl'][k] / dense[k]:.2f}" for k in corpora),
-                                            str(c.get("dense_modules", "")), str(c.get("seconds", ""))]) + " |")
+                                            str(c.get("dense_modules", "")), _heal_text(c.get("heal")),
+                                            str(c.get("seconds", ""))]) + " |")
     return "\n".join(lines)
+
+
+def _heal_text(heal: dict[str, Any] | None) -> str:
+    if not heal:
+        return ""
+    return f"{heal['heldout_step0']:.3f} → {heal['heldout_final']:.3f}" + ("" if heal["improved"] else " (kept step 0)")
 
 
 if __name__ == "__main__":

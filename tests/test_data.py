@@ -115,9 +115,30 @@ def test_near_duplicates_grouped():
 
 
 def test_unknown_corpus():
-    with pytest.raises(SvdzipError, match="unknown corpus 'nope'.*wiki, austen, code"):
+    with pytest.raises(SvdzipError, match="unknown corpus 'nope'.*wiki, austen, code, mix"):
         load_corpus("nope")
-    assert CORPORA == ("wiki", "austen", "code")
+    assert CORPORA == ("wiki", "austen", "code", "mix")
+
+
+def test_mix_corpus_adds_other_tasks_text_and_never_an_evaluated_split(wiki):
+    from svdzip.evaluate.zeroshot import ZERO_SHOT_TASKS, format_doc, load_docs
+
+    mix = _load_or_skip("mix")
+    assert set(wiki.calib_texts) <= set(mix.calib_texts) and set(wiki.eval_texts) <= set(mix.eval_texts)
+    assert not set(mix.calib_texts) & set(mix.eval_texts)
+    others = set(mix.calib_texts) - set(wiki.calib_texts)
+    assert len(others) > 10_000  # the other tasks' texts, each question with its correct answer
+    assert "Red Grant was a villain in which James Bond movie? From Russia With Love" in mix.calib_texts
+    # no text of the zero-shot tasks svdzip evaluates (contexts or the gold continuation) is in it
+    evaluated = set()
+    for task in ZERO_SHOT_TASKS:
+        for doc in load_docs(task, limit=200):
+            item = format_doc(task, doc)
+            evaluated |= {c.strip() for c in item.contexts} | {item.continuations[item.gold].strip()}
+    assert not any(t in others for t in evaluated if len(t) > 40)
+    # interleaved, not source after source: wiki passages are spread over the whole calibration part
+    positions = [i for i, t in enumerate(mix.calib_texts) if t in set(wiki.calib_texts)]
+    assert positions[0] < len(mix.calib_texts) / 10 and positions[-1] > len(mix.calib_texts) * 9 / 10
 
 
 # --------------------------------------------------------------------------- code (the standard library)

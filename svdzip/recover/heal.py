@@ -62,7 +62,9 @@ class HealReport:
     def brief(self) -> dict[str, Any]:
         """What a run summary shows of the heal."""
         return {"improved": self.improved, "heldout_step0": self.initial_heldout, "heldout_final": self.final_heldout,
-                "lr": self.lr, "lr_auto": self.lr_auto, "backoffs": self.backoffs, "stopped": self.stopped}
+                "lr": self.lr, "lr_auto": self.lr_auto, "backoffs": self.backoffs, "stopped": self.stopped,
+                "heldout_curve": [[h["step"], round(h["heldout"], 5)] for p in self.phases
+                                  for h in p.get("history", ())]}
 
 
 def load_teacher(source: str, config: HealConfig) -> nn.Module | None:
