@@ -302,6 +302,9 @@ def test_slimmed_shards_beside_low_rank_and_dense_reproduce_the_transformers_mod
 
     gate_up = build_layout("model.layers.0.mlp.gate_up_proj", 8, [12, 12], {}, PACKED, slimmed=slimmed)
     assert [(s.subset, s.kept, s.indexed) for s in gate_up.shards] == [("rows", 7, False), (None, None, False)]
+    assert not gate_up.compact and not qkv.compact  # up is not slimmed here; q's rows sit at an index list
+    both = {**slimmed, "model.layers.0.mlp.up_proj": {"kind": "linear", "in": 8, "out": 7, "bias": False}}
+    assert build_layout("model.layers.0.mlp.gate_up_proj", 8, [12, 12], {}, PACKED, slimmed=both).compact
     down_layout = build_layout("model.layers.0.mlp.down_proj", 12, [8], {}, PACKED, slimmed=slimmed)
     assert (down_layout.reads, down_layout.index_numel) == (7, 0)  # the first 7 neurons, no index stored
     down = SlimLinear(7, 8, bias=False)

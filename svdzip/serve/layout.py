@@ -159,6 +159,15 @@ class LayerLayout:
         return sum(s.stored_rows for s in self.shards if not s.low_rank)
 
     @property
+    def compact(self) -> bool:
+        """A slimmed MLP's fused gate/up: every shard keeps the same first neurons, so the layer can output just
+        those (gate's, then up's) — the engine's act-and-mul halves whatever width it gets, and the down
+        projection reads exactly that many inputs. No zero padding, no copies."""
+        kept = {s.kept for s in self.shards}
+        return (len(self.shards) > 1 and len(kept) == 1
+                and all(s.subset == "rows" and not s.indexed for s in self.shards))
+
+    @property
     def index_numel(self) -> int:
         return sum(s.kept for s in self.shards if s.indexed)
 

@@ -266,7 +266,8 @@ class SvdzipLinearMethod(LinearMethodBase):
         layer.svdzip_read = None
         for i, shard in enumerate(layout.shards):
             left_gemm = make_gemm(lefts[i]) if shard.low_rank else None
-            place = subset_placement(shard.out, shard.kept, indices.get(i)) if shard.subset == "rows" else None
+            place = (subset_placement(shard.out, shard.kept, indices.get(i))
+                     if shard.subset == "rows" and not layout.compact else None)
             if shard.subset == "cols":
                 layer.svdzip_read = subset_reader(shard.kept, indices.get(i))
             basis = shard.shared_with or (shard.name if shard.is_basis_leader else None)
@@ -279,6 +280,11 @@ class SvdzipLinearMethod(LinearMethodBase):
                 plan.append((make_gemm(stack[a:b]), None, left_gemm, place))
         layer.svdzip_stack_gemm = stack_gemm
         layer.svdzip_plan = plan
+        # the stack's output is already the layer's (dense or slimmed shards only, in shard order): no slicing
+        layer.svdzip_whole = stack_gemm is not None and all(
+            own is None and left is None and place is None for own, _, left, place in plan) and [
+            rows for _, rows, _, _ in plan] == [slices[i] for i in range(len(plan))] and (
+            plan[-1][1][1] == stack.shape[0])
         layer.svdzip_own_bias = layer.svdzip_bias.data.clone() if self._owns_bias(layout) else None
         if layer.svdzip_own_bias is not None and getattr(layer, "bias", None) is not None:
             layer.bias.data.zero_()  # the engine's own bias had nothing to load: the checkpoint's is ours
@@ -309,6 +315,8 @@ class SvdzipLinearMethod(LinearMethodBase):
         if layer.svdzip_read is not None:
             x = layer.svdzip_read(x)
         y = layer.svdzip_stack_gemm(x) if layer.svdzip_stack_gemm is not None else None
+        if layer.svdzip_whole:
+            return y if bias is None and layer.svdzip_own_bias is None else _biased(y, bias, layer.svdzip_own_bias)
         pieces = []
         for own_gemm, rows, left_gemm, place in layer.svdzip_plan:
             z = own_gemm(x) if own_gemm is not None else y[..., rows[0]:rows[1]]
@@ -316,10 +324,14 @@ class SvdzipLinearMethod(LinearMethodBase):
                 z = left_gemm(z.contiguous())
             pieces.append(z if place is None else place(z))
         out = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
-        for b in (bias, layer.svdzip_own_bias):
-            if b is not None:
-                out = out + b
-        return out
+        return _biased(out, bias, layer.svdzip_own_bias)
+
+
+def _biased(out: torch.Tensor, *biases: torch.Tensor | None) -> torch.Tensor:
+    for b in biases:
+        if b is not None:
+            out = out + b
+    return out
 
 
 def subset_placement(width: int, kept: int, index: torch.Tensor | None) -> Gemm:
@@ -331,9 +343,9 @@ def subset_placement(width: int, kept: int, index: torch.Tensor | None) -> Gemm:
 
 
 def subset_reader(kept: int, index: torch.Tensor | None) -> Gemm:
-    """The inputs a slimmed 'cols' layer reads: at `index`, or the first `kept`."""
+    """The inputs a slimmed 'cols' layer reads: at `index`, or the first `kept` (all it gets from a compact gate/up)."""
     if index is None:
-        return lambda x: x[..., :kept].contiguous()
+        return lambda x: x if x.shape[-1] == kept else x[..., :kept].contiguous()
     return lambda x: x.index_select(-1, index.to(x.device))
 
 
