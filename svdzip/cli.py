@@ -114,7 +114,7 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
            type=int)
     option("--heal-weight-decay", "weight_decay", "AdamW weight decay", type=float)
     g.add_argument("--heal-corpus", dest=HEALING + "corpus", default=argparse.SUPPRESS, metavar="CORPUS",
-                   help="training text (default: the calibration corpus)")
+                   help="training text: wiki, austen, code, mix or a .txt path (default: the calibration corpus)")
     option("--lora-r", "lora_r", "seq-lora rank", type=int)
     option("--lora-alpha", "lora_alpha", "seq-lora α", type=float)
     option("--lora-dropout", "lora_dropout", "seq-lora dropout", type=float)
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
           "uses 16 x 2048 tokens)", type=int)
     field("--asvd-alpha", "asvd_alpha", "ASVD's activation-scaling exponent", type=float)
     field("--asvd-scaling", "asvd_scaling", "ASVD's per-channel statistic", choices=["abs_mean", "abs_max"])
-    field("--corpus", "corpus", "calibration corpus: wiki, austen, code or a .txt path")
+    field("--corpus", "corpus", "calibration corpus: wiki, austen, code, mix (wiki + other tasks' text) or a .txt path")
     field("--calib-samples", "calib_samples", "calibration sequences", type=int)
     field("--calib-seq-len", "calib_seq_len", "calibration sequence length", type=int)
     field("--calib-batch-size", "calib_batch_size", "calibration sequences per forward", type=int)
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--teacher", default=None,
                    help="the dense model (default: the one the manifest says DIR was compressed from)")
     h.add_argument("--corpus", default="wiki",
-                   help="training text: wiki, austen, code or a .txt path (default: %(default)s)")
+                   help="training text: wiki, austen, code, mix or a .txt path (default: %(default)s)")
     h.add_argument("--resume-dir", default=None,
                    help="checkpoints go there; rerunning the same command continues a killed heal")
     h.add_argument("--seed", type=int, default=0)
@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens per corpus (0 = all)")
     w.add_argument("--seq-len", type=int, default=2048, help="perplexity window (default: %(default)s)")
     w.add_argument("--metric", default="acc", choices=["acc", "acc_norm"], help="zero-shot column of the table")
-    w.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen, code or a .txt path "
-                   "(default: %(default)s)")
+    w.add_argument("--corpus", default="wiki", help="calibration corpus: wiki, austen, code, mix (wiki + other "
+                   "tasks' text) or a .txt path (default: %(default)s)")
     w.add_argument("--calib-samples", type=int, default=64)
     w.add_argument("--calib-seq-len", type=int, default=512)
     w.add_argument("--seed", type=int, default=0)

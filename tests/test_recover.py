@@ -285,6 +285,9 @@ def test_a_far_too_large_learning_rate_backs_off_to_one_that_heals():
     assert all(b["heldout"] >= b["best"] for b in phase["backoffs"])
     assert [h["lr"] for h in phase["history"]][-1] == pytest.approx(0.003) and phase["best_step"] > 2
     assert report.to_dict()["lr"] == report.lr and report.brief()["heldout_step0"] == report.initial_heldout
+    curve = report.brief()["heldout_curve"]  # every held-out check, step 0 first: where the gain flattens
+    assert curve[0] == [0, round(report.initial_heldout, 5)] and len(curve) == len(phase["history"])
+    assert min(h for _, h in curve) == pytest.approx(report.final_heldout, abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["distill", "seq-lora"])
