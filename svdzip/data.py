@@ -337,40 +337,29 @@ def _pick(options: list[str], index: object) -> str:
     return options[int(index)] if str(index).lstrip("-").isdigit() and 0 <= int(index) < len(options) else ""
 
 
-def _listed(value: object) -> list:
-    """A list stored as its Python repr in the Arrow files (MMLU's choices, NQ's answers)."""
+def _stored(value: object, kind: type) -> list | dict:
+    """A list or dict stored as its Python repr in the Arrow files (MMLU's choices, NQ's answers, TriviaQA's
+    answer); empty when it is not one."""
     import ast
 
-    if isinstance(value, list):
+    if isinstance(value, kind):
         return value
     try:
         parsed = ast.literal_eval(str(value))
     except (ValueError, SyntaxError):
-        return []
-    return parsed if isinstance(parsed, list) else []
-
-
-def _mapping(value: object) -> dict:
-    import ast
-
-    if isinstance(value, dict):
-        return value
-    try:
-        parsed = ast.literal_eval(str(value))
-    except (ValueError, SyntaxError):
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
+        return kind()
+    return parsed if isinstance(parsed, kind) else kind()
 
 
 def _mix_texts(row: dict, source: str) -> str:
     """One task row as plain text: the question or passage with its correct answer."""
     if source == "mmlu":
-        return f"{row['question']}\n{_pick(_listed(row['choices']), row['answer'])}"
+        return f"{row['question']}\n{_pick(_stored(row['choices'], list), row['answer'])}"
     if source == "social_i_qa":
         answers = [row["answerA"], row["answerB"], row["answerC"]]
         return f"{row['context']} {row['question']} {_pick(answers, int(row['label']) - 1)}"
     if source == "commonsense_qa":
-        choices = _mapping(row["choices"])
+        choices = _stored(row["choices"], dict)
         labels, texts = list(choices.get("label", [])), list(choices.get("text", []))
         return f"{row['question']} {texts[labels.index(row['answerKey'])] if row['answerKey'] in labels else ''}"
     if source in ("rte", "mrpc"):
@@ -382,9 +371,9 @@ def _mix_texts(row: dict, source: str) -> str:
     if source == "copa":
         return f"{row['premise']} {_pick([row['choice1'], row['choice2']], row['label'])}"
     if source == "trivia_qa":
-        return f"{row['question']} {_mapping(row['answer']).get('value', '')}"
+        return f"{row['question']} {_stored(row['answer'], dict).get('value', '')}"
     if source == "nq_open":
-        return f"{row['question']} {next(iter(_listed(row['answer'])), '')}"
+        return f"{row['question']} {next(iter(_stored(row['answer'], list)), '')}"
     raise SvdzipError(f"unknown mix source {source!r}")
 
 

@@ -97,6 +97,11 @@ def _vllm_env(monkeypatch):
 def test_served_logprobs_equal_transformers(tmp, family, group_size):
     # shared bases must stay low-rank in every member, so with sharing only an unshared role is kept dense
     path = _make(tmp, family, group_size, KEEP_DENSE if group_size == 1 else ("model.layers.0.mlp.down_proj",))
+    _assert_served_like_transformers(path)
+
+
+def _assert_served_like_transformers(path: Path) -> None:
+    """vLLM's prompt log-probabilities equal transformers' on the same directory, with fewer weight values held."""
     ids = torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(2)).tolist()
     ref = _reference_logprobs(path, ids)
     llm = _llm(path)
@@ -106,7 +111,7 @@ def test_served_logprobs_equal_transformers(tmp, family, group_size):
     finally:
         del llm
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-    assert 0 < held < dense  # factors only: fewer values than the dense layers they replace
+    assert 0 < held < dense  # factors or kept rows only: fewer values than the dense layers they replace
 
 
 def _expect_refusal(path: Path, match: str, **kw) -> None:
@@ -209,16 +214,7 @@ def test_slimmed_models_served_equal_transformers(tmp, family, method):
         assert kinds == {"linear"} and manifest["modules"]
     else:  # every kind: MLPs (first neurons), q/k/v rows and o columns at stored index lists; Gemma 3 keeps q/k
         assert kinds == ({"linear", "rows", "cols"})
-    ids = torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(2)).tolist()
-    ref = _reference_logprobs(path, ids)
-    llm = _llm(path)
-    try:
-        got = _vllm_logprobs(llm, ids)
-        held, dense = llm.apply_model(_weight_values)[0]
-    finally:
-        del llm
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-    assert 0 < held < dense
+    _assert_served_like_transformers(path)
 
 
 def test_slimmed_models_refuse_tensor_parallelism(tmp, monkeypatch, capfd):
