@@ -215,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a memory budget: allocate parameters first and fit the bytes by the ratio, instead of "
                         "a byte-aware allocation (for comparison)")
     field("--method", "method", "factorisation: svd, svdllm, asvd, fwsvd; or modules: modegpt (MoDeGPT), hybrid "
-          "(per module, slimmed or factorised, chosen by loss-aware); auto: hybrid for a model in memory and a "
-          "--ratio, svdllm where the hybrid cannot run (memory budgets, --quantize, --stream, ...)")
+          "(per module, slimmed or factorised, chosen by loss-aware)")
     field("--allocator", "allocator", "rank allocator (see `svdzip info --allocators`); auto: loss-aware in memory "
           "(the recommended recipe, with --heal auto), loss-aware on its layer-local signal (signal=local) for "
           "--stream, --resume-dir and torchrun runs; the "

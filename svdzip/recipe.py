@@ -6,15 +6,14 @@ the command line (its flags and their help) and the sweep alike. Every output di
 `recipe.yaml`, and `svdzip compress --recipe FILE` reruns it exactly. Where a run executes (`device`) is
 not part of the recipe file: the same recipe gives the same model on any device.
 
-`method`, `allocator` and `heal` default to `auto`: the recommended recipe for a model held in memory and a
-parameter ratio is the hybrid (per module, MoDeGPT's slimming or SVD-LLM factors, chosen by loss-aware), then
-distillation (README "MoDeGPT and the hybrid": the best in every row measured, on three models); where the hybrid
-cannot run (memory budgets and quantization, updates, Basis Sharing, seq-lora or layer-wise healing, and streamed,
-resumable or distributed runs, whose point is not holding the whole model) the method is SVD-LLM, with loss-aware
-ranks in memory, and on their layer-local signal with layer-wise healing when scaled
-(benchmarks/streamed_recipes.py). A method may declare its own `auto` (`FactorisationMethod.recommended`: modegpt
-means loss-aware over its modules, no healing). `resolved(mode)` turns `auto` into what runs, and the recipe file
-records it.
+`allocator` and `heal` default to `auto`: the recommended recipe (SVD-LLM, loss-aware ranks, then distillation)
+for a model held in memory; for a streamed, resumable or distributed run, whose point is not holding the whole
+model, the same allocator on its layer-local signal and layer-wise healing (benchmarks/streamed_recipes.py).
+A method may declare its own `auto` (`FactorisationMethod.recommended`: modegpt means loss-aware over its modules,
+no healing; the hybrid takes the recommended allocator and healing). `resolved(mode)` turns `auto` into what
+runs, and the recipe file records it. The hybrid is not the default method: better on prose on every model
+measured, but on the real code model calibrated on prose it loses twice as much on code, and it needs more
+memory (README "MoDeGPT and the hybrid").
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ class Recipe:
     budget_bytes: int | None = None  # weight bytes the whole saved model may take
     budget_fraction: float | None = None  # … as a fraction of the dense model's bfloat16 weight bytes
     # the factorisation
-    method: str = AUTO  # auto (see the module docstring) | svd | svdllm | asvd | fwsvd | modegpt | hybrid
+    method: str = "svdllm"  # svd | svdllm | asvd | fwsvd | modegpt | hybrid
     group_size: int = 1  # > 1: Basis Sharing over that many consecutive layers
     share_roles: tuple[str, ...] = SHAREABLE_ROLES
     asvd_alpha: float = 0.5
@@ -87,7 +86,7 @@ class Recipe:
     @classmethod
     def plain(cls, **overrides: Any) -> Recipe:
         """The papers' protocol (SVD-LLM(W) and the others as published): uniform ranks, no recovery."""
-        return cls(**{"method": "svdllm", "allocator": "uniform", "heal": "none", **overrides})
+        return cls(**{"allocator": "uniform", "heal": "none", **overrides})
 
     # ------------------------------------------------------------------ derived
 
@@ -95,23 +94,11 @@ class Recipe:
     def memory_budget(self) -> bool:
         return self.budget_bytes is not None or self.budget_fraction is not None
 
-    def auto_method(self, scaled: bool) -> tuple[str, str]:
-        """What `method: auto` means for this recipe, and why: the hybrid where it can run, else SVD-LLM."""
-        from svdzip.methods.factorisations import get_method
-
-        hybrid = replace(self, method="hybrid")
-        problems = (["a streamed, resumable or distributed run"] if scaled else []) + hybrid.structured_problems(
-            get_method("hybrid"))
-        if problems:
-            return "svdllm", f"svdllm: the hybrid does not support {problems[0]}"
-        return "hybrid", "hybrid: per module, slimmed (MoDeGPT) or factorised (SVD-LLM), chosen by loss-aware"
-
     def resolved(self, scaled: bool) -> Recipe:
         """`auto` replaced by what runs: the recommended recipe in memory, `SCALED` when `scaled`."""
         from svdzip.methods.factorisations import get_method
 
-        method = self.method if self.method != AUTO else self.auto_method(scaled)[0]
-        chosen = get_method(method).recommended or (SCALED if scaled else RECOMMENDED)
+        chosen = get_method(self.method).recommended or (SCALED if scaled else RECOMMENDED)
         auto_allocator = self.allocator == AUTO
         heal = chosen["heal"] if self.heal == AUTO else self.heal
         if self.heal == AUTO and heal in LAYER_LOCAL and (self.update or self.group_size > 1):
@@ -121,7 +108,7 @@ class Recipe:
             heal = "none"  # the planner's compensation is closed-form; --heal distill trains it further if asked
         storage = self.storage_dtype if self.storage_dtype != AUTO else (
             "bfloat16" if self.memory_budget else "float32")
-        return replace(self, method=method, allocator=chosen["allocator"] if auto_allocator else self.allocator,
+        return replace(self, allocator=chosen["allocator"] if auto_allocator else self.allocator,
                        allocator_options=dict(chosen["allocator_options"]) if auto_allocator
                        else self.allocator_options, heal=heal, quantize=quantize, storage_dtype=storage).validate()
 
@@ -149,7 +136,7 @@ class Recipe:
         one matrix per unit and no update (otherwise it means no quantization, as before the planner)."""
         from svdzip.output.lowbit import backend_installed
 
-        return (self.memory_budget and self.method in ("svdllm", AUTO) and self.allocator in (AUTO, "loss-aware")
+        return (self.memory_budget and self.method == "svdllm" and self.allocator in (AUTO, "loss-aware")
                 and self.group_size == 1 and not self.update and self.heal not in LAYER_LOCAL
                 and backend_installed())
 
@@ -187,8 +174,7 @@ class Recipe:
         from svdzip.methods.factorisations import get_method
         from svdzip.passes.update import get_update
 
-        if self.method != AUTO:
-            self._validate_structured(get_method(self.method))
+        self._validate_structured(get_method(self.method))
         if self.update is not None:
             get_update(self.update)
         if self.allocator != AUTO:
@@ -278,7 +264,7 @@ class Recipe:
         if self.quantize in (PLAN, *LOWBIT) and self.allocator not in (AUTO, "loss-aware"):
             raise SvdzipError(f"low-bit storage is planned by loss-aware's byte planner: --allocator {self.allocator} "
                               f"cannot choose bits (leave --allocator auto)")
-        if self.quantize in (PLAN, *LOWBIT) and self.method not in ("svdllm", AUTO):
+        if self.quantize in (PLAN, *LOWBIT) and self.method != "svdllm":
             raise SvdzipError(f"low-bit storage prices every option in SVD-LLM's whitened metric (the Gram matrices "
                               f"of the inputs): use --method svdllm, not {self.method}")
         if self.quantize in (PLAN, *LOWBIT) and (self.update or self.heal in LAYER_LOCAL):

@@ -138,13 +138,12 @@ def _tiny(tiny_dir) -> list[str]:
     return ["--model", str(tiny_dir), "--corpus", str(tiny_dir.parent / "corpus.txt")]
 
 
-def test_default_recipe_is_the_hybrid_then_distillation(tiny_dir, tmp_path, capsys):
+def test_default_recipe_is_loss_aware_then_distillation(tiny_dir, tmp_path, capsys):
     out = tmp_path / "d"
     assert main(["compress", *_tiny(tiny_dir), "--out", str(out), "--calib-samples", "8",
                  "--calib-seq-len", "64", "--heal-steps", "4", "--heal-seq-len", "64", "--no-plots", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["method"] in ("hybrid+loss-aware+distill", "hybrid+loss-aware")  # "+distill" only if it helped
-    assert summary["method"].endswith("+distill") == summary["heal"]["improved"]
+    assert summary["method"] == "svdllm+loss-aware+distill"
     recovery = svdzip.output.io.read_manifest(out)["details"]["recovery"][0]
     assert recovery["method"] == "distill" and recovery["phases"][0]["steps_done"] == 4
 
@@ -178,8 +177,7 @@ SMALL = ["--calib-samples", "8", "--calib-seq-len", "64", "--no-plots", "--json"
 ])
 def test_resumable_runs_take_the_in_memory_options(tiny_dir, tmp_path, capsys, extra):
     """--resume-dir goes through the same driver: what failed after calibration there now works."""
-    argv = ["compress", *_tiny(tiny_dir), "--ratio", "0.3", "--heal", "none", *SMALL,
-            *(["--method", "svdllm"] if "--method" not in extra else []), *extra]  # auto differs when resumable
+    argv = ["compress", *_tiny(tiny_dir), "--ratio", "0.3", "--heal", "none", *SMALL, *extra]
     assert main([*argv, "--out", str(tmp_path / "mem")]) == 0
     mem = json.loads(capsys.readouterr().out)
     assert main([*argv, "--out", str(tmp_path / "res"), "--resume-dir", str(tmp_path / "run")]) == 0

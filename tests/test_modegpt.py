@@ -15,6 +15,7 @@ import svdzip
 from svdzip import Recipe, SvdzipError, compress
 from svdzip.allocate.block_influence import layer_sparsities
 from svdzip.cli import main
+from svdzip.methods.factorisations import get_method
 from svdzip.methods.nystrom import leverage_order, nystrom_curve, nystrom_refit, ridge_leverage_scores
 from svdzip.models.adapter import ModelAdapter
 from svdzip.passes.block_influence import block_influence
@@ -445,35 +446,20 @@ def test_hybrid_refuses_an_allocator_that_cannot_choose():
         Recipe(method="hybrid", allocator="loss-aware", allocator_options={"guard": True}).validate()
 
 
-@pytest.mark.parametrize("overrides, method, why", [
-    ({}, "hybrid", "per module"),
-    ({"heal": "none"}, "hybrid", "per module"),
-    ({"budget_fraction": 0.5}, "svdllm", "a memory budget"),
-    ({"quantize": "int8"}, "svdllm", "--quantize int8"),
-    ({"heal": "seq-lora"}, "svdllm", "--heal seq-lora"),
-    ({"group_size": 2}, "svdllm", "--group-size > 1"),
-    ({"allocator": "drank"}, "svdllm", "--allocator drank"),
-    ({"allocator": "loss-aware", "allocator_options": {"signal": "local"}}, "svdllm", "signal=local"),
-    ({"allocator": "loss-aware", "allocator_options": {"guard": True}}, "svdllm", "guard=true"),
-])
-def test_auto_method_is_the_hybrid_where_it_can_run_else_svdllm(overrides, method, why):
-    recipe = Recipe(**overrides)
-    assert recipe.method == "auto"
-    chosen, reason = recipe.auto_method(scaled=False)
-    assert chosen == method and why in reason
-    resolved = recipe.resolved(scaled=False)
-    assert resolved.method == method
-    if not overrides:  # the recommended recipe: the hybrid, loss-aware, then distillation
-        assert (resolved.allocator, resolved.heal) == ("loss-aware", "distill")
-    assert recipe.auto_method(scaled=True) == ("svdllm", "svdllm: the hybrid does not support a streamed, resumable "
-                                                          "or distributed run")
+def test_the_hybrid_heals_by_default_and_refuses_what_it_cannot_do():
+    resolved = Recipe(method="hybrid").resolved(scaled=False)
+    assert (resolved.allocator, resolved.heal) == ("loss-aware", "distill")
+    for overrides, why in (({"budget_fraction": 0.5}, "a memory budget"), ({"heal": "seq-lora"}, "--heal seq-lora"),
+                           ({"allocator": "loss-aware", "allocator_options": {"signal": "local"}}, "signal=local")):
+        assert why in Recipe(method="hybrid", **overrides).structured_problems(get_method("hybrid"))[0]
+    assert Recipe(method="hybrid").structured_problems(get_method("hybrid")) == []
 
 
 def test_a_phi3_model_gets_the_hybrid_with_its_fused_modules_factorised():
-    """Phi-3 fuses q/k/v and gate/up: nothing MoDeGPT can slim, so the default (the hybrid) factorises them all
-    where `--method modegpt` refuses the family."""
+    """Phi-3 fuses q/k/v and gate/up: nothing MoDeGPT can slim, so the hybrid factorises them all where
+    `--method modegpt` refuses the family."""
     model, tokens = tiny_model("phi3", seed=3, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
-    result = compress(model, Recipe(heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24),
+    result = compress(model, Recipe(method="hybrid", heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24),
                       calib_tokens=tokens)
     assert result.config.method == "hybrid" and result.summary["ratio_achieved"] >= 0.3 - 1e-9
     assert all(r.width is None for r in result.modules)

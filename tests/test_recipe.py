@@ -159,14 +159,14 @@ def test_the_api_does_not_change_the_callers_recipe():
 
 
 def test_the_api_default_is_the_recommended_recipe(tmp_path):
-    """`svdzip.compress(model)` means what `svdzip compress` means: the hybrid by loss-aware, then distillation."""
+    """`svdzip.compress(model)` means what `svdzip compress` means: loss-aware ranks, then distillation."""
     tok = tiny_tokenizer()
     corpus = write_tiny_corpus(tmp_path / "c.txt")
     recipe = Recipe(ratio=0.3, corpus=str(corpus), calib_samples=4, calib_seq_len=32,
                     healing=HealConfig(steps=2, seq_len=32, train_samples=4, heldout_samples=2, eval_every=1,
                                        batch_size=2, grad_accum=1))
     result = compress(tiny_model("llama"), recipe, tokenizer=tok)
-    assert result.summary["method"].startswith("hybrid+loss-aware")
+    assert result.summary["method"].startswith("svdllm+loss-aware")
     assert result.summary["heal"] is not None and "heldout_final" in result.summary["heal"]
     assert (result.summary["method"].endswith("+distill")) == result.summary["heal"]["improved"]
 

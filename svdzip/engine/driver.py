@@ -193,10 +193,7 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         log.warning("the model is larger than 60%% of the available memory: streaming it layer by layer")
         streamed = True
     mode = Mode(streamed=streamed, resumable=request.resume_dir is not None, world_size=ctx.world_size)
-    scaled = streamed or mode.resumable or ctx.enabled
-    recipe = request.recipe.validate().resolved(scaled=scaled)
-    if request.recipe.method == "auto":
-        log.info("method auto: %s", request.recipe.auto_method(scaled)[1])
+    recipe = request.recipe.validate().resolved(scaled=streamed or mode.resumable or ctx.enabled)
     if recipe.memory_budget and request.recipe.quantize == "auto" and not recipe.quantize:
         from svdzip.output.lowbit import INSTALL_HINT, backend_installed
 

@@ -152,7 +152,7 @@ class Hybrid(FactorisationMethod):
     name = "hybrid"
     summary = ("per module, the loss-aware choice between MoDeGPT's slimming and SVD-LLM factorisation of its "
                "matrices (or dense), under one budget")
-    structured = True  # `auto` is the recommended recipe's (it is the recommended method): loss-aware, distillation
+    structured = True  # `auto`: the recommended recipe's loss-aware and distillation (measured to heal it)
     allocators: ClassVar[tuple[str, ...]] = ("loss-aware",)
 
     def needs(self, config: Any = None) -> Needs:
