@@ -533,3 +533,15 @@ def test_a_budget_below_the_factorised_floor_names_the_int4_minimum():
     fixed, int4, rank1 = _fixed_and_floor(tiny_model("llama", shape=PACKABLE))
     with pytest.raises(SvdzipError, match=f"{fixed + int4:,}"):
         _fixed_width(fixed + rank1 - 1)
+
+
+def test_a_streamed_memory_budget_names_what_auto_chose(tmp_path, capsys):
+    """`--stream --budget-fraction F`: the refusal says the planner is what --quantize auto chose, not a flag the
+    user typed, and nothing is written."""
+    from tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "src")
+    code = main(["compress", "--model", str(src), "--budget-fraction", "0.5", "--stream", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--quantize plan (what --quantize auto means for a memory budget)" in err
+    assert "run without --stream" in err and not (tmp_path / "o").exists()

@@ -64,8 +64,9 @@ class RunResult:
     compression: Any = None  # the `CompressionResult` of an in-memory run (model, module reports, spectra)
 
 
-def part_needs(config: Recipe) -> dict[str, Needs]:
-    """What every part of this run declares, by label (the labels name them in error messages)."""
+def part_needs(config: Recipe, asked: Recipe | None = None) -> dict[str, Needs]:
+    """What every part of this run declares, by label (the labels name them in error messages); `asked` is the
+    recipe as given, so that a part `auto` chose is named as such."""
     from svdzip.allocate import allocator_needs
     from svdzip.methods.factorisations import get_method
     from svdzip.passes.update import get_update
@@ -82,7 +83,10 @@ def part_needs(config: Recipe) -> dict[str, Needs]:
         parts["memory budgets and --quantize"] = Needs(whole_model=True).because(
             "bytes are planned and quantized on the model in memory")
     if config.lowbit:
-        parts[f"--quantize {config.quantize}"] = Needs(statistics=frozenset({"grams"}), whole_model=True).because(
+        chosen = asked is not None and asked.quantize == "auto"
+        label = f"--quantize {config.quantize}" + (" (what --quantize auto means for a memory budget)" if chosen
+                                                   else "")
+        parts[label] = Needs(statistics=frozenset({"grams"}), whole_model=True).because(
             "low-bit errors and their compensations are measured with each input's Gram matrix")
     if heal is not None and heal.layer_local:  # inside the layer walk: streamed, resumed, on rank 0 of torchrun
         parts[f"--heal {heal.method}"] = Needs(calib_tokens=True).because(
@@ -193,7 +197,8 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         log.warning("the model is larger than 60%% of the available memory: streaming it layer by layer")
         streamed = True
     mode = Mode(streamed=streamed, resumable=request.resume_dir is not None, world_size=ctx.world_size)
-    recipe = request.recipe.validate().resolved(scaled=streamed or mode.resumable or ctx.enabled)
+    asked = request.recipe
+    recipe = asked.validate().resolved(scaled=streamed or mode.resumable or ctx.enabled)
     if recipe.memory_budget and request.recipe.quantize == "auto" and not recipe.quantize:
         from svdzip.output.lowbit import INSTALL_HINT, backend_installed
 
@@ -201,7 +206,7 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
             log.warning("HQQ is not installed: this memory budget is met without low-bit weights (the byte planner "
                         "needs it: %s)", INSTALL_HINT)
     request = replace(request, recipe=recipe)
-    parts = part_needs(recipe)
+    parts = part_needs(recipe, asked)
     refuse_unsupported(parts, mode)
     needs = union(parts)
     _refuse_missing_inputs(request, needs, mode, given)
