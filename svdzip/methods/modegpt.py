@@ -378,9 +378,9 @@ def slimmable_modules(adapter: ModelAdapter, skip_fused: bool = False) -> list[t
     found = []
     for path, infos in by_parent.items():
         roles = {i.role: i for i in infos}
-        if "gate_up" in roles and skip_fused:
-            continue
         if "gate_up" in roles:
+            if skip_fused:
+                continue
             raise SvdzipError(f"modegpt slims an MLP's neurons in separate gate/up projections; {path} fuses them "
                               "(Phi-3), which is not supported yet")
         downs = [i for i in infos if i.role in DOWN_ROLES]

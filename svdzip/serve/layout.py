@@ -168,6 +168,13 @@ class LayerLayout:
                 and all(s.subset == "rows" and not s.indexed for s in self.shards))
 
     @property
+    def stack_is_output(self) -> bool:
+        """No low-rank shard and nothing to place: the stack's product (dense or kept rows in shard order) is the
+        layer's output as it is."""
+        return not any(s.low_rank for s in self.shards) and (
+            self.compact or not any(s.subset == "rows" for s in self.shards))
+
+    @property
     def index_numel(self) -> int:
         return sum(s.kept for s in self.shards if s.indexed)
 

@@ -184,15 +184,13 @@ class SvdzipLinearMethod(LinearMethodBase):
             self._register(layer, "weight", torch.empty(layout.dense_rows, layout.reads, dtype=params_dtype), "dense")
         if layout.index_numel:
             self._register(layer, "svdzip_index", torch.empty(layout.index_numel, dtype=torch.int64), "index")
-        if self._owns_bias(layout):
+        layer.svdzip_owns_bias = any(sh.subset == "cols" and self.config.slimmed[sh.name].get("bias")
+                                     for sh in layout.shards)  # see get_checkpoint_weight_mapper
+        if layer.svdzip_owns_bias:
             self._register(layer, "svdzip_bias", torch.empty(output_partition_sizes[0], dtype=params_dtype), "bias")
         for shard in layout.shards:
             if shard.is_basis_leader:
                 self.config.bases[shard.name] = torch.empty(shard.rank, layout.in_features, dtype=params_dtype)
-
-    def _owns_bias(self, layout: LayerLayout) -> bool:
-        """Whether this layer's bias comes from the checkpoint into `svdzip_bias` (see get_checkpoint_weight_mapper)."""
-        return any(s.subset == "cols" and self.config.slimmed[s.name].get("bias") for s in layout.shards)
 
     def _register(self, layer: nn.Module, name: str, data: torch.Tensor, kind: str) -> None:
         param = nn.Parameter(data, requires_grad=False)
@@ -280,12 +278,8 @@ class SvdzipLinearMethod(LinearMethodBase):
                 plan.append((make_gemm(stack[a:b]), None, left_gemm, place))
         layer.svdzip_stack_gemm = stack_gemm
         layer.svdzip_plan = plan
-        # the stack's output is already the layer's (dense or slimmed shards only, in shard order): no slicing
-        layer.svdzip_whole = stack_gemm is not None and all(
-            own is None and left is None and place is None for own, _, left, place in plan) and [
-            rows for _, rows, _, _ in plan] == [slices[i] for i in range(len(plan))] and (
-            plan[-1][1][1] == stack.shape[0])
-        layer.svdzip_own_bias = layer.svdzip_bias.data.clone() if self._owns_bias(layout) else None
+        layer.svdzip_whole = stack_gemm is not None and layout.stack_is_output  # no slicing, no concatenation
+        layer.svdzip_own_bias = layer.svdzip_bias.data.clone() if layer.svdzip_owns_bias else None
         if layer.svdzip_own_bias is not None and getattr(layer, "bias", None) is not None:
             layer.bias.data.zero_()  # the engine's own bias had nothing to load: the checkpoint's is ours
         empty = torch.empty(0, dtype=left.dtype, device=left.device)
@@ -298,7 +292,7 @@ class SvdzipLinearMethod(LinearMethodBase):
         for i, shard in enumerate(layout.shards):
             need = (["dense"] + (["index"] if shard.indexed else []) if not shard.low_rank
                     else ["left"] + ([] if shard.shared_with else ["right"]))
-            if i == 0 and self._owns_bias(layout):
+            if i == 0 and layer.svdzip_owns_bias:
                 need.append("bias")
             missing += [f"{shard.name} ({kind})" for kind in need if (kind, i) not in layer.svdzip_loaded]
             if shard.shared_with and shard.shared_with not in self.config.loaded_bases:
@@ -339,14 +333,14 @@ def subset_placement(width: int, kept: int, index: torch.Tensor | None) -> Gemm:
     neurons), zeros elsewhere."""
     if index is None:
         return lambda z: torch.nn.functional.pad(z, (0, width - kept))
-    return lambda z: z.new_zeros(*z.shape[:-1], width).index_copy_(-1, index.to(z.device), z)
+    return lambda z: z.new_zeros(*z.shape[:-1], width).index_copy_(-1, index, z)
 
 
 def subset_reader(kept: int, index: torch.Tensor | None) -> Gemm:
     """The inputs a slimmed 'cols' layer reads: at `index`, or the first `kept` (all it gets from a compact gate/up)."""
     if index is None:
         return lambda x: x if x.shape[-1] == kept else x[..., :kept].contiguous()
-    return lambda x: x.index_select(-1, index.to(x.device))
+    return lambda x: x.index_select(-1, index)
 
 
 def register() -> None:
