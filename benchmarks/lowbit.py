@@ -15,6 +15,10 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 * `hqq{b}+eora`: b bits everywhere plus compensations whose ranks the planner allocates within the budget, for
   the widest b that fits the budget (`--quantize int{b} --compensate auto`).
 * `hqq{b}+eora-uniform`: the same bits with one compensation rank for every matrix, the largest that fits.
+* `hqq{b}+caldera`, `hqq{b}+caldera-uniform`: the same ranks, fitted in CALDERA's order (truncate W, quantize
+  the residual, refit the correction once: `--compensate-order truncate-first`).
+* `svd+q{b}`: SVD first, then both factors at b bits, ranks planned in bytes (`--quantize int{b}
+  --quantize-scope factors`), for b = 4 and 8.
 * `plan`: `svdzip compress --budget-fraction F` with no other flag (quantize auto = plan, loss-aware weights).
 
 Results are rewritten after every cell; `--rewrite` redraws the table and plot from the JSON.
@@ -65,10 +69,11 @@ def save_and_reload(result, out: Path):
     return model
 
 
-def measure(bench: Bench, model, args, dense=None, label: str = "") -> dict[str, Any]:
+def measure(bench: Bench, model, args, dense=None, label: str = "", perplexity: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    cell = {"ppl": bench.perplexity(model, max_tokens=args.eval_tokens, seq_len=args.seq_len),
-            "weight_bytes_in_memory": weight_bytes(model)}
+    cell: dict[str, Any] = {"weight_bytes_in_memory": weight_bytes(model)}
+    if perplexity:
+        cell["ppl"] = bench.perplexity(model, max_tokens=args.eval_tokens, seq_len=args.seq_len)
     if dense is not None:
         settings = [SpeedSetting(b, args.prompt, args.new_tokens) for b in args.batches]
         models = {"dense-bf16": dense} if model is dense else {"dense-bf16": dense, label: model}
@@ -77,6 +82,12 @@ def measure(bench: Bench, model, args, dense=None, label: str = "") -> dict[str,
                              ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_bytes")}
                          for k in speed["results"][label or "dense-bf16"]}
         cell["speed_ratio"] = speed.get("ratios", {}).get(label, {})
+    if label in args.zeroshot_cells or "all" in args.zeroshot_cells:
+        from svdzip.evaluate.zeroshot import evaluate_zero_shot
+
+        zs = evaluate_zero_shot(model, bench.tokenizer, None, limit=args.zeroshot_limit, batch_size=16)
+        cell["zeroshot"] = zs
+        cell["zeroshot_avg"] = sum(r["acc"] for r in zs.values()) / len(zs)
     cell["eval_s"] = round(time.perf_counter() - t0, 1)
     return cell
 
@@ -98,6 +109,7 @@ def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args
             "planned_bytes": summary.get("memory", {}).get("planned_bytes"), "disk_bytes": io.dir_size(out),
             "lowbit": summary.get("lowbit"), "factorised_modules": sum(1 for r in result.modules if r.rank),
             "compress_s": compress_s}
+    cell["compensate_order"] = overrides.get("compensate_order", "quantize-first")
     cell.update(measure(bench, model, args, dense if name in args.speed_cells else None, name))
     log.info("%s: %s on disk, wiki %.2f, austen %.2f", name, human_bytes(cell["disk_bytes"]), cell["ppl"]["wiki"],
              cell["ppl"]["austen"])
@@ -145,6 +157,14 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
                                                    "budget_fraction": f}))
             rank = uniform_rank(bench, b, budget, fixed)
             cells.append((f"hqq{b}+eora-uniform@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank)}))
+            caldera = {"compensate_order": "truncate-first"}
+            cells.append((f"hqq{b}+caldera@{f:.2f}", {"quantize": f"int{b}", "compensate": "auto",
+                                                     "budget_fraction": f, **caldera}))
+            cells.append((f"hqq{b}+caldera-uniform@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank),
+                                                             **caldera}))
+        for b in (4, 8):
+            cells.append((f"svd+q{b}@{f:.2f}", {"quantize": f"int{b}", "quantize_scope": "factors",
+                                                "budget_fraction": f}))
     return cells
 
 
@@ -169,6 +189,15 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{ppl['wiki']:.2f} ({ppl['wiki'] / dense['wiki']:.2f}×) | "
                      f"{ppl['austen']:.2f} ({ppl['austen'] / dense['austen']:.2f}×) | {storage or '—'} | "
                      f"{low.get('compensation_ranks', '—')} |")
+    scored = [c for c in [data["dense"], *data["cells"]] if c.get("zeroshot")]
+    if scored:
+        tasks = list(scored[0]["zeroshot"])
+        lines += ["", f"Zero-shot accuracy (first {data.get('zeroshot_limit', 200)} documents per task):", "",
+                  "| recipe | on disk | " + " | ".join(tasks) + " | average |", "|---|---|" + "---|" * (len(tasks) + 1)]
+        for c in scored:
+            disk = human_bytes(c["disk_bytes"]) if c.get("disk_bytes") else human_bytes(ref)
+            lines.append(f"| {c['recipe']} | {disk} | " + " | ".join(f"{c['zeroshot'][t]['acc']:.3f}" for t in tasks)
+                         + f" | {c['zeroshot_avg']:.3f} |")
     lines += ["", f"- Perplexity: SVD-LLM protocol, bf16 weights computed in float32, windows of {data['seq_len']} "
               "tokens, the first "
               f"{data['eval_tokens']} evaluation tokens per corpus; calibration on wiki (austen is another domain).",
@@ -209,6 +238,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
             family = c["recipe"].split("@")[0]
             family = "hqq+eora (planned ranks)" if family.endswith("+eora") else family
             family = "hqq+eora (uniform ranks)" if "eora-uniform" in family else family
+            family = {"caldera": "hqq+caldera (planned ranks)", "caldera-uniform": "hqq+caldera (uniform ranks)"}.get(
+                family.partition("+")[2], family)
             family = "plan" if family.startswith("plan") else family
             curves.setdefault(family, []).append((c["disk_bytes"] / ref, c["ppl"][corpus]))
         for family, pts in sorted(curves.items()):
@@ -237,6 +268,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--speed-cells", default="", help="cells whose decode speed and peak memory are measured")
+    p.add_argument("--zeroshot-cells", default="", help="cells (and dense-bf16) whose zero-shot accuracy is measured "
+                   "on the 8 tasks; 'all' for every cell")
+    p.add_argument("--zeroshot-limit", type=int, default=200, help="documents per zero-shot task")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -244,6 +278,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None, help="result file name (default: lowbit_<model>)")
     p.add_argument("--append", action="store_true", help="keep the cells of an earlier run; skip those already there")
+    p.add_argument("--redo", default="", help="with --append: cells to measure again (a recipe that changed)")
     p.add_argument("--rewrite", action="store_true", help="only redraw the Markdown and plot from the JSON")
     args = p.parse_args()
     name = args.name or f"lowbit_{args.model.split('-')[0]}"
@@ -252,6 +287,7 @@ def main() -> None:
         return
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.speed_cells = {c for c in args.speed_cells.split(",") if c}
+    args.zeroshot_cells = {c for c in args.zeroshot_cells.split(",") if c}
     torch.set_num_threads(args.threads)
     setup_logging()
     bench = Bench(args.model, samples=args.calib_samples)
@@ -263,10 +299,18 @@ def main() -> None:
     previous = RESULTS / f"{name}.json"
     if args.append and previous.is_file():
         data = json.loads(previous.read_text())
+        redo = {c for c in args.redo.split(",") if c}
+        data["cells"] = [c for c in data["cells"] if c["recipe"] not in redo]
+        if "dense-bf16" in args.zeroshot_cells and not data["dense"].get("zeroshot"):
+            scored = measure(bench, dense, args, None, "dense-bf16", perplexity=False)
+            data["dense"].update({k: v for k, v in scored.items() if k.startswith("zeroshot")})
+            data["zeroshot_limit"] = args.zeroshot_limit
     else:
-        dense_cell = {"recipe": "dense-bf16", **measure(bench, dense, args, dense if args.speed_cells else None)}
+        dense_cell = {"recipe": "dense-bf16", **measure(bench, dense, args, dense if args.speed_cells else None,
+                                                        "dense-bf16")}
         data = {"model": args.model, "reference_bytes": reference, "fixed_bytes": fixed,
-                "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "dense": dense_cell, "cells": []}
+                "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "zeroshot_limit": args.zeroshot_limit,
+                "dense": dense_cell, "cells": []}
     fractions = [float(f) for f in args.fractions.split(",") if f]
     only = {c for c in args.only.split(",") if c}
     done = {c["recipe"] for c in data["cells"]}

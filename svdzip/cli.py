@@ -128,8 +128,9 @@ def _lowbit_counts(record: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     specs = list(record["modules"].values())
     bits: dict[str, int] = {}
-    for spec in specs:
-        bits[f"{spec['bits']} bits"] = bits.get(f"{spec['bits']} bits", 0) + 1
+    for name, spec in record["modules"].items():
+        kind = f"{spec['bits']} bits" + (" (factors)" if name.endswith((".left", ".right")) else "")
+        bits[kind] = bits.get(kind, 0) + 1
     return {"backend": record["backend"], "backend_version": record.get("backend_version", ""), "bits": bits,
             "compensated": sum(1 for s in specs if s["rank"]), "compensation_rank": sum(s["rank"] for s in specs)}
 
@@ -209,8 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     field("--compensate", "compensate", "rank of the low-rank correction of each low-bit matrix's quantization error "
           "(EoRA's closed form on the calibration inputs); auto: chosen per matrix by the planner within a memory "
           "budget, 0 without one", type=_rank_or_auto)
+    field("--compensate-order", "compensate_order", "how a low-bit matrix and its compensation are fitted: "
+          "quantize-first (EoRA: pack W, correct the error) or truncate-first (CALDERA, one alternation: pack the "
+          "residual of W's truncation, then refit the correction)", choices=["quantize-first", "truncate-first"])
     field("--quantize-scope", "quantize_scope", "what --quantize stores quantized: all matrices, the dense "
-          "remainder only, or the factors only", choices=["all", "dense", "factors"])
+          "remainder only (int8), or the factors only (int8; with int4/int3/int2 and a memory budget: SVD first, "
+          "every matrix factorised and its factors packed at that width)", choices=["all", "dense", "factors"])
     c.add_argument("--params-first", action="store_true",
                    help="with a memory budget: allocate parameters first and fit the bytes by the ratio, instead of "
                         "a byte-aware allocation (for comparison)")

@@ -72,6 +72,9 @@ class Recipe:
     quantize: str | None = AUTO
     quantize_scope: str = "all"  # int8: all | dense (the dense remainder only) | factors (the factors only)
     compensate: int | str = AUTO  # low-rank correction of each low-bit matrix's error: a rank, or auto (planned)
+    # quantize-first (EoRA: pack W, correct its error) | truncate-first (CALDERA, one alternation: pack the residual
+    # of W's truncation, refit the correction to what the packing missed)
+    compensate_order: str = "quantize-first"
     byte_aware: bool = True  # False: allocate parameters first, then fit the byte budget by the ratio
     # the calibration text
     corpus: str = "wiki"
@@ -160,7 +163,9 @@ class Recipe:
         if self.lowbit:
             comp = "" if self.compensate in (0, AUTO) and self.quantize != PLAN else (
                 "+eora" if self.compensate == AUTO else f"+eora{self.compensate}")
-            parts.append(("hqq-plan" if self.quantize == PLAN else f"hqq-{self.quantize}") + comp)
+            order = "+caldera" if self.compensate_order == "truncate-first" else ""
+            scope = "-factors" if self.quantize_scope == "factors" else ""
+            parts.append(("hqq-plan" if self.quantize == PLAN else f"hqq-{self.quantize}{scope}") + comp + order)
         elif self.quantize and self.quantize != AUTO:
             parts.append(self.quantize if self.quantize_scope == "all" else f"{self.quantize}-{self.quantize_scope}")
         return "+".join(parts)
@@ -272,10 +277,33 @@ class Recipe:
                               f"not supported with --quantize {self.quantize}")
         if self.quantize_scope not in SCOPES:
             raise SvdzipError(f"unknown quantization scope '{self.quantize_scope}'; choose from {', '.join(SCOPES)}")
+        self._validate_lowbit_storage()
         if self.quantize not in (None, AUTO) and self.group_size > 1:
             raise SvdzipError("quantization of Basis Sharing's shared bases is not supported (use --group-size 1)")
         if self.storage_dtype not in (AUTO, "float32", "float16", "bfloat16"):
             raise SvdzipError(f"unknown storage dtype '{self.storage_dtype}'")
+
+    def _validate_lowbit_storage(self) -> None:
+        """Scopes and compensation orders of the low-bit recipes."""
+        orders = ("quantize-first", "truncate-first")
+        if self.compensate_order not in orders:
+            raise SvdzipError(f"unknown compensation order '{self.compensate_order}'; choose from {', '.join(orders)}")
+        if self.compensate_order == "truncate-first" and (self.compensate == 0 or not (
+                self.lowbit or (self.quantize == AUTO and self.planner_applies()))):
+            raise SvdzipError("--compensate-order truncate-first orders a low-bit matrix's compensation: give "
+                              f"--quantize {'|'.join((*LOWBIT, PLAN))} with a --compensate rank (or auto)")
+        if self.quantize in LOWBIT and self.quantize_scope == "dense":
+            raise SvdzipError(f"--quantize {self.quantize} stores every matrix at that width (--quantize-scope all) "
+                              "or factorises every matrix and stores the factors at it (factors); 'dense' is int8's")
+        if self.quantize == PLAN and self.quantize_scope != "all":
+            raise SvdzipError("--quantize plan chooses the storage of every matrix itself (factors at low bits "
+                              "included): leave --quantize-scope all")
+        if self.quantize in LOWBIT and self.quantize_scope == "factors" and self.compensate not in (AUTO, 0):
+            raise SvdzipError(f"--quantize-scope factors factorises every matrix and packs its factors: it has no "
+                              f"quantization error to compensate (drop --compensate {self.compensate})")
+        if self.quantize in LOWBIT and self.quantize_scope == "factors" and not self.memory_budget:
+            raise SvdzipError(f"--quantize {self.quantize} --quantize-scope factors allocates the ranks in bytes: give "
+                              "--budget-fraction or --budget-bytes")
 
     # ------------------------------------------------------------------ serialisation
 

@@ -6,11 +6,14 @@ currency, w_u · (whitened output error):
 * factorise at rank k (16-bit factors): the tail of the unit's own spectrum, as loss-aware prices ranks;
 * keep dense at the storage dtype: loss 0;
 * HQQ at b ∈ {8, 4, 3, 2} bits with a compensation of rank r: the tail of the quantization error's spectrum
-  (`passes.quant_error`), i.e. what is left after EoRA's closed-form correction of rank r.
+  (`passes.quant_error`), i.e. what is left after EoRA's closed-form correction of rank r;
+* factorise at rank k with both factors at b bits (SVD first, then the factors quantized; k a multiple of the
+  group size): the measured error of the quantized factors at every such rank (`passes.quant_error.factor_errors`).
 
 `menu.greedy_menu` picks one option per matrix under the byte budget. What `--quantize` and `--compensate`
 allow decides the menu: `plan` offers all of it; `int4`/`int3`/`int2` only that width (with ranks r chosen by
-the planner under `--compensate auto`, or one fixed r). The choice follows the measured losses: no rule says
+the planner under `--compensate auto`, or one fixed r), or with `--quantize-scope factors` only factors at that
+width (the ranks chosen by the planner). The choice follows the measured losses: no rule says
 which width suits which size.
 """
 
@@ -28,7 +31,7 @@ from svdzip.allocate.menu import greedy_menu
 from svdzip.budget import DENSE
 from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
-from svdzip.output.lowbit import BITS, packed_bytes
+from svdzip.output.lowbit import BITS, GROUP_SIZE, packed_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +42,21 @@ MAX_COMPENSATION_RANK = 128
 
 @dataclass(frozen=True)
 class Option:
-    """One way to store one matrix: rank k factors, dense, or `bits` bits with a compensation of rank `comp`."""
+    """One way to store one matrix: rank k factors (16-bit, or at `bits` bits), dense, or `bits` bits with a
+    compensation of rank `comp`."""
 
     cost: int
     loss: float
     rank: int | None = DENSE  # factor rank (None: not factorised)
-    bits: int | None = None  # quantized at these bits (None: 16/32-bit)
+    bits: int | None = None  # quantized at these bits (None: 16/32-bit); with a rank: the factors are
     comp: int = 0
 
-    def describe(self) -> str:
+    @property
+    def kind(self) -> str:
+        """How the matrix is stored, for the planner's counts: '4-bit', '4-bit factors', 'dense', 'factorised'."""
         if self.bits is not None:
-            return f"{self.bits}-bit" + (f" + rank {self.comp}" if self.comp else "")
-        return "dense" if self.rank is DENSE else f"rank {self.rank}"
+            return f"{self.bits}-bit" + ("" if self.rank is DENSE else " factors")
+        return "dense" if self.rank is DENSE else "factorised"
 
 
 @dataclass(frozen=True)
@@ -61,30 +67,39 @@ class StorageMenu:
     comp: int | None  # a fixed compensation rank, or None: the planner chooses 0 … MAX_COMPENSATION_RANK
     factorise: bool  # offer factorisation (and 16-bit dense)
     value_bytes: int  # bytes of one unquantized value (factors, dense, compensation) at the storage dtype
+    factor_bits: tuple[int, ...] = ()  # widths the factors of a factorisation may be stored at
 
 
-def menu_for(quantize: str, compensate: int | str, value_bytes: int) -> StorageMenu:
-    """The menu of a recipe's `--quantize plan|int4|int3|int2` and `--compensate auto|R`."""
+def menu_for(quantize: str, compensate: int | str, value_bytes: int, scope: str = "all") -> StorageMenu:
+    """The menu of a recipe's `--quantize plan|int4|int3|int2`, `--compensate auto|R` and `--quantize-scope`."""
     comp = None if compensate == "auto" else int(compensate)
     if quantize == "plan":
-        return StorageMenu(bits=BITS, comp=comp, factorise=True, value_bytes=value_bytes)
-    return StorageMenu(bits=(int(quantize.removeprefix("int")),), comp=comp, factorise=False,
-                       value_bytes=value_bytes)
+        return StorageMenu(bits=BITS, comp=comp, factorise=True, value_bytes=value_bytes, factor_bits=BITS)
+    bits = (int(quantize.removeprefix("int")),)
+    if scope == "factors":  # SVD first, then the factors at that width
+        return StorageMenu(bits=(), comp=0, factorise=False, value_bytes=value_bytes, factor_bits=bits)
+    return StorageMenu(bits=bits, comp=comp, factorise=False, value_bytes=value_bytes)
 
 
 def least_bytes(units: Sequence[Unit], menu: StorageMenu) -> tuple[int, str]:
     """The fewest bytes the menu can store the matrices in, from their shapes alone (before any quantization):
     one bit per weight when factorising is offered (below that no low-bit model is worth having), else each
-    matrix at the narrowest width with the fixed compensation. Returns (bytes, what that is)."""
+    matrix at the narrowest width with the fixed compensation, or factorised at one group's rank with the
+    factors at the narrowest width. Returns (bytes, what that is)."""
     if menu.factorise:
         return sum(u.dense_params for u in units) // 8, "one bit per weight of the matrices"
+    if not menu.bits:
+        bits = min(menu.factor_bits)
+        return (sum(packed_bytes(u.rows, GROUP_SIZE, bits) + packed_bytes(GROUP_SIZE, u.cols, bits) for u in units),
+                f"every matrix factorised at rank {GROUP_SIZE} with {bits}-bit factors")
     comp = menu.comp or 0
     bits = min(menu.bits)
     return (sum(packed_bytes(u.rows, u.cols, bits) + comp * (u.rows + u.cols) * menu.value_bytes for u in units),
             f"every matrix at {bits} bits" + (f" with rank-{comp} compensations" if comp else ""))
 
 
-def unit_options(unit: Unit, weight: float, errors: dict[tuple[str, int], Any], menu: StorageMenu) -> list[Option]:
+def unit_options(unit: Unit, weight: float, errors: dict[tuple[str, int], Any], menu: StorageMenu,
+                 factor_errors: dict[tuple[str, int], Any] | None = None) -> list[Option]:
     """Every option the menu allows for one matrix, with its bytes and weighted loss."""
     rows, cols = unit.rows, unit.cols
     per_rank = (rows + cols) * menu.value_bytes
@@ -108,20 +123,27 @@ def unit_options(unit: Unit, weight: float, errors: dict[tuple[str, int], Any], 
             if r > tail.numel() - 1:
                 raise SvdzipError(f"compensation rank {r} exceeds {unit.name}'s smaller side ({tail.numel() - 1})")
             options.append(Option(cost=base + r * per_rank, loss=weight * float(tail[r]), bits=b, comp=r))
+    for b in menu.factor_bits:
+        measured = (factor_errors or {}).get((unit.name, b))
+        for k in measured.ranks if measured is not None else ():
+            options.append(Option(cost=packed_bytes(rows, k, b) + packed_bytes(k, cols, b),
+                                  loss=weight * float(measured.losses[k]), rank=k, bits=b))
     if not options:
-        raise SvdzipError(f"{unit.name} ({rows}×{cols}) cannot be stored at {menu.bits} bits in groups of 64 "
-                          f"and the recipe offers nothing else")
+        raise SvdzipError(f"{unit.name} ({rows}×{cols}) cannot be stored at {menu.bits or menu.factor_bits} bits "
+                          f"in groups of {GROUP_SIZE}{' (nor its factors)' if menu.factor_bits else ''} and the "
+                          "recipe offers nothing else")
     return options
 
 
 def plan_storage(units: Sequence[Unit], weights: Sequence[float], errors: dict[tuple[str, int], Any],
-                 menu: StorageMenu, budget: int | None) -> Allocation:
+                 menu: StorageMenu, budget: int | None,
+                 factor_errors: dict[tuple[str, int], Any] | None = None) -> Allocation:
     """The cheapest-loss choice per matrix within `budget` bytes (None: every matrix at its cheapest option).
 
     Returns an `Allocation` whose ranks say which matrices are factorised and whose `lowbit` maps the quantized
-    ones to (bits, compensation rank).
+    ones (whole, or their factors where they also have a rank) to (bits, compensation rank).
     """
-    options = [unit_options(u, w, errors, menu) for u, w in zip(units, weights, strict=True)]
+    options = [unit_options(u, w, errors, menu, factor_errors) for u, w in zip(units, weights, strict=True)]
     if budget is None:
         choice = [min(range(len(o)), key=lambda i, o=o: (o[i].cost, o[i].loss)) for o in options]
     else:
@@ -138,14 +160,13 @@ def plan_storage(units: Sequence[Unit], weights: Sequence[float], errors: dict[t
     lowbit = {u.name: (p.bits, p.comp) for u, p in zip(units, picked, strict=True) if p.bits is not None}
     counts: dict[str, int] = {}
     for p in picked:
-        key = p.describe().split(" + ")[0] if p.bits is not None else ("dense" if p.rank is DENSE else "factorised")
-        counts[key] = counts.get(key, 0) + 1
+        counts[p.kind] = counts.get(p.kind, 0) + 1
     report = {"storage": counts, "planned_matrix_bytes": sum(p.cost for p in picked),
               "compensation_ranks": sum(p.comp for p in picked),
               "predicted_loss": sum(p.loss for p in picked)}
     log.info("byte planner: %s; %d bytes for the matrices", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
              report["planned_matrix_bytes"])
-    return Allocation(ranks=[p.rank if p.bits is None else DENSE for p in picked], report=report,
+    return Allocation(ranks=[p.rank for p in picked], report=report,
                       allocator="loss-aware", lowbit=lowbit)
 
 
@@ -160,7 +181,10 @@ def matrix_bytes(units: Sequence[Unit], allocation: Allocation, value_bytes: int
     """Bytes the planned matrices take (the same prices the planner used)."""
     total = 0
     for u, r in zip(units, allocation.ranks, strict=True):
-        if u.name in allocation.lowbit:
+        if u.name in allocation.lowbit and r is not DENSE:
+            b, _ = allocation.lowbit[u.name]
+            total += packed_bytes(u.rows, r, b) + packed_bytes(r, u.cols, b)
+        elif u.name in allocation.lowbit:
             b, comp = allocation.lowbit[u.name]
             total += packed_bytes(u.rows, u.cols, b) + comp * (u.rows + u.cols) * value_bytes
         else:

@@ -103,7 +103,7 @@ def factorise(
 
     if allocation.lowbit:
         t0 = time.perf_counter()
-        rows = store_lowbit(adapter, units, allocation, rows, stats, options["quant_errors"], config.device)
+        rows = store_lowbit(adapter, units, allocation, rows, stats, options, config)
         timings["lowbit_s"] = time.perf_counter() - t0
 
     if config.update:
@@ -271,13 +271,13 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
     from svdzip.allocate.storage import least_bytes, menu_for, plan_storage, planner_weights, storage_value_bytes
     from svdzip.output.loading import parse_dtype
     from svdzip.passes.head import head_unit
-    from svdzip.passes.quant_error import quantization_errors
+    from svdzip.passes.quant_error import factor_errors, quantization_errors
 
     if config.allocator != "loss-aware":
         raise SvdzipError(f"low-bit storage is planned by loss-aware's byte planner; --allocator {config.allocator} "
                           "cannot choose bits (leave --allocator auto)")
     dtype = parse_dtype(config.storage_dtype)
-    menu = menu_for(config.quantize, config.compensate, storage_value_bytes(dtype))
+    menu = menu_for(config.quantize, config.compensate, storage_value_bytes(dtype), config.quantize_scope)
     ctx.options = parse_allocator_options("loss-aware", ctx.options)
     # the untied head competes too, where its weight can be priced (the local signal has no gain for it)
     head = head_unit(model, adapter, ctx.calib_tokens, stats, config.device) if ctx.options.get(
@@ -291,30 +291,29 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
                      floor=least_bytes(units, menu))
         budget = mplan.unit_budget
     # filled per (matrix, bits), reused across budgets of the same weights and statistics
-    errors = ctx.cache.get("quant-errors", str((stats.meta.get("key") if stats is not None else None) or id(stats)),
-                           dict)
+    key = str((stats.meta.get("key") if stats is not None else None) or id(stats))
+    errors = ctx.cache.get("quant-errors", key, dict)
     quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors)
+    factored = ctx.cache.get("quant-factor-errors", key, dict)
+    factor_errors(adapter, units, stats, menu.factor_bits, config.device, done=factored)
     try:
         allocation = plan_storage(units, planner_weights(units, ctx) if budget is not None else [1.0] * len(units),
-                                  errors, menu, budget)
+                                  errors, menu, budget, factored)
     except InfeasibleBudget as exc:
         least, ref = mplan.fixed_bytes + exc.least_bytes, mplan.reference_bytes
         raise SvdzipError(f"memory budget of {mplan.budget_bytes:,} bytes ({mplan.budget_bytes / ref:.1%}"
                           f" of the dense bf16 weights) cannot be met with --quantize {config.quantize}: the smallest "
                           f"it can store is {least:,} bytes ({least / ref:.1%}; embeddings and "
                           f"norms {mplan.fixed_bytes:,})") from None
-    return allocation, mplan, {**ctx.options, "quant_errors": errors}
+    return allocation, mplan, {**ctx.options, "quant_errors": errors, "factor_errors": factored}
 
 
 def store_lowbit(adapter: ModelAdapter, units: list[Unit], allocation: Allocation, rows: list[ModuleReport],
-                 stats: CalibrationStats | None, errors: dict[Any, Any], device: str | torch.device
-                 ) -> list[ModuleReport]:
+                 stats: CalibrationStats | None, measured: dict[str, Any], config: Recipe) -> list[ModuleReport]:
     """Replace the planner's low-bit matrices by packed `LowBitLinear`s with their compensation (EoRA's closed
-    form on the calibration Grams); their report rows say bits and rank."""
-    from svdzip.methods.compensation import compensation_factors
-    from svdzip.models.lowrank import LowRankLinear
+    form on the calibration Grams, or CALDERA's order: `passes.quant_error.truncate_then_quantize`), and
+    the factors of the planner's low-bit factorisations by packed ones; their report rows say bits and rank."""
     from svdzip.output.lowbit import LowBitLinear, packed_bytes
-    from svdzip.passes.quant_error import unit_gram
 
     by_name = {u.name: u for u in units}
     out = []
@@ -323,24 +322,53 @@ def store_lowbit(adapter: ModelAdapter, units: list[Unit], allocation: Allocatio
             out.append(row)
             continue
         bits, comp = allocation.lowbit[row.name]
-        unit, err = by_name[row.name], errors[row.name, bits]
-        module = adapter.module(row.name)
-        compensation = None
-        if comp:
-            with torch.no_grad():
-                weight = module.weight.detach().to(device)
-                b, a = compensation_factors(weight, err.packed.dequantize(torch.float32).to(device),
-                                            unit_gram(unit, stats).to(device), comp)
-            compensation = LowRankLinear.from_factors(b.to(module.weight), a.to(module.weight))
-        adapter.set_module(row.name, LowBitLinear.from_linear(module, bits, compensation, packed=err.packed))
+        unit, module = by_name[row.name], adapter.module(row.name)
+        energy = unit.spectrum.energy or 1.0
+        if row.rank is not None:  # SVD first, then both factors at `bits` bits
+            module.left = LowBitLinear.from_linear(module.left, bits)
+            module.right = LowBitLinear.from_linear(module.right, bits)
+            stored = packed_bytes(row.out_features, row.rank, bits) + packed_bytes(row.rank, row.in_features, bits)
+            loss = float(measured["factor_errors"][row.name, bits].losses[row.rank])
+            out.append(dataclasses.replace(row, bits=bits, loss=loss / energy, params=stored // 2,
+                                           kept=stored / 2 / (row.out_features * row.in_features)))
+            continue
+        packed, compensation, loss = _quantize_with_compensation(module, unit, measured["quant_errors"][row.name, bits],
+                                                                 comp, stats, config)
+        adapter.set_module(row.name, LowBitLinear.from_linear(module, bits, compensation, packed=packed))
         stored = packed_bytes(row.out_features, row.in_features, bits)
-        energy = unit.spectrum.energy
-        out.append(dataclasses.replace(row, bits=bits, compensation_rank=comp,
-                                       loss=float(err.tail_curve()[comp]) / energy if energy > 0 else 0.0,
-                                       params=stored // 2 + comp * (row.out_features + row.in_features),
-                                       kept=(stored / 2 + comp * (row.out_features + row.in_features))
-                                       / (row.out_features * row.in_features)))
+        extra = comp * (row.out_features + row.in_features)
+        out.append(dataclasses.replace(row, bits=bits, compensation_rank=comp, loss=loss / energy,
+                                       params=stored // 2 + extra,
+                                       kept=(stored / 2 + extra) / (row.out_features * row.in_features)))
     return out
+
+
+def _quantize_with_compensation(module: nn.Module, unit: Unit, err: Any, comp: int, stats: CalibrationStats | None,
+                                config: Recipe) -> tuple[Any, Any, float]:
+    """One matrix at low bits with its rank-`comp` correction, in the recipe's order: (packed, compensation, loss).
+
+    quantize-first (EoRA): the packing priced by the planner, corrected by the whitened truncation of its error;
+    truncate-first (CALDERA, one alternation): truncate W, quantize the residual, refit the correction to it.
+    """
+    from svdzip.methods.compensation import compensation_factors
+    from svdzip.methods.linalg import data_loss
+    from svdzip.models.lowrank import LowRankLinear
+    from svdzip.passes.quant_error import truncate_then_quantize, unit_gram
+
+    if not comp:
+        return err.packed, None, float(err.tail_curve()[0])
+    device = config.device
+    with torch.no_grad():
+        weight = module.weight.detach().to(device)
+        gram = unit_gram(unit, stats).to(device)
+        if config.compensate_order == "truncate-first":
+            packed, (b, a) = truncate_then_quantize(weight, gram, comp, err.packed.bits, err.packed.group_size)
+            loss = data_loss(weight, packed.dequantize(torch.float32).to(device) + b @ a, gram)
+        else:
+            packed = err.packed
+            b, a = compensation_factors(weight, packed.dequantize(torch.float32).to(device), gram, comp)
+            loss = float(err.tail_curve()[comp])
+    return packed, LowRankLinear.from_factors(b.to(module.weight), a.to(module.weight)), loss
 
 
 def _allocate_memory(model: nn.Module, units: list[Unit], ctx: AllocationContext, config: Recipe):

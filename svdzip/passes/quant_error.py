@@ -17,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from svdzip.errors import SvdzipError
-from svdzip.methods.compensation import error_spectrum
+from svdzip.methods.compensation import compensation_factors, error_spectrum
 from svdzip.methods.decompose import Unit
-from svdzip.methods.linalg import Spectrum
+from svdzip.methods.linalg import Spectrum, truncate, weighted_spectrum
+from svdzip.methods.quantized_factors import prefix_losses
 from svdzip.models.adapter import ModelAdapter
 from svdzip.output.lowbit import GROUP_SIZE, Packed, quantize, supported
 
@@ -32,6 +33,22 @@ class QuantError:
     def tail_curve(self) -> torch.Tensor:
         """Loss left after a rank-r compensation, for r = 0 … len(sigma2)."""
         return Spectrum(self.sigma2, self.sigma2.new_zeros(0, 0)).tail_curve()
+
+
+@dataclass
+class FactorError:
+    """SVD-then-quantize at one bit width: `losses[k]` for every prefix rank k = 0 … K (read at `ranks` only,
+    the ranks whose factors pack in whole groups)."""
+
+    losses: torch.Tensor  # float64, length K + 1
+    ranks: tuple[int, ...]
+
+
+def factor_ranks(rows: int, cols: int, kept: int, bits: int, group_size: int = GROUP_SIZE) -> tuple[int, ...]:
+    """Ranks k whose factors (rows×k, k×cols) HQQ packs at these bits and that store fewer values than W."""
+    top = min(kept, rows * cols // (rows + cols))
+    return tuple(k for k in range(group_size, top + 1, group_size)
+                 if supported(rows, k, bits, group_size) and supported(k, cols, bits, group_size))
 
 
 def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
@@ -63,3 +80,47 @@ def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any
         spectrum = error_spectrum(weight, packed.dequantize(torch.float32), unit_gram(unit, stats).to(device))
         done[unit.name, b] = QuantError(packed=packed, sigma2=spectrum.sigma2.cpu())
     return done
+
+
+def factor_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits: Sequence[int],
+                  device: str | torch.device = "cpu", group_size: int = GROUP_SIZE,
+                  done: dict[tuple[str, int], FactorError] | None = None) -> dict[tuple[str, int], FactorError]:
+    """(unit name, bits) → the loss of its SVD-LLM factors quantized at those bits, at every packable rank.
+
+    The widest factors are truncated once (balanced, as stored), quantized once per width, and every prefix
+    priced from them. `done` is filled in place, as in `quantization_errors`.
+    """
+    done = {} if done is None else done
+    todo = [u for u in units if any((u.name, b) not in done for b in bits)]
+    for unit in tqdm(todo, desc="quantizing factors (hqq) and measuring errors", unit="matrix", disable=not todo):
+        ranks = {b: factor_ranks(unit.rows, unit.cols, unit.spectrum.basis.shape[1], b, group_size) for b in bits}
+        widest = max((r[-1] for r in ranks.values() if r), default=0)
+        if not widest:
+            continue
+        weight = adapter.module(unit.name).weight.detach().to(device)
+        gram = unit_gram(unit, stats).to(device)
+        left, right = truncate(weight, unit.spectrum.basis.to(device), widest)
+        weighted = weight.float() @ gram.float()
+        for b, offered in ranks.items():
+            if not offered or (unit.name, b) in done:
+                continue
+            top = offered[-1]
+            q_left = quantize(left[:, :top], b, group_size).dequantize(torch.float32)
+            q_right = quantize(right[:top], b, group_size).dequantize(torch.float32)
+            losses = prefix_losses(weight, q_left, q_right, gram, weighted=weighted)
+            done[unit.name, b] = FactorError(losses=losses.cpu(), ranks=offered)
+    return done
+
+
+def truncate_then_quantize(weight: torch.Tensor, gram: torch.Tensor, rank: int, bits: int,
+                           group_size: int = GROUP_SIZE) -> tuple[Packed, tuple[torch.Tensor, torch.Tensor]]:
+    """CALDERA's order, one alternation: W ≈ Q(W − L R) + L' R'.
+
+    L R is W's rank-r truncation in SVD-LLM's metric; the residual W − L R (its top components gone, so a
+    narrower range to quantize) is packed at `bits`; then the correction is refitted to what that packing
+    missed, W − Q(W − L R), by the same whitened truncation EoRA uses (never worse on the calibration inputs
+    than keeping L R). Returns (the packing, (B, A) of the correction).
+    """
+    left, right = truncate(weight, weighted_spectrum(weight, gram, max_rank=rank).basis, rank)
+    packed = quantize(weight - (left.double() @ right.double()).to(weight.dtype), bits, group_size)
+    return packed, compensation_factors(weight, packed.dequantize(torch.float32).to(weight.device), gram, rank)

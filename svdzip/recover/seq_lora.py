@@ -32,12 +32,13 @@ def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
 
 
 def factor_targets(model: nn.Module, side: str) -> list[str]:
-    """Module names of the `side` factors, each distinct module once (a shared basis under its owner)."""
+    """Module names of the `side` factors, each distinct module once (a shared basis under its owner); factors
+    stored packed at low bits (not an `nn.Linear`) are left out: they stay as quantized."""
     seen: set[int] = set()
     names = []
     for name, module in low_rank_modules(model).items():
         factor = getattr(module, side)
-        if id(factor) not in seen:
+        if isinstance(factor, nn.Linear) and id(factor) not in seen:
             seen.add(id(factor))
             names.append(f"{name}.{side}")
     return names

@@ -55,10 +55,13 @@ def rank_grid(modules: Sequence[dict[str, Any]], value: str = "rank") -> tuple[l
 
 
 def storage_cell(m: dict[str, Any]) -> Any:
-    """How one module is stored: its rank, 'dense', '4b' / '4b+r12' (4 bits with a rank-12 correction), or
-    'w1024' (slimmed by MoDeGPT to 1024 neurons, or to 48 dimensions per head)."""
+    """How one module is stored: its rank, 'dense', '4b' / '4b+r12' (4 bits with a rank-12 correction),
+    'r128@4b' (rank-128 factors at 4 bits), or 'w1024' (slimmed by MoDeGPT to 1024 neurons, or to 48 dimensions
+    per head)."""
     if m.get("width") is not None:
         return f"w{m['width']}"
+    if m.get("bits") and m.get("rank") is not None:
+        return f"r{m['rank']}@{m['bits']}b"
     if m.get("bits"):
         return f"{m['bits']}b" + (f"+r{m['compensation_rank']}" if m.get("compensation_rank") else "")
     return "dense" if m.get("rank") is None else m["rank"]
