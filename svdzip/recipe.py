@@ -288,7 +288,8 @@ class Recipe:
         orders = ("quantize-first", "truncate-first")
         if self.compensate_order not in orders:
             raise SvdzipError(f"unknown compensation order '{self.compensate_order}'; choose from {', '.join(orders)}")
-        if self.compensate_order == "truncate-first" and (self.compensate == 0 or not (
+        no_rank = self.compensate == 0 or (self.compensate == AUTO and not self.memory_budget)  # auto: 0 without one
+        if self.compensate_order == "truncate-first" and (no_rank or not (
                 self.lowbit or (self.quantize == AUTO and self.planner_applies()))):
             raise SvdzipError("--compensate-order truncate-first orders a low-bit matrix's compensation: give "
                               f"--quantize {'|'.join((*LOWBIT, PLAN))} with a --compensate rank (or auto)")

@@ -504,6 +504,10 @@ def test_cli_refuses_bad_quantize_flags(tmp_path, capsys):
     assert "use --method svdllm" in capsys.readouterr().err
     assert main([*base, "--compensate", "4"]) == 2  # a compensation without low bits
     assert "--compensate 4" in capsys.readouterr().err
+    assert main([*base, "--compensate-order", "truncate-first", "--quantize", "int3"]) == 2  # nothing to order
+    assert "truncate-first orders" in capsys.readouterr().err
+    assert main([*base, "--quantize", "int4", "--quantize-scope", "factors"]) == 2
+    assert "allocates the ranks in bytes" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
