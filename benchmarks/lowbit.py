@@ -20,6 +20,7 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 * `svd+q{b}`: SVD first, then both factors at b bits, ranks planned in bytes (`--quantize int{b}
   --quantize-scope factors`), for b = 4 and 8.
 * `plan`: `svdzip compress --budget-fraction F` with no other flag (quantize auto = plan, loss-aware weights).
+* `plan-unpacked`: the same without packed factors on the menu (`--allocator-option packed_factors=false`).
 
 Results are rewritten after every cell; `--rewrite` redraws the table and plot from the JSON.
 """
@@ -150,6 +151,8 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
     for f in fractions:
         budget = int(f * reference)
         cells.append((f"plan@{f:.2f}", {"budget_fraction": f}))
+        cells.append((f"plan-unpacked@{f:.2f}", {"budget_fraction": f,
+                                                 "allocator_options": {"packed_factors": False}}))
         fits = [b for b, size in sizes.items() if size <= budget]
         if fits:
             b = max(fits)
@@ -240,7 +243,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             family = "hqq+eora (uniform ranks)" if "eora-uniform" in family else family
             family = {"caldera": "hqq+caldera (planned ranks)", "caldera-uniform": "hqq+caldera (uniform ranks)"}.get(
                 family.partition("+")[2], family)
-            family = "plan" if family.startswith("plan") else family
+            family = "plan" if family.startswith("plan") and family != "plan-unpacked" else family
             curves.setdefault(family, []).append((c["disk_bytes"] / ref, c["ppl"][corpus]))
         for family, pts in sorted(curves.items()):
             pts.sort()

@@ -94,6 +94,17 @@ class _Unit:
         self.dense_params = rows * cols
 
 
+def test_menus_offer_packed_factors_as_asked():
+    from svdzip.allocate.storage import menu_for
+    from svdzip.output.lowbit import BITS
+
+    assert menu_for("plan", "auto", 2).factor_bits == BITS
+    assert menu_for("plan", "auto", 2, packed_factors=False).factor_bits == ()
+    only = menu_for("int3", "auto", 2, scope="factors")
+    assert (only.bits, only.factor_bits, only.factorise, only.comp) == ((), (3,), False, 0)
+    assert menu_for("int3", 4, 2).factor_bits == ()
+
+
 def test_plan_storage_with_factor_options_prices_and_reports_them():
     units = [_Unit("a", 256, 512), _Unit("b", 256, 512)]
     losses = torch.linspace(10.0, 1.0, 129, dtype=torch.float64)  # losses[k] for k = 0 … 128

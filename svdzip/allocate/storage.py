@@ -70,11 +70,14 @@ class StorageMenu:
     factor_bits: tuple[int, ...] = ()  # widths the factors of a factorisation may be stored at
 
 
-def menu_for(quantize: str, compensate: int | str, value_bytes: int, scope: str = "all") -> StorageMenu:
-    """The menu of a recipe's `--quantize plan|int4|int3|int2`, `--compensate auto|R` and `--quantize-scope`."""
+def menu_for(quantize: str, compensate: int | str, value_bytes: int, scope: str = "all",
+             packed_factors: bool = True) -> StorageMenu:
+    """The menu of a recipe's `--quantize plan|int4|int3|int2`, `--compensate auto|R` and `--quantize-scope`
+    (`packed_factors`: loss-aware's option of that name, whether the planner may pack factors too)."""
     comp = None if compensate == "auto" else int(compensate)
     if quantize == "plan":
-        return StorageMenu(bits=BITS, comp=comp, factorise=True, value_bytes=value_bytes, factor_bits=BITS)
+        return StorageMenu(bits=BITS, comp=comp, factorise=True, value_bytes=value_bytes,
+                           factor_bits=BITS if packed_factors else ())
     bits = (int(quantize.removeprefix("int")),)
     if scope == "factors":  # SVD first, then the factors at that width
         return StorageMenu(bits=(), comp=0, factorise=False, value_bytes=value_bytes, factor_bits=bits)

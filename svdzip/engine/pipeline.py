@@ -277,8 +277,9 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
         raise SvdzipError(f"low-bit storage is planned by loss-aware's byte planner; --allocator {config.allocator} "
                           "cannot choose bits (leave --allocator auto)")
     dtype = parse_dtype(config.storage_dtype)
-    menu = menu_for(config.quantize, config.compensate, storage_value_bytes(dtype), config.quantize_scope)
     ctx.options = parse_allocator_options("loss-aware", ctx.options)
+    menu = menu_for(config.quantize, config.compensate, storage_value_bytes(dtype), config.quantize_scope,
+                    ctx.options["packed_factors"])
     # the untied head competes too, where its weight can be priced (the local signal has no gain for it)
     head = head_unit(model, adapter, ctx.calib_tokens, stats, config.device) if ctx.options.get(
         "signal") != "local" else None
