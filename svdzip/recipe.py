@@ -302,6 +302,9 @@ class Recipe:
         if self.quantize in LOWBIT and self.quantize_scope == "factors" and self.compensate not in (AUTO, 0):
             raise SvdzipError(f"--quantize-scope factors factorises every matrix and packs its factors: it has no "
                               f"quantization error to compensate (drop --compensate {self.compensate})")
+        if self.quantize in LOWBIT and self.quantize_scope == "factors" and self.heal not in (AUTO, "none"):
+            raise SvdzipError(f"--quantize-scope factors packs every factor: --heal {self.heal} would have nothing "
+                              "left to train (use --quantize plan, whose 16-bit factors and compensations it trains)")
         if self.quantize in LOWBIT and self.quantize_scope == "factors" and not self.memory_budget:
             raise SvdzipError(f"--quantize {self.quantize} --quantize-scope factors allocates the ranks in bytes: give "
                               "--budget-fraction or --budget-bytes")

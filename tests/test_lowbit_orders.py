@@ -205,4 +205,6 @@ def test_recipe_refuses_bad_orders_and_scopes():
         Recipe(quantize="int4", quantize_scope="factors", compensate=8, budget_fraction=0.4).validate()
     with pytest.raises(SvdzipError, match="--budget-fraction"):
         Recipe(quantize="int4", quantize_scope="factors").validate()
+    with pytest.raises(SvdzipError, match="nothing left to train"):
+        Recipe(quantize="int4", quantize_scope="factors", budget_fraction=0.4, heal="distill").validate()
     Recipe(quantize="int4", quantize_scope="factors", budget_fraction=0.4).validate()
