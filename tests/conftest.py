@@ -8,6 +8,7 @@ import logging
 import os
 
 import pytest
+import torch
 from tiny_models import (  # noqa: F401  (re-exported)
     CORE_FAMILIES,
     FAMILIES,
@@ -45,3 +46,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=CORE_FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small float64 linear algebra on a shared CPU: one thread is fastest (and many are very slow)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,22 +34,14 @@ from svdzip.output.lowbit import (
     supported,
 )
 
-pytestmark = pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
+pytestmark = [pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed"),
+              pytest.mark.usefixtures("one_thread")]
 
 # hidden 64 (every attention matrix and gate/up pack in groups of 64), intermediate 96 (down_proj cannot: it
 # is only factorised or kept dense), biases and norms random
 E2E = Shape(vocab=128, hidden=64, intermediate=96, layers=1, randomise=True)
 # every matrix packs (intermediate 128)
 PACKABLE = Shape(vocab=128, hidden=64, intermediate=128, layers=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 linear algebra on a shared CPU: one thread is fastest (and many are very slow)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _output_error(x: torch.Tensor, e: torch.Tensor) -> float:

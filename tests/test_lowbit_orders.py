@@ -23,14 +23,7 @@ from svdzip.passes.quant_error import FactorError, factor_ranks
 # attention 256×256 and k/v 128×256 (rank 64 packs and stores fewer values than the matrix), MLP 256 ↔ 512
 WIDE = Shape(vocab=128, hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
 needs_hqq = pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- the maths
