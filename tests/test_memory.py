@@ -147,6 +147,17 @@ def test_mixed_scope_keeps_factors_16bit(tmp_path):
     assert set(names) == set(dense_rows)
 
 
+def test_int8_factors_beside_a_16bit_remainder_stop_at_the_stored_basis(tmp_path):
+    """int8 factors and bf16 dense matrices: factorising pays up to about twice the parameter break-even, beyond
+    the basis a spectrum keeps (1.2×); ranks stop there instead of failing at materialisation."""
+    model, tokens, result, names = _quantized(tmp_path, fraction=0.62, scope="factors")
+    factorised = [r for r in result.modules if r.rank is not None]
+    assert factorised and all(n.endswith((".left", ".right")) for n in names)
+    units = {u.name: u for u in result.units}
+    assert all(r.rank <= units[r.name].spectrum.basis.shape[1] for r in factorised)
+    assert any(r.rank > max_useful_rank(r.out_features, r.in_features) for r in factorised)  # the case at stake
+
+
 def test_budget_errors():
     model = tiny_model("llama")
     with pytest.raises(SvdzipError, match="embeddings, lm_head and norms alone"):

@@ -90,10 +90,14 @@ class Unit:
 
     @property
     def max_rank(self) -> int:
-        """The largest rank that still costs less than keeping the unit dense (0: never factorise)."""
+        """The largest rank that still costs less than keeping the unit dense (0: never factorise).
+
+        Priced in bytes, factors cheaper per value than the dense matrix (int8 factors beside a 16-bit remainder)
+        would pay up to twice the parameter break-even; the ranks offered stop at the basis the spectrum keeps.
+        """
         if self.pricing is None:
             return max_useful_rank(self.rows, self.cols)
-        return self.pricing.max_useful_rank(self.rows, self.cols)
+        return min(self.pricing.max_useful_rank(self.rows, self.cols), self.spectrum.basis.shape[1])
 
     def uniform_rank(self, ratio: float) -> int | None:
         """The papers' rank at `ratio` removed (the uniform allocator's): k = floor((1 − r)·m·n/(m + n))."""
