@@ -17,8 +17,8 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 * `hqq{b}+eora-uniform`: the same bits with one compensation rank for every matrix, the largest that fits.
 * `hqq{b}+caldera`, `hqq{b}+caldera-uniform`: the same ranks, fitted in CALDERA's order (truncate W, quantize
   the residual, refit the correction once: `--compensate-order truncate-first`).
-* `svd+q{b}`: SVD first, then both factors at b bits, ranks planned in bytes (`--quantize int{b}
-  --quantize-scope factors`), for b = 4 and 8.
+* `svd+q4`: SVD first, then both factors at 4 bits, ranks planned in bytes (`--quantize int4
+  --quantize-scope factors`; 8-bit factors are `memory.py`'s SVD + int8).
 * `plan`: `svdzip compress --budget-fraction F` with no other flag (quantize auto = plan, loss-aware weights).
 * `plan-unpacked`: the same without packed factors on the menu (`--allocator-option packed_factors=false`).
 
@@ -165,9 +165,7 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
                                                      "budget_fraction": f, **caldera}))
             cells.append((f"hqq{b}+caldera-uniform@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank),
                                                              **caldera}))
-        for b in (4, 8):
-            cells.append((f"svd+q{b}@{f:.2f}", {"quantize": f"int{b}", "quantize_scope": "factors",
-                                                "budget_fraction": f}))
+        cells.append((f"svd+q4@{f:.2f}", {"quantize": "int4", "quantize_scope": "factors", "budget_fraction": f}))
     return cells
 
 
