@@ -148,6 +148,8 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
     for b, size in sizes.items():
         cells.append((f"hqq{b}", {"quantize": f"int{b}", "compensate": 0}))
         cells.append((f"plan@hqq{b}", {"quantize": "plan", "budget_bytes": size}))
+        cells.append((f"plan-unpacked@hqq{b}", {"quantize": "plan", "budget_bytes": size,
+                                                "allocator_options": {"packed_factors": False}}))
     for f in fractions:
         budget = int(f * reference)
         cells.append((f"plan@{f:.2f}", {"budget_fraction": f}))
