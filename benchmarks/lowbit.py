@@ -185,7 +185,7 @@ def markdown(data: dict[str, Any]) -> str:
                   f"its own size (rank {c['compensate']} each)" if c.get("compensate") else "its own size")
         low = c.get("lowbit") or {}
         storage = ", ".join(f"{v} {k}" for k, v in sorted((low.get("storage") or {}).items()))
-        if c.get("factorised_modules") and "factorised" not in storage:
+        if c.get("factorised_modules") and "factor" not in storage:
             storage = (storage + ", " if storage else "") + f"{c['factorised_modules']} factorised"
         ppl = c["ppl"]
         lines.append(f"| {c['recipe']} | {budget} | {human_bytes(c['disk_bytes'])} ({c['disk_bytes'] / ref:.1%}) | "
@@ -206,7 +206,10 @@ def markdown(data: dict[str, Any]) -> str:
               f"{data['eval_tokens']} evaluation tokens per corpus; calibration on wiki (austen is another domain).",
               "- On disk: the reloaded directory's files (model.safetensors holds the packed words, the bf16 scales "
               "and zero points, the compensations and everything else).",
-              "- Storage chosen: matrices per storage (HQQ bits, 16-bit dense, factorised) as the planner chose."]
+              "- Storage chosen: matrices per storage (HQQ bits, 16-bit dense, factorised: 16-bit factors; "
+              "'4-bit factors': factorised with both factors packed) as the planner chose."]
+    notes = sorted({c["note"] for c in data["cells"] if c.get("note")})
+    lines += [f"- {', '.join(c['recipe'] for c in data['cells'] if c.get('note') == n)}: {n}." for n in notes]
     speed = [c for c in data["cells"] if c.get("speed")]
     if speed:
         lines += ["", "| model | decode tok/s b1 | decode tok/s b16 | peak b16 | ×dense decode b1 |",
