@@ -20,7 +20,7 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 * `svd+q4`: SVD first, then both factors at 4 bits, ranks planned in bytes (`--quantize int4
   --quantize-scope factors`; 8-bit factors are `memory.py`'s SVD + int8).
 * `plan`: `svdzip compress --budget-fraction F` with no other flag (quantize auto = plan, loss-aware weights).
-* `plan-unpacked`: the same without packed factors on the menu (`--allocator-option packed_factors=false`).
+* `plan-packed`: the same with packed factors on the menu too (`--allocator-option packed_factors=true`).
 
 Results are rewritten after every cell; `--rewrite` redraws the table and plot from the JSON.
 """
@@ -148,13 +148,13 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
     for b, size in sizes.items():
         cells.append((f"hqq{b}", {"quantize": f"int{b}", "compensate": 0}))
         cells.append((f"plan@hqq{b}", {"quantize": "plan", "budget_bytes": size}))
-        cells.append((f"plan-unpacked@hqq{b}", {"quantize": "plan", "budget_bytes": size,
-                                                "allocator_options": {"packed_factors": False}}))
+        cells.append((f"plan-packed@hqq{b}", {"quantize": "plan", "budget_bytes": size,
+                                              "allocator_options": {"packed_factors": True}}))
     for f in fractions:
         budget = int(f * reference)
         cells.append((f"plan@{f:.2f}", {"budget_fraction": f}))
-        cells.append((f"plan-unpacked@{f:.2f}", {"budget_fraction": f,
-                                                 "allocator_options": {"packed_factors": False}}))
+        cells.append((f"plan-packed@{f:.2f}", {"budget_fraction": f,
+                                               "allocator_options": {"packed_factors": True}}))
         fits = [b for b, size in sizes.items() if size <= budget]
         if fits:
             b = max(fits)
@@ -246,7 +246,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             family = "hqq+eora (uniform ranks)" if "eora-uniform" in family else family
             family = {"caldera": "hqq+caldera (planned ranks)", "caldera-uniform": "hqq+caldera (uniform ranks)"}.get(
                 family.partition("+")[2], family)
-            family = "plan" if family.startswith("plan") and family != "plan-unpacked" else family
+            family = "plan" if family.startswith("plan") and family != "plan-packed" else family
             curves.setdefault(family, []).append((c["disk_bytes"] / ref, c["ppl"][corpus]))
         for family, pts in sorted(curves.items()):
             pts.sort()

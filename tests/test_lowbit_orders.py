@@ -91,8 +91,8 @@ def test_menus_offer_packed_factors_as_asked():
     from svdzip.allocate.storage import menu_for
     from svdzip.output.lowbit import BITS
 
-    assert menu_for("plan", "auto", 2).factor_bits == BITS
-    assert menu_for("plan", "auto", 2, packed_factors=False).factor_bits == ()
+    assert menu_for("plan", "auto", 2).factor_bits == ()  # loss-aware's packed_factors is off by default
+    assert menu_for("plan", "auto", 2, packed_factors=True).factor_bits == BITS
     only = menu_for("int3", "auto", 2, scope="factors")
     assert (only.bits, only.factor_bits, only.factorise, only.comp) == ((), (3,), False, 0)
     assert menu_for("int3", 4, 2).factor_bits == ()

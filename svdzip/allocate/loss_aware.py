@@ -158,8 +158,8 @@ class LossAware(Allocator):
         opt.integer("fisher_samples", 8, "calibration windows the fisher signal back-propagates", minimum=1),
         opt.integer("fisher_batch", 2, "windows per backward pass of the fisher signal", minimum=1),
         opt.flag("guard", False, "keep uniform ranks instead if they lose less on held-out calibration windows"),
-        opt.flag("packed_factors", True, "byte planner (--quantize plan): also offer factorisations with their "
-                 "factors packed at 8/4/3/2 bits"),
+        opt.flag("packed_factors", False, "byte planner (--quantize plan): also offer factorisations with their "
+                 "factors packed at 8/4/3/2 bits (off: on Qwen2.5-0.5B they lost on both corpora, README)"),
     )
 
     def needs(self, options: Mapping[str, Any] | None = None) -> Needs:

@@ -71,7 +71,7 @@ class StorageMenu:
 
 
 def menu_for(quantize: str, compensate: int | str, value_bytes: int, scope: str = "all",
-             packed_factors: bool = True) -> StorageMenu:
+             packed_factors: bool = False) -> StorageMenu:
     """The menu of a recipe's `--quantize plan|int4|int3|int2`, `--compensate auto|R` and `--quantize-scope`
     (`packed_factors`: loss-aware's option of that name, whether the planner may pack factors too)."""
     comp = None if compensate == "auto" else int(compensate)
