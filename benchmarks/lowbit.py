@@ -21,6 +21,8 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
   --quantize-scope factors`; 8-bit factors are `memory.py`'s SVD + int8).
 * `plan`: `svdzip compress --budget-fraction F` with no other flag (quantize auto = plan, loss-aware weights).
 * `plan-packed`: the same with packed factors on the menu too (`--allocator-option packed_factors=true`).
+* `plan-relative`: the planner weighing every matrix's relative error alike instead of by the Fisher signal
+  (`--allocator-option signal=relative`).
 
 Results are rewritten after every cell; `--rewrite` redraws the table and plot from the JSON.
 """
@@ -155,6 +157,7 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
         cells.append((f"plan@{f:.2f}", {"budget_fraction": f}))
         cells.append((f"plan-packed@{f:.2f}", {"budget_fraction": f,
                                                "allocator_options": {"packed_factors": True}}))
+        cells.append((f"plan-relative@{f:.2f}", {"budget_fraction": f, "allocator_options": {"signal": "relative"}}))
         fits = [b for b, size in sizes.items() if size <= budget]
         if fits:
             b = max(fits)
@@ -246,7 +249,6 @@ def plot(data: dict[str, Any], path: Path) -> None:
             family = "hqq+eora (uniform ranks)" if "eora-uniform" in family else family
             family = {"caldera": "hqq+caldera (planned ranks)", "caldera-uniform": "hqq+caldera (uniform ranks)"}.get(
                 family.partition("+")[2], family)
-            family = "plan" if family.startswith("plan") and family != "plan-packed" else family
             curves.setdefault(family, []).append((c["disk_bytes"] / ref, c["ppl"][corpus]))
         for family, pts in sorted(curves.items()):
             pts.sort()
