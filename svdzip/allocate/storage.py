@@ -11,10 +11,10 @@ currency, w_u · (whitened output error):
   group size): the measured error of the quantized factors at every such rank (`passes.quant_error.factor_errors`).
 
 `menu.greedy_menu` picks one option per matrix under the byte budget. What `--quantize` and `--compensate`
-allow decides the menu: `plan` offers all of it; `int4`/`int3`/`int2` only that width (with ranks r chosen by
-the planner under `--compensate auto`, or one fixed r), or with `--quantize-scope factors` only factors at that
-width (the ranks chosen by the planner). The choice follows the measured losses: no rule says
-which width suits which size.
+allow decides the menu: `plan` offers all of it (packed factors only with loss-aware's `packed_factors`);
+`int4`/`int3`/`int2` only that width (with ranks r chosen by the planner under `--compensate auto`, or one
+fixed r), or with `--quantize-scope factors` only factors at that width (the ranks chosen by the planner).
+The choice follows the measured losses: no rule says which width suits which size.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Option:
     cost: int
     loss: float
     rank: int | None = DENSE  # factor rank (None: not factorised)
-    bits: int | None = None  # quantized at these bits (None: 16/32-bit); with a rank: the factors are
+    bits: int | None = None  # quantized at these bits (None: 16/32-bit); with a rank: the factors' width
     comp: int = 0
 
     @property
