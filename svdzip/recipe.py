@@ -299,13 +299,15 @@ class Recipe:
         if self.quantize == PLAN and self.quantize_scope != "all":
             raise SvdzipError("--quantize plan chooses the storage of every matrix itself (factors at low bits "
                               "included): leave --quantize-scope all")
-        if self.quantize in LOWBIT and self.quantize_scope == "factors" and self.compensate not in (AUTO, 0):
+        if not (self.quantize in LOWBIT and self.quantize_scope == "factors"):
+            return
+        if self.compensate not in (AUTO, 0):
             raise SvdzipError(f"--quantize-scope factors factorises every matrix and packs its factors: it has no "
                               f"quantization error to compensate (drop --compensate {self.compensate})")
-        if self.quantize in LOWBIT and self.quantize_scope == "factors" and self.heal not in (AUTO, "none"):
+        if self.heal not in (AUTO, "none"):
             raise SvdzipError(f"--quantize-scope factors packs every factor: --heal {self.heal} would have nothing "
                               "left to train (use --quantize plan, whose 16-bit factors and compensations it trains)")
-        if self.quantize in LOWBIT and self.quantize_scope == "factors" and not self.memory_budget:
+        if not self.memory_budget:
             raise SvdzipError(f"--quantize {self.quantize} --quantize-scope factors allocates the ranks in bytes: give "
                               "--budget-fraction or --budget-bytes")
 

@@ -31,7 +31,7 @@ from svdzip.allocate.menu import greedy_menu
 from svdzip.budget import DENSE
 from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
-from svdzip.output.lowbit import BITS, GROUP_SIZE, packed_bytes
+from svdzip.output.lowbit import BITS, GROUP_SIZE, packed_bytes, packed_factor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def least_bytes(units: Sequence[Unit], menu: StorageMenu) -> tuple[int, str]:
         return sum(u.dense_params for u in units) // 8, "one bit per weight of the matrices"
     if not menu.bits:
         bits = min(menu.factor_bits)
-        return (sum(packed_bytes(u.rows, GROUP_SIZE, bits) + packed_bytes(GROUP_SIZE, u.cols, bits) for u in units),
+        return (sum(packed_factor_bytes(u.rows, u.cols, GROUP_SIZE, bits) for u in units),
                 f"every matrix factorised at rank {GROUP_SIZE} with {bits}-bit factors")
     comp = menu.comp or 0
     bits = min(menu.bits)
@@ -129,7 +129,7 @@ def unit_options(unit: Unit, weight: float, errors: dict[tuple[str, int], Any], 
     for b in menu.factor_bits:
         measured = (factor_errors or {}).get((unit.name, b))
         for k in measured.ranks if measured is not None else ():
-            options.append(Option(cost=packed_bytes(rows, k, b) + packed_bytes(k, cols, b),
+            options.append(Option(cost=packed_factor_bytes(rows, cols, k, b),
                                   loss=weight * float(measured.losses[k]), rank=k, bits=b))
     if not options:
         raise SvdzipError(f"{unit.name} ({rows}×{cols}) cannot be stored at {menu.bits or menu.factor_bits} bits "
@@ -186,7 +186,7 @@ def matrix_bytes(units: Sequence[Unit], allocation: Allocation, value_bytes: int
     for u, r in zip(units, allocation.ranks, strict=True):
         if u.name in allocation.lowbit and r is not DENSE:
             b, _ = allocation.lowbit[u.name]
-            total += packed_bytes(u.rows, r, b) + packed_bytes(r, u.cols, b)
+            total += packed_factor_bytes(u.rows, u.cols, r, b)
         elif u.name in allocation.lowbit:
             b, comp = allocation.lowbit[u.name]
             total += packed_bytes(u.rows, u.cols, b) + comp * (u.rows + u.cols) * value_bytes

@@ -314,7 +314,7 @@ def store_lowbit(adapter: ModelAdapter, units: list[Unit], allocation: Allocatio
     """Replace the planner's low-bit matrices by packed `LowBitLinear`s with their compensation (EoRA's closed
     form on the calibration Grams, or CALDERA's order: `passes.quant_error.truncate_then_quantize`), and
     the factors of the planner's low-bit factorisations by packed ones; their report rows say bits and rank."""
-    from svdzip.output.lowbit import LowBitLinear, packed_bytes
+    from svdzip.output.lowbit import LowBitLinear, packed_bytes, packed_factor_bytes
 
     by_name = {u.name: u for u in units}
     out = []
@@ -328,7 +328,7 @@ def store_lowbit(adapter: ModelAdapter, units: list[Unit], allocation: Allocatio
         if row.rank is not None:  # SVD first, then both factors at `bits` bits
             module.left = LowBitLinear.from_linear(module.left, bits)
             module.right = LowBitLinear.from_linear(module.right, bits)
-            stored = packed_bytes(row.out_features, row.rank, bits) + packed_bytes(row.rank, row.in_features, bits)
+            stored = packed_factor_bytes(row.out_features, row.in_features, row.rank, bits)
             loss = float(measured["factor_errors"][row.name, bits].losses[row.rank])
             out.append(dataclasses.replace(row, bits=bits, loss=loss / energy, params=stored // 2,
                                            kept=stored / 2 / (row.out_features * row.in_features)))
@@ -363,7 +363,8 @@ def _quantize_with_compensation(module: nn.Module, unit: Unit, err: Any, comp: i
         weight = module.weight.detach().to(device)
         gram = unit_gram(unit, stats).to(device)
         if config.compensate_order == "truncate-first":
-            packed, (b, a) = truncate_then_quantize(weight, gram, comp, err.packed.bits, err.packed.group_size)
+            packed, (b, a) = truncate_then_quantize(weight, gram, comp, err.packed.bits, err.packed.group_size,
+                                                    basis=unit.spectrum.basis.to(device))
             loss = data_loss(weight, packed.dequantize(torch.float32).to(device) + b @ a, gram)
         else:
             packed = err.packed

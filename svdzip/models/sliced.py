@@ -44,8 +44,10 @@ class _SubsetLinear(nn.Module):
         with torch.no_grad():
             module.weight.copy_(weight)
             module.index.copy_(index)
-            if bias is not None:  # a row subset's bias at the full width, zero where no row is kept
-                (module.bias.zero_().index_copy_(0, index, bias) if cls is RowSubsetLinear else module.bias.copy_(bias))
+            if bias is not None and cls is RowSubsetLinear:  # at the full width, zero where no row is kept
+                module.bias.zero_().index_copy_(0, index, bias)
+            elif bias is not None:
+                module.bias.copy_(bias)
         return module
 
 

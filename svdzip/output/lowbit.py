@@ -89,6 +89,11 @@ def packed_bytes(rows: int, cols: int, bits: int, group_size: int = GROUP_SIZE) 
     return math.ceil(groups / per_word) * group_size * word_bytes + meta
 
 
+def packed_factor_bytes(rows: int, cols: int, rank: int, bits: int, group_size: int = GROUP_SIZE) -> int:
+    """Bytes of a rank-`rank` factorisation of a rows×cols weight with both factors packed at `bits`."""
+    return packed_bytes(rows, rank, bits, group_size) + packed_bytes(rank, cols, bits, group_size)
+
+
 @dataclass
 class Packed:
     """One weight packed by HQQ: the words, and per group the scale and zero point (dequantize: (q − z)·s)."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from svdzip.budget import max_useful_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.compensation import compensation_factors, error_spectrum
 from svdzip.methods.decompose import Unit
@@ -46,7 +47,7 @@ class FactorError:
 
 def factor_ranks(rows: int, cols: int, kept: int, bits: int, group_size: int = GROUP_SIZE) -> tuple[int, ...]:
     """Ranks k whose factors (rows×k, k×cols) HQQ packs at these bits and that store fewer values than W."""
-    top = min(kept, rows * cols // (rows + cols))
+    top = min(kept, max_useful_rank(rows, cols))
     return tuple(k for k in range(group_size, top + 1, group_size)
                  if supported(rows, k, bits, group_size) and supported(k, cols, bits, group_size))
 
@@ -113,14 +114,18 @@ def factor_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits
 
 
 def truncate_then_quantize(weight: torch.Tensor, gram: torch.Tensor, rank: int, bits: int,
-                           group_size: int = GROUP_SIZE) -> tuple[Packed, tuple[torch.Tensor, torch.Tensor]]:
+                           group_size: int = GROUP_SIZE, basis: torch.Tensor | None = None
+                           ) -> tuple[Packed, tuple[torch.Tensor, torch.Tensor]]:
     """CALDERA's order, one alternation: W ≈ Q(W − L R) + L' R'.
 
-    L R is W's rank-r truncation in SVD-LLM's metric; the residual W − L R (its top components gone, so a
-    narrower range to quantize) is packed at `bits`; then the correction is refitted to what that packing
-    missed, W − Q(W − L R), by the same whitened truncation EoRA uses (never worse on the calibration inputs
-    than keeping L R). Returns (the packing, (B, A) of the correction).
+    L R is W's rank-r truncation in SVD-LLM's metric (`basis`: W's whitened left basis where the caller has it,
+    the unit's spectrum's; computed here if it is missing or has fewer than r columns); the residual W − L R
+    (its top components gone, so a narrower range to quantize) is packed at `bits`; then the correction is
+    refitted to what that packing missed, W − Q(W − L R), by the same whitened truncation EoRA uses (never
+    worse on the calibration inputs than keeping L R). Returns (the packing, (B, A) of the correction).
     """
-    left, right = truncate(weight, weighted_spectrum(weight, gram, max_rank=rank).basis, rank)
+    if basis is None or basis.shape[1] < rank:
+        basis = weighted_spectrum(weight, gram, max_rank=rank).basis
+    left, right = truncate(weight, basis, rank)
     packed = quantize(weight - (left.double() @ right.double()).to(weight.dtype), bits, group_size)
     return packed, compensation_factors(weight, packed.dequantize(torch.float32).to(weight.device), gram, rank)
