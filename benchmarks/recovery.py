@@ -87,10 +87,12 @@ def markdown(data: dict[str, Any]) -> str:
         rss = f"{c['recovery_peak_rss'] / 2**30:.1f}" if c.get("recovery_peak_rss") else "—"
         lines.append(row + f" {c.get('recovery_s', 0):.0f} | {rss} |")
     cfg = data["heal_config"]
+    lr = cfg["lr"] if cfg["lr"] is not None else f"{cfg.get('lr_per_rms')} × the trained weights' median RMS"
     return (f"### Recovery on {data['model']}\n\nPerplexity on {data['eval_tokens']} evaluation tokens per corpus "
             f"in windows of {data['eval_seq_len']}; calibration and healing on `wiki` calibration text only. "
             f"Healing: {cfg['steps']} steps of {cfg['batch_size'] * cfg.get('grad_accum', 1)}×{cfg['seq_len']} tokens, "
-            f"lr {cfg['lr']}{' (start of the held-out search)' if cfg.get('auto_lr') else ''}, "
+            f"lr {lr}"
+            f"{' (start of the held-out search)' if cfg.get('auto_lr') else ''}, "
             f"top-k {cfg['topk']} (distill), LoRA r={cfg['lora_r']} (seq-lora, lr {data['seq_lora_lr']}).\n\n"
             + "\n".join(lines))
 

@@ -390,7 +390,7 @@ def _heal_options(value: Any, origin: str, method: str = AUTO) -> HealConfig:
         raise SvdzipError(f"{origin}: unknown healing option(s) {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(known))}")
     defaults = METHOD_DEFAULTS.get(method, {})
-    given = {k: v for k, v in value.items() if not (k in ("objective", "steps") and defaults.get(k) == v)}
+    given = {k: v for k, v in value.items() if not (k in ("objective", "steps", "lr_per_rms") and defaults.get(k) == v)}
     try:
         return HealConfig(**given)
     except (TypeError, ValueError) as exc:

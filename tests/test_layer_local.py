@@ -370,7 +370,7 @@ def heal_setup():
     return dense, tokens, units, [result.ranks[u.name] for u in units]
 
 
-def _heal_first_layer(heal_setup, lr: float, steps: int = 40, **options):
+def _heal_first_layer(heal_setup, lr: float | None, steps: int = 40, **options):
     """Layer 0 through LayerwiseHealer; returns its record, the layer, the factors as materialised and the held-out
     relative error measured here before and after."""
     dense, tokens, units, ranks = heal_setup
@@ -435,6 +435,14 @@ def test_a_searched_learning_rate_backs_off_until_the_heal_helps(heal_setup):
     assert record["lr"] == pytest.approx(10.0 / 3.0 ** record["backoffs"])
     # the tries before stopped early on a non-finite loss or ran in full; the last, at the rate that helped, in full
     assert 40 < record["steps"] <= 40 * (record["backoffs"] + 1)
+
+
+def test_the_default_layerwise_rate_starts_from_the_first_layers_factors(heal_setup):
+    """No --heal-lr: the first layer's heal starts at lr_per_rms × the median RMS of that layer's factors."""
+    record, layer, materialised, before, after = _heal_first_layer(heal_setup, lr=None, steps=10, max_backoffs=0)
+    rms = [float(p.pow(2).mean().sqrt()) for n, p in materialised.items()
+           if n.endswith(("left.weight", "right.weight"))]
+    assert record["lr"] == pytest.approx(8.56e-3 * float(torch.tensor(rms).median()))
 
 
 @pytest.mark.parametrize("family", ["llama-checkpoint", "qwen2"])

@@ -134,10 +134,11 @@ def test_an_auto_recipe_is_written_resolved(tiny_dir, tmp_path, capsys):
     assert (written.allocator, written.allocator_options, written.heal) == ("loss-aware", {"signal": "local"},
                                                                             "layerwise")
     healing = written.heal_config()
-    assert (healing.steps, healing.lr, healing.objective) == (10, 1e-3, "mse")  # layer-wise healing's own defaults
+    # layer-wise healing's own defaults
+    assert (healing.steps, healing.lr, healing.lr_per_rms, healing.objective) == (10, None, 8.56e-3, "mse")
     # and the file's options, being that recovery's defaults, follow another one named over it
     other = replace(written, heal="distill").heal_config()
-    assert (other.steps, other.lr, other.objective) == (40, 3e-4, "kl")
+    assert (other.steps, other.lr, other.lr_per_rms, other.objective) == (40, None, 2.57e-3, "kl")
 
 
 def test_the_api_refuses_before_touching_the_model():

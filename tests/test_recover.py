@@ -85,11 +85,26 @@ def test_a_back_off_warms_up_again_from_where_it_restarts():
 
 
 def test_the_learning_rate_is_searched_unless_one_is_given():
-    assert HealConfig(method="distill").auto_lr and HealConfig(method="distill").lr == 3e-4
+    distill = HealConfig(method="distill")
+    assert distill.auto_lr and (distill.lr, distill.lr_per_rms) == (None, 2.57e-3)  # from the weights' scale
     assert HealConfig(lr="auto").auto_lr and HealConfig(method="seq-lora").lr == 1e-4
     assert not HealConfig(lr=1e-4).auto_lr and HealConfig(lr=1e-4).lr == 1e-4
     assert HealConfig().lr is None and HealConfig().steps is None  # options for whichever recovery a recipe names
     assert HealConfig(lr=1e-3, auto_lr=True).auto_lr  # a given start for the search
+    assert HealConfig(method="distill", lr=1e-3).lr_per_rms is None  # a given rate is where training starts
+
+
+def test_the_learning_rate_starts_from_the_median_rms_of_the_trained_weights():
+    """AdamW moves each weight by about lr a step: weights ten times smaller need a rate ten times smaller."""
+    weights = [torch.full((3, 4), 0.1), -torch.full((5, 2), 0.4), torch.tensor([[0.2, -0.2], [0.2, -0.2]]),
+               torch.full((2, 2), 3.0), torch.full((1, 7), 0.05), torch.empty(0, 4)]  # the empty one has no RMS
+    cfg = HealConfig(method="distill")
+    assert cfg.start_lr(weights) == pytest.approx(2.57e-3 * 0.2)  # RMS 0.05, 0.1, 0.2, 0.4, 3.0
+    assert cfg.start_lr([w / 10 for w in weights]) == pytest.approx(cfg.start_lr(weights) / 10)
+    assert HealConfig(method="distill", lr=0.05).start_lr(weights) == 0.05
+    assert HealConfig(method="seq-lora").start_lr(weights) == 1e-4  # adapters start at zero: a fixed rate
+    with pytest.raises(SvdzipError, match="nothing to train"):
+        cfg.start_lr([torch.empty(0)])
 
 
 def test_batch_order_visits_every_window_once_per_epoch():
@@ -103,6 +118,7 @@ def test_batch_order_visits_every_window_once_per_epoch():
 def test_bad_options_are_refused():
     for bad, message in ((dict(steps=0), "heal steps must be ≥ 1"), (dict(method="lora"), "unknown recovery 'lora'"),
                          (dict(lr=-1.0), "learning rate must be > 0"), (dict(topk=-1), "top-k must be ≥ 0"),
+                         (dict(lr_per_rms=0.0), "learning rate must be > 0, got 0.0"),
                          (dict(warmup=1.0), "warm-up is a fraction"),
                          (dict(objective="l1"), "objective 'l1'"), (dict(objective="mse"), "cannot use 'mse'"),
                          (dict(method="seq-lora", steps=1), "at least 2 steps"),
@@ -261,6 +277,24 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, method):
         assert torch.equal(a, b), n
     assert report.improved and (report.initial_heldout, report.final_heldout, report.lr) == (
         expected.initial_heldout, expected.final_heldout, expected.lr)
+
+
+def test_the_default_rate_starts_from_the_scale_of_the_factors_being_trained():
+    """Without a given lr, a heal starts at lr_per_rms × the median RMS of the factors it trains: scaling the
+    model's factors by 10 scales the start by 10 (the same relative step)."""
+    teacher, student = _pair()
+    rms = [float(p.detach().pow(2).mean().sqrt()) for n, p in student.named_parameters()
+           if n.endswith(("left.weight", "right.weight"))]
+    assert rms
+    report = heal(student, teacher, _windows(), _cfg(lr=None, steps=2))
+    start = report.phases[0]["lr_start"]
+    assert start == pytest.approx(2.57e-3 * float(torch.tensor(rms).median()))
+    _, scaled = _pair()
+    with torch.no_grad():
+        for n, p in scaled.named_parameters():
+            if n.endswith(("left.weight", "right.weight")):
+                p.mul_(10.0)
+    assert heal(scaled, teacher, _windows(), _cfg(lr=None, steps=2)).phases[0]["lr_start"] == pytest.approx(10 * start)
 
 
 def _reported(report):

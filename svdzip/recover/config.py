@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import torch
 
 from svdzip.errors import SvdzipError
 
@@ -11,16 +14,23 @@ HEAL_METHODS = ("distill", "seq-lora", "layerwise")
 OBJECTIVES = ("kl", "ce", "mse")
 ORDERS = ("u-first", "v-first")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    # distillation trains every factor directly: a larger step than LoRA's, measured best over 1e-4..1e-3 on
-    # SmolLM2-135M; too large for Qwen2.5-0.5B (its held-out KL rose), hence where the automatic search starts
-    "distill": {"lr": 3e-4, "objective": "kl", "steps": 40},
-    # SVD-LLM §3.3 / LLM-Pruner's recipe: LoRA r=8, α=16, dropout 0.05, lr 1e-4, next-token cross-entropy
+    # Recoveries that train the model's own weights start their learning-rate search at `lr_per_rms` × the
+    # median RMS of the weights they train (`HealConfig.start_lr`): AdamW moves every weight by about lr a step,
+    # so the same relative step needs rates as far apart as the weights' scales (the dense linears' RMS is
+    # 0.19 on SmolLM2-135M, 0.017 on Qwen2.5-0.5B, 0.035 on Gemma-3-270M).
+    # distillation trains every factor directly: lr 3e-4 was measured best over 1e-4..1e-3 on SmolLM2-135M,
+    # whose factors' median RMS is 0.117 at 20 % removed (3e-4 / 0.117 = 2.57e-3); on Qwen2.5-0.5B a fixed 3e-4
+    # raised the held-out KL and the search fell back to 3.3e-5
+    "distill": {"lr_per_rms": 2.57e-3, "objective": "kl", "steps": 40},
+    # SVD-LLM §3.3 / LLM-Pruner's recipe: LoRA r=8, α=16, dropout 0.05, lr 1e-4, next-token cross-entropy (the
+    # adapters start at zero or at random: their scale says nothing about the rate)
     "seq-lora": {"lr": 1e-4, "objective": "ce", "steps": 40},
     # each layer's factors against its dense output on the calibration windows (`recover.layerwise`): the
     # per-token relative error of the layer's output; `steps` are per layer. Measured on SmolLM2-135M at 20 %
     # (benchmarks/results/layerwise_lr.md): lr 1e-3 beat 1e-4 and 3e-3; 40 steps a layer gain a little more
     # than 10 at four times the training, and 10 keep a 1.5B model's streamed run within its time target
-    "layerwise": {"lr": 1e-3, "objective": "mse", "steps": 10},
+    # (1e-3 / 0.117 = 8.56e-3; on Qwen2.5-1.5B a fixed 1e-3 made every layer worse, 1.1e-4 healed 27 of 28)
+    "layerwise": {"lr_per_rms": 8.56e-3, "objective": "mse", "steps": 10},
 }
 #: recoveries that need only one decoder layer at a time: they run streamed and under torchrun
 LAYER_LOCAL = ("layerwise",)
@@ -42,6 +52,8 @@ class HealConfig:
     method: str = "auto"
     steps: int | None = None  # None: the method's default (METHOD_DEFAULTS: distill 40, ~5 CPU-minutes on SmolLM2)
     lr: float | None = None  # None: the method's default (METHOD_DEFAULTS), searched downwards (auto_lr)
+    # with lr None: the search starts at lr_per_rms × the median RMS of the trained weights (`start_lr`)
+    lr_per_rms: float | None = None
     # True: `lr` is only where the search starts; a held-out check no better than the best so far rolls the
     # factors back to the best and divides the learning rate by `lr_backoff`, at most `max_backoffs` times.
     # None: True unless `lr` is given (an explicit learning rate is used as it is)
@@ -76,7 +88,10 @@ class HealConfig:
             self.auto_lr = self.lr is None
         if self.method in METHOD_DEFAULTS:
             defaults = METHOD_DEFAULTS[self.method]
-            self.lr = defaults["lr"] if self.lr is None else self.lr
+            if self.lr is not None or "lr_per_rms" not in defaults:  # a rate given, or one for every model
+                self.lr, self.lr_per_rms = defaults["lr"] if self.lr is None else self.lr, None
+            elif self.lr_per_rms is None:
+                self.lr_per_rms = defaults["lr_per_rms"]
             self.objective = defaults["objective"] if self.objective is None else self.objective
             self.steps = defaults["steps"] if self.steps is None else self.steps
 
@@ -99,8 +114,9 @@ class HealConfig:
             raise SvdzipError("sequential LoRA needs at least 2 steps (one per phase)")
         if self.seq_len < 2:
             raise SvdzipError(f"heal seq-len must be ≥ 2, got {self.seq_len}")
-        if not (self.lr is not None and self.lr > 0):
-            raise SvdzipError(f"heal learning rate must be > 0, got {self.lr}")
+        rate = self.lr if self.lr is not None else self.lr_per_rms  # the given rate, or the relative one
+        if not (rate is not None and rate > 0):
+            raise SvdzipError(f"heal learning rate must be > 0, got {rate}")
         if self.lr_backoff <= 1 or self.max_backoffs < 0:
             raise SvdzipError(f"heal lr back-off must be > 1 and its count ≥ 0, got {self.lr_backoff} and "
                               f"{self.max_backoffs}")
@@ -115,6 +131,17 @@ class HealConfig:
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise SvdzipError("heal weight decay must be ≥ 0 and max grad norm > 0")
         return self
+
+    def start_lr(self, weights: Iterable[torch.Tensor]) -> float:
+        """The learning rate training starts at: `lr` when set, else `lr_per_rms` × the median RMS of `weights`
+        (the tensors to train, before training), so that a step moves the weights by the same fraction on
+        models whose weights differ tenfold in scale."""
+        if self.lr is not None:
+            return float(self.lr)
+        rms = [float(w.detach().float().pow(2).mean().sqrt()) for w in weights if w.numel()]
+        if not rms:
+            raise SvdzipError("nothing to train: no weights to take the learning rate's scale from")
+        return self.lr_per_rms * float(torch.tensor(rms).median())
 
     @property
     def layer_local(self) -> bool:

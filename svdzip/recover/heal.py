@@ -187,7 +187,7 @@ def _run_phase(model: nn.Module, params: dict[str, nn.Parameter], objective: Obj
         model, params,
         micro_loss=lambda idx: objective.loss(model, "train", idx.tolist()),
         heldout_loss=objective.heldout_loss(model),
-        n_windows=len(objective.train_windows), steps=steps, lr=config.lr, warmup=config.warmup,
+        n_windows=len(objective.train_windows), steps=steps, lr=config.start_lr(params.values()), warmup=config.warmup,
         batch_size=config.batch_size, grad_accum=config.grad_accum, eval_every=config.eval_every,
         patience=config.patience, seed=config.seed, device=config.device,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, checkpoint=checkpoint, desc=desc,
@@ -284,7 +284,9 @@ def _conclude(report: HealReport, config: HealConfig) -> None:
     report.improved = report.final_heldout < report.initial_heldout
     report.lr = trained[-1]["lr_final"]
     report.backoffs = sum(len(p["backoffs"]) for p in trained)
-    searched = f" (found on the held-out windows: {report.backoffs} back-off(s) from {config.lr:.3g})" \
+    start = trained[0]["lr_start"]
+    origin = f"{config.lr_per_rms:.3g} × the trained weights' median RMS" if config.lr is None else "given"
+    searched = f" (found on the held-out windows: {report.backoffs} back-off(s) from {start:.3g}, {origin})" \
         if config.auto_lr else ""
     if report.improved:
         log.info("%s: held-out %s loss %.4f at step 0 → %.4f, lr %.3g%s", report.method, config.objective,

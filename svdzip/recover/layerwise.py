@@ -89,7 +89,8 @@ class LayerwiseHealer:
         if not held:
             log.warning("layer-wise healing: one calibration batch only, so its check is on the training windows")
         self.state_dir, self.key = state_dir, key
-        self.lr = float(config.lr)  # where the next layer's heal starts (searched downwards unless given)
+        self.lr: float | None = config.lr  # where the next layer's heal starts (searched downwards unless given;
+        # None: from the first healed layer's factors, `HealConfig.start_lr`)
         self.layers: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         self.resumed_through = self._restore_streams()
@@ -133,6 +134,8 @@ class LayerwiseHealer:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
+        if self.lr is None:
+            self.lr = self.config.start_lr(params)
         backoffs, best, start_lr = 0, before, self.lr
         try:
             while True:
@@ -268,7 +271,8 @@ class LayerwiseHealer:
             raise SvdzipError(f"the layer-wise heal checkpoint of layer {index} vanished from {self.state_dir} "
                               "during the run; rerun the same command")
         tensors, info = got
-        self.lr = float(info.get("record", {}).get("lr", self.lr))  # the rate the next layer starts at
+        lr = info.get("record", {}).get("lr")
+        self.lr = self.lr if lr is None else float(lr)  # the rate the next layer starts at
         params = dict(layer.named_parameters())
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name]))

@@ -250,7 +250,9 @@ def train(
                      running, h)
             if h < best_loss:
                 best_loss, best_step, bad = h, done, 0
-                best = {n: p.detach().clone() for n, p in params.items()}
+                with torch.no_grad():  # into the kept copy: a fresh clone beside it would hold two at once
+                    for n in names:
+                        best[n].copy_(params[n])
                 search["confirmed"] = True
             elif backoff is not None and len(search["backoffs"]) < backoff.limit and done < steps:
                 new_lr = search["lr"] / backoff.factor
