@@ -191,7 +191,7 @@ def _run_phase(model: nn.Module, params: dict[str, nn.Parameter], objective: Obj
         batch_size=config.batch_size, grad_accum=config.grad_accum, eval_every=config.eval_every,
         patience=config.patience, seed=config.seed, device=config.device,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, checkpoint=checkpoint, desc=desc,
-        backoff=Backoff(config.lr_backoff, config.max_backoffs, max(1, config.eval_every // 4))
+        backoff=Backoff(config.lr_backoff, config.max_backoffs, max(1, config.eval_every // 2))
         if config.auto_lr else None,
     )
 
