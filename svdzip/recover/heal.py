@@ -284,10 +284,10 @@ def _conclude(report: HealReport, config: HealConfig) -> None:
     report.improved = report.final_heldout < report.initial_heldout
     report.lr = trained[-1]["lr_final"]
     report.backoffs = sum(len(p["backoffs"]) for p in trained)
-    start = trained[0]["lr_start"]
-    origin = f"{config.lr_per_rms:.3g} × the trained weights' median RMS" if config.lr is None else "given"
-    searched = f" (found on the held-out windows: {report.backoffs} back-off(s) from {start:.3g}, {origin})" \
-        if config.auto_lr else ""
+    start = trained[0].get("lr_start") or config.lr  # phases restored from before the start was recorded
+    origin = f", {config.lr_per_rms:.3g} × the trained weights' median RMS" if config.lr is None else ""
+    searched = f" (found on the held-out windows: {report.backoffs} back-off(s) from {start:.3g}{origin})" \
+        if config.auto_lr and start else ""
     if report.improved:
         log.info("%s: held-out %s loss %.4f at step 0 → %.4f, lr %.3g%s", report.method, config.objective,
                  report.initial_heldout, report.final_heldout, report.lr, searched)
