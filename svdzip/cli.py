@@ -97,8 +97,8 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
     g.add_argument("--heal-lr", dest=HEALING + "lr", type=float, default=argparse.SUPPRESS, metavar="LR",
                    help="peak learning rate, used as given (default: found on the held-out windows, starting at "
                         "2.57e-3 × the median RMS of the trained factors for distill (3e-4 on SmolLM2-135M), "
-                        "8.56e-3 × it for layerwise, the paper's 1e-4 for seq-lora, divided by 3 on each held-out "
-                        "check that is no better than the best, at most 3 times)")
+                        "1.17e-2 × the first healed layer's for layerwise, the paper's 1e-4 for seq-lora, divided by "
+                        "3 on each held-out check that is no better than the best, at most 3 times)")
     g.add_argument("--heal-objective", dest=HEALING + "objective", default=argparse.SUPPRESS, choices=["kl", "ce"],
                    help="kl: the dense teacher's distribution; ce: the text's next token (default: distill kl, "
                         "seq-lora ce as in the paper)")

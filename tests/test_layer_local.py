@@ -427,12 +427,21 @@ def test_a_heal_that_would_hurt_keeps_the_unhealed_factors(heal_setup, caplog):
     assert "un-healed factors are kept" in caplog.text
 
 
+def test_a_layer_no_rate_heals_hands_its_starting_rate_to_the_next(heal_setup):
+    """Every searched rate fails: the record says the last rate tried, and the next layer (and a resumed run,
+    which reads `lr_next`) starts where this one did, not 9× lower."""
+    record, layer, materialised, before, after = _heal_first_layer(heal_setup, lr=10.0, auto_lr=True, max_backoffs=2,
+                                                                   steps=10)
+    assert record["kept"] is False and record["backoffs"] == 2
+    assert record["lr"] == pytest.approx(10.0 / 9) and record["lr_next"] == 10.0
+
+
 def test_a_searched_learning_rate_backs_off_until_the_heal_helps(heal_setup):
     """Without --heal-lr a rate too large is undone and divided by 3 until the layer's held-out error falls."""
     record, layer, materialised, before, after = _heal_first_layer(heal_setup, lr=10.0, auto_lr=True,
                                                                    max_backoffs=10)
     assert record["kept"] and after < before and 0 < record["backoffs"] <= 10
-    assert record["lr"] == pytest.approx(10.0 / 3.0 ** record["backoffs"])
+    assert record["lr"] == record["lr_next"] == pytest.approx(10.0 / 3.0 ** record["backoffs"])
     # the tries before stopped early on a non-finite loss or ran in full; the last, at the rate that helped, in full
     assert 40 < record["steps"] <= 40 * (record["backoffs"] + 1)
 
@@ -442,7 +451,7 @@ def test_the_default_layerwise_rate_starts_from_the_first_layers_factors(heal_se
     record, layer, materialised, before, after = _heal_first_layer(heal_setup, lr=None, steps=10, max_backoffs=0)
     rms = [float(p.pow(2).mean().sqrt()) for n, p in materialised.items()
            if n.endswith(("left.weight", "right.weight"))]
-    assert record["lr"] == pytest.approx(8.56e-3 * float(torch.tensor(rms).median()))
+    assert record["lr"] == pytest.approx(1.17e-2 * float(torch.tensor(rms).median()))
 
 
 @pytest.mark.parametrize("family", ["llama-checkpoint", "qwen2"])

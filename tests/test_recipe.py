@@ -135,7 +135,7 @@ def test_an_auto_recipe_is_written_resolved(tiny_dir, tmp_path, capsys):
                                                                             "layerwise")
     healing = written.heal_config()
     # layer-wise healing's own defaults
-    assert (healing.steps, healing.lr, healing.lr_per_rms, healing.objective) == (10, None, 8.56e-3, "mse")
+    assert (healing.steps, healing.lr, healing.lr_per_rms, healing.objective) == (10, None, 1.17e-2, "mse")
     # and the file's options, being that recovery's defaults, follow another one named over it
     other = replace(written, heal="distill").heal_config()
     assert (other.steps, other.lr, other.lr_per_rms, other.objective) == (40, None, 2.57e-3, "kl")

@@ -103,8 +103,9 @@ def test_the_learning_rate_starts_from_the_median_rms_of_the_trained_weights():
     assert cfg.start_lr([w / 10 for w in weights]) == pytest.approx(cfg.start_lr(weights) / 10)
     assert HealConfig(method="distill", lr=0.05).start_lr(weights) == 0.05
     assert HealConfig(method="seq-lora").start_lr(weights) == 1e-4  # adapters start at zero: a fixed rate
-    with pytest.raises(SvdzipError, match="nothing to train"):
-        cfg.start_lr([torch.empty(0)])
+    for nothing in ([torch.empty(0)], [torch.zeros(3, 3)]):
+        with pytest.raises(SvdzipError, match="give --heal-lr"):
+            cfg.start_lr(nothing)
 
 
 def test_batch_order_visits_every_window_once_per_epoch():
@@ -118,7 +119,7 @@ def test_batch_order_visits_every_window_once_per_epoch():
 def test_bad_options_are_refused():
     for bad, message in ((dict(steps=0), "heal steps must be ≥ 1"), (dict(method="lora"), "unknown recovery 'lora'"),
                          (dict(lr=-1.0), "learning rate must be > 0"), (dict(topk=-1), "top-k must be ≥ 0"),
-                         (dict(lr_per_rms=0.0), "learning rate must be > 0, got 0.0"),
+                         (dict(lr_per_rms=0.0), "per weight RMS \\(lr_per_rms\\) must be > 0, got 0.0"),
                          (dict(warmup=1.0), "warm-up is a fraction"),
                          (dict(objective="l1"), "objective 'l1'"), (dict(objective="mse"), "cannot use 'mse'"),
                          (dict(method="seq-lora", steps=1), "at least 2 steps"),

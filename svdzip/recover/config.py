@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,8 +30,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # per-token relative error of the layer's output; `steps` are per layer. Measured on SmolLM2-135M at 20 %
     # (benchmarks/results/layerwise_lr.md): lr 1e-3 beat 1e-4 and 3e-3; 40 steps a layer gain a little more
     # than 10 at four times the training, and 10 keep a 1.5B model's streamed run within its time target
-    # (1e-3 / 0.117 = 8.56e-3; on Qwen2.5-1.5B a fixed 1e-3 made every layer worse, 1.1e-4 healed 27 of 28)
-    "layerwise": {"lr_per_rms": 8.56e-3, "objective": "mse", "steps": 10},
+    # The start comes from the first healed layer's factors (the next layer starts at the rate that last worked):
+    # 1e-3 / 0.0858, the median RMS of SmolLM2-135M's layer-0 factors at 20 % = 1.17e-2 (on Qwen2.5-1.5B a fixed
+    # 1e-3 made every layer worse and 1.1e-4 healed 27 of 28)
+    "layerwise": {"lr_per_rms": 1.17e-2, "objective": "mse", "steps": 10},
 }
 #: recoveries that need only one decoder layer at a time: they run streamed and under torchrun
 LAYER_LOCAL = ("layerwise",)
@@ -51,8 +54,9 @@ class HealConfig:
 
     method: str = "auto"
     steps: int | None = None  # None: the method's default (METHOD_DEFAULTS: distill 40, ~5 CPU-minutes on SmolLM2)
-    lr: float | None = None  # None: the method's default (METHOD_DEFAULTS), searched downwards (auto_lr)
-    # with lr None: the search starts at lr_per_rms × the median RMS of the trained weights (`start_lr`)
+    # None: searched downwards (auto_lr) from the method's start (METHOD_DEFAULTS): a fixed rate, or (lr left None)
+    # lr_per_rms × the median RMS of the trained weights (`start_lr`)
+    lr: float | None = None
     lr_per_rms: float | None = None
     # True: `lr` is only where the search starts; a held-out check no better than the best so far rolls the
     # factors back to the best and divides the learning rate by `lr_backoff`, at most `max_backoffs` times.
@@ -114,9 +118,10 @@ class HealConfig:
             raise SvdzipError("sequential LoRA needs at least 2 steps (one per phase)")
         if self.seq_len < 2:
             raise SvdzipError(f"heal seq-len must be ≥ 2, got {self.seq_len}")
-        rate = self.lr if self.lr is not None else self.lr_per_rms  # the given rate, or the relative one
-        if not (rate is not None and rate > 0):
-            raise SvdzipError(f"heal learning rate must be > 0, got {rate}")
+        if self.lr is not None and not self.lr > 0:
+            raise SvdzipError(f"heal learning rate must be > 0, got {self.lr}")
+        if self.lr is None and not (self.lr_per_rms is not None and self.lr_per_rms > 0):
+            raise SvdzipError(f"heal learning rate per weight RMS (lr_per_rms) must be > 0, got {self.lr_per_rms}")
         if self.lr_backoff <= 1 or self.max_backoffs < 0:
             raise SvdzipError(f"heal lr back-off must be > 1 and its count ≥ 0, got {self.lr_backoff} and "
                               f"{self.max_backoffs}")
@@ -139,9 +144,11 @@ class HealConfig:
         if self.lr is not None:
             return float(self.lr)
         rms = [float(w.detach().float().pow(2).mean().sqrt()) for w in weights if w.numel()]
-        if not rms:
-            raise SvdzipError("nothing to train: no weights to take the learning rate's scale from")
-        return self.lr_per_rms * float(torch.tensor(rms).median())
+        scale = float(torch.tensor(rms).median()) if rms else 0.0
+        if not (math.isfinite(scale) and scale > 0):
+            raise SvdzipError(f"no learning rate from the trained weights' scale (median RMS {scale:g} over {len(rms)} "
+                              "weights): nothing to train, or weights of zeros; give --heal-lr")
+        return self.lr_per_rms * scale
 
     @property
     def layer_local(self) -> bool:

@@ -128,14 +128,14 @@ class LayerwiseHealer:
             record.update(before=None, after=None, kept=False)
             return record
         before = self._error(layer, index, targets)
+        if self.lr is None:  # the first layer healed: the rate from its factors' scale
+            self.lr = self.config.start_lr(params)
         unhealed = [p.detach().clone() for p in params]
         flags = {id(p): p.requires_grad for p in layer.parameters()}
         for p in layer.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        if self.lr is None:
-            self.lr = self.config.start_lr(params)
         backoffs, best, start_lr = 0, before, self.lr
         try:
             while True:
@@ -156,9 +156,11 @@ class LayerwiseHealer:
         with torch.no_grad():
             for p, kept in zip(params, state if best < before else unhealed, strict=True):
                 p.copy_(kept)
-        record.update(before=before, after=min(best, before), kept=best < before, lr=self.lr, backoffs=backoffs)
-        if best >= before:  # no rate helped this layer: the next one starts where this one did
-            self.lr = start_lr
+        # the rate this layer last trained at, and the next layer's start: where this one started if no rate helped
+        record.update(before=before, after=min(best, before), kept=best < before, lr=self.lr, backoffs=backoffs,
+                      lr_next=self.lr if best < before else start_lr)
+        self.lr = record["lr_next"]
+        if best >= before:
             log.warning("layer %d: healing did not lower its held-out output error (%.4g); its un-healed factors "
                         "are kept", index, before)
         else:
@@ -271,8 +273,9 @@ class LayerwiseHealer:
             raise SvdzipError(f"the layer-wise heal checkpoint of layer {index} vanished from {self.state_dir} "
                               "during the run; rerun the same command")
         tensors, info = got
-        lr = info.get("record", {}).get("lr")
-        self.lr = self.lr if lr is None else float(lr)  # the rate the next layer starts at
+        record = info.get("record", {})
+        lr = record.get("lr_next", record.get("lr"))  # the rate the next layer starts at
+        self.lr = self.lr if lr is None else float(lr)
         params = dict(layer.named_parameters())
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name]))
