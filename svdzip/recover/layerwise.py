@@ -279,4 +279,4 @@ class LayerwiseHealer:
         params = dict(layer.named_parameters())
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name]))
-        self.layers.append({**info.get("record", {}), "restored": True})
+        self.layers.append({**record, "restored": True})

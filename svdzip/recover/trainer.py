@@ -250,9 +250,7 @@ def train(
                      running, h)
             if h < best_loss:
                 best_loss, best_step, bad = h, done, 0
-                with torch.no_grad():  # into the kept copy: a fresh clone beside it would hold two at once
-                    for n in names:
-                        best[n].copy_(params[n])
+                _copy_into(best, params)  # into the kept copy: a fresh clone beside it would hold two at once
                 search["confirmed"] = True
             elif backoff is not None and len(search["backoffs"]) < backoff.limit and done < steps:
                 new_lr = search["lr"] / backoff.factor
@@ -262,9 +260,7 @@ def train(
                 search["backoffs"].append({"step": done, "heldout": h, "best": best_loss, "best_step": best_step,
                                            "lr": search["lr"], "new_lr": new_lr})
                 search.update(lr=new_lr, restart=done, confirmed=False)
-                with torch.no_grad():
-                    for n in names:
-                        params[n].copy_(best[n])
+                _copy_into(params, best)
                 opt = optimizer()  # fresh moments, warmed up again: no copy of the best ones to keep
                 running = None
             else:
@@ -280,14 +276,19 @@ def train(
     else:
         step = steps if stopped == "completed" else resumed
     bar.close()
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(best[n])
+    _copy_into(params, best)
     model.eval()
     opt.zero_grad(set_to_none=True)
     return TrainResult(steps_done=step, stopped=stopped, initial_heldout=initial, best_heldout=best_loss,
                        best_step=best_step, history=history, seconds=time.perf_counter() - t0, resumed_at=resumed,
                        lr_start=lr, lr_final=search["lr"], backoffs=search["backoffs"])
+
+
+@torch.no_grad()
+def _copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    """Every target tensor overwritten in place by the source of the same name (no new storage)."""
+    for n, t in targets.items():
+        t.copy_(sources[n])
 
 
 @torch.no_grad()
