@@ -73,7 +73,7 @@ class HealConfig:
     seq_len: int = 256
     train_samples: int = 256  # distinct training windows (epochs cycle through them)
     heldout_samples: int = 8  # held-out calibration windows for early stopping
-    eval_every: int = 10  # a check (8 windows' forward) costs about a third of a step: cheap next to a step lost
+    eval_every: int = 10  # a check reads the 8 held-out windows forward, a step 4 windows forward and backward
     patience: int = 2  # evaluations without improvement before stopping
     temperature: float = 1.0
     topk: int = 64  # teacher kept as its top-k log-probabilities + tail mass; 0 = full distribution
