@@ -70,7 +70,7 @@ def _add_task_speed_args(p: argparse.ArgumentParser, default_tasks: str = "") ->
 
 def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any, with_none: bool) -> None:
     """Recovery options shared by `compress --heal` and `svdzip heal` (defaults: HealConfig's, quoted in the help)."""
-    from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, ORDERS
+    from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, ORDERS, PRECISIONS
     from svdzip.recover.config import HealConfig as H
 
     g = p.add_argument_group("recovery (train the factors after truncation, on calibration text only)")
@@ -114,6 +114,9 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
     option("--heal-topk", "topk", "teacher kept as its top-k log-probabilities + tail (0 = full distribution)",
            type=int)
     option("--heal-weight-decay", "weight_decay", "AdamW weight decay", type=float)
+    option("--heal-precision", "precision", "distill's and seq-lora's matmuls: auto = bfloat16 autocast where the "
+           "device multiplies bf16 natively (CUDA, a CPU with AVX512-BF16 or AMX), else float32; the weights and "
+           "the optimiser stay float32", choices=list(PRECISIONS))
     g.add_argument("--heal-corpus", dest=HEALING + "corpus", default=argparse.SUPPRESS, metavar="CORPUS",
                    help="training text: wiki, austen, code, mix or a .txt path (default: the calibration corpus)")
     option("--lora-r", "lora_r", "seq-lora rank", type=int)

@@ -35,7 +35,7 @@ def _windows(n_train=8, n_held=4, seq=16):
 
 def _cfg(**kw):
     base = dict(method="distill", steps=6, batch_size=2, grad_accum=1, eval_every=2, patience=10, warmup=0.0,
-                lr=3e-3, seq_len=16)
+                lr=3e-3, seq_len=16, precision="float32")  # the same numbers on every CPU ("auto" follows the CPU)
     return HealConfig(**{**base, **kw})
 
 
@@ -195,6 +195,34 @@ def test_a_few_distillation_steps_lower_the_kl(topk):
         after = kl_full(student(windows[1]).logits, teacher(windows[1]).logits)
         before = kl_full(_pair()[1](windows[1]).logits, teacher(windows[1]).logits)
     assert after < before
+
+
+@pytest.mark.parametrize(("precision", "cpu_bf16", "expected"), [
+    ("float32", True, torch.float32), ("bfloat16", False, torch.bfloat16),
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32)])
+def test_the_training_matmuls_run_in_the_precision_asked_and_auto_follows_the_cpu(monkeypatch, precision, cpu_bf16,
+                                                                                   expected):
+    """Student and teacher multiply in the resolved dtype; the factors and their optimiser stay float32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    teacher, student = _pair()
+    seen: dict[str, set[torch.dtype]] = {"student": set(), "teacher": set()}
+    for role, model in (("student", student), ("teacher", teacher)):
+        head = model.get_output_embeddings()
+        head.register_forward_hook(lambda _m, _a, out, role=role: seen[role].add(out.dtype))
+    report = heal(student, teacher, _windows(), _cfg(precision=precision, topk=8))
+    assert seen == {"student": {expected}, "teacher": {expected}}
+    assert report.precision == str(expected).removeprefix("torch.") and report.brief()["precision"] == report.precision
+    assert report.phases[0]["best_heldout"] < report.phases[0]["initial_heldout"]  # bf16 trains too
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+
+
+def test_auto_precision_is_bfloat16_on_cuda_and_an_unknown_precision_is_refused():
+    from svdzip.recover.trainer import compute_dtype
+
+    assert compute_dtype("cuda", "auto") == torch.bfloat16 and compute_dtype("cuda", "float32") == torch.float32
+    with pytest.raises(SvdzipError, match="unknown heal precision 'fp16'"):
+        HealConfig(method="distill", precision="fp16").validate()
 
 
 def test_the_teacher_runs_before_training_only_and_is_then_freed(monkeypatch):

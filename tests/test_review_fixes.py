@@ -71,8 +71,6 @@ def _train_linear(checkpoint, device, steps):
 
 
 def test_a_cuda_heal_checkpoints_and_restores_every_cuda_rng_state(tmp_path, monkeypatch):
-    import contextlib
-
     from svdzip.recover import trainer
 
     states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
@@ -80,7 +78,6 @@ def test_a_cuda_heal_checkpoints_and_restores_every_cuda_rng_state(tmp_path, mon
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new: restored.append(list(new)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(trainer, "autocast_for", lambda _device: contextlib.nullcontext())  # no GPU here
     ck = trainer.Checkpoint(tmp_path, {"run": 1})
     _train_linear(ck, "cuda", 4)
     _, tensors = ck.load()

@@ -165,8 +165,12 @@ def test_footprint_terms_grow_with_what_the_run_holds():
     assert footprint.gram_bytes_of(cfg) == 8 * 24 * (3 * 896**2 + 4864**2)
     assert held.peak - plain.peak == footprint.gram_bytes_of(cfg)
     healed = footprint.estimate(2 * 2**30, cfg, gram_bytes=0, grams_in_memory=False,
-                                 heal=HealConfig(method="distill"))
+                                 heal=HealConfig(method="distill", precision="float32"), kept=0.8)
     assert healed.peak_stage == "heal (training)" and healed.peak > plain.peak
+    half = footprint.estimate(2 * 2**30, cfg, gram_bytes=0, grams_in_memory=False,
+                              heal=HealConfig(method="distill", precision="bfloat16"), kept=0.8)
+    linears = 0.8 * footprint.decoder_linear_bytes(cfg, 2 * 2**30) / 4 + 151936 * 896  # elements in the forward
+    assert half.peak - healed.peak == pytest.approx(2 * linears, abs=2)  # a bf16 copy of each, saved for backward
     assert footprint.backward_bytes(cfg, 2048) == 2 * footprint.backward_bytes(cfg, 1024)
 
 

@@ -4,7 +4,8 @@ is refused up front (with the streamed alternative) instead of being killed by t
 The terms are the ones measured on Qwen2.5-0.5B (README, "Real models"): the float32
 model; the float64 Gram matrices while they are held in memory (small models only, `driver.GRAMS_IN_MEMORY_BYTES`);
 a backward pass through the whole model (the loss-aware Fisher signal, healing): every layer's activations for
-the tokens of one micro-batch plus the logits over the vocabulary and their gradient; and, while a heal caches
+the tokens of one micro-batch plus the logits over the vocabulary and their gradient (and, under a bf16 autocast,
+the 16-bit copies of the weights it saves); and, while a heal caches
 its teacher's top-k, a second copy of the model. Each stage's peak is the sum of what lives during it; the run's
 peak is the largest stage.
 """
@@ -83,7 +84,7 @@ def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams
     `grams_freed_after_calibration`: the driver drops the statistics once the spectra exist (the Python API's
     caller may keep them); `kept`: the fraction of the decoder linears' parameters left to train."""
     fp = Footprint()
-    hidden, inter, _, _ = _shape(config)
+    hidden, inter, _, vocab = _shape(config)
     layer_activations = 2 * 4 * calib_tokens * max(hidden, inter)  # one layer's input and output, all windows
     fp.add("calibration", model=model_bytes, grams=gram_bytes if grams_in_memory else 0,
            activations=layer_activations)
@@ -95,11 +96,13 @@ def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams
         micro = heal.batch_size * heal.seq_len
         # with the top-k cache the teacher is freed before training; the full distribution keeps it running
         teacher = model_bytes if heal.objective == "kl" and not heal.topk else 0
-        fp.add("heal (training)", student=model_bytes, teacher=teacher,
-               optimizer=int(TRAINER_COPIES * kept * decoder_linear_bytes(config, model_bytes)),
-               backward=backward_bytes(config, micro, heal.seq_len))
+        trained = int(kept * decoder_linear_bytes(config, model_bytes))
+        # training under a 16-bit autocast saves a 16-bit copy of every linear's weight for the backward
+        width = heal.compute_dtype().itemsize
+        casts = (trained + 4 * vocab * hidden) * width // 4 if width < 4 else 0
+        fp.add("heal (training)", student=model_bytes, teacher=teacher, optimizer=TRAINER_COPIES * trained,
+               casts=casts, backward=backward_bytes(config, micro, heal.seq_len))
         if heal.objective == "kl":
-            _, _, _, vocab = _shape(config)
             fp.add("heal (teacher top-k)", student=model_bytes, teacher=model_bytes,
                    logits=2 * 4 * micro * vocab)
     return fp

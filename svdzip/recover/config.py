@@ -10,10 +10,12 @@ from typing import Any
 import torch
 
 from svdzip.errors import SvdzipError
+from svdzip.recover.trainer import compute_dtype
 
 HEAL_METHODS = ("distill", "seq-lora", "layerwise")
 OBJECTIVES = ("kl", "ce", "mse")
 ORDERS = ("u-first", "v-first")
+PRECISIONS = ("auto", "float32", "bfloat16")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # Recoveries that train the model's own weights start their learning-rate search at `lr_per_rms` × the
     # median RMS of the weights they train (`HealConfig.start_lr`): AdamW moves every weight by about lr a step,
@@ -82,6 +84,10 @@ class HealConfig:
     lora_dropout: float = 0.05
     order: str = "u-first"
     corpus: str | None = None  # None: the calibration corpus of the run (wiki when healing alone)
+    # the matmuls of distillation and sequential LoRA (student and teacher): "auto" = bfloat16 autocast where the
+    # device multiplies bf16 natively (`trainer.native_bf16`), else float32; weights and AdamW stay float32.
+    # Layer-wise healing trains in float32
+    precision: str = "auto"
     seed: int = 0
     device: str = "cpu"
 
@@ -104,6 +110,8 @@ class HealConfig:
             raise SvdzipError(f"unknown recovery '{self.method}'; name one of {', '.join(HEAL_METHODS)}")
         if self.objective not in OBJECTIVES:
             raise SvdzipError(f"unknown heal objective '{self.objective}'; choose from {', '.join(OBJECTIVES)}")
+        if self.precision not in PRECISIONS:
+            raise SvdzipError(f"unknown heal precision '{self.precision}'; choose from {', '.join(PRECISIONS)}")
         if self.order not in ORDERS:
             raise SvdzipError(f"unknown sequential-LoRA order '{self.order}'; choose from {', '.join(ORDERS)}")
         positive = ("steps", "batch_size", "grad_accum", "train_samples", "heldout_samples", "eval_every",
@@ -149,6 +157,10 @@ class HealConfig:
             raise SvdzipError(f"no learning rate from the trained weights' scale (median RMS {scale:g} over {len(rms)} "
                               "weights): nothing to train, or weights of zeros; give --heal-lr")
         return self.lr_per_rms * scale
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the training matmuls on this config's device (`precision` resolved)."""
+        return compute_dtype(self.device, self.precision)
 
     @property
     def layer_local(self) -> bool:

@@ -35,7 +35,7 @@ from svdzip.models.sliced import slimmed_modules
 from svdzip.recover.config import HealConfig
 from svdzip.recover.losses import TopK, kl_full, kl_topk, next_token_ce, topk_of
 from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules, phase_sides
-from svdzip.recover.trainer import Backoff, Checkpoint, TrainResult, batch_order, train
+from svdzip.recover.trainer import Backoff, Checkpoint, TrainResult, autocast_for, batch_order, train
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class HealReport:
     lr_auto: bool = False  # the learning rate was searched on the held-out windows
     lr: float | None = None  # the peak learning rate in force at the end (the last trained phase's)
     backoffs: int = 0  # learning-rate back-offs over all phases (each phase's are in `phases`)
+    precision: str = "float32"  # the training matmuls' dtype (`HealConfig.precision` resolved on the device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +64,7 @@ class HealReport:
         """What a run summary shows of the heal."""
         return {"improved": self.improved, "heldout_step0": self.initial_heldout, "heldout_final": self.final_heldout,
                 "lr": self.lr, "lr_auto": self.lr_auto, "backoffs": self.backoffs, "stopped": self.stopped,
+                "precision": self.precision,
                 "heldout_curve": [[h["step"], round(h["heldout"], 5)] for p in self.phases
                                   for h in p.get("history", ())]}
 
@@ -107,6 +109,7 @@ class Objective:
         if config.objective == "kl" and teacher is None:
             raise SvdzipError("the kl objective needs the dense teacher model")
         self.teacher, self.train_windows, self.heldout, self.config = teacher, train_windows, heldout, config
+        self.dtype = config.compute_dtype()
         self._cache: dict[tuple[str, int], TopK] = {}
 
     @property
@@ -134,7 +137,8 @@ class Objective:
             if self.teacher is None:
                 raise SvdzipError(f"internal: the teacher was released, but {split} window {missing[0]} has no "
                                   "precomputed top-k")
-            logits = self.teacher(input_ids=windows[missing].to(self.config.device), use_cache=False).logits
+            with autocast_for(self.config.device, self.dtype):
+                logits = self.teacher(input_ids=windows[missing].to(self.config.device), use_cache=False).logits
             top = topk_of(logits, self.config.topk, self.config.temperature).to("cpu")
             for j, i in enumerate(missing):
                 self._cache[(split, i)] = top[j]
@@ -150,7 +154,7 @@ class Objective:
             return next_token_ce(logits, ids)
         if self.config.topk:
             return kl_topk(logits, self._teacher_topk(split, windows, indices), self.config.temperature)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(self.config.device, self.dtype):
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         return kl_full(logits, teacher_logits, self.config.temperature)
 
@@ -192,7 +196,7 @@ def _run_phase(model: nn.Module, params: dict[str, nn.Parameter], objective: Obj
         patience=config.patience, seed=config.seed, device=config.device,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, checkpoint=checkpoint, desc=desc,
         backoff=Backoff(config.lr_backoff, config.max_backoffs, max(1, config.eval_every // 2))
-        if config.auto_lr else None,
+        if config.auto_lr else None, dtype=objective.dtype,
     )
 
 
@@ -216,7 +220,8 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
         teacher.eval().requires_grad_(False)
     base = {**config.fingerprint(), "student": state_digest(student)} if resume_dir else {}
     root = Path(resume_dir) if resume_dir else None
-    report = HealReport(method=config.method, config=config.to_dict())
+    report = HealReport(method=config.method, config=config.to_dict(),
+                        precision=str(objective.dtype).removeprefix("torch."))
 
     def checkpoint(phase: str) -> Checkpoint | None:
         return Checkpoint(root / phase, {**base, "phase": phase}) if root else None

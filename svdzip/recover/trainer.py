@@ -70,11 +70,29 @@ def batch_order(n_windows: int, batch_size: int, n_batches: int, seed: int) -> t
     return torch.cat(epochs)[:need].view(n_batches, batch_size)
 
 
-def autocast_for(device: str | torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (its tensor cores); full float32 on the CPU, where bf16 is no faster here."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (on this project's
+    2-core AMD EPYC, AVX512-BF16: a 256 × 896 × 4864 GEMM 4.8× float32's speed, a training step of Qwen2.5-0.5B
+    1.7×, a forward without gradients 2.7×; `benchmarks/results/heal_precision.md`)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID probes
+    return kind == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def compute_dtype(device: str | torch.device, precision: str) -> torch.dtype:
+    """The matmuls' dtype for `precision` ("auto": bfloat16 where the device multiplies it natively)."""
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+
+
+def autocast_for(device: str | torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` (weights, optimiser and losses stay float32), or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @dataclass
@@ -175,10 +193,12 @@ def train(
     checkpoint: Checkpoint | None = None,
     backoff: Backoff | None = None,
     desc: str = "heal",
+    dtype: torch.dtype = torch.float32,
 ) -> TrainResult:
     """Minimise `micro_loss` over `params` for `steps` optimiser steps; the best held-out state is kept.
 
-    With `backoff` the learning rate `lr` is where the search starts; without it, it is fixed."""
+    With `backoff` the learning rate `lr` is where the search starts; without it, it is fixed. `dtype`: the
+    forward's matmuls (`autocast_for`); the parameters, their gradients and AdamW's moments stay float32."""
     t0 = time.perf_counter()
     names = list(params)
 
@@ -207,7 +227,7 @@ def train(
         search, running = state["search"], state["running"]
         log.info("%s: resumed from the checkpoint at step %d in %s", desc, start, checkpoint.path)
     else:
-        initial = best_loss = _evaluate(model, heldout_loss, device)
+        initial = best_loss = _evaluate(model, heldout_loss, device, dtype)
         best_step, bad = 0, 0
         best = {n: p.detach().clone() for n, p in params.items()}
         history.append({"step": 0, "heldout": initial, "lr": lr})
@@ -225,7 +245,7 @@ def train(
         total = 0.0
         finite = True
         for m in range(grad_accum):
-            with autocast_for(device):
+            with autocast_for(device, dtype):
                 loss = micro_loss(order[step * grad_accum + m])
             if not torch.isfinite(loss):
                 finite = False
@@ -244,7 +264,7 @@ def train(
         done = step + 1
         early = not search["confirmed"] and done - search["restart"] == backoff.first_check
         if early or done % eval_every == 0 or done == steps:
-            h = _evaluate(model, heldout_loss, device)
+            h = _evaluate(model, heldout_loss, device, dtype)
             history.append({"step": done, "heldout": h, "train": running, "lr": search["lr"]})
             log.info("%s: step %d/%d, lr %.3g, train loss %.4f, held-out %.4f", desc, done, steps, search["lr"],
                      running, h)
@@ -292,9 +312,9 @@ def _copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, heldout_loss: Callable[[], float], device: str) -> float:
+def _evaluate(model: nn.Module, heldout_loss: Callable[[], float], device: str, dtype: torch.dtype) -> float:
     model.eval()
-    with autocast_for(device):
+    with autocast_for(device, dtype):
         return float(heldout_loss())
 
 
