@@ -3,6 +3,7 @@ streaming = in memory, a failed save keeps the previous output, provenance in th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -351,3 +352,33 @@ def test_streaming_equals_in_memory_for_other_families(family, tmp_path):
     probe = tokens[:2, :16]
     with torch.no_grad():
         torch.testing.assert_close(model(probe).logits, ref.model(probe).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_heal_precision_falls_back_to_float32_where_only_its_footprint_fits(ckpt, tmp_path, monkeypatch):
+    """A bf16 heal saves a 16-bit copy of every weight for the backward: where that alone would not fit, "auto"
+    heals in float32 (recorded as such); an explicit bfloat16 is refused instead, and so is a run too large
+    either way."""
+    import svdzip.core.checkpoint as checkpoint_mod
+    from svdzip.engine.driver import in_memory_footprint, part_needs, refuse_if_too_large, union
+    from svdzip.recover.config import HealConfig
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    source, _ = ckpt
+    recipe = Recipe.plain(**CFG, heal="distill", healing=HealConfig(steps=2, train_samples=4, heldout_samples=2,
+                                                                    seq_len=16, eval_every=1)).resolved(scaled=False)
+    needs, heal = union(part_needs(recipe)), recipe.heal_config()
+    half = in_memory_footprint(str(source), recipe, needs, heal).peak
+    full = in_memory_footprint(str(source), recipe, needs, dataclasses.replace(heal, precision="float32")).peak
+    assert half > full
+    monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: (half + full) // 2)
+    assert refuse_if_too_large(str(source), recipe, needs, heal) == "float32"
+    with pytest.raises(SvdzipError, match="--stream"):
+        refuse_if_too_large(str(source), recipe, needs, dataclasses.replace(heal, precision="bfloat16"))
+    run(CompressRequest(model=str(source), recipe=recipe, out=tmp_path / "out", stream=False, plots=False),
+        ctx=DistContext())
+    details = io.read_manifest(tmp_path / "out")["details"]
+    assert details["recovery"][0]["precision"] == "float32"
+    assert "precision: float32" in (tmp_path / "out" / "recipe.yaml").read_text()
+    monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: full - 1)
+    with pytest.raises(SvdzipError, match="--stream"):
+        refuse_if_too_large(str(source), recipe, needs, heal)

@@ -222,7 +222,10 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         require_backend(recipe.quantize, recipe.device)
     heal = recipe.heal_config()
     if not streamed and not given:
-        refuse_if_too_large(source, recipe, needs, heal, ctx.world_size)
+        precision = refuse_if_too_large(source, recipe, needs, heal, ctx.world_size)
+        if heal is not None and precision != heal.precision:
+            recipe = replace(recipe, healing=replace(recipe.healing, precision=precision))
+            request, heal = replace(request, recipe=recipe), recipe.heal_config()
     if heal is not None and not heal.layer_local and mode.streamed:
         return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, needs, ctx)
@@ -378,32 +381,56 @@ def _grams_too_large(adapter, needs: Needs) -> bool:
     return True
 
 
-def refuse_if_too_large(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> None:
-    """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory."""
+def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> Any:
+    """The estimated peak of an in-memory run on this machine's memory (`engine.footprint`), read from the
+    checkpoint's config and size before loading; None where it cannot be read (a hub id) or does not apply (the
+    model and its activations live on an accelerator)."""
     if torch.device(config.device).type != "cpu":
-        return  # the model and its activations live on the accelerator, not in this machine's memory
-    from svdzip.core.checkpoint import checkpoint_elements, memory_limit_bytes
+        return None
+    from svdzip.core.checkpoint import checkpoint_elements
     from svdzip.engine import footprint
 
     model_config, elements = footprint.read_config(source), checkpoint_elements(source)
     if model_config is None or not elements:
-        return  # a hub id: nothing to read before loading
+        return None
     grams = footprint.gram_bytes_of(model_config) if "grams" in needs.statistics else 0
-    estimate = footprint.estimate(
+    return footprint.estimate(
         4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
-        fisher_tokens=footprint.fisher_tokens(config), heal=None if heal is None or heal.layer_local else heal,
-        grams_freed_after_calibration=True,
+        fisher_tokens=footprint.fisher_tokens(config),
+        heal=None if heal is None or heal.layer_local else heal, grams_freed_after_calibration=True,
         kept=1.0 if config.memory_budget else 1.0 - config.ratio,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
+
+
+def refuse_if_too_large(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> str | None:
+    """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory.
+
+    Returns the heal's precision to use: "auto" resolved to float32 when only a bfloat16 heal's 16-bit weight
+    copies would not fit (float32 is slower on a CPU with bf16 units, not worse); otherwise the one asked."""
+    from svdzip.core.checkpoint import memory_limit_bytes
+    from svdzip.engine.footprint import human
+
+    asked = heal.precision if heal is not None else None
+    peak = in_memory_footprint(source, config, needs, heal, world_size)
+    if peak is None:
+        return asked
     available = memory_limit_bytes()
+    if peak.peak > available and asked == "auto" and heal.compute_dtype() != torch.float32:
+        full = in_memory_footprint(source, config, needs, replace(heal, precision="float32"), world_size)
+        if full.peak <= available:
+            log.warning("a bfloat16 heal would need about %s of memory (%s) and %s are available: healing in "
+                        "float32 (%s at its peak; --heal-precision float32 says so up front)",
+                        human(peak.peak), peak.describe(), human(available), human(full.peak))
+            peak, asked = full, "float32"
     log.info("estimated peak memory of this in-memory run: %s (%s); %s available",
-             footprint.human(estimate.peak), estimate.describe(), footprint.human(available))
-    if estimate.peak > available:
+             human(peak.peak), peak.describe(), human(available))
+    if peak.peak > available:
         raise SvdzipError(
-            f"this run would need about {footprint.human(estimate.peak)} of memory at its peak "
-            f"({estimate.describe()}) and {footprint.human(available)} are available: compress it streamed "
+            f"this run would need about {human(peak.peak)} of memory at its peak "
+            f"({peak.describe()}) and {human(available)} are available: compress it streamed "
             "instead (--stream [--resume-dir DIR]: one decoder layer in memory at a time), or with fewer "
             "windows per micro-batch (--heal-batch-size 1 --heal-grad-accum N)")
+    return asked
 
 
 def _parent(out: Path | None) -> Path | None:
