@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: %(default)s)")
     h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the saved model (training is float32, bf16 autocast on CUDA)")
+                   help="dtype of the saved model (training follows --heal-precision)")
     _add_heal_args(h, heal_dest="heal", heal_default="distill", with_none=False)
     _add_eval_args(h)
     h.add_argument("--eval", action="store_true",
