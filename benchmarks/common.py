@@ -73,6 +73,13 @@ class Bench:
         return {c: by[protocols[0]].ppl for c, by in res.items()}
 
 
+def cpu_seconds(fn) -> float:
+    """This process's CPU time for `fn()` (robust on a shared machine; with one thread, its cost)."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
 def write_results(name: str, payload: dict[str, Any], markdown: str, run: dict[str, Any] | None = None) -> None:
     """Write <name>.json and .md; a benchmark that adds cells to an earlier file keeps every run's provenance.
 

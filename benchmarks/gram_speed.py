@@ -17,21 +17,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import setup_logging, write_results  # noqa: E402
+from benchmarks.common import cpu_seconds, setup_logging, write_results  # noqa: E402
 from svdzip.core.statistics import GRAM_BLOCKED_MIN, GRAM_BLOCKED_MIN_OTHER, GRAM_BLOCKS, add_gram_  # noqa: E402
-
-
-def cpu_seconds(fn) -> float:
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
 
 
 def measure(n: int, rows: int, blocks: list[int], repeats: int, seed: int) -> dict:

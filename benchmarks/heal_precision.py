@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
-from common import setup_logging, write_results
+from common import cpu_seconds, setup_logging, write_results
 
 from svdzip.data import calibration_tokens, load_corpus
 from svdzip.output.loading import load_model
@@ -27,12 +26,6 @@ from svdzip.recover.losses import kl_topk, topk_of
 from svdzip.recover.trainer import autocast_for, native_bf16
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def cpu_seconds(fn) -> float:
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
 
 
 def main() -> None:
