@@ -72,8 +72,8 @@ def batch_order(n_windows: int, batch_size: int, n_batches: int, seed: int) -> t
 
 def native_bf16(device: str | torch.device) -> bool:
     """Whether `device` multiplies bfloat16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (on this project's
-    2-core AMD EPYC, AVX512-BF16: a 256 × 896 × 4864 GEMM 4.8× float32's speed, a training step of Qwen2.5-0.5B
-    1.7×, a forward without gradients 2.7×; `benchmarks/results/heal_precision.md`)."""
+    2-core AMD EPYC, AVX512-BF16, one thread: Qwen2.5-0.5B's MLP GEMM 3.8× float32's speed, its forward without
+    gradients 2.9×, a training micro-batch 2.4×; `benchmarks/results/heal_precision.md`)."""
     kind = torch.device(device).type
     if kind == "cuda":
         return True
