@@ -25,7 +25,7 @@ import psutil
 import torch
 from common import Bench, setup_logging, write_results
 
-from svdzip.recover.config import HealConfig
+from svdzip.recover.config import PRECISIONS, HealConfig
 from svdzip.recover.heal import heal, heal_windows
 
 log = logging.getLogger("benchmarks.recovery")
@@ -93,7 +93,8 @@ def markdown(data: dict[str, Any]) -> str:
             f"Healing: {cfg['steps']} steps of {cfg['batch_size'] * cfg.get('grad_accum', 1)}×{cfg['seq_len']} tokens, "
             f"lr {lr}"
             f"{' (start of the held-out search)' if cfg.get('auto_lr') else ''}, "
-            f"top-k {cfg['topk']} (distill), LoRA r={cfg['lora_r']} (seq-lora, lr {data['seq_lora_lr']}).\n\n"
+            f"top-k {cfg['topk']} (distill), LoRA r={cfg['lora_r']} (seq-lora, lr {data['seq_lora_lr']}), matmuls in "
+            f"{data.get('heal_precision', 'float32')}.\n\n"
             + "\n".join(lines))
 
 
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="windows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=HealConfig.grad_accum, help="micro-batches per step")
     p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS), help="heal matmuls")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--tasks", default="", help="zero-shot tasks ('all' = the 8 tasks)")
@@ -123,15 +125,16 @@ def main() -> None:
     name = args.name or f"recovery_{args.model.split('-')[0]}"
     bench = Bench(args.model)
     heal_cfg = HealConfig(method="distill", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                          grad_accum=args.grad_accum, topk=args.topk,
+                          grad_accum=args.grad_accum, topk=args.topk, precision=args.precision,
                           **({"lr": args.lr} if args.lr else {}))
     lora_cfg = HealConfig(method="seq-lora", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                          grad_accum=args.grad_accum,
+                          grad_accum=args.grad_accum, precision=args.precision,
                           **({"lr": args.seq_lora_lr} if args.seq_lora_lr else {}))
     windows = heal_windows(bench.tokenizer, heal_cfg)
     teacher = bench.fresh()
     data: dict[str, Any] = {"model": args.model, "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len,
                             "heal_config": heal_cfg.to_dict(), "seq_lora_lr": lora_cfg.lr,
+                            "heal_precision": str(heal_cfg.compute_dtype()).removeprefix("torch."),
                             "dense": evaluate(bench, teacher, args), "cells": []}
     cells = [c.split(":") for c in args.cells.split(",") if c]
     for ratio in [float(r) for r in args.ratios.split(",")]:
