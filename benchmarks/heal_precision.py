@@ -21,7 +21,7 @@ from common import cpu_seconds, setup_logging, write_results
 
 from svdzip.data import calibration_tokens, load_corpus
 from svdzip.output.loading import load_model
-from svdzip.recover.heal import _trainable_factors
+from svdzip.recover.heal import trainable_factors
 from svdzip.recover.losses import kl_topk, topk_of
 from svdzip.recover.trainer import autocast_for, native_bf16
 
@@ -44,7 +44,7 @@ def main() -> None:
     teacher, tokenizer, _ = load_model(args.teacher, "cpu")
     student = load_model(args.student, "cpu")[0]
     teacher.eval().requires_grad_(False)
-    trained = _trainable_factors(student)
+    trained = trainable_factors(student)
     windows = calibration_tokens(tokenizer, load_corpus("wiki"), args.windows, args.seq_len, 0)
     one = windows[:1]
     hidden = teacher.config.hidden_size

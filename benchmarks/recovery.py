@@ -134,7 +134,7 @@ def main() -> None:
     teacher = bench.fresh()
     data: dict[str, Any] = {"model": args.model, "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len,
                             "heal_config": heal_cfg.to_dict(), "seq_lora_lr": lora_cfg.lr,
-                            "heal_precision": str(heal_cfg.compute_dtype()).removeprefix("torch."),
+                            "heal_precision": heal_cfg.resolved_precision(),
                             "dense": evaluate(bench, teacher, args), "cells": []}
     cells = [c.split(":") for c in args.cells.split(",") if c]
     for ratio in [float(r) for r in args.ratios.split(",")]:

@@ -359,7 +359,7 @@ def test_auto_heal_precision_falls_back_to_float32_where_only_its_footprint_fits
     heals in float32 (recorded as such); an explicit bfloat16 is refused instead, and so is a run too large
     either way."""
     import svdzip.core.checkpoint as checkpoint_mod
-    from svdzip.engine.driver import in_memory_footprint, part_needs, refuse_if_too_large, union
+    from svdzip.engine.driver import fit_in_memory, in_memory_footprint, part_needs, union
     from svdzip.recover.config import HealConfig
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
@@ -371,9 +371,9 @@ def test_auto_heal_precision_falls_back_to_float32_where_only_its_footprint_fits
     full = in_memory_footprint(str(source), recipe, needs, dataclasses.replace(heal, precision="float32")).peak
     assert half > full
     monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: (half + full) // 2)
-    assert refuse_if_too_large(str(source), recipe, needs, heal) == "float32"
+    assert fit_in_memory(str(source), recipe, needs, heal) == "float32"
     with pytest.raises(SvdzipError, match="--stream"):
-        refuse_if_too_large(str(source), recipe, needs, dataclasses.replace(heal, precision="bfloat16"))
+        fit_in_memory(str(source), recipe, needs, dataclasses.replace(heal, precision="bfloat16"))
     run(CompressRequest(model=str(source), recipe=recipe, out=tmp_path / "out", stream=False, plots=False),
         ctx=DistContext())
     details = io.read_manifest(tmp_path / "out")["details"]
@@ -381,4 +381,4 @@ def test_auto_heal_precision_falls_back_to_float32_where_only_its_footprint_fits
     assert "precision: float32" in (tmp_path / "out" / "recipe.yaml").read_text()
     monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: full - 1)
     with pytest.raises(SvdzipError, match="--stream"):
-        refuse_if_too_large(str(source), recipe, needs, heal)
+        fit_in_memory(str(source), recipe, needs, heal)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.needs import Mode, Needs, refuse_unsupported
 from svdzip.recipe import RECIPE_FILE, Recipe
+
+if TYPE_CHECKING:
+    from svdzip.engine.footprint import Footprint
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +225,7 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
         require_backend(recipe.quantize, recipe.device)
     heal = recipe.heal_config()
     if not streamed and not given:
-        precision = refuse_if_too_large(source, recipe, needs, heal, ctx.world_size)
+        precision = fit_in_memory(source, recipe, needs, heal, ctx.world_size)
         if heal is not None and precision != heal.precision:
             recipe = replace(recipe, healing=replace(recipe.healing, precision=precision))
             request, heal = replace(request, recipe=recipe), recipe.heal_config()
@@ -381,7 +384,8 @@ def _grams_too_large(adapter, needs: Needs) -> bool:
     return True
 
 
-def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> Any:
+def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
+                        world_size: int = 1) -> Footprint | None:
     """The estimated peak of an in-memory run on this machine's memory (`engine.footprint`), read from the
     checkpoint's config and size before loading; None where it cannot be read (a hub id) or does not apply (the
     model and its activations live on an accelerator)."""
@@ -402,10 +406,9 @@ def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any, wo
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
 
 
-def refuse_if_too_large(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> str | None:
-    """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory.
-
-    Returns the heal's precision to use: "auto" resolved to float32 when only a bfloat16 heal's 16-bit weight
+def fit_in_memory(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> str | None:
+    """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory, and
+    return the heal's precision to run it at: "auto" resolved to float32 when only a bfloat16 heal's 16-bit weight
     copies would not fit (float32 is slower on a CPU with bf16 units, not worse); otherwise the one asked."""
     from svdzip.core.checkpoint import memory_limit_bytes
     from svdzip.engine.footprint import human

@@ -162,6 +162,10 @@ class HealConfig:
         """The dtype of the training matmuls on this config's device (`precision` resolved)."""
         return compute_dtype(self.device, self.precision)
 
+    def resolved_precision(self) -> str:
+        """`compute_dtype` by name ("float32" | "bfloat16"), as reports and results record it."""
+        return str(self.compute_dtype()).removeprefix("torch.")
+
     @property
     def layer_local(self) -> bool:
         """Needs only one decoder layer at a time (runs inside the layer walk, streamed or in memory)."""

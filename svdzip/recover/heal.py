@@ -168,7 +168,7 @@ class Objective:
         return run
 
 
-def _trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
     """The low-rank factors' and the slimmed linears' weights, the only parameters left trainable (embeddings,
     norms, biases and the dense linears frozen)."""
     for p in model.parameters():
@@ -222,7 +222,7 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
     base = {**config.fingerprint(), "student": state_digest(student)} if resume_dir else {}
     root = Path(resume_dir) if resume_dir else None
     report = HealReport(method=config.method, config=config.to_dict(),
-                        precision=str(objective.dtype).removeprefix("torch."))
+                        precision=config.resolved_precision())
 
     def checkpoint(phase: str) -> Checkpoint | None:
         return Checkpoint(root / phase, {**base, "phase": phase}) if root else None
@@ -239,7 +239,7 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
     if config.method == "distill":
         flags = [(p, p.requires_grad) for p in student.parameters()]  # given back as they were
         try:
-            params = _trainable_factors(student)
+            params = trainable_factors(student)
             report.trained_params = sum(p.numel() for p in params.values())
             result = _run_phase(student, params, objective, config, config.steps, checkpoint("distill"), "distill")
         finally:
