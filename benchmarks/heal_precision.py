@@ -7,7 +7,7 @@ without gradients (its top-k cache), the student's forward and backward of the t
 trainable (a training micro-batch), and one GEMM of the MLP's shape. CPU seconds (`time.process_time`), median
 of `--repeats`, the precisions interleaved. Rounding: the student's top-k KL to the teacher (what the held-out
 checks read) and the teacher's top-k log-probabilities, bf16 against float32, on the same windows.
-`svdzip.recover.trainer.native_bf16` decides "auto" from the CPU's features; this measures whether it pays.
+`svdzip.core.precision.native_bf16` decides "auto" from the CPU's features; this measures whether it pays.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import statistics
 import torch
 from common import cpu_seconds, setup_logging, write_results
 
+from svdzip.core.precision import autocast_for, native_bf16
 from svdzip.data import calibration_tokens, load_corpus
 from svdzip.output.loading import load_model
 from svdzip.recover.heal import trainable_factors
 from svdzip.recover.losses import kl_topk, topk_of
-from svdzip.recover.trainer import autocast_for, native_bf16
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

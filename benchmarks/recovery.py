@@ -25,7 +25,8 @@ import psutil
 import torch
 from common import Bench, setup_logging, write_results
 
-from svdzip.recover.config import PRECISIONS, HealConfig
+from svdzip.core.precision import PRECISIONS
+from svdzip.recover.config import HealConfig
 from svdzip.recover.heal import heal, heal_windows
 
 log = logging.getLogger("benchmarks.recovery")

@@ -70,7 +70,8 @@ def _add_task_speed_args(p: argparse.ArgumentParser, default_tasks: str = "") ->
 
 def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any, with_none: bool) -> None:
     """Recovery options shared by `compress --heal` and `svdzip heal` (defaults: HealConfig's, quoted in the help)."""
-    from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, ORDERS, PRECISIONS
+    from svdzip.core.precision import PRECISIONS
+    from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, ORDERS
     from svdzip.recover.config import HealConfig as H
 
     g = p.add_argument_group("recovery (train the factors after truncation, on calibration text only)")
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-matrix table)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from svdzip.core.precision import PRECISIONS
     from svdzip.recipe import Recipe
 
     d = Recipe()  # the defaults, quoted in the help texts
@@ -243,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     field("--calib-samples", "calib_samples", "calibration sequences", type=int)
     field("--calib-seq-len", "calib_seq_len", "calibration sequence length", type=int)
     field("--calib-batch-size", "calib_batch_size", "calibration sequences per forward", type=int)
+    field("--calib-precision", "calib_precision", "the calibration's and the Fisher pass's matmuls: auto = "
+          "bfloat16 autocast where the device has it natively (CUDA, AVX512-BF16, AMX), else float32; the "
+          "statistics are summed in float32 either way", choices=list(PRECISIONS))
     c.add_argument("--paper-calibration", action="store_true",
                    help="the papers' 256 x 2048 calibration tokens (slow on a CPU)")
     c.add_argument("--stats", default=None,

@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from svdzip.budget import check_ratio
+from svdzip.core.precision import PRECISIONS, compute_dtype
 from svdzip.errors import SvdzipError
 from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, METHOD_DEFAULTS, HealConfig
 
@@ -81,6 +84,9 @@ class Recipe:
     calib_samples: int = 64
     calib_seq_len: int = 512
     calib_batch_size: int = 8
+    # the matmuls of the calibration and Fisher passes: auto = a bfloat16 autocast where the device multiplies it
+    # natively (`core.precision`), else float32; the statistics are summed in float32/float64 either way
+    calib_precision: str = "auto"
     heldout_samples: int = 8  # held-out calibration windows, for parts that tune or guard on them
     seed: int = 0
     # where it runs (not written to the recipe file)
@@ -208,7 +214,14 @@ class Recipe:
                 raise SvdzipError(f"{name} must be a whole number ≥ 1, got {getattr(self, name)!r}")
         if self.asvd_scaling not in ("abs_mean", "abs_max"):
             raise SvdzipError(f"asvd scaling must be abs_mean or abs_max, got '{self.asvd_scaling}'")
+        if self.calib_precision not in PRECISIONS:
+            raise SvdzipError(f"unknown calibration precision '{self.calib_precision}'; "
+                              f"choose from {', '.join(PRECISIONS)}")
         return self
+
+    def calib_dtype(self) -> torch.dtype:
+        """The calibration's matmul dtype on this recipe's device (`calib_precision` resolved)."""
+        return compute_dtype(self.device, self.calib_precision)
 
     def _validate_structured(self, method: Any) -> None:
         """A method that slims whole modules (MoDeGPT) with what can give its modules their widths."""

@@ -9,7 +9,7 @@ from tiny_models import tiny_model, tiny_tokens
 
 from svdzip import Recipe, SvdzipError, compress
 from svdzip.recover.config import HealConfig
-from svdzip.recover.heal import heal
+from svdzip.recover.heal import heal, trainable_factors
 from svdzip.recover.losses import kl_full, kl_topk, next_token_ce, topk_of
 from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules
 from svdzip.recover.trainer import Checkpoint, batch_order, lr_at
@@ -210,15 +210,20 @@ def test_the_training_matmuls_run_in_the_precision_asked_and_auto_follows_the_cp
     for role, model in (("student", student), ("teacher", teacher)):
         head = model.get_output_embeddings()
         head.register_forward_hook(lambda _m, _a, out, role=role: seen[role].add(out.dtype))
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if n not in trainable_factors(student)}
     report = heal(student, teacher, _windows(), _cfg(precision=precision, topk=8))
     assert seen == {"student": {expected}, "teacher": {expected}}
     assert report.precision == str(expected).removeprefix("torch.") and report.brief()["precision"] == report.precision
     assert report.phases[0]["best_heldout"] < report.phases[0]["initial_heldout"]  # bf16 trains too
     assert all(p.dtype == torch.float32 for p in student.parameters())
+    # the frozen weights, held in bf16 during training, are the same float32 tensors afterwards
+    assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
+    # the teacher is used up: a bf16 heal left its frozen linears in bf16, a float32 one as they were
+    assert teacher.model.layers[0].mlp.up_proj.weight.dtype == expected
 
 
 def test_auto_precision_is_bfloat16_on_cuda_and_an_unknown_precision_is_refused():
-    from svdzip.recover.trainer import compute_dtype
+    from svdzip.core.precision import compute_dtype
 
     assert compute_dtype("cuda", "auto") == torch.bfloat16 and compute_dtype("cuda", "float32") == torch.float32
     with pytest.raises(SvdzipError, match="unknown heal precision 'fp16'"):

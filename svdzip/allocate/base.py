@@ -17,6 +17,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import torch
+
 from svdzip.allocate.options import Option, parse_options
 from svdzip.budget import DENSE
 from svdzip.methods.decompose import Unit
@@ -53,6 +55,7 @@ class AllocationContext:
     calib_tokens: Any = None
     heldout_tokens: Any = None  # calibration-corpus windows the statistics never saw (tuning, guards)
     device: Any = "cpu"
+    dtype: Any = torch.float32  # the matmuls of a pass an allocator runs over the model (`core.precision`)
     seed: int = 0
     cache: AllocationCache = field(default_factory=AllocationCache)
 

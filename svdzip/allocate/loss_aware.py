@@ -40,6 +40,7 @@ import torch
 from svdzip.allocate import options as opt
 from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.allocate.common import greedy_loss_allocation, tune_on_heldout
+from svdzip.core.precision import autocast_for
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import effective_rank
@@ -51,8 +52,9 @@ SIGNALS = ("fisher", "local", "whitened", "relative", "erank")
 
 
 def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Tensor,
-                  batch_size: int = 2) -> dict[str, float]:
-    """Mean squared gradient of the next-token loss w.r.t. each named linear's output."""
+                  batch_size: int = 2, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Mean squared gradient of the next-token loss w.r.t. each named linear's output; the forward and
+    backward multiply in `dtype` (`core.precision`), the squares are summed in float64."""
     modules = dict(model.named_modules())
     acc = {n: 0.0 for n in names}
     counts = {n: 0 for n in names}
@@ -85,7 +87,8 @@ def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Te
                 # and logits in memory instead of the batch's
                 for row in batch:
                     ids = row[None].to(device)
-                    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                    with autocast_for(device, dtype):
+                        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
                     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                              ids[:, 1:].reshape(-1), reduction="sum") / count
                     loss.backward()
@@ -97,11 +100,12 @@ def output_fisher(model: torch.nn.Module, names: Sequence[str], tokens: torch.Te
     return {n: acc[n] / max(counts[n], 1) for n in names}
 
 
-def fisher_key(units: Sequence[Unit], tokens: torch.Tensor, batch_size: int) -> str:
-    """What the output Fisher depends on: the tokens, the batching of the loss, and the model (through the
-    units' names and leading spectra, which fix its weights and statistics)."""
+def fisher_key(units: Sequence[Unit], tokens: torch.Tensor, batch_size: int, dtype: torch.dtype = torch.float32
+               ) -> str:
+    """What the output Fisher depends on: the tokens, the batching of the loss, the matmuls' dtype and the model
+    (through the units' names and leading spectra, which fix its weights and statistics)."""
     h = hashlib.sha256(tokens.to(torch.int64).numpy().tobytes())
-    h.update(str(batch_size).encode())
+    h.update(f"{batch_size} {dtype}".encode())
     for u in units:
         h.update(u.name.encode())
         h.update(u.spectrum.sigma2[:4].double().numpy().tobytes())
@@ -128,8 +132,8 @@ def unit_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -> 
     tokens = ctx.calib_tokens[: ctx.options["fisher_samples"]]
     batch = ctx.options["fisher_batch"]
     names = [m.name for u in units for m in u.loss_members]
-    fisher = ctx.cache.get("loss-aware", fisher_key(units, tokens, batch),
-                           lambda: output_fisher(ctx.model, names, tokens, batch))
+    fisher = ctx.cache.get("loss-aware", fisher_key(units, tokens, batch, ctx.dtype),
+                           lambda: output_fisher(ctx.model, names, tokens, batch, ctx.dtype))
     # a shared unit's stacked loss sums its members' output errors: weight by their mean Fisher
     return [sum(fisher[m.name] * m.out_features for m in u.loss_members)
             / max(sum(m.out_features for m in u.loss_members), 1) for u in units]

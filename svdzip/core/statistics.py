@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svdzip.assets import sha256_file
+from svdzip.core.precision import full_precision
 from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 
@@ -184,6 +185,9 @@ def symmetric_gram(x: torch.Tensor, blocks: int = GRAM_BLOCKS, dtype: torch.dtyp
 class Accumulator:
     """A forward pre-hook adding one batch's input statistics (only the wanted kinds) to `stats`.
 
+    Its products are float32 whatever the pass's autocast: a Gram from 16-bit products would round every
+    entry to 8 bits (2.4e-3 relative error on a 4096-token batch of Qwen2.5-0.5B's shapes, measured).
+
     The sums stay on the compute device during a layer (no per-batch transfer); `finish` moves them to
     the CPU once the layer is done.
     """
@@ -198,6 +202,10 @@ class Accumulator:
         x = x.reshape(-1, x.shape[-1])
         if x.dtype != torch.float32:
             x = x.float()
+        with full_precision(x.device):  # under a bf16 pass the activations are bf16's, their sums still float32
+            self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
         s, key = self.stats, self.key
         if self.gram:
             if gram_blocked(x):  # wide: the blocks on and above the diagonal only, products in fp32 ...
@@ -293,11 +301,13 @@ def tensor_digest(tensors: Iterable[torch.Tensor], h: Any = None) -> str:
     return h.hexdigest()
 
 
-def statistics_key(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """What the statistics depend on: the weights' content, the tokens' content and the batch size."""
+def statistics_key(model: nn.Module, tokens: torch.Tensor, batch_size: int, precision: str = "float32"
+                   ) -> dict[str, Any]:
+    """What the statistics depend on: the weights' content, the tokens' content, the batch size and the dtype
+    the pass multiplied in (resolved: "float32" | "bfloat16")."""
     weights = tensor_digest(p for _, p in sorted(model.state_dict().items()))
     return {"format": STATS_FORMAT, "weights": weights, "tokens": tensor_digest([tokens]),
-            "batch_size": int(batch_size)}
+            "batch_size": int(batch_size), "precision": precision}
 
 
 def default_stats_path(key: dict[str, Any]) -> Path:

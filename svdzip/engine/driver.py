@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from svdzip.core.distributed import DistContext
+from svdzip.core.precision import dtype_name
 from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.needs import Mode, Needs, refuse_unsupported
@@ -113,7 +114,7 @@ def state_key(source: str, config: Recipe, ctx: DistContext, streamed: bool) -> 
             "seq_len": config.calib_seq_len, "seed": config.seed, "batch_size": config.calib_batch_size,
             "method": config.method, "group_size": config.group_size, "share_roles": list(config.share_roles),
             "asvd_alpha": config.asvd_alpha, "asvd_scaling": config.asvd_scaling,
-            "world_size": ctx.world_size, "streamed": streamed}
+            "world_size": ctx.world_size, "streamed": streamed, "precision": dtype_name(config.calib_dtype())}
 
 
 def open_state(root: str | Path, key: dict[str, Any], restart: bool, ctx: DistContext) -> RunState:
@@ -499,7 +500,8 @@ def _statistics(request: CompressRequest, model, adapter, tokens, source: str, n
     stats = None
     if kinds:
         stats = calibrate(model, adapter, tokens, config.calib_batch_size, config.device, kinds, weights=weights,
-                          state=state, ctx=ctx, meta=calibration_meta(source, config), on_disk=on_disk)
+                          state=state, ctx=ctx, meta=calibration_meta(source, config), on_disk=on_disk,
+                          dtype=config.calib_dtype())
     if "fisher" in needs.statistics:  # declared non-streamable and non-distributable: in memory, one process
         from svdzip.core.statistics import CalibrationStats
         from svdzip.engine.pipeline import add_fisher

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from svdzip.allocate import Allocation, AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
+from svdzip.core.precision import dtype_name
 from svdzip.core.statistics import CalibrationStats, default_stats_path, statistics_key
 from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
@@ -252,7 +253,7 @@ def allocate_units(units: list[Unit], config: Recipe, adapter: ModelAdapter, *, 
     ctx = AllocationContext(
         ratio=config.ratio, budget=keep_budget(unit_dense, config.ratio),
         options=dict(config.allocator_options), adapter=adapter, model=model, calib_tokens=calib_tokens,
-        heldout_tokens=heldout_tokens, device=config.device, seed=config.seed,
+        heldout_tokens=heldout_tokens, device=config.device, dtype=config.calib_dtype(), seed=config.seed,
         cache=cache if cache is not None else AllocationCache(),
     )
     if config.lowbit:
@@ -427,7 +428,7 @@ def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:
 def calibration_meta(source: str, config: Recipe) -> dict[str, Any]:
     """Where the statistics came from (provenance only; the cache key is their content, `statistics_key`)."""
     return {"model": str(source), "corpus": config.corpus, "samples": config.calib_samples,
-            "seq_len": config.calib_seq_len, "seed": config.seed}
+            "seq_len": config.calib_seq_len, "seed": config.seed, "precision": dtype_name(config.calib_dtype())}
 
 
 def complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_tokens: torch.Tensor,
@@ -440,7 +441,8 @@ def complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_
     inputs = missing - {"fisher"}
     if inputs:
         t0 = time.perf_counter()
-        fresh = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, kinds=inputs)
+        fresh = collect_statistics(model, calib_tokens, config.calib_batch_size, config.device, kinds=inputs,
+                                   dtype=config.calib_dtype())
         stats.tokens, stats.batches = fresh.tokens, fresh.batches
         stats.merge(fresh)
         timings["calibrate_s"] = time.perf_counter() - t0
@@ -459,7 +461,7 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
     FWSVD's Fisher information) is computed and added to it, so the next run at any ratio skips it.
     """
     kinds = set(kinds if kinds is not None else get_method(config.method).needs(config).statistics)
-    key = statistics_key(model, calib_tokens, config.calib_batch_size)
+    key = statistics_key(model, calib_tokens, config.calib_batch_size, dtype_name(config.calib_dtype()))
     path = Path(stats_path) if stats_path else default_stats_path(key)
     stats = None
     if path.exists():
@@ -471,8 +473,8 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
             log.warning("%s; recomputing", exc)
         else:
             if stats.meta.get("key") != key:
-                raise SvdzipError(f"statistics at {path} were computed for other weights, tokens or batch size "
-                                  f"({stats.meta.get('source', stats.meta)}); use another --stats path")
+                raise SvdzipError(f"statistics at {path} were computed for other weights, tokens, batch size or "
+                                  f"precision ({stats.meta.get('source', stats.meta)}); use another --stats path")
             log.info("reusing calibration statistics from %s", path)
     missing = kinds - (stats.kinds if stats is not None else set())
     if stats is None or missing:
@@ -490,5 +492,6 @@ def add_fisher(stats: CalibrationStats, model: nn.Module, calib_tokens: torch.Te
     from svdzip.passes.fisher import collect_fisher
 
     t0 = time.perf_counter()
-    stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device)
+    stats.fisher = collect_fisher(model, calib_tokens, config.calib_batch_size, config.device,
+                                  dtype=config.calib_dtype())
     return time.perf_counter() - t0

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from svdzip.core.distributed import DistContext, data_slice
 from svdzip.core.layerwise import ResidentWeights, WeightSource, capture_layer_inputs, forward_pre_hooks, run_layer
+from svdzip.core.precision import autocast_for
 from svdzip.core.resume import RunState, fault, write_checked
 from svdzip.core.statistics import (
     AUXILIARY,
@@ -84,8 +85,12 @@ def _resume_point(state: RunState | None, ctx: DistContext, n_layers: int, kinds
 def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int,
               device: torch.device | str, kinds: Iterable[str] = INPUT_KINDS, *, weights: WeightSource | None = None,
               state: RunState | None = None, ctx: DistContext | None = None, meta: dict[str, Any] | None = None,
-              on_disk: bool = False) -> CalibrationStats | LayeredStats:
+              on_disk: bool = False, dtype: torch.dtype = torch.float32) -> CalibrationStats | LayeredStats:
     """Statistics of this rank's slice of `tokens`, reduced over ranks, checkpointed in `state` if given.
+
+    `dtype` is the layers' matmul precision (`core.precision`): under bfloat16 the statistics are those of the
+    activations a bfloat16 forward produces, summed in float32/float64 all the same; the layer-local gain's
+    probe (a first-order perturbation, which 16-bit rounding would swamp) stays float32.
 
     `kinds` ⊆ ("grams", "abs_mean", "abs_max", "local"): only those are computed ("local": the layer-local
     gain of every linear, `passes.local_gain`). With `on_disk` (streaming) each layer's statistics stay in
@@ -145,9 +150,10 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
                 layer_stats.local = probe_layer(layer, modules, hidden[n_main:],
                                                 probe.kwargs[index] if probe is not None else [], batch_size, index,
                                                 device)
-            with forward_pre_hooks(hooks):
-                main = run_layer(layer, hidden[:n_main], inputs.kwargs[index], device)
-            hidden = main + (run_layer(layer, hidden[n_main:], probe.kwargs[index], device) if probe else [])
+            with autocast_for(device, dtype):
+                with forward_pre_hooks(hooks):
+                    main = run_layer(layer, hidden[:n_main], inputs.kwargs[index], device)
+                hidden = main + (run_layer(layer, hidden[n_main:], probe.kwargs[index], device) if probe else [])
         layer_stats.to_cpu()
         _reduce(layer_stats, ctx)
         if state is not None:
@@ -170,6 +176,6 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
 
 def collect_statistics(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8,
                        device: torch.device | str = "cpu", meta: dict[str, Any] | None = None,
-                       kinds: Iterable[str] = INPUT_KINDS) -> CalibrationStats:
+                       kinds: Iterable[str] = INPUT_KINDS, dtype: torch.dtype = torch.float32) -> CalibrationStats:
     """In-memory statistics of a loaded model, on one process (the Python API's short form)."""
-    return calibrate(model, ModelAdapter(model), tokens, batch_size, device, kinds, meta=meta)
+    return calibrate(model, ModelAdapter(model), tokens, batch_size, device, kinds, meta=meta, dtype=dtype)

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdzip.core.layerwise import capture_layer_inputs, first_output, layer_on, non_layers_on, to_device
+from svdzip.core.precision import autocast_for
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
 
@@ -89,8 +90,11 @@ def collect_fisher(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     offload: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Per compressible linear (by module name): mean over batches of mean_rows((∂L/∂W)²), float64 (n,)."""
+    """Per compressible linear (by module name): mean over batches of mean_rows((∂L/∂W)²), float64 (n,).
+
+    `dtype`: the matmuls' precision (`core.precision`); the gradients reach the float32 weights as float32."""
     if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0 or calib_tokens.shape[1] < 2:
         raise SvdzipError("Fisher information needs a [samples, seq_len ≥ 2] token tensor")
     adapter = ModelAdapter(model)
@@ -118,7 +122,7 @@ def collect_fisher(
             handles.append(w.register_post_accumulate_grad_hook(reducer(name)))
         inputs = capture_layer_inputs(model, adapter, calib_tokens, batch_size, device, offload)
         n_batches = len(inputs.hidden)
-        with non_layers_on(model, adapter, device):
+        with non_layers_on(model, adapter, device), autocast_for(device, dtype):
             for b in tqdm(range(n_batches), desc="Fisher (layer-wise backward)", unit="batch"):
                 ids = calib_tokens[b * batch_size : (b + 1) * batch_size].to(device)
                 count = ids.shape[0] * (ids.shape[1] - 1)

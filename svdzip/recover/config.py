@@ -9,13 +9,12 @@ from typing import Any
 
 import torch
 
+from svdzip.core.precision import PRECISIONS, compute_dtype, dtype_name
 from svdzip.errors import SvdzipError
-from svdzip.recover.trainer import compute_dtype
 
 HEAL_METHODS = ("distill", "seq-lora", "layerwise")
 OBJECTIVES = ("kl", "ce", "mse")
 ORDERS = ("u-first", "v-first")
-PRECISIONS = ("auto", "float32", "bfloat16")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # Recoveries that train the model's own weights start their learning-rate search at `lr_per_rms` × the
     # median RMS of the weights they train (`HealConfig.start_lr`): AdamW moves every weight by about lr a step,
@@ -85,7 +84,7 @@ class HealConfig:
     order: str = "u-first"
     corpus: str | None = None  # None: the calibration corpus of the run (wiki when healing alone)
     # the matmuls of distillation and sequential LoRA (student and teacher): "auto" = bfloat16 autocast where the
-    # device multiplies bf16 natively (`trainer.native_bf16`), else float32; weights and AdamW stay float32.
+    # device multiplies bf16 natively (`core.precision.native_bf16`), else float32; weights and AdamW stay float32.
     # Layer-wise healing trains in float32
     precision: str = "auto"
     seed: int = 0
@@ -164,7 +163,7 @@ class HealConfig:
 
     def resolved_precision(self) -> str:
         """`compute_dtype` by name ("float32" | "bfloat16"), as reports and results record it."""
-        return str(self.compute_dtype()).removeprefix("torch.")
+        return dtype_name(self.compute_dtype())
 
     @property
     def layer_local(self) -> bool:

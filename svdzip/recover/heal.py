@@ -30,13 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdzip.core.checkpoint import release_memory
+from svdzip.core.precision import autocast_for, frozen_linears_in, frozen_linears_to
 from svdzip.errors import SvdzipError
 from svdzip.models.lowrank import LowRankLinear
 from svdzip.models.sliced import slimmed_modules
 from svdzip.recover.config import HealConfig
 from svdzip.recover.losses import TopK, kl_full, kl_topk, next_token_ce, topk_of
 from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules, phase_sides
-from svdzip.recover.trainer import Backoff, Checkpoint, TrainResult, autocast_for, batch_order, train
+from svdzip.recover.trainer import Backoff, Checkpoint, TrainResult, batch_order, train
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def _run_phase(model: nn.Module, params: dict[str, nn.Parameter], objective: Obj
 def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Tensor, torch.Tensor],
          config: HealConfig, resume_dir: str | os.PathLike | None = None) -> HealReport:
     """Train `student` (an svdzip model) in place on `windows` = (training, held-out) token windows
-    (`heal_windows`); `teacher` is the dense model, needed for the kl objective."""
+    (`heal_windows`); `teacher` is the dense model, needed for the kl objective, and used up: under a bfloat16
+    heal its frozen linears keep 16-bit weights (`core.precision.frozen_linears_to`)."""
     config.validate()
     if config.layer_local:
         raise SvdzipError(f"--heal {config.method} runs inside the compression's layer walk, where each dense layer "
@@ -219,6 +221,7 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
     objective = Objective(teacher, train_windows, heldout, config)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+        frozen_linears_to(teacher, objective.dtype)  # the teacher is used up here: half its linears' memory
     base = {**config.fingerprint(), "student": state_digest(student)} if resume_dir else {}
     root = Path(resume_dir) if resume_dir else None
     report = HealReport(method=config.method, config=config.to_dict(),
@@ -241,7 +244,9 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
         try:
             params = trainable_factors(student)
             report.trained_params = sum(p.numel() for p in params.values())
-            result = _run_phase(student, params, objective, config, config.steps, checkpoint("distill"), "distill")
+            with frozen_linears_in(student, objective.dtype):
+                result = _run_phase(student, params, objective, config, config.steps, checkpoint("distill"),
+                                    "distill")
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -262,8 +267,9 @@ def heal(student: nn.Module, teacher: nn.Module | None, windows: tuple[torch.Ten
             with lora_on(student, side, config.lora_r, config.lora_alpha, config.lora_dropout) as peft_model:
                 params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
                 report.trained_params += sum(p.numel() for p in params.values())
-                result = _run_phase(peft_model, params, objective, config,
-                                    first if index == 0 else config.steps - first, checkpoint(name), name)
+                with frozen_linears_in(student, objective.dtype):
+                    result = _run_phase(peft_model, params, objective, config,
+                                        first if index == 0 else config.steps - first, checkpoint(name), name)
             report.phases.append({"phase": name, **result.to_dict()})
             if done is not None:
                 _save_side(student, side, done, result)

@@ -18,7 +18,6 @@ moments (instead of a copy of the best ones) cost no memory: the search adds not
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdzip.core.precision import autocast_for
 from svdzip.errors import SvdzipError
 
 log = logging.getLogger(__name__)
@@ -68,31 +68,6 @@ def batch_order(n_windows: int, batch_size: int, n_batches: int, seed: int) -> t
     need = n_batches * batch_size
     epochs = [torch.randperm(n_windows, generator=gen) for _ in range(-(-need // n_windows))]
     return torch.cat(epochs)[:need].view(n_batches, batch_size)
-
-
-def native_bf16(device: str | torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (on this project's
-    2-core AMD EPYC, AVX512-BF16, one thread: Qwen2.5-0.5B's MLP GEMM 3.8× float32's speed, its forward without
-    gradients 2.9×, a training micro-batch 2.4×; `benchmarks/results/heal_precision.md`)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return True
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID probes
-    return kind == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-def compute_dtype(device: str | torch.device, precision: str) -> torch.dtype:
-    """The matmuls' dtype for `precision` ("auto": bfloat16 where the device multiplies it natively)."""
-    if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
-
-
-def autocast_for(device: str | torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Autocast to `dtype` (weights, optimiser and losses stay float32), or nothing for float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @dataclass
