@@ -55,3 +55,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def float32_cpu(monkeypatch):
+    """Every test sees a CPU without native bf16, so that `auto` precisions mean float32 and the numbers do not
+    depend on the machine CI draws; a test of the bf16 paths asks for bfloat16 or patches the probes back."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokens
 
 from svdzip.core.precision import compute_dtype, dtype_name
 from svdzip.core.statistics import Accumulator, CalibrationStats
@@ -11,7 +12,6 @@ from svdzip.models.adapter import ModelAdapter
 from svdzip.passes.calibrate import calibrate
 from svdzip.passes.fisher import collect_fisher
 from svdzip.recipe import Recipe
-from tests.tiny_models import tiny_model, tiny_tokens
 
 
 def _bf16_exact(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -136,7 +136,7 @@ def test_frozen_linears_held_in_bf16_give_the_same_logits_and_come_back_float32(
     assert torch.equal(got, ref)  # autocast multiplied in bf16 before as well
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
-    assert frozen_linears_to(model, torch.float32) == []
+    assert frozen_linears_to(model, torch.float32, keep=True) == []
 
 
 def test_a_tied_head_stays_float32():
@@ -145,6 +145,6 @@ def test_a_tied_head_stays_float32():
     model = tiny_model("llama")
     model.requires_grad_(False)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    kept = frozen_linears_to(model, torch.bfloat16)
+    kept = frozen_linears_to(model, torch.bfloat16, keep=True)
     assert kept and model.get_output_embeddings().weight.dtype == torch.float32
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

@@ -49,16 +49,27 @@ def _tail(logp_top: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-mass.clamp(max=1 - _TAIL_FLOOR))
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 def topk_of(logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopK:
-    logp = F.log_softmax(logits.float() / temperature, -1)
-    top, ids = logp.topk(min(k, logp.shape[-1]), -1)
+    """The top-k of log_softmax(logits / T), without writing the whole log_softmax: top-k logits minus their
+    logsumexp (the same order, one read of the vocabulary fewer)."""
+    z = _scaled(logits, temperature)
+    top, ids = z.topk(min(k, z.shape[-1]), -1)
+    top = top - z.logsumexp(-1, keepdim=True)
     return TopK(top, ids, _tail(top))
 
 
 def kl_topk(student_logits: torch.Tensor, teacher: TopK, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of KL between the k + 1-outcome coarsenings of teacher and student, × T²."""
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    s_top = s.gather(-1, teacher.ids)
+    """Mean over tokens of KL between the k + 1-outcome coarsenings of teacher and student, × T².
+
+    The student's log-probabilities are needed at the teacher's k words only: gathered logits minus the
+    logsumexp, so neither the forward nor the backward writes a vocabulary-wide log_softmax."""
+    z = _scaled(student_logits, temperature)
+    s_top = z.gather(-1, teacher.ids) - z.logsumexp(-1, keepdim=True)
     s_tail = _tail(s_top)
     p = teacher.logp.exp()
     kl = (p * (teacher.logp - s_top)).sum(-1) + teacher.tail.exp() * (teacher.tail - s_tail)
