@@ -57,9 +57,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def float32_cpu(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def float32_cpu():
     """Every test sees a CPU without native bf16, so that `auto` precisions mean float32 and the numbers do not
-    depend on the machine CI draws; a test of the bf16 paths asks for bfloat16 or patches the probes back."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    depend on the machine CI draws (session-wide: module fixtures compute references too); a test of the bf16
+    paths asks for bfloat16 or patches the probes back (a child process: `tiny_models.FLOAT32_CPU`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        yield

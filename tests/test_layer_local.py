@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_scale import CFG, _assert_same, _checkpoint, _free_port, _logits, killed_run
-from tiny_models import VOCAB, WIDE, save_tiny, tiny_model, tiny_tokens, write_tiny_corpus
+from tiny_models import VOCAB, WIDE, no_native_bf16, save_tiny, tiny_model, tiny_tokens, write_tiny_corpus
 from transformers import AutoModelForCausalLM
 
 from svdzip import Recipe, SvdzipError, compress, load
@@ -562,6 +562,7 @@ def test_heal_directory_refuses_layerwise_up_front(tmp_path):
 
 # ----------------------------------------------------------------------------------- distributed
 def _gloo_worker(rank: int, world: int, port: int, tmp: str, source: str) -> None:
+    no_native_bf16()
     import torch.distributed as dist
 
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tiny_models import WIDE, save_tiny, tiny_model, tiny_tokenizer, tiny_tokens
+from tiny_models import FLOAT32_CPU, WIDE, no_native_bf16, save_tiny, tiny_model, tiny_tokenizer, tiny_tokens
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import svdzip.engine.writer as writer_mod
@@ -67,7 +67,7 @@ def _stream(source: Path, out: Path, run_dir: Path | None, stream: bool = True, 
 def killed_run(module: str, function: str, paths: tuple[Path, ...], fault: str) -> None:
     """`module.function(*paths)` in a fresh process that `SVDZIP_FAULT=fault` kills hard (exit 137, no cleanup)."""
     args = ", ".join(f"Path({str(p)!r})" for p in paths)
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n{FLOAT32_CPU}"
               f"from pathlib import Path\nfrom {module} import {function}\n{function}({args})\n")
     env = {**os.environ, "SVDZIP_FAULT": fault, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
@@ -294,6 +294,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, tmp: str, source: str) -> None:
+    no_native_bf16()
     import torch.distributed as dist
 
     import svdzip.passes.spectra as spectra_mod

@@ -180,3 +180,14 @@ def write_tiny_corpus(path: str | Path, paragraphs: int = 100, seed: int = 0) ->
     path = Path(path)
     path.write_text("\n\n".join(out) + "\n", encoding="utf-8")
     return path
+
+
+def no_native_bf16() -> None:
+    """This process sees a CPU without native bf16 (`auto` precisions = float32), as conftest's `float32_cpu`
+    gives every test: for a test's child process (a spawned rank, a killed run), so that its numbers match."""
+    torch.cpu._is_avx512_bf16_supported = lambda: False
+    torch.cpu._is_amx_tile_supported = lambda: False
+
+
+#: prepended to a child-process script (its path puts tests/ first)
+FLOAT32_CPU = "from tiny_models import no_native_bf16\nno_native_bf16()\n"
