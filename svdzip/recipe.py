@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from svdzip.budget import check_ratio
-from svdzip.core.precision import PRECISIONS, compute_dtype
+from svdzip.core.precision import PRECISIONS, compute_dtype, dtype_name
 from svdzip.errors import SvdzipError
 from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, METHOD_DEFAULTS, HealConfig
 
@@ -136,9 +136,12 @@ class Recipe:
                        corpus=base.corpus or self.corpus, seed=self.seed, device=self.device).validate()
 
     def for_output(self) -> Recipe:
-        """The recipe as it ran, for `recipe.yaml`: `auto` resolved beforehand, the recovery's options resolved."""
+        """The recipe as it ran, for `recipe.yaml`: `auto` resolved beforehand, the recovery's options resolved,
+        the precisions as this device resolved them (a rerun elsewhere multiplies the same way)."""
         healing = self.heal_config()
-        return replace(self, healing=healing) if healing is not None else self
+        if healing is not None:
+            healing = replace(healing, precision=healing.resolved_precision())
+        return replace(self, healing=healing or self.healing, calib_precision=self.resolved_calib_precision())
 
     def planner_applies(self) -> bool:
         """Whether `quantize: auto` means the byte planner: a memory budget, SVD-LLM's metric, loss-aware ranks,
@@ -222,6 +225,10 @@ class Recipe:
     def calib_dtype(self) -> torch.dtype:
         """The calibration's matmul dtype on this recipe's device (`calib_precision` resolved)."""
         return compute_dtype(self.device, self.calib_precision)
+
+    def resolved_calib_precision(self) -> str:
+        """`calib_dtype` by name ("float32" | "bfloat16"), as keys, provenance and recipe files record it."""
+        return dtype_name(self.calib_dtype())
 
     def _validate_structured(self, method: Any) -> None:
         """A method that slims whole modules (MoDeGPT) with what can give its modules their widths."""

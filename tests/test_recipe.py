@@ -133,6 +133,8 @@ def test_an_auto_recipe_is_written_resolved(tiny_dir, tmp_path, capsys):
     written = Recipe.load(tmp_path / "s")
     assert (written.allocator, written.allocator_options, written.heal) == ("loss-aware", {"signal": "local"},
                                                                             "layerwise")
+    # the precisions as this device resolved them (the tests' CPU has no native bf16), not "auto"
+    assert (written.calib_precision, written.healing.precision) == ("float32", "float32")
     healing = written.heal_config()
     # layer-wise healing's own defaults
     assert (healing.steps, healing.lr, healing.lr_per_rms, healing.objective) == (10, None, 1.17e-2, "mse")

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from svdzip.core.distributed import DistContext
-from svdzip.core.precision import dtype_name
 from svdzip.core.resume import RunState
 from svdzip.errors import SvdzipError
 from svdzip.needs import Mode, Needs, refuse_unsupported
@@ -114,7 +113,7 @@ def state_key(source: str, config: Recipe, ctx: DistContext, streamed: bool) -> 
             "seq_len": config.calib_seq_len, "seed": config.seed, "batch_size": config.calib_batch_size,
             "method": config.method, "group_size": config.group_size, "share_roles": list(config.share_roles),
             "asvd_alpha": config.asvd_alpha, "asvd_scaling": config.asvd_scaling,
-            "world_size": ctx.world_size, "streamed": streamed, "precision": dtype_name(config.calib_dtype())}
+            "world_size": ctx.world_size, "streamed": streamed, "precision": config.resolved_calib_precision()}
 
 
 def open_state(root: str | Path, key: dict[str, Any], restart: bool, ctx: DistContext) -> RunState:

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from svdzip.allocate import Allocation, AllocationCache, AllocationContext, allocate, spent
 from svdzip.budget import keep_budget
-from svdzip.core.precision import dtype_name
 from svdzip.core.statistics import CalibrationStats, default_stats_path, statistics_key
 from svdzip.errors import InfeasibleBudget, SvdzipError
 from svdzip.methods.decompose import Unit
@@ -428,7 +427,7 @@ def unit_effective_ranks(units: list[Unit]) -> list[dict[str, Any]]:
 def calibration_meta(source: str, config: Recipe) -> dict[str, Any]:
     """Where the statistics came from (provenance only; the cache key is their content, `statistics_key`)."""
     return {"model": str(source), "corpus": config.corpus, "samples": config.calib_samples,
-            "seq_len": config.calib_seq_len, "seed": config.seed, "precision": dtype_name(config.calib_dtype())}
+            "seq_len": config.calib_seq_len, "seed": config.seed, "precision": config.resolved_calib_precision()}
 
 
 def complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_tokens: torch.Tensor,
@@ -461,7 +460,7 @@ def prepare_statistics(model: nn.Module, calib_tokens: torch.Tensor, source: str
     FWSVD's Fisher information) is computed and added to it, so the next run at any ratio skips it.
     """
     kinds = set(kinds if kinds is not None else get_method(config.method).needs(config).statistics)
-    key = statistics_key(model, calib_tokens, config.calib_batch_size, dtype_name(config.calib_dtype()))
+    key = statistics_key(model, calib_tokens, config.calib_batch_size, config.resolved_calib_precision())
     path = Path(stats_path) if stats_path else default_stats_path(key)
     stats = None
     if path.exists():
