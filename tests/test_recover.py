@@ -272,14 +272,23 @@ def test_the_ce_objective_needs_no_teacher():
     assert report.phases and report.phases[0]["initial_heldout"] > 0
 
 
-def test_sequential_lora_lowers_the_heldout_loss_and_keeps_the_ranks():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_sequential_lora_lowers_the_heldout_loss_and_keeps_the_ranks(precision):
+    """Also in bf16, where the frozen base linears are held in bf16 during each phase: the adapters are merged
+    into the float32 weights given back."""
     teacher, student = _pair()
     ranks = {n: m.rank for n, m in low_rank_modules(student).items()}
-    report = heal(student, teacher, _windows(), _cfg(method="seq-lora", lr=1e-2, steps=8))
+    windows = _windows()
+    with torch.no_grad():
+        before = next_token_ce(student(windows[1]).logits, windows[1])  # seq-lora's objective: the text's next token
+    report = heal(student, teacher, windows, _cfg(method="seq-lora", lr=1e-2, steps=8, precision=precision))
+    with torch.no_grad():  # the merged float32 model, read in float32
+        assert next_token_ce(student(windows[1]).logits, windows[1]) < before
     assert [p["phase"] for p in report.phases] == ["seq-lora-1-left", "seq-lora-2-right"]
     assert all(p["best_heldout"] < p["initial_heldout"] for p in report.phases)
     assert {n: m.rank for n, m in low_rank_modules(student).items()} == ranks
     assert not any("lora" in n for n, _ in student.named_parameters())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
 
 
 @pytest.mark.parametrize("method", ["distill", "seq-lora"])
