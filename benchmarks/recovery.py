@@ -132,7 +132,7 @@ def main() -> None:
                           grad_accum=args.grad_accum, precision=args.precision,
                           **({"lr": args.seq_lora_lr} if args.seq_lora_lr else {}))
     windows = heal_windows(bench.tokenizer, heal_cfg)
-    teacher = bench.fresh()
+    teacher = bench.fresh()  # shared by every heal: `heal` turns its linears to the heals' one precision for good
     data: dict[str, Any] = {"model": args.model, "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len,
                             "heal_config": heal_cfg.to_dict(), "seq_lora_lr": lora_cfg.lr,
                             "heal_precision": heal_cfg.resolved_precision(),

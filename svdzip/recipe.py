@@ -4,7 +4,8 @@ The factorisation, the allocator, the update, the recovery, the storage (dtype, 
 and the calibration, with their options and their defaults — defined here once, read by the Python API,
 the command line (its flags and their help) and the sweep alike. Every output directory holds its
 `recipe.yaml`, and `svdzip compress --recipe FILE` reruns it exactly. Where a run executes (`device`) is
-not part of the recipe file: the same recipe gives the same model on any device.
+not part of the recipe file; the precisions it multiplied in are, as they resolved there (a recipe file without
+`calib_precision`, written before it existed, calibrated in float32), so a rerun elsewhere multiplies the same way.
 
 `allocator` and `heal` default to `auto`: the recommended recipe (SVD-LLM, loss-aware ranks, then distillation)
 for a model held in memory; for a streamed, resumable or distributed run, whose point is not holding the whole
@@ -139,8 +140,8 @@ class Recipe:
         """The recipe as it ran, for `recipe.yaml`: `auto` resolved beforehand, the recovery's options resolved,
         the precisions as this device resolved them (a rerun elsewhere multiplies the same way)."""
         healing = self.heal_config()
-        if healing is not None:
-            healing = replace(healing, precision=healing.resolved_precision())
+        if healing is not None:  # layer-wise healing has no precision option: it trains in float32
+            healing = replace(healing, precision="float32" if healing.layer_local else healing.resolved_precision())
         return replace(self, healing=healing or self.healing, calib_precision=self.resolved_calib_precision())
 
     def planner_applies(self) -> bool:
@@ -361,6 +362,7 @@ class Recipe:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SvdzipError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        data.setdefault("calib_precision", "float32")  # a file from before the option: float32 statistics
         if "share_roles" in data:
             data["share_roles"] = tuple(data["share_roles"])
         if "healing" in data:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from tiny_models import (  # noqa: F401  (re-exported)
     tiny_tokenizer,
     tiny_tokens,
 )
+
+from svdzip.core.precision import CPU_BF16_PROBES
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -58,11 +61,11 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def float32_cpu():
+def float32_cpu() -> Iterator[None]:
     """Every test sees a CPU without native bf16, so that `auto` precisions mean float32 and the numbers do not
     depend on the machine CI draws (session-wide: module fixtures compute references too); a test of the bf16
     paths asks for bfloat16 or patches the probes back (a child process: `tiny_models.FLOAT32_CPU`)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-        patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        for probe in CPU_BF16_PROBES:
+            patch.setattr(torch.cpu, probe, lambda: False)
         yield

@@ -111,7 +111,7 @@ def test_auto_calibration_precision_follows_the_cpu(monkeypatch, cpu_bf16, expec
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert Recipe().calib_dtype() == expected == compute_dtype("cpu", "auto")
     assert Recipe(calib_precision="float32").calib_dtype() == torch.float32
-    assert dtype_name(expected) in ("float32", "bfloat16")
+    assert dtype_name(expected) == {torch.bfloat16: "bfloat16", torch.float32: "float32"}[expected]
     with pytest.raises(SvdzipError, match="unknown calibration precision 'half'"):
         Recipe(calib_precision="half").validate()
 
@@ -148,3 +148,51 @@ def test_a_tied_head_stays_float32():
     kept = frozen_linears_to(model, torch.bfloat16, keep=True)
     assert kept and model.get_output_embeddings().weight.dtype == torch.float32
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability,native", [((7, 0), False), ((8, 0), True)])
+def test_a_cuda_card_before_ampere_is_not_native_bf16(monkeypatch, capability, native):
+    from svdzip.core.precision import native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert native_bf16("cuda:0") is native
+    assert compute_dtype("cuda", "auto") == (torch.bfloat16 if native else torch.float32)
+
+
+def test_a_linear_with_a_trainable_bias_stays_float32():
+    from svdzip.core.precision import frozen_linears_to
+
+    model = tiny_model("qwen2")
+    model.requires_grad_(False)
+    q = model.model.layers[0].self_attn.q_proj
+    q.bias.requires_grad_(True)
+    frozen_linears_to(model, torch.bfloat16)
+    assert q.weight.dtype == q.bias.dtype == torch.float32  # the optimiser's parameter is not made 16-bit
+    assert model.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
+
+
+def _native_cpu_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+
+
+def test_recipe_yaml_records_the_precisions_each_pass_ran_at(monkeypatch):
+    _native_cpu_bf16(monkeypatch)
+    distilled = Recipe(allocator="uniform", heal="distill").for_output()
+    assert (distilled.calib_precision, distilled.healing.precision) == ("bfloat16", "bfloat16")
+    layerwise = Recipe(allocator="uniform", heal="layerwise").for_output()
+    assert layerwise.healing.precision == "float32"  # layer-wise healing always trains in float32
+
+
+def test_a_recipe_file_from_before_the_calibration_precision_calibrates_in_float32(monkeypatch):
+    _native_cpu_bf16(monkeypatch)
+    assert Recipe.from_dict({"ratio": 0.3}).calib_dtype() == torch.float32
+    assert Recipe.from_dict({"ratio": 0.3, "calib_precision": "auto"}).calib_dtype() == torch.bfloat16
+
+
+def test_a_heal_checkpoint_records_the_precision_as_resolved(monkeypatch):
+    from svdzip.recover.config import HealConfig
+
+    assert HealConfig(method="distill").fingerprint()["precision"] == "float32"  # the tests' CPU
+    _native_cpu_bf16(monkeypatch)
+    assert HealConfig(method="distill").fingerprint()["precision"] == "bfloat16"

@@ -36,6 +36,8 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from svdzip.core.precision import CPU_BF16_PROBES
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -185,8 +187,8 @@ def write_tiny_corpus(path: str | Path, paragraphs: int = 100, seed: int = 0) ->
 def no_native_bf16() -> None:
     """This process sees a CPU without native bf16 (`auto` precisions = float32), as conftest's `float32_cpu`
     gives every test: for a test's child process (a spawned rank, a killed run), so that its numbers match."""
-    torch.cpu._is_avx512_bf16_supported = lambda: False
-    torch.cpu._is_amx_tile_supported = lambda: False
+    for probe in CPU_BF16_PROBES:
+        setattr(torch.cpu, probe, lambda: False)
 
 
 #: prepended to a child-process script (its path puts tests/ first)

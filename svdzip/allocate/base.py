@@ -55,7 +55,7 @@ class AllocationContext:
     calib_tokens: Any = None
     heldout_tokens: Any = None  # calibration-corpus windows the statistics never saw (tuning, guards)
     device: Any = "cpu"
-    dtype: Any = torch.float32  # the matmuls of a pass an allocator runs over the model (`core.precision`)
+    dtype: torch.dtype = torch.float32  # the matmuls of a pass an allocator runs over the model (`core.precision`)
     seed: int = 0
     cache: AllocationCache = field(default_factory=AllocationCache)
 

@@ -16,17 +16,19 @@ import torch
 from torch import nn
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+#: torch.cpu's own CPUID probes for a CPU that multiplies bfloat16 natively (AVX512-BF16, AMX)
+CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (on this project's
+    """Whether `device` multiplies bfloat16 natively: a CUDA card of compute capability 8 or more (Ampere on;
+    older cards emulate it, slower than float32), or a CPU with AVX512-BF16 or AMX (on this project's
     2-core AMD EPYC, AVX512-BF16, one thread: Qwen2.5-0.5B's MLP GEMM 3.8× float32's speed, its forward without
     gradients 2.9×, a training micro-batch 2.4×; `benchmarks/results/heal_precision.md`)."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return True
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID probes
-    return kind == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+    return kind == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in CPU_BF16_PROBES)
 
 
 def compute_dtype(device: str | torch.device, precision: str) -> torch.dtype:
@@ -54,12 +56,13 @@ def full_precision(device: str | torch.device) -> contextlib.AbstractContextMana
 
 
 def _frozen_linears(model: nn.Module) -> list[nn.Linear]:
-    """The linears whose float32 weight nothing trains; a weight shared with the input embedding (a tied
+    """The linears whose float32 weight (and bias) nothing trains; a weight shared with the input embedding (a tied
     head) is left alone, since the embedding's lookup would then hand the residual stream 16-bit values."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = id(embedding.weight) if embedding is not None else None
     return [m for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad
-            and m.weight.dtype == torch.float32 and type(m.weight.data) is torch.Tensor and id(m.weight) != tied]
+            and (m.bias is None or not m.bias.requires_grad) and m.weight.dtype == torch.float32
+            and type(m.weight.data) is torch.Tensor and id(m.weight) != tied]
 
 
 def frozen_linears_to(model: nn.Module, dtype: torch.dtype, keep: bool = False

@@ -175,4 +175,5 @@ class HealConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint depends on (the device does not change the run's result on resume)."""
-        return {k: v for k, v in self.to_dict().items() if k != "device"}
+        # the precision as resolved: a resume on a device that would multiply otherwise is a different run
+        return {**{k: v for k, v in self.to_dict().items() if k != "device"}, "precision": self.resolved_precision()}

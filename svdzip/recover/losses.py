@@ -50,6 +50,7 @@ def _tail(logp_top: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits in float32 (a bf16 forward's are 16-bit), divided by the distillation temperature."""
     z = logits.float()
     return z if temperature == 1.0 else z / temperature
 
