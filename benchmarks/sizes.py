@@ -1,11 +1,13 @@
 """One table across model sizes: perplexity ÷ dense for uniform SVD-LLM(W), the best allocator without recovery,
 and the recommended recipe, at every ratio measured, and a plot of it (issue 22).
 
-    python benchmarks/sizes.py            # reads benchmarks/results/recovery_*.json, writes sizes.{json,md,png}
+    python benchmarks/sizes.py   # reads results/recovery_*.json and streamed_*.json, writes sizes.{json,md,png}
 
 It computes nothing itself: every number comes from a `benchmarks/recovery.py` run (one JSON per model and
 ratio set, e.g. `recovery.py --model qwen2.5-0.5b --ratios 0.2,0.4 --cells uniform:none,loss-aware:none,\
-loss-aware:distill --name recovery_qwen05`), so a cell here can be traced to the command that produced it.
+loss-aware:distill --name recovery_qwen05`) or a `benchmarks/streamed_recipes.py` one (the models too large for
+recovery.py's in-memory cells, and the streamed recipe: local signal + layer-wise healing), so a cell here can be
+traced to the command that produced it. A ratio to dense is always taken within one file (one protocol).
 Where several files measured the same cell the latest run wins. A model's size is its parameter count (the
 float32 checkpoint's bytes / 4, `svdzip.assets.MODELS`).
 """
@@ -23,6 +25,9 @@ from svdzip.assets import MODELS
 
 CORPORA = ("wiki", "austen")
 RECOMMENDED = ("loss-aware", "distill")
+STREAMED_RECIPE = ("loss-aware (local signal)", "layerwise")
+#: streamed_recipes.py's allocator names → recovery.py's start names (uniform ranks streamed = in memory, tested)
+STREAMED_STARTS = {"uniform": "uniform", "fisher": "loss-aware", "local": "loss-aware (local signal)"}
 
 
 def params_of(model: str) -> float:
@@ -41,12 +46,15 @@ def collect(files: list[Path]) -> dict[str, dict[str, Any]]:
         runs.append((data.get("provenance", {}).get("date", ""), f.name, data))
     for _date, name, data in sorted(runs, key=lambda r: (r[0], r[1])):
         entry = by_model.setdefault(data["model"], {"dense": None, "cells": {}, "sources": []})
-        entry["dense"] = data["dense"]["ppl"]
+        dense = data["dense"].get("ppl", data["dense"])  # recovery.py nests it; streamed_recipes.py does not
+        entry["dense"] = entry["dense"] or dense  # the table's line of dense figures: the first run's protocol
         entry["sources"].append(name)
         for c in data["cells"]:
-            ratios = {k: c["ppl"][k] / data["dense"]["ppl"][k] for k in CORPORA if k in c["ppl"]}
-            entry["cells"][(round(c["ratio"], 2), c["start"], c["recovery"])] = {"ppl": c["ppl"], "x_dense": ratios,
-                                                                                "file": name}
+            ratios = {k: c["ppl"][k] / dense[k] for k in CORPORA if k in c["ppl"]}
+            start, recovery = ((STREAMED_STARTS[c["allocator"]], c["heal"]) if "mode" in c
+                               else (c["start"], c["recovery"]))
+            entry["cells"][(round(c["ratio"], 2), start, recovery)] = {"ppl": c["ppl"], "x_dense": ratios,
+                                                                       "file": name}
     return by_model
 
 
@@ -64,6 +72,7 @@ def summarise(by_model: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "uniform": cells.get(("uniform", "none"), {}).get("x_dense"),
                 "best_allocator": best[0], "best": best[1]["x_dense"] if best[1] else None,
                 "recommended": cells.get(RECOMMENDED, {}).get("x_dense"),
+                "streamed_recipe": cells.get(STREAMED_RECIPE, {}).get("x_dense"),
             })
     return rows
 
@@ -73,11 +82,12 @@ def markdown(rows: list[dict[str, Any]], by_model: dict[str, dict[str, Any]]) ->
         return " / ".join(f"{x[c]:.2f}×" for c in CORPORA if c in x) if x else "—"
 
     lines = ["| model | params | removed | uniform SVD-LLM(W) | best allocator, no recovery | "
-             "recommended (loss-aware + distill) |", "|---|---|---|---|---|---|"]
+             "recommended (loss-aware + distill) | streamed recipe (local signal + layer-wise) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         best = f"{r['best_allocator']}: {fmt(r['best'])}" if r["best_allocator"] else "—"
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {100 * r['ratio']:.0f}% | {fmt(r['uniform'])} | "
-                     f"{best} | {fmt(r['recommended'])} |")
+                     f"{best} | {fmt(r['recommended'])} | {fmt(r['streamed_recipe'])} |")
     dense = "; ".join(f"{m}: " + " / ".join(f"{e['dense'][c]:.2f}" for c in CORPORA) for m, e in by_model.items())
     sources = "; ".join(f"{m}: {', '.join(e['sources'])}" for m, e in by_model.items())
     return ("### Perplexity ÷ dense across model sizes (`wiki` / `austen`)\n\n" + "\n".join(lines)
@@ -98,7 +108,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax = axes[i][j]
             for key, label, style in (("uniform", "uniform SVD-LLM(W)", "o--"),
                                       ("best", "best allocator, no recovery", "s-"),
-                                      ("recommended", "recommended (+ distill)", "^-")):
+                                      ("recommended", "recommended (+ distill)", "^-"),
+                                      ("streamed_recipe", "streamed recipe (+ layer-wise)", "v:")):
                 pts = [(r["params"], r[key][corpus]) for r in rows
                        if r["ratio"] == ratio and r[key] and corpus in r[key]]
                 if pts:
@@ -117,11 +128,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--glob", default="recovery_*.json", help="result files to read in benchmarks/results/")
+    p.add_argument("--glob", default="recovery_*.json,streamed_*.json",
+                   help="result files to read in benchmarks/results/ (comma-separated patterns)")
     p.add_argument("--name", default="sizes")
     args = p.parse_args()
     setup_logging()
-    by_model = collect(sorted(RESULTS.glob(args.glob)))
+    by_model = collect(sorted({f for pattern in args.glob.split(",") for f in RESULTS.glob(pattern)}))
     rows = summarise(by_model)
     plot(rows, RESULTS / f"{args.name}.png")
     payload = {"rows": rows, "models": {m: {"dense": e["dense"], "sources": e["sources"],
