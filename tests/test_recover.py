@@ -222,10 +222,11 @@ def test_the_training_matmuls_run_in_the_precision_asked_and_auto_follows_the_cp
     assert teacher.model.layers[0].mlp.up_proj.weight.dtype == expected
 
 
-def test_auto_precision_is_bfloat16_on_cuda_and_an_unknown_precision_is_refused():
+def test_a_named_precision_is_kept_and_an_unknown_one_is_refused():
+    """(`auto` on CUDA follows the card's compute capability: `test_precision`.)"""
     from svdzip.core.precision import compute_dtype
 
-    assert compute_dtype("cuda", "auto") == torch.bfloat16 and compute_dtype("cuda", "float32") == torch.float32
+    assert compute_dtype("cuda", "float32") == torch.float32 and compute_dtype("cpu", "bfloat16") == torch.bfloat16
     with pytest.raises(SvdzipError, match="unknown heal precision 'fp16'"):
         HealConfig(method="distill", precision="fp16").validate()
 
