@@ -4,8 +4,8 @@ The factorisation, the allocator, the update, the recovery, the storage (dtype, 
 and the calibration, with their options and their defaults — defined here once, read by the Python API,
 the command line (its flags and their help) and the sweep alike. Every output directory holds its
 `recipe.yaml`, and `svdzip compress --recipe FILE` reruns it exactly. Where a run executes (`device`) is
-not part of the recipe file; the precisions it multiplied in are, as they resolved there (a recipe file without
-`calib_precision`, written before it existed, calibrated in float32), so a rerun elsewhere multiplies the same way.
+not part of the recipe file; the precisions it multiplied in are, as they resolved there (a file svdzip wrote
+before `calib_precision` existed calibrated in float32), so a rerun elsewhere multiplies the same way.
 
 `allocator` and `heal` default to `auto`: the recommended recipe (SVD-LLM, loss-aware ranks, then distillation)
 for a model held in memory; for a streamed, resumable or distributed run, whose point is not holding the whole
@@ -355,6 +355,7 @@ class Recipe:
         if not isinstance(data, dict):
             raise SvdzipError(f"{origin}: a recipe is a mapping of settings, got {type(data).__name__}")
         data = dict(data)
+        written = "svdzip_recipe" in data  # a file svdzip wrote, not a hand-written partial recipe
         version = data.pop("svdzip_recipe", RECIPE_FORMAT)
         if version != RECIPE_FORMAT:
             raise SvdzipError(f"{origin}: recipe format {version!r}, this svdzip reads format {RECIPE_FORMAT}")
@@ -362,7 +363,8 @@ class Recipe:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SvdzipError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        data.setdefault("calib_precision", "float32")  # a file from before the option: float32 statistics
+        if written:  # written before the option existed: its statistics were float32
+            data.setdefault("calib_precision", "float32")
         if "share_roles" in data:
             data["share_roles"] = tuple(data["share_roles"])
         if "healing" in data:

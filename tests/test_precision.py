@@ -186,8 +186,9 @@ def test_recipe_yaml_records_the_precisions_each_pass_ran_at(monkeypatch):
 
 def test_a_recipe_file_from_before_the_calibration_precision_calibrates_in_float32(monkeypatch):
     _native_cpu_bf16(monkeypatch)
-    assert Recipe.from_dict({"ratio": 0.3}).calib_dtype() == torch.float32
-    assert Recipe.from_dict({"ratio": 0.3, "calib_precision": "auto"}).calib_dtype() == torch.bfloat16
+    assert Recipe.from_dict({"svdzip_recipe": 1, "ratio": 0.3}).calib_dtype() == torch.float32  # svdzip wrote it
+    assert Recipe.from_dict({"svdzip_recipe": 1, "calib_precision": "auto"}).calib_dtype() == torch.bfloat16
+    assert Recipe.from_dict({"ratio": 0.3}).calib_dtype() == torch.bfloat16  # hand-written: the CLI's default
 
 
 def test_a_heal_checkpoint_records_the_precision_as_resolved(monkeypatch):
