@@ -1,5 +1,7 @@
 """Passes under a bfloat16 autocast: 16-bit matmuls in the layers, float32 sums, weights held in 16 bits once."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokens
@@ -197,3 +199,17 @@ def test_a_heal_checkpoint_records_the_precision_as_resolved(monkeypatch):
     assert HealConfig(method="distill").fingerprint()["precision"] == "float32"  # the tests' CPU
     _native_cpu_bf16(monkeypatch)
     assert HealConfig(method="distill").fingerprint()["precision"] == "bfloat16"
+
+
+def test_statistics_handed_to_the_api_must_match_the_recipes_precision(tmp_path):
+    import svdzip
+
+    model, tokens = tiny_model("llama"), tiny_tokens(8, 24)
+    plain = Recipe.plain(ratio=0.2, calib_batch_size=4)
+    stats = prepare_statistics(model, tokens, "tiny", replace(plain, calib_precision="float32"),
+                               stats_path=tmp_path / "s.safetensors", kinds={"grams"})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SvdzipError, match="computed in float32, but this recipe calibrates in bfloat16"):
+        svdzip.compress(model, replace(plain, calib_precision="bfloat16"), calib_tokens=tokens, stats=stats)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any change
+    svdzip.compress(model, replace(plain, calib_precision="float32"), calib_tokens=tokens, stats=stats)

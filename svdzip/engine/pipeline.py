@@ -433,8 +433,17 @@ def calibration_meta(source: str, config: Recipe) -> dict[str, Any]:
 def complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_tokens: torch.Tensor,
                          config: Recipe, wanted: frozenset[str] | set[str],
                          timings: dict[str, float] | None = None) -> CalibrationStats:
-    """`stats` with every wanted kind: the missing input kinds calibrated, Fisher from its backward pass."""
+    """`stats` with every wanted kind: the missing input kinds calibrated, Fisher from its backward pass.
+
+    Statistics handed in that record the precision they multiplied in must match the recipe's: the kinds added
+    would otherwise be of another precision, and `recipe.yaml` would name one the statistics were not."""
     timings = {} if timings is None else timings
+    key = stats.meta.get("key") if stats is not None else None
+    recorded = key.get("precision") if isinstance(key, dict) else None
+    if recorded is not None and recorded != config.resolved_calib_precision():
+        raise SvdzipError(f"the statistics given were computed in {recorded}, but this recipe calibrates in "
+                          f"{config.resolved_calib_precision()}: pass calib_precision='{recorded}', or let svdzip "
+                          "compute the statistics")
     stats = stats or CalibrationStats(tokens=int(calib_tokens.numel()))
     missing = set(wanted) - stats.kinds
     inputs = missing - {"fisher"}
