@@ -16,14 +16,13 @@ from tiny_models import (  # noqa: F401  (re-exported)
     SMALL,
     VOCAB,
     WIDE,
+    no_native_bf16,
     save_tiny,
     tiny_config,
     tiny_model,
     tiny_tokenizer,
     tiny_tokens,
 )
-
-from svdzip.core.precision import CPU_BF16_PROBES
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -66,6 +65,5 @@ def float32_cpu() -> Iterator[None]:
     depend on the machine CI draws (session-wide: module fixtures compute references too); a test of the bf16
     paths asks for bfloat16 or patches the probes back (a child process: `tiny_models.FLOAT32_CPU`)."""
     with pytest.MonkeyPatch.context() as patch:
-        for probe in CPU_BF16_PROBES:
-            patch.setattr(torch.cpu, probe, lambda: False)
+        no_native_bf16(patch.setattr)
         yield

@@ -184,11 +184,12 @@ def write_tiny_corpus(path: str | Path, paragraphs: int = 100, seed: int = 0) ->
     return path
 
 
-def no_native_bf16() -> None:
-    """This process sees a CPU without native bf16 (`auto` precisions = float32), as conftest's `float32_cpu`
-    gives every test: for a test's child process (a spawned rank, a killed run), so that its numbers match."""
+def no_native_bf16(set_attr: Callable[[object, str, object], None] = setattr) -> None:
+    """This process sees a CPU without native bf16 (`auto` precisions = float32): conftest's `float32_cpu`
+    for every test (with a monkeypatch's `setattr`, undone afterwards), and a test's child process (a spawned
+    rank, a killed run), so that its numbers match."""
     for probe in CPU_BF16_PROBES:
-        setattr(torch.cpu, probe, lambda: False)
+        set_attr(torch.cpu, probe, lambda: False)
 
 
 #: prepended to a child-process script (its path puts tests/ first)

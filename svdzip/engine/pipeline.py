@@ -440,9 +440,10 @@ def complete_statistics(stats: CalibrationStats | None, model: nn.Module, calib_
     timings = {} if timings is None else timings
     key = stats.meta.get("key") if stats is not None else None
     recorded = key.get("precision") if isinstance(key, dict) else None
-    if recorded is not None and recorded != config.resolved_calib_precision():
+    precision = config.resolved_calib_precision()
+    if recorded is not None and recorded != precision:
         raise SvdzipError(f"the statistics given were computed in {recorded}, but this recipe calibrates in "
-                          f"{config.resolved_calib_precision()}: pass calib_precision='{recorded}', or let svdzip "
+                          f"{precision}: pass calib_precision='{recorded}', or let svdzip "
                           "compute the statistics")
     stats = stats or CalibrationStats(tokens=int(calib_tokens.numel()))
     missing = set(wanted) - stats.kinds
