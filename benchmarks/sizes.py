@@ -1,12 +1,15 @@
 """One table across model sizes: perplexity ÷ dense for uniform SVD-LLM(W), the best allocator without recovery,
 and the recommended recipe, at every ratio measured, and a plot of it (issue 22).
 
-    python benchmarks/sizes.py   # reads results/recovery_*.json and streamed_*.json, writes sizes.{json,md,png}
+    python benchmarks/sizes.py   # reads results/recovery_*.json, streamed_*.json and recommended_*_mem.json,
+                                 # writes sizes.{json,md,png}
 
 It computes nothing itself: every number comes from a `benchmarks/recovery.py` run (one JSON per model and
 ratio set, e.g. `recovery.py --model qwen2.5-0.5b --ratios 0.2,0.4 --cells uniform:none,loss-aware:none,\
 loss-aware:distill --name recovery_qwen05`) or a `benchmarks/streamed_recipes.py` one (the models too large for
-recovery.py's in-memory cells, and the streamed recipe: local signal + layer-wise healing), so a cell here can be
+recovery.py's in-memory cells, and the streamed recipe: local signal + layer-wise healing) or, for a recipe run
+by the CLI itself, a `stage_memory.py --name recommended_<model>_<ratio>_mem -- compress …` run paired with the
+`svdzip eval MODEL OUT --json` of its output saved beside it as `<name>_eval.json`, so a cell here can be
 traced to the command that produced it. A ratio to dense is always taken within one file (one protocol).
 Where several files measured the same cell the latest run wins. A model's size is its parameter count (the
 float32 checkpoint's bytes / 4, `svdzip.assets.MODELS`).
@@ -22,9 +25,12 @@ from typing import Any
 from common import RESULTS, setup_logging, write_results
 
 from svdzip.assets import MODELS
+from svdzip.recover.config import METHOD_DEFAULTS
 
 CORPORA = ("wiki", "austen")
 RECOMMENDED = ("loss-aware", "distill")
+#: the recipe's distillation steps (a cell healed with another number says so)
+DEFAULT_STEPS = METHOD_DEFAULTS["distill"]["steps"]
 STREAMED_RECIPE = ("loss-aware (local signal)", "layerwise")
 #: streamed_recipes.py's allocator names → recovery.py's start names (uniform ranks streamed = in memory, tested)
 STREAMED_STARTS = {"uniform": "uniform", "fisher": "loss-aware", "local": "loss-aware (local signal)"}
@@ -58,6 +64,37 @@ def collect(files: list[Path]) -> dict[str, dict[str, Any]]:
     return by_model
 
 
+def heal_steps(recipe: dict[str, Any]) -> int | None:
+    return (recipe.get("healing") or {}).get("steps")
+
+
+def collect_cli_runs(files: list[Path], by_model: dict[str, dict[str, Any]]) -> None:
+    """Add the recipe runs of the CLI (`stage_memory.py … -- compress`, with `<name>_eval.json` beside them):
+    one cell each, its ratio to dense taken within its evaluation file; runs without an evaluation are skipped."""
+    for f in files:
+        evaluation = f.with_name(f.stem + "_eval.json")
+        if not evaluation.is_file():
+            continue
+        run = json.loads(f.read_text())
+        summary, argv = run.get("summary") or {}, run.get("argv") or []
+        if "--model" not in argv or "recipe" not in summary:
+            continue
+        model = argv[argv.index("--model") + 1]
+        recipe = summary["recipe"]
+        ppls = json.loads(evaluation.read_text())
+        dense = {c: next(iter(v.values()))["ppl"] for c, v in ppls.get(model, {}).items()}
+        out = next((k for k in ppls if k != model), None)
+        if not dense or out is None:
+            continue
+        ppl = {c: next(iter(v.values()))["ppl"] for c, v in ppls[out].items()}
+        entry = by_model.setdefault(model, {"dense": None, "cells": {}, "sources": []})
+        entry["dense"] = entry["dense"] or dense
+        entry["sources"].append(f.name)
+        key = (round(recipe["ratio"], 2), recipe["allocator"], recipe.get("heal") or "none")
+        entry["cells"][key] = {"ppl": ppl, "x_dense": {c: ppl[c] / dense[c] for c in CORPORA if c in ppl},
+                               "file": f.name, "heal_steps": heal_steps(recipe)}
+
+
 def summarise(by_model: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows: model, ratio, and ×dense for uniform, the best allocator without recovery, the recommended recipe."""
     rows = []
@@ -72,6 +109,7 @@ def summarise(by_model: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "uniform": cells.get(("uniform", "none"), {}).get("x_dense"),
                 "best_allocator": best[0], "best": best[1]["x_dense"] if best[1] else None,
                 "recommended": cells.get(RECOMMENDED, {}).get("x_dense"),
+                "recommended_steps": cells.get(RECOMMENDED, {}).get("heal_steps"),
                 "streamed_recipe": cells.get(STREAMED_RECIPE, {}).get("x_dense"),
             })
     return rows
@@ -86,8 +124,10 @@ def markdown(rows: list[dict[str, Any]], by_model: dict[str, dict[str, Any]]) ->
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         best = f"{r['best_allocator']}: {fmt(r['best'])}" if r["best_allocator"] else "—"
+        steps = r.get("recommended_steps")
+        recommended = fmt(r["recommended"]) + (f" ({steps} heal steps)" if steps and steps != DEFAULT_STEPS else "")
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {100 * r['ratio']:.0f}% | {fmt(r['uniform'])} | "
-                     f"{best} | {fmt(r['recommended'])} | {fmt(r['streamed_recipe'])} |")
+                     f"{best} | {recommended} | {fmt(r['streamed_recipe'])} |")
     dense = "; ".join(f"{m}: " + " / ".join(f"{e['dense'][c]:.2f}" for c in CORPORA) for m, e in by_model.items())
     sources = "; ".join(f"{m}: {', '.join(e['sources'])}" for m, e in by_model.items())
     return ("### Perplexity ÷ dense across model sizes (`wiki` / `austen`)\n\n" + "\n".join(lines)
@@ -130,10 +170,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--glob", default="recovery_*.json,streamed_*.json",
                    help="result files to read in benchmarks/results/ (comma-separated patterns)")
+    p.add_argument("--cli-glob", default="recommended_*_mem.json",
+                   help="CLI recipe runs (stage_memory.py) whose `<name>_eval.json` lies beside them")
     p.add_argument("--name", default="sizes")
     args = p.parse_args()
     setup_logging()
     by_model = collect(sorted({f for pattern in args.glob.split(",") for f in RESULTS.glob(pattern)}))
+    collect_cli_runs(sorted(RESULTS.glob(args.cli_glob)), by_model)
     rows = summarise(by_model)
     plot(rows, RESULTS / f"{args.name}.png")
     payload = {"rows": rows, "models": {m: {"dense": e["dense"], "sources": e["sources"],
