@@ -182,6 +182,33 @@ def test_streaming_tied_embeddings_without_run_dir(tmp_path):
     _assert_same(tmp_path / "out", ref)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_streamed_capture_leaves_the_head_on_disk(family, tmp_path):
+    """The capture pass stops inside the last layer: an untied head is never read (a tied one is the embedding)."""
+    from svdzip.core.checkpoint import CheckpointReader, StreamedWeights, skeleton
+    from svdzip.core.layerwise import capture_layer_inputs
+    from svdzip.models.adapter import ModelAdapter
+    from svdzip.models.checkpoint_names import CheckpointNames
+
+    save_tiny(tmp_path / "dense", family)
+    model = skeleton(tmp_path / "dense", torch.float32)
+    adapter = ModelAdapter(model)
+    weights = StreamedWeights(model, adapter, CheckpointReader(tmp_path / "dense", CheckpointNames(model)),
+                              torch.float32)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    with weights.non_layers("cpu"):
+        assert embedding.weight.device.type == "cpu"
+        assert (head.weight is embedding.weight) == model.config.tie_word_embeddings
+        assert (head.weight.device.type == "meta") != model.config.tie_word_embeddings
+    assert embedding.weight.device.type == "meta"
+    tokens = tiny_tokens(n=2)
+    streamed = capture_layer_inputs(model, adapter, tokens, 1, "cpu", weights=weights)
+    dense = tiny_model(family)
+    resident = capture_layer_inputs(dense, ModelAdapter(dense), tokens, 1, "cpu")
+    for a, b in zip(streamed.hidden, resident.hidden, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------- resume
 def test_resume_after_injected_faults_recomputes_only_the_rest(ckpt, tmp_path, monkeypatch):
     source, ref = ckpt

@@ -145,12 +145,16 @@ class StreamedWeights:
 
     @contextmanager
     def non_layers(self, device: torch.device | str) -> Iterator[None]:
-        """Embeddings, norms and head in memory for the capture pass only."""
+        """What the capture pass runs before the first layer (embeddings, their norms) in memory for it only.
+
+        The head stays on disk: the pass stops inside the last layer and never reaches it, and an untied head of a
+        bfloat16 checkpoint would be copied to float32 for nothing (Qwen2.5-0.5B in bf16: the capture's peak
+        1.70 → 1.19 GiB; a float32 checkpoint's head is a memory map that was never touched)."""
         model = self.model
         skip = (self.adapter.spec.layers_path + ".",)
         head = model.get_output_embeddings()
         tied = head is not None and getattr(model.config.get_text_config(), "tie_word_embeddings", False)
-        head_names = tuple(f"{n}." for n, mod in model.named_modules() if mod is head) if tied else ()
+        head_names = tuple(f"{n}." for n, mod in model.named_modules() if mod is head) if head is not None else ()
         load_weights(model, "", self.reader, self.dtype, device, skip=skip + head_names)
         if tied:  # a tied checkpoint stores the embedding once
             head.weight = model.get_input_embeddings().weight
