@@ -196,10 +196,20 @@ def run_layer(
     layer_kwargs: list[dict[str, Any]],
     device: torch.device | str,
     offload: torch.device | str = "cpu",
+    consume: bool = False,
 ) -> list[torch.Tensor]:
-    """One decoder layer over every cached batch; returns its outputs (the next layer's inputs)."""
+    """One decoder layer over every cached batch; returns its outputs (the next layer's inputs).
+
+    With `consume` each input is dropped from `hidden` once its output exists, so that a layer's inputs and
+    outputs are not all held at once (a streamed Qwen2.5-1.5B's 64 calibration windows: 0.2 GB each way)."""
+    if len(hidden) != len(layer_kwargs):
+        raise ValueError(f"run_layer: {len(hidden)} batches but {len(layer_kwargs)} sets of layer arguments")
     outputs = []
-    for h, kw in zip(hidden, layer_kwargs, strict=True):
+    for i, kw in enumerate(layer_kwargs):
+        h = hidden[i]
+        if consume:
+            hidden[i] = None
         out = first_output(layer(h.to(device), **to_device(kw, device)))
+        del h
         outputs.append(out.to(offload))
     return outputs

@@ -34,7 +34,7 @@ from svdzip.core.statistics import (
 )
 from svdzip.errors import SvdzipError
 from svdzip.models.adapter import ModelAdapter
-from svdzip.passes.local_gain import PROBE_WINDOWS, probe_layer
+from svdzip.passes.local_gain import PROBE_BATCH, PROBE_WINDOWS, probe_layer
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     inputs = capture_layer_inputs(model, adapter, mine, batch_size, device, weights=weights)
     # the layer-local gain's own stream: the first PROBE_WINDOWS windows, on rank 0 only (the others add zeros),
     # so that the sums are the same however the calibration windows are split over processes
-    probe = (capture_layer_inputs(model, adapter, tokens[:PROBE_WINDOWS], batch_size, device, weights=weights)
+    probe = (capture_layer_inputs(model, adapter, tokens[:PROBE_WINDOWS], PROBE_BATCH, device, weights=weights)
              if probing and ctx.is_main else None)
     n_main = len(inputs.hidden)
     if hidden is not None and not probing:
@@ -127,6 +127,9 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
         start, hidden = 0, None
     if hidden is None:
         hidden = inputs.hidden + (probe.hidden if probe is not None else [])
+    for stream in (inputs, probe):  # from here on the activations live in `hidden` only (the captures keep kwargs)
+        if stream is not None:
+            stream.hidden.clear()
     counts = ctx.all_reduce(torch.tensor([mine.numel(), len(inputs.hidden)], dtype=torch.int64))
     total_tokens, total_batches = int(counts[0]), int(counts[1])
     full = CalibrationStats(tokens=total_tokens, batches=total_batches, meta=dict(meta or {}))
@@ -144,16 +147,19 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
             if info.input_key not in seen:
                 seen.add(info.input_key)
                 hooks[adapter.module(info.name)] = Accumulator(layer_stats, info.input_key, kinds)
+        main_in, probe_in = hidden[:n_main], hidden[n_main:]
+        del hidden  # each input is dropped once its output exists (`consume`)
         with weights.layer(index, device) as layer:
             if probing:
                 modules = {info.name: adapter.module(info.name) for info in adapter.layer_linears(index)}
-                layer_stats.local = probe_layer(layer, modules, hidden[n_main:],
-                                                probe.kwargs[index] if probe is not None else [], batch_size, index,
+                layer_stats.local = probe_layer(layer, modules, probe_in,
+                                                probe.kwargs[index] if probe is not None else [], PROBE_BATCH, index,
                                                 device)
             with autocast_for(device, dtype):
                 with forward_pre_hooks(hooks):
-                    main = run_layer(layer, hidden[:n_main], inputs.kwargs[index], device)
-                hidden = main + (run_layer(layer, hidden[n_main:], probe.kwargs[index], device) if probe else [])
+                    main = run_layer(layer, main_in, inputs.kwargs[index], device, consume=True)
+                hidden = main + (run_layer(layer, probe_in, probe.kwargs[index], device, consume=True) if probe
+                                 else [])
         layer_stats.to_cpu()
         _reduce(layer_stats, ctx)
         if state is not None:

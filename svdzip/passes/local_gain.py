@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: calibration windows the gain is measured on (a forward and a backward through each layer)
 PROBE_WINDOWS = 8
+#: windows per probe batch: the backward keeps one window's activations, not a calibration batch's (the sums do
+#: not depend on it). With calibration's inputs dropped as they are consumed, a streamed Qwen2.5-1.5B's first two
+#: calibrated layers peaked at 2.44 GiB instead of 3.01 (the probe in batches of 8 alone: +0.35 GiB on one layer)
+PROBE_BATCH = 1
 
 
 def cotangent(shape: torch.Size, first_window: int, layer: int, seed: int = 0) -> torch.Tensor:
