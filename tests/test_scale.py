@@ -236,6 +236,22 @@ def test_resume_after_injected_faults_recomputes_only_the_rest(ckpt, tmp_path, m
     _assert_same(tmp_path / "out", ref)
 
 
+def test_state_file_names_are_read_from_a_checked_header(tmp_path, caplog):
+    """What a resume checks of every finished layer: the names, only from a file whose checksum holds."""
+    from svdzip.core.resume import read_checked, read_names_checked, write_checked
+
+    path = tmp_path / "calib" / "layer_00000.safetensors"
+    write_checked(path, {"grams/a": torch.eye(3), "local/b": torch.ones(2)}, {"layer": 0})
+    names, info = read_names_checked(path)
+    assert sorted(names) == sorted(read_checked(path)[0]) == ["grams/a", "local/b"] and info == {"layer": 0}
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in a tensor the header does not describe
+    path.write_bytes(bytes(data))
+    assert read_names_checked(path, remove=False) is None and path.exists()
+    assert "corrupted" in caplog.text
+    assert read_names_checked(path) is None and not path.exists()
+
+
 def test_resume_after_kill(ckpt, tmp_path):
     """A process killed hard (no cleanup, like SIGKILL) mid-calibration; the same call continues."""
     source, ref = ckpt

@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from svdzip.assets import sha256_file
@@ -34,6 +35,7 @@ from svdzip.errors import SvdzipError
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+T = TypeVar("T")
 
 
 def config_hash(key: dict[str, Any]) -> str:
@@ -59,6 +61,22 @@ def write_checked(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, 
 def read_checked(path: Path, remove: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The tensors and info of a file written by `write_checked`; None if it is missing, cut short or
     corrupted — the caller recomputes it. A corrupted file is removed only with `remove` (its writer)."""
+    # copies, not views of the file's memory map: a kept σ² must not keep the whole file (basis
+    # included) mapped and resident, or a streamed run's memory would grow with depth
+    return _checked(path, remove, lambda p: {k: v.clone() for k, v in load_file(str(p)).items()})
+
+
+def read_names_checked(path: Path, remove: bool = True) -> tuple[list[str], dict[str, Any]] | None:
+    """The tensor names and info of a file written by `write_checked`, checked as `read_checked` does but
+    from its header alone: no tensor is read (a streamed Qwen2.5-1.5B's layer statistics are 0.7 GB each)."""
+    def names(p: Path) -> list[str]:
+        with safe_open(str(p), framework="pt") as f:
+            return list(f.keys())
+
+    return _checked(path, remove, names)
+
+
+def _checked(path: Path, remove: bool, read: Callable[[Path], T]) -> tuple[T, dict[str, Any]] | None:
     side_path = path.with_name(path.name + ".json")
     if not path.is_file() or not side_path.is_file():
         return None
@@ -66,9 +84,7 @@ def read_checked(path: Path, remove: bool = True) -> tuple[dict[str, torch.Tenso
         side = json.loads(side_path.read_text())
         if sha256_file(path) != side["sha256"]:
             raise ValueError("checksum mismatch")
-        # copies, not views of the file's memory map: a kept σ² must not keep the whole file (basis
-        # included) mapped and resident, or a streamed run's memory would grow with depth
-        return {k: v.clone() for k, v in load_file(str(path)).items()}, side.get("info", {})
+        return read(path), side.get("info", {})
     except FileNotFoundError:  # removed meanwhile (by its writer): missing, not corrupted
         return None
     except (ValueError, KeyError, TypeError, SafetensorError) as exc:  # json, checksum, safetensors: damage
@@ -122,6 +138,10 @@ class RunState:
     def read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """`read_checked` of a shared file: only the writer removes a corrupted one."""
         return read_checked(path, remove=self.writer)
+
+    def read_names(self, path: Path) -> tuple[list[str], dict[str, Any]] | None:
+        """`read_names_checked` of a shared file: which tensors it holds, none of them read."""
+        return read_names_checked(path, remove=self.writer)
 
     def wipe(self) -> None:
         for sub in ("calib", "units", "heal", "layerwise"):
