@@ -54,7 +54,12 @@ class PeakRSS:
 
 
 def allocator_of(start: str) -> tuple[str, dict[str, Any]]:
-    return ("loss-aware", {"signal": "fisher"}) if start == "loss-aware" else (start, {})
+    """A start's allocator and options: `loss-aware` (its Fisher signal), or `NAME@key=value;key=value`
+    (e.g. `ara@init=loss-aware;steps=64`: ARA's masks trained from loss-aware ranks)."""
+    if start == "loss-aware":
+        return "loss-aware", {"signal": "fisher"}
+    name, _, spec = start.partition("@")
+    return name, dict(kv.split("=", 1) for kv in spec.split(";") if kv)
 
 
 def evaluate(bench: Bench, model, args) -> dict[str, Any]:
@@ -105,7 +110,8 @@ def main() -> None:
     p.add_argument("--ratios", default="0.2,0.4")
     p.add_argument("--cells", default="uniform:none,uniform:distill,loss-aware:none,loss-aware:distill",
                    help="start:recovery pairs; start = the allocator compression starts from (uniform, loss-aware, "
-                        "drank, …), recovery = none | update | seq-lora | distill | update+distill")
+                        "drank, …, with options as NAME@key=value;key=value), recovery = none | update | seq-lora | "
+                        "distill | update+distill")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: HealConfig's)")
     p.add_argument("--seq-lora-lr", type=float, default=None, help="(default: HealConfig's, the paper's 1e-4)")
