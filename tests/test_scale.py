@@ -236,6 +236,19 @@ def test_resume_after_injected_faults_recomputes_only_the_rest(ckpt, tmp_path, m
     _assert_same(tmp_path / "out", ref)
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_calibration_counts_its_tokens_and_batches(on_disk, tmp_path):
+    """ASVD's activation means fall back on the batch count: it must survive the captures being emptied."""
+    from svdzip.models.adapter import ModelAdapter
+    from svdzip.passes.calibrate import calibrate
+
+    model = tiny_model("llama")
+    state = RunState(tmp_path / "run", {"test": 1}) if on_disk else None
+    stats = calibrate(model, ModelAdapter(model), tiny_tokens(8, 24), 3, "cpu", ("grams", "local"), state=state,
+                      on_disk=on_disk)
+    assert (stats.tokens, stats.batches) == (8 * 24, 3)
+
+
 def test_state_file_names_are_read_from_a_checked_header(tmp_path, caplog):
     """What a resume checks of every finished layer: the names, only from a file whose checksum holds."""
     from svdzip.core.resume import read_checked, read_names_checked, write_checked

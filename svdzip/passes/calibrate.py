@@ -130,7 +130,7 @@ def calibrate(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, bat
     for stream in (inputs, probe):  # from here on the activations live in `hidden` only (the captures keep kwargs)
         if stream is not None:
             stream.hidden.clear()
-    counts = ctx.all_reduce(torch.tensor([mine.numel(), len(inputs.hidden)], dtype=torch.int64))
+    counts = ctx.all_reduce(torch.tensor([mine.numel(), n_main], dtype=torch.int64))
     total_tokens, total_batches = int(counts[0]), int(counts[1])
     full = CalibrationStats(tokens=total_tokens, batches=total_batches, meta=dict(meta or {}))
     if not on_disk:  # bring back what a previous run finished
