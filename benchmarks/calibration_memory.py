@@ -8,7 +8,7 @@ minutes where the whole run takes 25. The run's own code (`passes.calibrate.cali
 layer by layer, the statistics written to a run directory, bf16 matmuls as on this CPU), the model cut to its
 first `--layers` decoder layers; then the same call again, which finds every layer done and only checks the run
 directory (what a second `--stream --resume-dir` run with another ratio or allocator does). The resident set is
-sampled every 50 ms.
+sampled by `common.PeakRSS`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
-from common import setup_logging, write_results
+from common import PeakRSS, setup_logging, write_results
 
 from svdzip.assets import resolve_model
 from svdzip.core.checkpoint import CheckpointReader, StreamedWeights, skeleton
@@ -32,28 +30,6 @@ from svdzip.models.adapter import ModelAdapter
 from svdzip.models.checkpoint_names import CheckpointNames
 from svdzip.output.loading import load_tokenizer
 from svdzip.passes.calibrate import calibrate
-
-
-class PeakSampler:
-    """The process's peak resident set since the last `reset`, sampled in a thread."""
-
-    def __init__(self, every_s: float = 0.05) -> None:
-        self.proc, self.every_s, self.peak = psutil.Process(), every_s, 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.every_s)
-
-    def reset(self) -> int:
-        time.sleep(2 * self.every_s)
-        peak, self.peak = self.peak, self.proc.memory_info().rss
-        return peak
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def main() -> None:
@@ -68,7 +44,8 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results file name (default: calibration_memory_<model>)")
     args = p.parse_args()
     setup_logging()
-    sampler = PeakSampler()
+    meter = PeakRSS()
+    meter.enter("load the skeleton, tokenizer and calibration text")
     source = resolve_model(args.model)
     model = skeleton(source, torch.float32)
     adapter = ModelAdapter(model)
@@ -76,19 +53,22 @@ def main() -> None:
     weights = StreamedWeights(model, adapter, CheckpointReader(source, CheckpointNames(model)), torch.float32)
     tokens = calibration_tokens(load_tokenizer(source), load_corpus("wiki"), args.samples, args.seq_len, 0)
     kinds = set(args.kinds.split(","))
-    rows = [{"step": "load the skeleton, tokenizer and calibration text", "peak_rss": sampler.reset(), "s": None}]
+    seconds: dict[str, float] = {}
     root = Path(tempfile.mkdtemp(prefix="svdzip-calibration-memory-"))
     try:
         for step, restart in (("calibrate (fresh)", True), ("calibrate again (reusing the run directory)", False)):
+            meter.enter(step)
             t0 = time.perf_counter()
             state = RunState(root, {"model": args.model, "layers": args.layers, "kinds": sorted(kinds)},
                              restart=restart)
             calibrate(model, adapter, tokens, args.batch_size, "cpu", kinds, weights=weights, state=state,
                       on_disk=True, dtype=getattr(torch, args.dtype))
-            rows.append({"step": step, "peak_rss": sampler.reset(), "s": round(time.perf_counter() - t0, 1)})
+            seconds[step] = round(time.perf_counter() - t0, 1)
     finally:
-        sampler.stop()
+        peaks = meter.stop()
         shutil.rmtree(root, ignore_errors=True)
+    rows = [{"step": step, "peak_rss": peak, "s": seconds.get(step)} for step, peak in peaks.items()
+            if step not in ("start", "end")]
     lines = [f"### Streamed calibration memory: {args.model}, first {args.layers} layers, {args.samples} × "
              f"{args.seq_len} tokens, kinds {', '.join(sorted(kinds))}, {args.dtype} matmuls", "",
              "| step | peak RSS GiB | s |", "|---|---|---|"]

@@ -64,10 +64,6 @@ def collect(files: list[Path]) -> dict[str, dict[str, Any]]:
     return by_model
 
 
-def heal_steps(recipe: dict[str, Any]) -> int | None:
-    return (recipe.get("healing") or {}).get("steps")
-
-
 def collect_cli_runs(files: list[Path], by_model: dict[str, dict[str, Any]]) -> None:
     """Add the recipe runs of the CLI (`stage_memory.py … -- compress`, with `<name>_eval.json` beside them):
     one cell each, its ratio to dense taken within its evaluation file; runs without an evaluation are skipped."""
@@ -92,7 +88,7 @@ def collect_cli_runs(files: list[Path], by_model: dict[str, dict[str, Any]]) -> 
         entry["sources"].append(f.name)
         key = (round(recipe["ratio"], 2), recipe["allocator"], recipe.get("heal") or "none")
         entry["cells"][key] = {"ppl": ppl, "x_dense": {c: ppl[c] / dense[c] for c in CORPORA if c in ppl},
-                               "file": f.name, "heal_steps": heal_steps(recipe)}
+                               "file": f.name, "heal_steps": (recipe.get("healing") or {}).get("steps")}
 
 
 def summarise(by_model: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
