@@ -10,7 +10,10 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 
 * `dense-bf16`: the dense model.
 * `int8`: every decoder linear int8 (torchao, per row): one point, at its own size.
-* `hqq{b}`: every decoder linear at b bits (HQQ, groups of 64, bf16 scale and zero): one point each.
+* `hqq{b}`: every decoder linear at b bits (HQQ, groups of 64, bf16 scale and zero; HQQ's own rounding, to the
+  nearest point of its optimised grid, calibration-free): one point each.
+* `gptq{b}`: the same grid and storage, the values rounded by GPTQ's error feedback on the calibration Grams
+  (`--rounding gptq`, the default of every low-bit recipe below).
 * `plan@hqq{b}`: the byte planner (`--quantize plan`) at exactly the bytes of `hqq{b}`: equal-bytes comparison.
 * `hqq{b}+eora`: b bits everywhere plus compensations whose ranks the planner allocates within the budget, for
   the widest b that fits the budget (`--quantize int{b} --compensate auto`).
@@ -23,6 +26,9 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 * `plan-packed`: the same with packed factors on the menu too (`--allocator-option packed_factors=true`).
 * `plan-relative`: the planner weighing every matrix's relative error alike instead of by the Fisher signal
   (`--allocator-option signal=relative`).
+
+Every recipe above that rounds onto HQQ's grid has a `-nearest` twin (`plan-nearest@0.40`): the same with HQQ's
+nearest rounding (`--rounding nearest`; what every low-bit cell measured before GPTQ's rounding existed).
 
 Results are rewritten after every cell; `--rewrite` redraws the table and plot from the JSON.
 """
@@ -113,6 +119,7 @@ def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args
             "lowbit": summary.get("lowbit"), "factorised_modules": sum(1 for r in result.modules if r.rank),
             "compress_s": compress_s}
     cell["compensate_order"] = overrides.get("compensate_order", "quantize-first")
+    cell["rounding"] = result.config.rounding if result.config.lowbit else None
     cell.update(measure(bench, model, args, dense if name in args.speed_cells else None, name))
     log.info("%s: %s on disk, wiki %.2f, austen %.2f", name, human_bytes(cell["disk_bytes"]), cell["ppl"]["wiki"],
              cell["ppl"]["austen"])
@@ -148,7 +155,8 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
         ("int8", {"allocator": "uniform", "quantize": "int8", "byte_aware": False, "budget_fraction": 1.0})]
     sizes = {b: alone_bytes(bench, b, fixed) for b in (4, 3, 2)}
     for b, size in sizes.items():
-        cells.append((f"hqq{b}", {"quantize": f"int{b}", "compensate": 0}))
+        cells.append((f"hqq{b}", {"quantize": f"int{b}", "compensate": 0, "rounding": "nearest"}))
+        cells.append((f"gptq{b}", {"quantize": f"int{b}", "compensate": 0, "rounding": "gptq"}))
         cells.append((f"plan@hqq{b}", {"quantize": "plan", "budget_bytes": size}))
         cells.append((f"plan-packed@hqq{b}", {"quantize": "plan", "budget_bytes": size,
                                               "allocator_options": {"packed_factors": True}}))
@@ -171,7 +179,17 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
             cells.append((f"hqq{b}+caldera-uniform@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank),
                                                              **caldera}))
         cells.append((f"svd+q4@{f:.2f}", {"quantize": "int4", "quantize_scope": "factors", "budget_fraction": f}))
-    return cells
+    # every recipe that rounds onto HQQ's grid, also with HQQ's own nearest rounding (calibration-free)
+    nearest = [(_nearest_name(n), {**o, "rounding": "nearest"}) for n, o in cells
+               if o.get("quantize") in (None, "plan", "int4", "int3", "int2") and "rounding" not in o
+               and o.get("quantize_scope") != "factors"]
+    return cells + nearest
+
+
+def _nearest_name(name: str) -> str:
+    """`plan@0.40` → `plan-nearest@0.40`: the same recipe with HQQ's nearest rounding instead of GPTQ's."""
+    head, at, tail = name.partition("@")
+    return f"{head}-nearest{at}{tail}"
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -245,10 +263,13 @@ def plot(data: dict[str, Any], path: Path) -> None:
             if "error" in c:
                 continue
             family = c["recipe"].split("@")[0]
+            nearest = family.endswith("-nearest")
+            family = family.removesuffix("-nearest")
             family = "hqq+eora (planned ranks)" if family.endswith("+eora") else family
             family = "hqq+eora (uniform ranks)" if "eora-uniform" in family else family
             family = {"caldera": "hqq+caldera (planned ranks)", "caldera-uniform": "hqq+caldera (uniform ranks)"}.get(
                 family.partition("+")[2], family)
+            family += ", nearest rounding" if nearest else ""
             curves.setdefault(family, []).append((c["disk_bytes"] / ref, c["ppl"][corpus]))
         for family, pts in sorted(curves.items()):
             pts.sort()

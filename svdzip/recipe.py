@@ -40,6 +40,7 @@ SCALED = {"allocator": "loss-aware", "allocator_options": {"signal": "local"}, "
 #: --quantize values stored packed by HQQ (`output.lowbit`), and the planner that mixes them
 LOWBIT = ("int4", "int3", "int2")
 PLAN = "plan"
+ROUNDINGS = ("gptq", "nearest")
 RECIPE_FORMAT = 1
 RECIPE_FILE = "recipe.yaml"
 #: fields that say where a run executes, not what it makes: left out of the recipe file
@@ -79,6 +80,9 @@ class Recipe:
     # quantize-first (EoRA: pack W, correct its error) | truncate-first (CALDERA, one alternation: pack the residual
     # of W's truncation, refit the correction to what the packing missed)
     compensate_order: str = "quantize-first"
+    # how a low-bit matrix's values are rounded onto HQQ's grid: gptq (error feedback on the layer's input Gram:
+    # the codes that keep the output error small) | nearest (HQQ alone, each weight to its nearest grid point)
+    rounding: str = "gptq"
     byte_aware: bool = True  # False: allocate parameters first, then fit the byte budget by the ratio
     # the calibration text
     corpus: str = "wiki"
@@ -174,6 +178,7 @@ class Recipe:
             comp = "" if self.compensate in (0, AUTO) and self.quantize != PLAN else (
                 "+eora" if self.compensate == AUTO else f"+eora{self.compensate}")
             order = "+caldera" if self.compensate_order == "truncate-first" else ""
+            order += "+nearest" if self.rounding == "nearest" and self.quantize_scope != "factors" else ""
             scope = "-factors" if self.quantize_scope == "factors" else ""
             parts.append(("hqq-plan" if self.quantize == PLAN else f"hqq-{self.quantize}{scope}") + comp + order)
         elif self.quantize and self.quantize != AUTO:
@@ -309,6 +314,11 @@ class Recipe:
         orders = ("quantize-first", "truncate-first")
         if self.compensate_order not in orders:
             raise SvdzipError(f"unknown compensation order '{self.compensate_order}'; choose from {', '.join(orders)}")
+        if self.rounding not in ROUNDINGS:
+            raise SvdzipError(f"unknown rounding '{self.rounding}'; choose from {', '.join(ROUNDINGS)}")
+        if self.rounding != "gptq" and not (self.lowbit or (self.quantize == AUTO and self.planner_applies())):
+            raise SvdzipError(f"--rounding {self.rounding} rounds low-bit weights: give --quantize "
+                              f"{'|'.join((*LOWBIT, PLAN))} (or a memory budget, whose planner uses them)")
         no_rank = self.compensate == 0 or (self.compensate == AUTO and not self.memory_budget)  # auto: 0 without one
         if self.compensate_order == "truncate-first" and (no_rank or not (
                 self.lowbit or (self.quantize == AUTO and self.planner_applies()))):
@@ -363,8 +373,10 @@ class Recipe:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SvdzipError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if written:  # written before the option existed: its statistics were float32
+        if written:  # written before these options existed: float32 statistics, low bits rounded to nearest
             data.setdefault("calib_precision", "float32")
+            if data.get("quantize") in (PLAN, *LOWBIT):
+                data.setdefault("rounding", "nearest")
         if "share_roles" in data:
             data["share_roles"] = tuple(data["share_roles"])
         if "healing" in data:

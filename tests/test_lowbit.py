@@ -498,6 +498,11 @@ def test_cli_refuses_bad_quantize_flags(tmp_path, capsys):
     assert "--compensate 4" in capsys.readouterr().err
     assert main([*base, "--compensate-order", "truncate-first", "--quantize", "int3"]) == 2  # nothing to order
     assert "truncate-first orders" in capsys.readouterr().err
+    assert main([*base, "--rounding", "nearest", "--quantize", "int8", "--budget-fraction", "0.7"]) == 2
+    assert "rounds low-bit weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--rounding", "stochastic", "--quantize", "int4"])
+    assert "invalid choice" in capsys.readouterr().err
     assert main([*base, "--quantize", "int4", "--quantize-scope", "factors"]) == 2
     assert "allocates the ranks in bytes" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

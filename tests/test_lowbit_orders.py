@@ -59,19 +59,21 @@ def test_factor_ranks_pack_and_save_values():
 
 
 @needs_hqq
-def test_truncate_then_quantize_refits_the_correction():
+@pytest.mark.parametrize("rounding", ["gptq", "nearest"])
+def test_truncate_then_quantize_refits_the_correction(rounding):
     from svdzip.passes.quant_error import truncate_then_quantize
 
     g = torch.Generator().manual_seed(4)
     w = torch.randn(64, 128, generator=g) * torch.logspace(0, -1, 128)
     x = torch.randn(400, 128, generator=g) * torch.linspace(0.2, 3.0, 128)
     gram = (x.T @ x).double()
-    packed, (b, a) = truncate_then_quantize(w, gram, 8, 3)
+    packed, (b, a) = truncate_then_quantize(w, gram, 8, 3, rounding=rounding)
     assert packed.bits == 3 and b.shape == (64, 8) and a.shape == (8, 128)
     q = packed.dequantize(torch.float32)
     # the packing is of the truncation's residual
     left, right = truncate(w, weighted_spectrum(w, gram, max_rank=8).basis, 8)
-    assert torch.equal(q, quantize(w - (left.double() @ right.double()).float(), 3).dequantize(torch.float32))
+    residual = w - (left.double() @ right.double()).float()
+    assert torch.equal(q, quantize(residual, 3, gram=gram if rounding == "gptq" else None).dequantize(torch.float32))
     refit = data_loss(w, q + b @ a, gram)
     assert refit <= data_loss(w, q + left @ right, gram) * (1 + 1e-6)  # the alternation never loses
     best = float(weighted_spectrum(w - q, gram).tail(8))  # and it is the best rank-8 correction of that packing

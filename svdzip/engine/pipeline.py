@@ -293,8 +293,8 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
         budget = mplan.unit_budget
     # filled per (matrix, bits), reused across budgets of the same weights and statistics
     key = str((stats.meta.get("key") if stats is not None else None) or id(stats))
-    errors = ctx.cache.get("quant-errors", key, dict)
-    quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors)
+    errors = ctx.cache.get(f"quant-errors-{config.rounding}", key, dict)
+    quantization_errors(adapter, units, stats, menu.bits, config.device, done=errors, rounding=config.rounding)
     factored = ctx.cache.get("quant-factor-errors", key, dict)
     factor_errors(adapter, units, stats, menu.factor_bits, config.device, done=factored)
     try:
@@ -364,7 +364,7 @@ def _quantize_with_compensation(module: nn.Module, unit: Unit, err: Any, comp: i
         gram = unit_gram(unit, stats).to(device)
         if config.compensate_order == "truncate-first":
             packed, (b, a) = truncate_then_quantize(weight, gram, comp, err.packed.bits, err.packed.group_size,
-                                                    basis=unit.spectrum.basis.to(device))
+                                                    basis=unit.spectrum.basis.to(device), rounding=config.rounding)
             loss = data_loss(weight, packed.dequantize(torch.float32).to(device) + b @ a, gram)
         else:
             packed = err.packed

@@ -121,16 +121,39 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero))
 
 
-def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> Packed:
-    """HQQ's quantization of one weight (its half-quadratic optimiser of the zero points, calibration-free)."""
+def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, gram: torch.Tensor | None = None
+             ) -> Packed:
+    """One weight packed at `bits`: HQQ's quantization (its half-quadratic optimiser of the zero points,
+    calibration-free), or, given the Gram matrix of the layer's inputs, GPTQ's rounding with error feedback on
+    HQQ's grid (`methods.error_feedback`: the codes that keep the output error small, not each weight's)."""
     require_backend(bits)
     rows, cols = weight.shape
     if not supported(rows, cols, bits, group_size):
         raise SvdzipError(f"a {rows}×{cols} weight cannot be packed at {bits} bits in groups of {group_size}")
+    if gram is not None:
+        return _quantize_with_feedback(weight, bits, group_size, gram)
     words, meta = _quantizer().quantize(weight.detach().float(), nbits=bits, group_size=group_size, axis=1,
                                         optimize=True, compute_dtype=torch.float32, device=weight.device.type)
     return Packed(words=words.contiguous(), scale=meta["scale"].to(META_DTYPE).contiguous(),
                   zero=meta["zero"].to(META_DTYPE).contiguous(), bits=bits, shape=(rows, cols),
+                  group_size=group_size)
+
+
+def _quantize_with_feedback(weight: torch.Tensor, bits: int, group_size: int, gram: torch.Tensor) -> Packed:
+    from svdzip.methods.error_feedback import error_feedback_codes
+
+    Quantizer = _quantizer()
+
+    def hqq_grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, meta = Quantizer.quantize(group, nbits=bits, group_size=group_size, axis=1, optimize=True,
+                                     bitpack=False, compute_dtype=torch.float32, device=group.device.type)
+        return (meta["scale"].to(META_DTYPE).float(), meta["zero"].to(META_DTYPE).float())
+
+    rows, cols = weight.shape
+    codes, scale, zero = error_feedback_codes(weight, gram.to(weight.device), bits, group_size, hqq_grid)
+    words = Quantizer.pack[Quantizer.bit_to_packing[bits]](codes.reshape(-1, group_size))
+    return Packed(words=words.contiguous(), scale=scale.reshape(-1, 1).to(META_DTYPE).contiguous(),
+                  zero=zero.reshape(-1, 1).to(META_DTYPE).contiguous(), bits=bits, shape=(rows, cols),
                   group_size=group_size)
 
 

@@ -67,18 +67,22 @@ def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
 
 def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits: Sequence[int],
                         device: str | torch.device = "cpu", group_size: int = GROUP_SIZE,
-                        done: dict[tuple[str, int], QuantError] | None = None) -> dict[tuple[str, int], QuantError]:
+                        done: dict[tuple[str, int], QuantError] | None = None,
+                        rounding: str = "gptq") -> dict[tuple[str, int], QuantError]:
     """(unit name, bits) → its packed weight and error spectrum, for every bit width the unit's shape allows.
 
-    `done` holds results of an earlier call (a sweep over budgets, or the benchmark) and is filled in place.
+    `rounding`: gptq (error feedback on the unit's input Gram) or nearest (HQQ alone). `done` holds results
+    of an earlier call with the same rounding (a sweep over budgets, or the benchmark) and is filled in place.
     """
     done = {} if done is None else done
     todo = [(u, b) for u in units for b in bits
             if (u.name, b) not in done and supported(u.rows, u.cols, b, group_size)]
-    for unit, b in tqdm(todo, desc="quantizing (hqq) and measuring errors", unit="matrix", disable=not todo):
+    for unit, b in tqdm(todo, desc=f"quantizing (hqq, {rounding}) and measuring errors", unit="matrix",
+                        disable=not todo):
         weight = adapter.module(unit.name).weight.detach().to(device)
-        packed = quantize(weight, b, group_size)
-        spectrum = error_spectrum(weight, packed.dequantize(torch.float32), unit_gram(unit, stats).to(device))
+        gram = unit_gram(unit, stats).to(device)
+        packed = quantize(weight, b, group_size, gram=gram if rounding == "gptq" else None)
+        spectrum = error_spectrum(weight, packed.dequantize(torch.float32), gram)
         done[unit.name, b] = QuantError(packed=packed, sigma2=spectrum.sigma2.cpu())
     return done
 
@@ -114,7 +118,7 @@ def factor_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits
 
 
 def truncate_then_quantize(weight: torch.Tensor, gram: torch.Tensor, rank: int, bits: int,
-                           group_size: int = GROUP_SIZE, basis: torch.Tensor | None = None
+                           group_size: int = GROUP_SIZE, basis: torch.Tensor | None = None, rounding: str = "gptq"
                            ) -> tuple[Packed, tuple[torch.Tensor, torch.Tensor]]:
     """CALDERA's order, one alternation: W ≈ Q(W − L R) + L' R'.
 
@@ -122,10 +126,12 @@ def truncate_then_quantize(weight: torch.Tensor, gram: torch.Tensor, rank: int, 
     the unit's spectrum's; computed here if it is missing or has fewer than r columns); the residual W − L R
     (its top components gone, so a narrower range to quantize) is packed at `bits`; then the correction is
     refitted to what that packing missed, W − Q(W − L R), by the same whitened truncation EoRA uses (never
-    worse on the calibration inputs than keeping L R). Returns (the packing, (B, A) of the correction).
+    worse on the calibration inputs than keeping L R). The residual is rounded as `rounding` says
+    (`quantization_errors`). Returns (the packing, (B, A) of the correction).
     """
     if basis is None or basis.shape[1] < rank:
         basis = weighted_spectrum(weight, gram, max_rank=rank).basis
     left, right = truncate(weight, basis, rank)
-    packed = quantize(weight - (left.double() @ right.double()).to(weight.dtype), bits, group_size)
+    packed = quantize(weight - (left.double() @ right.double()).to(weight.dtype), bits, group_size,
+                      gram=gram if rounding == "gptq" else None)
     return packed, compensation_factors(weight, packed.dequantize(torch.float32).to(weight.device), gram, rank)

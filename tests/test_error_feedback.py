@@ -1,0 +1,157 @@
+"""GPTQ's rounding with error feedback (`methods.error_feedback`) against the sequential OBQ greedy it is, and
+its use for HQQ-packed weights (`output.lowbit.quantize(..., gram=...)`, `--rounding`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import Shape, tiny_model, tiny_tokens
+
+from svdzip import Recipe, SvdzipError
+from svdzip.methods.error_feedback import dequantize_codes, error_feedback_codes, round_to_grid
+from svdzip.output import lowbit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _min_max_grid(bits: int):
+    def grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = group.min(dim=1, keepdim=True).values, group.max(dim=1, keepdim=True).values
+        scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+        return scale, -lo / scale
+    return grid
+
+
+def _sequential_greedy(weight, gram, bits, group_size, grid, damp=0.01):
+    """OBQ's greedy written out: round column j, spread its error over the later columns with the inverse
+    Hessian of the columns left, then drop column j from that inverse (no Cholesky, no blocks)."""
+    w = weight.double().clone()
+    h = gram.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0
+    h += damp * float(torch.diagonal(h).mean()) * torch.eye(len(h), dtype=torch.float64)
+    inv = torch.linalg.inv(h)
+    codes = torch.empty_like(w)
+    scale = zero = None
+    for j in range(w.shape[1]):
+        if j % group_size == 0:
+            scale, zero = grid(w[:, j:j + group_size])
+            scale, zero = scale.reshape(-1), zero.reshape(-1)
+        codes[:, j] = round_to_grid(w[:, j].clone(), scale, zero, bits)
+        err = (w[:, j] - (codes[:, j] - zero) * scale) / inv[0, 0]
+        w[:, j:] -= err[:, None] * inv[0][None, :]
+        inv = inv[1:, 1:] - inv[1:, :1] @ inv[:1, 1:] / inv[0, 0]
+    return codes
+
+
+def _inputs(samples, cols, seed, dead=()):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) * 0.3 + torch.eye(cols, dtype=torch.float64)
+    x = torch.randn(samples, cols, generator=g, dtype=torch.float64) @ mix
+    x[:, :3] *= 20  # a few loud input channels, as in real activations
+    x[:, list(dead)] = 0
+    return x
+
+
+def _output_error(x, e):
+    return float((x @ e.double().T).pow(2).sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("block", [8, 16])
+def test_blocked_cholesky_pass_equals_the_sequential_greedy(bits, block):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(6, 32, generator=g, dtype=torch.float64)
+    x = _inputs(100, 32, seed=bits, dead=(5,))
+    gram = x.T @ x
+    codes, scale, zero = error_feedback_codes(w, gram, bits, 8, _min_max_grid(bits), block=block)
+    assert torch.equal(codes, _sequential_greedy(w, gram, bits, 8, _min_max_grid(bits)))
+    assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1 and torch.equal(codes, codes.round())
+    # it beats rounding each weight on the same kind of grid, on the inputs it was fitted to
+    deq = dequantize_codes(codes, scale, zero, 8)
+    assert _output_error(x, w - deq) < 0.8 * _output_error(x, w - _nearest(w, bits))
+
+
+def _nearest(w, bits, group_size=8):
+    """Each weight rounded to its nearest point of its group's min-max grid, dequantized."""
+    out = torch.empty_like(w)
+    for i in range(0, w.shape[1], group_size):
+        part = w[:, i:i + group_size]
+        s, z = _min_max_grid(bits)(part)
+        out[:, i:i + group_size] = (round_to_grid(part.clone(), s, z, bits) - z) * s
+    return out
+
+
+def test_a_diagonal_gram_feeds_nothing_back():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    gram = torch.diag(torch.rand(16, generator=g, dtype=torch.float64) + 0.5)
+    codes, scale, zero = error_feedback_codes(w, gram, 3, 8, _min_max_grid(3), block=16)
+    for i in range(0, 16, 8):
+        s, z = _min_max_grid(3)(w[:, i:i + 8])
+        assert torch.equal(codes[:, i:i + 8], round_to_grid(w[:, i:i + 8].clone(), s, z, 3))
+
+
+def test_shapes_that_are_not_whole_groups_are_refused():
+    with pytest.raises(ValueError, match="whole groups"):
+        error_feedback_codes(torch.zeros(2, 12), torch.eye(12), 4, 8, _min_max_grid(4))
+
+
+@pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
+@pytest.mark.parametrize("bits", lowbit.BITS)
+def test_hqq_packing_of_the_feedback_codes(bits):
+    """The packed words decode to exactly the codes on the stored (bf16) grid, and the output error on the
+    calibration inputs is below HQQ's nearest rounding."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(20, 128, generator=g) * 0.05
+    x = _inputs(400, 128, seed=bits).float()
+    gram = (x.T @ x).double()
+    fed = lowbit.quantize(w, bits, gram=gram)
+    plain = lowbit.quantize(w, bits)
+    assert fed.nbytes == plain.nbytes == lowbit.packed_bytes(20, 128, bits)
+    assert fed.words.dtype == plain.words.dtype and fed.words.shape == plain.words.shape
+    deq = fed.dequantize(torch.float32)
+    scale, zero = fed.scale.float().reshape(20, -1), fed.zero.float().reshape(20, -1)
+    codes = (deq / scale.repeat_interleave(64, 1) + zero.repeat_interleave(64, 1)).round()
+    assert torch.allclose(dequantize_codes(codes, scale, zero, 64), deq, atol=1e-6)
+    assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1
+    assert _output_error(x.double(), w - deq) < 0.7 * _output_error(x.double(), w - plain.dequantize(torch.float32))
+
+
+@pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
+def test_the_pass_rounds_as_the_recipe_says_and_gptq_measures_less_error():
+    from svdzip.methods.decompose import decompose
+    from svdzip.models.adapter import ModelAdapter
+    from svdzip.passes.calibrate import collect_statistics
+    from svdzip.passes.quant_error import quantization_errors
+
+    shape = Shape(vocab=128, hidden=64, intermediate=128, layers=1, randomise=True)
+    model, tokens = tiny_model("llama", shape=shape), tiny_tokens(8, 32, vocab=shape.vocab)
+    adapter = ModelAdapter(model)
+    stats = collect_statistics(model, tokens, 4, "cpu")
+    units = decompose(adapter, stats, "svdllm")
+    fed = quantization_errors(adapter, units, stats, (3,))
+    nearest = quantization_errors(adapter, units, stats, (3,), rounding="nearest")
+    assert set(fed) == set(nearest) and len(fed) == len(units)
+    total = {k: sum(float(e[u.name, 3].tail_curve()[0]) for u in units) for k, e in (("fed", fed), ("n", nearest))}
+    assert total["fed"] < 0.8 * total["n"]
+    for u in units:  # the nearest rounding is HQQ's own quantizer, untouched
+        weight = adapter.module(u.name).weight.detach()
+        assert torch.equal(nearest[u.name, 3].packed.words, lowbit.quantize(weight, 3).words)
+
+
+def test_recipe_rounding_is_checked_labelled_and_old_files_keep_nearest():
+    with pytest.raises(SvdzipError, match="unknown rounding 'stochastic'"):
+        Recipe(quantize="int4", rounding="stochastic").validate()
+    assert Recipe(quantize="int4").label.endswith("hqq-int4")
+    assert Recipe(quantize="int4", rounding="nearest").label.endswith("hqq-int4+nearest")
+    written = Recipe(quantize="int4", heal="none").to_file_dict()
+    written.pop("rounding")
+    assert Recipe.from_dict(written).rounding == "nearest"  # a file written before the option
+    assert Recipe.from_dict({"quantize": "int4"}).rounding == "gptq"  # a hand-written partial recipe
+    old_int8 = Recipe(quantize="int8", heal="none", budget_fraction=0.7).to_file_dict()
+    old_int8.pop("rounding")
+    assert Recipe.from_dict(old_int8).validate().rounding == "gptq"  # nothing low-bit: nothing to keep
+    with pytest.raises(SvdzipError, match="rounds low-bit weights"):
+        Recipe(quantize="int8", rounding="nearest", budget_fraction=0.7).validate()
