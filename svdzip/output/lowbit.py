@@ -9,7 +9,9 @@ layer's weight and multiplies (no fused low-bit kernel): memory is saved at rest
 
 svdzip uses only HQQ's quantizer (`Quantizer.quantize` / `Quantizer.dequantize`: the packing, the scale and
 zero-point optimiser, the unpacking) and keeps the packed tensors in its own module, `LowBitLinear`, as plain
-buffers. So `save_pretrained` writes them into `model.safetensors` like any tensor, the svdzip quantizer
+buffers. Given the layer's input Gram (always there: the planner prices every option on it), the values are
+rounded onto HQQ's grid by GPTQ's error feedback (`methods.error_feedback`) instead of each to its nearest
+point; the stored format is the same. So `save_pretrained` writes them into `model.safetensors` like any tensor, the svdzip quantizer
 rebuilds the skeletons before transformers loads them, and the same module carries the compensation
 `y += B (A x)` (EoRA: the whitened truncation of the quantization error, `methods.compensation`).
 
