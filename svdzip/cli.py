@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from svdzip.errors import SvdzipError
+from svdzip.passes.quant_error import ROUNDINGS
 
 log = logging.getLogger("svdzip")
 
@@ -220,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
           "quantize-first (EoRA: pack W, correct the error) or truncate-first (CALDERA, one alternation: pack the "
           "residual of W's truncation, then refit the correction)", choices=["quantize-first", "truncate-first"])
     field("--rounding", "rounding", "how low-bit weights are rounded onto HQQ's grid: gptq (error feedback on the "
-          "calibration inputs' Gram, GPTQ's greedy: the output error, not each weight's) or nearest (HQQ alone)",
-          choices=["gptq", "nearest"])
+          "calibration inputs' Gram, GPTQ's greedy: the output error, not each weight's) or nearest (HQQ alone); "
+          "packed factors (--quantize-scope factors, packed_factors=true) are always rounded to nearest",
+          choices=list(ROUNDINGS))
     field("--quantize-scope", "quantize_scope", "what --quantize stores quantized: all matrices, the dense "
           "remainder only (int8), or the factors only (int8; with int4/int3/int2 and a memory budget: SVD first, "
           "every matrix factorised and its factors packed at that width)", choices=["all", "dense", "factors"])

@@ -29,6 +29,7 @@ import torch
 from svdzip.budget import check_ratio
 from svdzip.core.precision import PRECISIONS, compute_dtype, dtype_name
 from svdzip.errors import SvdzipError
+from svdzip.passes.quant_error import ROUNDINGS
 from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, METHOD_DEFAULTS, HealConfig
 
 SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
@@ -40,7 +41,6 @@ SCALED = {"allocator": "loss-aware", "allocator_options": {"signal": "local"}, "
 #: --quantize values stored packed by HQQ (`output.lowbit`), and the planner that mixes them
 LOWBIT = ("int4", "int3", "int2")
 PLAN = "plan"
-ROUNDINGS = ("gptq", "nearest")
 RECIPE_FORMAT = 1
 RECIPE_FILE = "recipe.yaml"
 #: fields that say where a run executes, not what it makes: left out of the recipe file

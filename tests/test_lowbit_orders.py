@@ -17,7 +17,7 @@ from svdzip.methods.linalg import data_loss, truncate, weighted_spectrum
 from svdzip.methods.quantized_factors import prefix_losses
 from svdzip.models.lowrank import LowRankLinear
 from svdzip.output import lowbit
-from svdzip.output.lowbit import LowBitLinear, lowbit_linears, packed_bytes, quantize
+from svdzip.output.lowbit import LowBitLinear, lowbit_linears, packed_bytes
 from svdzip.passes.quant_error import FactorError, factor_ranks
 
 # attention 256×256 and k/v 128×256 (rank 64 packs and stores fewer values than the matrix), MLP 256 ↔ 512
@@ -61,7 +61,7 @@ def test_factor_ranks_pack_and_save_values():
 @needs_hqq
 @pytest.mark.parametrize("rounding", ["gptq", "nearest"])
 def test_truncate_then_quantize_refits_the_correction(rounding):
-    from svdzip.passes.quant_error import truncate_then_quantize
+    from svdzip.passes.quant_error import quantize_rounded, truncate_then_quantize
 
     g = torch.Generator().manual_seed(4)
     w = torch.randn(64, 128, generator=g) * torch.logspace(0, -1, 128)
@@ -73,7 +73,7 @@ def test_truncate_then_quantize_refits_the_correction(rounding):
     # the packing is of the truncation's residual
     left, right = truncate(w, weighted_spectrum(w, gram, max_rank=8).basis, 8)
     residual = w - (left.double() @ right.double()).float()
-    assert torch.equal(q, quantize(residual, 3, gram=gram if rounding == "gptq" else None).dequantize(torch.float32))
+    assert torch.equal(q, quantize_rounded(residual, 3, gram, rounding).dequantize(torch.float32))
     refit = data_loss(w, q + b @ a, gram)
     assert refit <= data_loss(w, q + left @ right, gram) * (1 + 1e-6)  # the alternation never loses
     best = float(weighted_spectrum(w - q, gram).tail(8))  # and it is the best rank-8 correction of that packing

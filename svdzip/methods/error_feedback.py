@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from svdzip.errors import SvdzipError
+
 #: a group's (rows × group_size) weights → its dequantization scale and zero point, each rows × 1,
 #: already rounded to how they are stored (so the feedback sees the error the stored weight makes)
 Grid = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -34,17 +36,26 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return (w / scale + zero).round_().clamp_(0, 2 ** bits - 1)
 
 
-def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): U upper triangular with Uᵀ U = (H + λ I)⁻¹, λ = `damp` × mean diag(H); `dead` marks inputs
-    the calibration never excited (their diagonal is zero: they are set to 1 so H is invertible, and the caller
-    zeroes those weights, as nothing reaches them)."""
+def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """U upper triangular with Uᵀ U = (H + λ I)⁻¹, λ = `damp` × mean diag(H). Inputs the calibration never
+    excited (zero diagonal) get a diagonal of 1 so H is invertible; their rows and columns of U stay zero off
+    the diagonal, so their weights are rounded to the nearest point and feed nothing back (GPTQ zeroes them;
+    kept here, as other text may excite them)."""
     h = gram.detach().double().clone()
+    if not torch.isfinite(h).all():
+        raise SvdzipError("the input Gram matrix has non-finite entries (calibration overflowed?): GPTQ's "
+                          "rounding needs a finite one (--rounding nearest needs none)")
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     lam = damp * float(torch.diagonal(h).mean())
     h.diagonal().add_(lam)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inv, upper=True), dead
+    try:  # two n×n copies at most: each step replaces the last
+        h = torch.linalg.cholesky(h)
+        h = torch.cholesky_inverse(h)
+        return torch.linalg.cholesky(h, upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise SvdzipError(f"the damped input Gram matrix is not positive definite ({exc}); GPTQ's rounding "
+                          "cannot use it (--rounding nearest needs none)") from None
 
 
 def error_feedback_codes(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, grid: Grid,
@@ -59,10 +70,9 @@ def error_feedback_codes(weight: torch.Tensor, gram: torch.Tensor, bits: int, gr
     if cols % group_size or block % group_size:
         raise ValueError(f"{cols} inputs and blocks of {block} must be whole groups of {group_size}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # float64 in: exact checks
-    u, dead = inverse_hessian_factor(gram, damp)
-    u = u.to(dtype)
+    u = inverse_hessian_factor(gram, damp)
+    u = u.to(device=weight.device, dtype=dtype)
     w = weight.detach().to(dtype).clone()
-    w[:, dead] = 0
     codes = torch.empty_like(w)
     scales = w.new_empty(rows, cols // group_size)
     zeros = w.new_empty(rows, cols // group_size)

@@ -9,11 +9,11 @@ layer's weight and multiplies (no fused low-bit kernel): memory is saved at rest
 
 svdzip uses only HQQ's quantizer (`Quantizer.quantize` / `Quantizer.dequantize`: the packing, the scale and
 zero-point optimiser, the unpacking) and keeps the packed tensors in its own module, `LowBitLinear`, as plain
-buffers. Given the layer's input Gram (always there: the planner prices every option on it), the values are
-rounded onto HQQ's grid by GPTQ's error feedback (`methods.error_feedback`) instead of each to its nearest
-point; the stored format is the same. So `save_pretrained` writes them into `model.safetensors` like any tensor, the svdzip quantizer
-rebuilds the skeletons before transformers loads them, and the same module carries the compensation
-`y += B (A x)` (EoRA: the whitened truncation of the quantization error, `methods.compensation`).
+buffers. The values may also be rounded onto HQQ's grid by another rule (`hqq_grid`, `pack_codes`: GPTQ's
+error feedback in `passes.quant_error`); the stored format is the same. So
+`save_pretrained` writes them into `model.safetensors` like any tensor, the svdzip quantizer rebuilds the
+skeletons before transformers loads them, and the same module carries the compensation `y += B (A x)` (EoRA:
+the whitened truncation of the quantization error, `methods.compensation`).
 
 Layout: groups of `group_size` consecutive weights along the input dimension (HQQ's axis 1), one scale and
 one zero point per group stored in bfloat16 — 4.5 / 3.7 / 2.5 / 8.5 bits per weight at group 64.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,17 +124,10 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero))
 
 
-def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, gram: torch.Tensor | None = None
-             ) -> Packed:
-    """One weight packed at `bits`: HQQ's quantization (its half-quadratic optimiser of the zero points,
-    calibration-free), or, given the Gram matrix of the layer's inputs, GPTQ's rounding with error feedback on
-    HQQ's grid (`methods.error_feedback`: the codes that keep the output error small, not each weight's)."""
-    require_backend(bits)
-    rows, cols = weight.shape
-    if not supported(rows, cols, bits, group_size):
-        raise SvdzipError(f"a {rows}×{cols} weight cannot be packed at {bits} bits in groups of {group_size}")
-    if gram is not None:
-        return _quantize_with_feedback(weight, bits, group_size, gram)
+def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> Packed:
+    """One weight packed at `bits` by HQQ alone: its half-quadratic optimiser of the zero points, each weight
+    to its nearest grid point (calibration-free; `passes.quant_error.quantize_rounded` has GPTQ's rounding)."""
+    rows, cols = _check_packable(weight.shape, bits, group_size)
     words, meta = _quantizer().quantize(weight.detach().float(), nbits=bits, group_size=group_size, axis=1,
                                         optimize=True, compute_dtype=torch.float32, device=weight.device.type)
     return Packed(words=words.contiguous(), scale=meta["scale"].to(META_DTYPE).contiguous(),
@@ -141,22 +135,38 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, gram
                   group_size=group_size)
 
 
-def _quantize_with_feedback(weight: torch.Tensor, bits: int, group_size: int, gram: torch.Tensor) -> Packed:
-    from svdzip.methods.error_feedback import error_feedback_codes
+def hqq_grid(bits: int, group_size: int = GROUP_SIZE) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """HQQ's optimised scale and zero point of one group of inputs (rows × group_size → rows × 1 each), rounded
+    to bf16 as they are stored: a rounding with error feedback asks for each group's grid when its pass
+    reaches it, from the weights the feedback has moved."""
+    require_backend(bits)
+    quantizer = _quantizer()
 
-    Quantizer = _quantizer()
-
-    def hqq_grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, meta = Quantizer.quantize(group, nbits=bits, group_size=group_size, axis=1, optimize=True,
+    def grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, meta = quantizer.quantize(group, nbits=bits, group_size=group_size, axis=1, optimize=True,
                                      bitpack=False, compute_dtype=torch.float32, device=group.device.type)
-        return (meta["scale"].to(META_DTYPE).float(), meta["zero"].to(META_DTYPE).float())
+        return meta["scale"].to(META_DTYPE).float(), meta["zero"].to(META_DTYPE).float()
+    return grid
 
-    rows, cols = weight.shape
-    codes, scale, zero = error_feedback_codes(weight, gram.to(weight.device), bits, group_size, hqq_grid)
-    words = Quantizer.pack[Quantizer.bit_to_packing[bits]](codes.reshape(-1, group_size))
+
+def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+               group_size: int = GROUP_SIZE) -> Packed:
+    """Integer codes (rows × cols, each in 0 … 2^bits − 1) with their grid (rows × groups) packed as HQQ packs
+    its own: the same words, scales and zero points, so loading and the forward cannot tell them apart."""
+    rows, cols = _check_packable(codes.shape, bits, group_size)
+    quantizer = _quantizer()
+    words = quantizer.pack[quantizer.bit_to_packing[bits]](codes.reshape(-1, group_size))
     return Packed(words=words.contiguous(), scale=scale.reshape(-1, 1).to(META_DTYPE).contiguous(),
                   zero=zero.reshape(-1, 1).to(META_DTYPE).contiguous(), bits=bits, shape=(rows, cols),
                   group_size=group_size)
+
+
+def _check_packable(shape: Sequence[int], bits: int, group_size: int) -> tuple[int, int]:
+    require_backend(bits)
+    rows, cols = shape
+    if not supported(rows, cols, bits, group_size):
+        raise SvdzipError(f"a {rows}×{cols} weight cannot be packed at {bits} bits in groups of {group_size}")
+    return rows, cols
 
 
 class LowBitLinear(nn.Module):

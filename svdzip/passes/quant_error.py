@@ -1,10 +1,12 @@
 """The quantization pass: every compressible matrix packed at each candidate bit width, and what its error costs.
 
-For each unit (one linear) and bit width b this runs HQQ's quantizer once and keeps the packed weight (the
-planner's choice is then stored exactly as it was priced) and the weighted spectrum of the error
-W − Q_b(W) under the layer's input Gram matrix: `tail(r)` is the output error left after a rank-r
-compensation, on the same scale as the unit's own truncation spectrum (SVD-LLM's metric), so "factorise at
-rank k" and "b bits + rank r" compete in one currency.
+For each unit (one linear) and bit width b this packs the weight once on HQQ's grid — each value rounded to
+its nearest point (HQQ alone) or by GPTQ's error feedback on the layer's input Gram (`quantize_rounded`) —
+and keeps the packed weight (the planner's choice is then stored exactly as it was priced) and the weighted
+spectrum of the error W − Q_b(W) under the layer's input Gram matrix: `tail(r)` is the output error left
+after a rank-r compensation, on the same scale as the unit's own truncation spectrum (SVD-LLM's metric), so
+"factorise at rank k" and "b bits + rank r" compete in one currency. Factorisations with packed factors
+(`factor_errors`) are rounded to the nearest point.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from svdzip.budget import max_useful_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.compensation import compensation_factors, error_spectrum
 from svdzip.methods.decompose import Unit
+from svdzip.methods.error_feedback import error_feedback_codes
 from svdzip.methods.linalg import Spectrum, truncate, weighted_spectrum
 from svdzip.methods.quantized_factors import prefix_losses
 from svdzip.models.adapter import ModelAdapter
-from svdzip.output.lowbit import GROUP_SIZE, Packed, quantize, supported
+from svdzip.output.lowbit import GROUP_SIZE, Packed, hqq_grid, pack_codes, quantize, supported
+
+#: how low-bit values are rounded onto HQQ's grid: GPTQ's error feedback on the input Gram, or each to its nearest
+ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass
@@ -50,6 +56,20 @@ def factor_ranks(rows: int, cols: int, kept: int, bits: int, group_size: int = G
     top = min(kept, max_useful_rank(rows, cols))
     return tuple(k for k in range(group_size, top + 1, group_size)
                  if supported(rows, k, bits, group_size) and supported(k, cols, bits, group_size))
+
+
+def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, rounding: str = "gptq",
+                     group_size: int = GROUP_SIZE) -> Packed:
+    """`weight` packed at `bits` on HQQ's grid, rounded as `rounding` says: `nearest` is HQQ alone; `gptq` rounds
+    the input columns in turn and feeds each one's error to those not yet rounded (`methods.error_feedback`),
+    which keeps the output error on inputs with Gram `gram` small rather than each weight's."""
+    if rounding not in ROUNDINGS:
+        raise SvdzipError(f"unknown rounding '{rounding}'; choose from {', '.join(ROUNDINGS)}")
+    if rounding == "nearest":
+        return quantize(weight, bits, group_size)
+    grid = hqq_grid(bits, group_size)
+    codes, scale, zero = error_feedback_codes(weight, gram.to(weight.device), bits, group_size, grid)
+    return pack_codes(codes, scale, zero, bits, group_size)
 
 
 def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
@@ -81,7 +101,10 @@ def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any
                         disable=not todo):
         weight = adapter.module(unit.name).weight.detach().to(device)
         gram = unit_gram(unit, stats).to(device)
-        packed = quantize(weight, b, group_size, gram=gram if rounding == "gptq" else None)
+        try:
+            packed = quantize_rounded(weight, b, gram, rounding, group_size)
+        except SvdzipError as exc:
+            raise SvdzipError(f"{unit.name} at {b} bits: {exc}") from None
         spectrum = error_spectrum(weight, packed.dequantize(torch.float32), gram)
         done[unit.name, b] = QuantError(packed=packed, sigma2=spectrum.sigma2.cpu())
     return done
@@ -132,6 +155,6 @@ def truncate_then_quantize(weight: torch.Tensor, gram: torch.Tensor, rank: int, 
     if basis is None or basis.shape[1] < rank:
         basis = weighted_spectrum(weight, gram, max_rank=rank).basis
     left, right = truncate(weight, basis, rank)
-    packed = quantize(weight - (left.double() @ right.double()).to(weight.dtype), bits, group_size,
-                      gram=gram if rounding == "gptq" else None)
+    packed = quantize_rounded(weight - (left.double() @ right.double()).to(weight.dtype), bits, gram, rounding,
+                              group_size)
     return packed, compensation_factors(weight, packed.dequantize(torch.float32).to(weight.device), gram, rank)
