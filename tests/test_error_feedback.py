@@ -8,40 +8,40 @@ import torch
 from tiny_models import Shape, tiny_model, tiny_tokens
 
 from svdzip import Recipe, SvdzipError
-from svdzip.methods.error_feedback import dequantize_codes, error_feedback_codes, round_to_grid
+from svdzip.methods.error_feedback import activation_order, dequantize_codes, error_feedback_codes, round_to_grid
 from svdzip.output import lowbit
 from svdzip.passes.quant_error import quantize_rounded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _min_max_grid(bits: int):
-    def grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = group.min(dim=1, keepdim=True).values, group.max(dim=1, keepdim=True).values
-        scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
-        return scale, -lo / scale
-    return grid
+def _min_max_grid(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scale and zero point per group (rows × groups) spanning each group's range: a stand-in for HQQ's."""
+    groups = w.reshape(w.shape[0], -1, group_size)
+    lo, hi = groups.min(dim=2).values, groups.max(dim=2).values
+    scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+    return scale, -lo / scale
 
 
-def _sequential_greedy(weight, gram, bits, group_size, grid, damp=0.01):
-    """OBQ's greedy written out: round column j, spread its error over the later columns with the inverse
-    Hessian of the columns left, then drop column j from that inverse (no Cholesky, no blocks)."""
+def _sequential_greedy(weight, gram, bits, group_size, damp=0.01):
+    """OBQ's greedy written out on the min-max grid, loudest input first: round column j, spread its error over
+    the columns left with the inverse Hessian of those columns, then drop j from that inverse (no Cholesky, no
+    blocks, no permuted matrices)."""
     w = weight.double().clone()
+    scale, zero = (t.repeat_interleave(group_size, dim=1) for t in _min_max_grid(w, bits, group_size))
     h = gram.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h += damp * float(torch.diagonal(h).mean()) * torch.eye(len(h), dtype=torch.float64)
-    inv = torch.linalg.inv(h)
+    left = sorted(range(w.shape[1]), key=lambda c: (-float(h[c, c] - (1.0 if dead[c] else 0.0)), c))
     codes = torch.empty_like(w)
-    scale = zero = None
-    for j in range(w.shape[1]):
-        if j % group_size == 0:
-            scale, zero = grid(w[:, j:j + group_size])
-            scale, zero = scale.reshape(-1), zero.reshape(-1)
-        codes[:, j] = round_to_grid(w[:, j].clone(), scale, zero, bits)
-        err = (w[:, j] - (codes[:, j] - zero) * scale) / inv[0, 0]
-        w[:, j:] -= err[:, None] * inv[0][None, :]
-        inv = inv[1:, 1:] - inv[1:, :1] @ inv[:1, 1:] / inv[0, 0]
+    while left:
+        j, rest = left[0], left
+        inv = torch.linalg.inv(h[rest][:, rest])
+        codes[:, j] = round_to_grid(w[:, j].clone(), scale[:, j], zero[:, j], bits)
+        err = (w[:, j] - (codes[:, j] - zero[:, j]) * scale[:, j]) / inv[0, 0]
+        w[:, rest] -= err[:, None] * inv[0][None, :]
+        left = left[1:]
     return codes
 
 
@@ -65,49 +65,48 @@ def test_blocked_cholesky_pass_equals_the_sequential_greedy(bits, block):
     w = torch.randn(6, 32, generator=g, dtype=torch.float64)
     x = _inputs(100, 32, seed=bits, dead=(5,))
     gram = x.T @ x
-    codes, scale, zero = error_feedback_codes(w, gram, bits, 8, _min_max_grid(bits), block=block)
-    assert torch.equal(codes, _sequential_greedy(w, gram, bits, 8, _min_max_grid(bits)))
+    scale, zero = _min_max_grid(w, bits, 8)
+    codes = error_feedback_codes(w, gram, bits, scale, zero, 8, block=block)
+    assert torch.equal(codes, _sequential_greedy(w, gram, bits, 8))
     assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1 and torch.equal(codes, codes.round())
-    # the input the calibration never excited keeps its weight, rounded on its group's grid, nothing fed to it
-    assert torch.equal(codes[:, 5], round_to_grid(w[:, 5].clone(), scale[:, 0], zero[:, 0], bits))
-    # it beats rounding each weight on the same kind of grid, on the inputs it was fitted to
+    # the input the calibration never excited comes last, rounded on its group's grid from where the others'
+    # errors moved it (and, with nothing left after it, feeds nothing back)
+    assert int(activation_order(gram)[-1]) == 5
+    # it beats rounding each weight to its nearest point of the same grid, on the inputs it was fitted to
     deq = dequantize_codes(codes, scale, zero, 8)
-    assert _output_error(x, w - deq) < 0.8 * _output_error(x, w - _nearest(w, bits))
+    nearest = dequantize_codes(round_to_grid(w.clone(), *(t.repeat_interleave(8, 1) for t in (scale, zero)), bits),
+                               scale, zero, 8)
+    assert _output_error(x, w - deq) < 0.8 * _output_error(x, w - nearest)
 
 
-def _nearest(w, bits, group_size=8):
-    """Each weight rounded to its nearest point of its group's min-max grid, dequantized."""
-    out = torch.empty_like(w)
-    for i in range(0, w.shape[1], group_size):
-        part = w[:, i:i + group_size]
-        s, z = _min_max_grid(bits)(part)
-        out[:, i:i + group_size] = (round_to_grid(part.clone(), s, z, bits) - z) * s
-    return out
+def test_activation_order_is_by_decreasing_input_energy():
+    gram = torch.diag(torch.tensor([1.0, 5.0, 0.0, 5.0, 2.0]))
+    assert activation_order(gram).tolist() == [1, 3, 4, 0, 2]
 
 
 def test_a_diagonal_gram_feeds_nothing_back():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5, 16, generator=g, dtype=torch.float64)
     gram = torch.diag(torch.rand(16, generator=g, dtype=torch.float64) + 0.5)
-    codes, scale, zero = error_feedback_codes(w, gram, 3, 8, _min_max_grid(3), block=16)
-    for i in range(0, 16, 8):
-        s, z = _min_max_grid(3)(w[:, i:i + 8])
-        assert torch.equal(codes[:, i:i + 8], round_to_grid(w[:, i:i + 8].clone(), s, z, 3))
+    scale, zero = _min_max_grid(w, 3, 8)
+    codes = error_feedback_codes(w, gram, 3, scale, zero, 8, block=16)
+    wide = [t.repeat_interleave(8, dim=1) for t in (scale, zero)]
+    assert torch.equal(codes, round_to_grid(w.clone(), *wide, 3))
 
 
 def test_a_gram_it_cannot_use_or_an_unknown_rounding_is_refused():
     w = torch.randn(4, 64)
     with pytest.raises(SvdzipError, match="non-finite"):
-        error_feedback_codes(w, torch.full((64, 64), float("nan")), 4, 64, _min_max_grid(4))
+        error_feedback_codes(w, torch.full((64, 64), float("nan")), 4, *_min_max_grid(w, 4, 64), 64)
     with pytest.raises(SvdzipError, match="not positive definite"):
-        error_feedback_codes(w, -torch.eye(64), 4, 64, _min_max_grid(4))
+        error_feedback_codes(w, -torch.eye(64), 4, *_min_max_grid(w, 4, 64), 64)
     with pytest.raises(SvdzipError, match="unknown rounding 'GPTQ'"):
         quantize_rounded(w, 4, torch.eye(64), "GPTQ")
 
 
 def test_shapes_that_are_not_whole_groups_are_refused():
     with pytest.raises(ValueError, match="whole groups"):
-        error_feedback_codes(torch.zeros(2, 12), torch.eye(12), 4, 8, _min_max_grid(4))
+        error_feedback_codes(torch.zeros(2, 12), torch.eye(12), 4, torch.ones(2, 1), torch.zeros(2, 1), 8)
 
 
 @pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
@@ -123,11 +122,13 @@ def test_hqq_packing_of_the_feedback_codes(bits):
     plain = lowbit.quantize(w, bits)
     assert fed.nbytes == plain.nbytes == lowbit.packed_bytes(20, 128, bits)
     assert fed.words.dtype == plain.words.dtype and fed.words.shape == plain.words.shape
-    codes, scale, zero = error_feedback_codes(w, gram, bits, 64, lowbit.hqq_grid(bits))
+    # the grid is HQQ's own, only the codes differ
+    assert torch.equal(fed.scale, plain.scale) and torch.equal(fed.zero, plain.zero)
+    scale, zero = fed.scale.float().reshape(20, -1), fed.zero.float().reshape(20, -1)
+    codes = error_feedback_codes(w, gram, bits, scale, zero, 64)
     hqq = pytest.importorskip("hqq.core.quantize").Quantizer
     unpacked = hqq.unpack[hqq.bit_to_packing[bits]](fed.words)[:codes.numel() // 64]  # 3 bits pads the rows
     assert torch.equal(unpacked.long(), codes.reshape(-1, 64).long())
-    assert torch.equal(fed.scale.float().reshape(20, -1), scale) and torch.equal(fed.zero.float().reshape(20, -1), zero)
     deq = fed.dequantize(torch.float32)
     assert torch.allclose(dequantize_codes(codes, scale, zero, 64), deq, atol=1e-6)
     assert _output_error(x.double(), w - deq) < 0.7 * _output_error(x.double(), w - plain.dequantize(torch.float32))

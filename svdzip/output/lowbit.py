@@ -9,8 +9,8 @@ layer's weight and multiplies (no fused low-bit kernel): memory is saved at rest
 
 svdzip uses only HQQ's quantizer (`Quantizer.quantize` / `Quantizer.dequantize`: the packing, the scale and
 zero-point optimiser, the unpacking) and keeps the packed tensors in its own module, `LowBitLinear`, as plain
-buffers. The values may also be rounded onto HQQ's grid by another rule (`hqq_grid`, `pack_codes`: GPTQ's
-error feedback in `passes.quant_error`); the stored format is the same. So
+buffers. The values may also be rounded onto HQQ's grid by another rule (`pack_codes`: GPTQ's error feedback
+in `passes.quant_error`); the stored format is the same. So
 `save_pretrained` writes them into `model.safetensors` like any tensor, the svdzip quantizer rebuilds the
 skeletons before transformers loads them, and the same module carries the compensation `y += B (A x)` (EoRA:
 the whitened truncation of the quantization error, `methods.compensation`).
@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,20 +133,6 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> P
     return Packed(words=words.contiguous(), scale=meta["scale"].to(META_DTYPE).contiguous(),
                   zero=meta["zero"].to(META_DTYPE).contiguous(), bits=bits, shape=(rows, cols),
                   group_size=group_size)
-
-
-def hqq_grid(bits: int, group_size: int = GROUP_SIZE) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """HQQ's optimised scale and zero point of one group of inputs (rows × group_size → rows × 1 each), rounded
-    to bf16 as they are stored: a rounding with error feedback asks for each group's grid when its pass
-    reaches it, from the weights the feedback has moved."""
-    require_backend(bits)
-    quantizer = _quantizer()
-
-    def grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, meta = quantizer.quantize(group, nbits=bits, group_size=group_size, axis=1, optimize=True,
-                                     bitpack=False, compute_dtype=torch.float32, device=group.device.type)
-        return meta["scale"].to(META_DTYPE).float(), meta["zero"].to(META_DTYPE).float()
-    return grid
 
 
 def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,

@@ -26,7 +26,7 @@ from svdzip.methods.error_feedback import error_feedback_codes
 from svdzip.methods.linalg import Spectrum, truncate, weighted_spectrum
 from svdzip.methods.quantized_factors import prefix_losses
 from svdzip.models.adapter import ModelAdapter
-from svdzip.output.lowbit import GROUP_SIZE, Packed, hqq_grid, pack_codes, quantize, supported
+from svdzip.output.lowbit import GROUP_SIZE, Packed, pack_codes, quantize, supported
 
 #: how low-bit values are rounded onto HQQ's grid: GPTQ's error feedback on the input Gram, or each to its nearest
 ROUNDINGS = ("gptq", "nearest")
@@ -60,16 +60,19 @@ def factor_ranks(rows: int, cols: int, kept: int, bits: int, group_size: int = G
 
 def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, rounding: str = "gptq",
                      group_size: int = GROUP_SIZE) -> Packed:
-    """`weight` packed at `bits` on HQQ's grid, rounded as `rounding` says: `nearest` is HQQ alone; `gptq` rounds
-    the input columns in turn and feeds each one's error to those not yet rounded (`methods.error_feedback`),
-    which keeps the output error on inputs with Gram `gram` small rather than each weight's."""
+    """`weight` packed at `bits` on HQQ's grid (its optimised scale and zero point per group), rounded as
+    `rounding` says: `nearest` is HQQ alone; `gptq` keeps that grid and rounds the input columns in turn, loudest
+    first, feeding each one's error to those not yet rounded (`methods.error_feedback`), which keeps the output
+    error on inputs with Gram `gram` small rather than each weight's."""
     if rounding not in ROUNDINGS:
         raise SvdzipError(f"unknown rounding '{rounding}'; choose from {', '.join(ROUNDINGS)}")
+    packed = quantize(weight, bits, group_size)
     if rounding == "nearest":
-        return quantize(weight, bits, group_size)
-    grid = hqq_grid(bits, group_size)
-    codes, scale, zero = error_feedback_codes(weight, gram.to(weight.device), bits, group_size, grid)
-    return pack_codes(codes, scale, zero, bits, group_size)
+        return packed
+    rows, cols = weight.shape
+    scale, zero = (t.float().reshape(rows, cols // group_size) for t in (packed.scale, packed.zero))
+    codes = error_feedback_codes(weight, gram.to(weight.device), bits, scale, zero, group_size)
+    return pack_codes(codes, packed.scale, packed.zero, bits, group_size)
 
 
 def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
