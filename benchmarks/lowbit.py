@@ -12,8 +12,8 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 * `int8`: every decoder linear int8 (torchao, per row): one point, at its own size.
 * `hqq{b}`: every decoder linear at b bits (HQQ, groups of 64, bf16 scale and zero; HQQ's own rounding, to the
   nearest point of its optimised grid, calibration-free): one point each.
-* `gptq{b}`: the same grid and storage, the values rounded by GPTQ's error feedback on the calibration Grams
-  (`--rounding gptq`, the default of every low-bit recipe below).
+* `gptq{b}`: the same grid and storage, the values rounded by GPTQ's error feedback on the calibration Grams,
+  loudest inputs first (`--rounding gptq`, the default of every low-bit recipe below).
 * `plan@hqq{b}`: the byte planner (`--quantize plan`) at exactly the bytes of `hqq{b}`: equal-bytes comparison.
 * `hqq{b}+eora`: b bits everywhere plus compensations whose ranks the planner allocates within the budget, for
   the widest b that fits the budget (`--quantize int{b} --compensate auto`).
