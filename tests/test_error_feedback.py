@@ -55,7 +55,7 @@ def _inputs(samples, cols, seed, dead=()):
 
 
 def _output_error(x, e):
-    return float((x @ e.double().T).pow(2).sum())
+    return float((x @ e.detach().double().T).pow(2).sum())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
