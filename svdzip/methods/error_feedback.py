@@ -24,6 +24,8 @@ of another domain; README, "Rounding"):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from svdzip.errors import SvdzipError
@@ -56,21 +58,37 @@ def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> torch.Tens
                           "cannot use it (--rounding nearest needs none)") from None
 
 
+@dataclass(frozen=True)
+class Hessian:
+    """What the pass needs of a Gram matrix: its activation order and the inverse-Hessian factor in that order
+    (one per matrix, shared by every bit width it is rounded at)."""
+    order: torch.Tensor
+    factor: torch.Tensor
+
+
+def prepare_hessian(gram: torch.Tensor, damp: float = 0.01) -> Hessian:
+    order = activation_order(gram)
+    return Hessian(order, inverse_hessian_factor(gram[order][:, order], damp))
+
+
 def error_feedback_codes(weight: torch.Tensor, gram: torch.Tensor, bits: int, scale: torch.Tensor,
-                         zero: torch.Tensor, group_size: int, block: int = 128, damp: float = 0.01) -> torch.Tensor:
+                         zero: torch.Tensor, group_size: int, block: int = 128, damp: float = 0.01,
+                         hessian: Hessian | None = None) -> torch.Tensor:
     """GPTQ's integer codes for `weight` (rows × cols) on the fixed grid (`scale`, `zero`: rows × groups), the
     columns taken in decreasing order of diag(`gram`).
 
     Dequantized, (codes − zero)·scale per group, the result's output error on the inputs whose Gram is `gram`
     is what the greedy leaves; with a diagonal Gram nothing is fed back and it is plain rounding on the grid.
+    `hessian`: `prepare_hessian(gram, damp)` where the caller rounds the same matrix at several widths.
     """
     rows, cols = weight.shape
     if cols % group_size or scale.shape != (rows, cols // group_size) or zero.shape != scale.shape:
         raise ValueError(f"a {rows}×{cols} weight needs whole groups of {group_size} inputs and a scale and zero "
                          f"point per group (rows × {cols // group_size}), not {tuple(scale.shape)}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # float64 in: exact checks
-    order = activation_order(gram).to(weight.device)
-    u = inverse_hessian_factor(gram[order][:, order], damp).to(device=weight.device, dtype=dtype)
+    hessian = hessian or prepare_hessian(gram, damp)
+    order = hessian.order.to(weight.device)
+    u = hessian.factor.to(device=weight.device, dtype=dtype)
     w = weight.detach().to(dtype)[:, order].clone()
     s = scale.to(w).repeat_interleave(group_size, dim=1)[:, order]
     z = zero.to(w).repeat_interleave(group_size, dim=1)[:, order]

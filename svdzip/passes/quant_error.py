@@ -22,7 +22,7 @@ from svdzip.budget import max_useful_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.compensation import compensation_factors, error_spectrum
 from svdzip.methods.decompose import Unit
-from svdzip.methods.error_feedback import error_feedback_codes
+from svdzip.methods.error_feedback import Hessian, error_feedback_codes, prepare_hessian
 from svdzip.methods.linalg import Spectrum, truncate, weighted_spectrum
 from svdzip.methods.quantized_factors import prefix_losses
 from svdzip.models.adapter import ModelAdapter
@@ -59,11 +59,12 @@ def factor_ranks(rows: int, cols: int, kept: int, bits: int, group_size: int = G
 
 
 def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, rounding: str = "gptq",
-                     group_size: int = GROUP_SIZE) -> Packed:
+                     group_size: int = GROUP_SIZE, hessian: Hessian | None = None) -> Packed:
     """`weight` packed at `bits` on HQQ's grid (its optimised scale and zero point per group), rounded as
     `rounding` says: `nearest` is HQQ alone; `gptq` keeps that grid and rounds the input columns in turn, loudest
     first, feeding each one's error to those not yet rounded (`methods.error_feedback`), which keeps the output
-    error on inputs with Gram `gram` small rather than each weight's."""
+    error on inputs with Gram `gram` small rather than each weight's (`hessian`: `gram` prepared once for a
+    matrix rounded at several widths)."""
     if rounding not in ROUNDINGS:
         raise SvdzipError(f"unknown rounding '{rounding}'; choose from {', '.join(ROUNDINGS)}")
     packed = quantize(weight, bits, group_size)
@@ -71,7 +72,7 @@ def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, roundi
         return packed
     rows, cols = weight.shape
     scale, zero = (t.float().reshape(rows, cols // group_size) for t in (packed.scale, packed.zero))
-    codes = error_feedback_codes(weight, gram.to(weight.device), bits, scale, zero, group_size)
+    codes = error_feedback_codes(weight, gram.to(weight.device), bits, scale, zero, group_size, hessian=hessian)
     return pack_codes(codes, packed.scale, packed.zero, bits, group_size)
 
 
@@ -100,12 +101,15 @@ def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any
     done = {} if done is None else done
     todo = [(u, b) for u in units for b in bits
             if (u.name, b) not in done and supported(u.rows, u.cols, b, group_size)]
+    prepared: dict[str, Hessian] = {}  # the unit being rounded: its widths come one after another in `todo`
     for unit, b in tqdm(todo, desc=f"quantizing (hqq, {rounding}) and measuring errors", unit="matrix",
                         disable=not todo):
         weight = adapter.module(unit.name).weight.detach().to(device)
         gram = unit_gram(unit, stats).to(device)
         try:
-            packed = quantize_rounded(weight, b, gram, rounding, group_size)
+            if rounding == "gptq" and unit.name not in prepared:
+                prepared = {unit.name: prepare_hessian(gram)}
+            packed = quantize_rounded(weight, b, gram, rounding, group_size, hessian=prepared.get(unit.name))
         except SvdzipError as exc:
             raise SvdzipError(f"{unit.name} at {b} bits: {exc}") from None
         spectrum = error_spectrum(weight, packed.dequantize(torch.float32), gram)
