@@ -10,7 +10,7 @@ from tiny_models import Shape, tiny_model, tiny_tokens
 from svdzip import Recipe, SvdzipError
 from svdzip.methods.error_feedback import activation_order, dequantize_codes, error_feedback_codes, round_to_grid
 from svdzip.output import lowbit
-from svdzip.passes.quant_error import quantize_rounded
+from svdzip.passes.quant_error import quantize_rounded, rounding_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,7 +118,7 @@ def test_hqq_packing_of_the_feedback_codes(bits):
     w = torch.randn(20, 128, generator=g) * 0.05
     x = _inputs(400, 128, seed=bits).float()
     gram = (x.T @ x).double()
-    fed = quantize_rounded(w, bits, gram)
+    fed = quantize_rounded(w, bits, gram, "gptq")
     plain = lowbit.quantize(w, bits)
     assert fed.nbytes == plain.nbytes == lowbit.packed_bytes(20, 128, bits)
     assert fed.words.dtype == plain.words.dtype and fed.words.shape == plain.words.shape
@@ -146,14 +146,24 @@ def test_the_pass_rounds_as_the_recipe_says_and_gptq_measures_less_error():
     adapter = ModelAdapter(model)
     stats = collect_statistics(model, tokens, 4, "cpu")
     units = decompose(adapter, stats, "svdllm")
-    fed = quantization_errors(adapter, units, stats, (3,))
-    nearest = quantization_errors(adapter, units, stats, (3,), rounding="nearest")
-    assert set(fed) == set(nearest) and len(fed) == len(units)
+    fed = quantization_errors(adapter, units, stats, (2, 3))  # the default: auto
+    nearest = quantization_errors(adapter, units, stats, (2, 3), rounding="nearest")
+    forced = quantization_errors(adapter, units, stats, (2,), rounding="gptq")
+    assert set(fed) == set(nearest) and len(fed) == 2 * len(units)
     total = {k: sum(float(e[u.name, 3].tail_curve()[0]) for u in units) for k, e in (("fed", fed), ("n", nearest))}
     assert total["fed"] < 0.85 * total["n"]
-    for u in units:  # the nearest rounding is HQQ's own quantizer, untouched
+    for u in units:  # the nearest rounding is HQQ's own quantizer, untouched; auto keeps it at 2 bits
         weight = adapter.module(u.name).weight.detach()
         assert torch.equal(nearest[u.name, 3].packed.words, lowbit.quantize(weight, 3).words)
+        assert torch.equal(fed[u.name, 2].packed.words, nearest[u.name, 2].packed.words)
+        assert not torch.equal(forced[u.name, 2].packed.words, nearest[u.name, 2].packed.words)
+
+
+def test_auto_rounding_is_gptq_from_3_bits_up():
+    assert [rounding_at("auto", b) for b in (2, 3, 4, 8)] == ["nearest", "gptq", "gptq", "gptq"]
+    assert [rounding_at(r, b) for r in ("gptq", "nearest") for b in (2, 8)] == ["gptq", "gptq", "nearest", "nearest"]
+    with pytest.raises(SvdzipError, match="unknown rounding 'GPTQ'"):
+        rounding_at("GPTQ", 4)
 
 
 def test_recipe_rounding_is_checked_labelled_and_old_files_keep_nearest():
@@ -161,21 +171,24 @@ def test_recipe_rounding_is_checked_labelled_and_old_files_keep_nearest():
         Recipe(quantize="int4", rounding="stochastic").validate()
     assert Recipe(quantize="int4").label.endswith("hqq-int4")
     assert Recipe(quantize="int4", rounding="nearest").label.endswith("hqq-int4+nearest")
+    assert Recipe(quantize="int4", rounding="gptq").label.endswith("hqq-int4+gptq")
     written = Recipe(quantize="int4", heal="none").to_file_dict()
     written.pop("rounding")
     assert Recipe.from_dict(written).rounding == "nearest"  # a file written before the option
-    assert Recipe.from_dict({"quantize": "int4"}).rounding == "gptq"  # a hand-written partial recipe
+    assert Recipe.from_dict({"quantize": "int4"}).rounding == "auto"  # a hand-written partial recipe
+    assert Recipe.from_dict({**written, "rounding": "gptq"}).rounding == "gptq"  # written with GPTQ everywhere
     old_int8 = Recipe(quantize="int8", heal="none", budget_fraction=0.7).to_file_dict()
     old_int8.pop("rounding")
-    assert Recipe.from_dict(old_int8).validate().rounding == "gptq"  # nothing low-bit: nothing to keep
+    assert Recipe.from_dict(old_int8).validate().rounding == "auto"  # nothing low-bit: nothing to keep
     with pytest.raises(SvdzipError, match="rounds low-bit weights"):
         Recipe(quantize="int8", rounding="nearest", budget_fraction=0.7).validate()
 
 
 @pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
 def test_the_recipes_rounding_reaches_the_stored_model():
-    """`--quantize int3 --rounding nearest` stores HQQ's own words for every matrix; the default (gptq) stores
-    other words, in the same format, with less output error on the calibration inputs."""
+    """`--quantize int3 --rounding nearest` stores HQQ's own words for every matrix; the default (auto: gptq at 3
+    bits) stores other words, in the same format, with less output error on the calibration inputs; at 2 bits the
+    default stores HQQ's own words."""
     from svdzip import compress
 
     shape = Shape(vocab=128, hidden=64, intermediate=128, layers=1, randomise=True)
@@ -191,18 +204,19 @@ def test_the_recipes_rounding_reaches_the_stored_model():
     for h in hooks:
         h.remove()
     stored, error = {}, {}
-    for rounding in ("gptq", "nearest"):
+    for rounding, bits in (("auto", 3), ("nearest", 3), ("auto", 2)):
         model = tiny_model("llama", seed=5, shape=shape)
-        compress(model, Recipe(quantize="int3", rounding=rounding, calib_samples=8, calib_seq_len=24,
+        compress(model, Recipe(quantize=f"int{bits}", rounding=rounding, calib_samples=8, calib_seq_len=24,
                                calib_batch_size=4), calib_tokens=tokens)
         found = lowbit.lowbit_linears(model)
         assert set(found) == set(names)
-        stored[rounding] = {n: m.packed for n, m in found.items()}
-        error[rounding] = sum(_output_error(inputs[n], dense.get_submodule(n).weight - m.weight_packed.dequantize(
+        stored[rounding, bits] = {n: m.packed for n, m in found.items()}
+        error[rounding, bits] = sum(_output_error(inputs[n], dense.get_submodule(n).weight - m.weight_packed.dequantize(
             torch.float32)) for n, m in found.items())
     for n in names:
         weight = dense.get_submodule(n).weight.detach()
-        assert torch.equal(stored["nearest"][n], lowbit.quantize(weight, 3).words)
-        assert stored["gptq"][n].shape == stored["nearest"][n].shape
-        assert not torch.equal(stored["gptq"][n], stored["nearest"][n])
-    assert error["gptq"] < 0.9 * error["nearest"]
+        assert torch.equal(stored["nearest", 3][n], lowbit.quantize(weight, 3).words)
+        assert torch.equal(stored["auto", 2][n], lowbit.quantize(weight, 2).words)
+        assert stored["auto", 3][n].shape == stored["nearest", 3][n].shape
+        assert not torch.equal(stored["auto", 3][n], stored["nearest", 3][n])
+    assert error["auto", 3] < 0.9 * error["nearest", 3]

@@ -1,7 +1,8 @@
 """The quantization pass: every compressible matrix packed at each candidate bit width, and what its error costs.
 
 For each unit (one linear) and bit width b this packs the weight once on HQQ's grid — each value rounded to
-its nearest point (HQQ alone) or by GPTQ's error feedback on the layer's input Gram (`quantize_rounded`) —
+its nearest point (HQQ alone) or by GPTQ's error feedback on the layer's input Gram (`quantize_rounded`;
+by default GPTQ's from 3 bits up and nearest at 2, `rounding_at`) —
 and keeps the packed weight (the planner's choice is then stored exactly as it was priced) and the weighted
 spectrum of the error W − Q_b(W) under the layer's input Gram matrix: `tail(r)` is the output error left
 after a rank-r compensation, on the same scale as the unit's own truncation spectrum (SVD-LLM's metric), so
@@ -28,8 +29,23 @@ from svdzip.methods.quantized_factors import prefix_losses
 from svdzip.models.adapter import ModelAdapter
 from svdzip.output.lowbit import GROUP_SIZE, Packed, pack_codes, quantize, supported
 
-#: how low-bit values are rounded onto HQQ's grid: GPTQ's error feedback on the input Gram, or each to its nearest
-ROUNDINGS = ("gptq", "nearest")
+#: how low-bit values are rounded onto HQQ's grid: GPTQ's error feedback on the input Gram, or each to its nearest;
+#: `auto` is GPTQ's from `AUTO_GPTQ_MIN_BITS` up and nearest below (`rounding_at`)
+ROUNDINGS = ("auto", "gptq", "nearest")
+#: below this width `auto` rounds to nearest. Measured on SmolLM2-135M (benchmarks/lowbit.py, README "Rounding"):
+#: GPTQ's 2-bit error on the calibration Grams is a fifth of nearest's, so the planner bought 112 2-bit matrices at
+#: 35 % of the bytes and the model was 2.2x / 3.6x worse (wiki / austen) than with nearest rounding everywhere;
+#: GPTQ at 3 bits and up with nearest at 2 beat both, and changed nothing where the planner bought no 2-bit matrix.
+AUTO_GPTQ_MIN_BITS = 3
+
+
+def rounding_at(rounding: str, bits: int) -> str:
+    """The rounding a `rounding` setting gives a matrix stored at `bits`: gptq or nearest."""
+    if rounding not in ROUNDINGS:
+        raise SvdzipError(f"unknown rounding '{rounding}'; choose from {', '.join(ROUNDINGS)}")
+    if rounding == "auto":
+        return "gptq" if bits >= AUTO_GPTQ_MIN_BITS else "nearest"
+    return rounding
 
 
 @dataclass
@@ -58,17 +74,16 @@ def factor_ranks(rows: int, cols: int, kept: int, bits: int, group_size: int = G
                  if supported(rows, k, bits, group_size) and supported(k, cols, bits, group_size))
 
 
-def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, rounding: str = "gptq",
+def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, rounding: str = "auto",
                      group_size: int = GROUP_SIZE, hessian: Hessian | None = None) -> Packed:
     """`weight` packed at `bits` on HQQ's grid (its optimised scale and zero point per group), rounded as
-    `rounding` says: `nearest` is HQQ alone; `gptq` keeps that grid and rounds the input columns in turn, loudest
-    first, feeding each one's error to those not yet rounded (`methods.error_feedback`), which keeps the output
-    error on inputs with Gram `gram` small rather than each weight's (`hessian`: `gram` prepared once for a
-    matrix rounded at several widths)."""
-    if rounding not in ROUNDINGS:
-        raise SvdzipError(f"unknown rounding '{rounding}'; choose from {', '.join(ROUNDINGS)}")
+    `rounding` says (`rounding_at`): `nearest` is HQQ alone; `gptq` keeps that grid and rounds the input columns
+    in turn, loudest first, feeding each one's error to those not yet rounded (`methods.error_feedback`), which
+    keeps the output error on inputs with Gram `gram` small rather than each weight's (`hessian`: `gram` prepared
+    once for a matrix rounded at several widths)."""
+    how = rounding_at(rounding, bits)
     packed = quantize(weight, bits, group_size)
-    if rounding == "nearest":
+    if how == "nearest":
         return packed
     rows, cols = weight.shape
     scale, zero = (t.float().reshape(rows, cols // group_size) for t in (packed.scale, packed.zero))
@@ -92,10 +107,11 @@ def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
 def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits: Sequence[int],
                         device: str | torch.device = "cpu", group_size: int = GROUP_SIZE,
                         done: dict[tuple[str, int], QuantError] | None = None,
-                        rounding: str = "gptq") -> dict[tuple[str, int], QuantError]:
+                        rounding: str = "auto") -> dict[tuple[str, int], QuantError]:
     """(unit name, bits) → its packed weight and error spectrum, for every bit width the unit's shape allows.
 
-    `rounding`: gptq (error feedback on the unit's input Gram) or nearest (HQQ alone). `done` holds results
+    `rounding`: gptq (error feedback on the unit's input Gram), nearest (HQQ alone) or auto (`rounding_at`). `done`
+    holds results
     of an earlier call with the same rounding (a sweep over budgets, or the benchmark) and is filled in place.
     """
     done = {} if done is None else done
@@ -107,7 +123,7 @@ def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any
         weight = adapter.module(unit.name).weight.detach().to(device)
         gram = unit_gram(unit, stats).to(device)
         try:
-            if rounding == "gptq" and unit.name not in prepared:
+            if rounding_at(rounding, b) == "gptq" and unit.name not in prepared:
                 prepared = {unit.name: prepare_hessian(gram)}
             packed = quantize_rounded(weight, b, gram, rounding, group_size, hessian=prepared.get(unit.name))
         except SvdzipError as exc:
@@ -148,7 +164,7 @@ def factor_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits
 
 
 def truncate_then_quantize(weight: torch.Tensor, gram: torch.Tensor, rank: int, bits: int,
-                           group_size: int = GROUP_SIZE, basis: torch.Tensor | None = None, rounding: str = "gptq"
+                           group_size: int = GROUP_SIZE, basis: torch.Tensor | None = None, rounding: str = "auto"
                            ) -> tuple[Packed, tuple[torch.Tensor, torch.Tensor]]:
     """CALDERA's order, one alternation: W ≈ Q(W − L R) + L' R'.
 
