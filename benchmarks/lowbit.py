@@ -13,8 +13,7 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
 * `hqq{b}`: every decoder linear at b bits (HQQ, groups of 64, bf16 scale and zero; HQQ's own rounding, to the
   nearest point of its optimised grid, calibration-free): one point each.
 * `gptq{b}`: the same grid and storage, the values rounded by GPTQ's error feedback on the calibration Grams,
-  loudest inputs first (`--rounding gptq`; the default of every low-bit recipe below, `--rounding auto`, rounds
-  this way at 3 bits and up and to the nearest point at 2 bits).
+  loudest inputs first (`--rounding gptq`, the default of every low-bit recipe below).
 * `plan@hqq{b}`: the byte planner (`--quantize plan`) at exactly the bytes of `hqq{b}`: equal-bytes comparison.
 * `hqq{b}+eora`: b bits everywhere plus compensations whose ranks the planner allocates within the budget, for
   the widest b that fits the budget (`--quantize int{b} --compensate auto`).
@@ -29,8 +28,8 @@ measured there: bytes on disk, bytes in memory, perplexity on wiki and austen (b
   (`--allocator-option signal=relative`).
 
 Every recipe above that rounds onto HQQ's grid has a `-nearest` twin (`plan-nearest@0.40`): the same with HQQ's
-nearest rounding (`--rounding nearest`; what every low-bit cell measured before GPTQ's rounding existed), and a
-`-gptq` twin: GPTQ's rounding at every width, 2 bits included (`--rounding gptq`).
+nearest rounding (`--rounding nearest`; what every low-bit cell measured before GPTQ's rounding existed), and an
+`-auto` twin: GPTQ's rounding from 3 bits up, nearest at 2 bits (`--rounding auto`).
 
 Results are rewritten after every cell; `--rewrite` redraws the table and plot from the JSON.
 """
@@ -182,15 +181,15 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
                                                              **caldera}))
         cells.append((f"svd+q4@{f:.2f}", {"quantize": "int4", "quantize_scope": "factors", "budget_fraction": f}))
     # every recipe that rounds onto HQQ's grid, also with HQQ's own nearest rounding (calibration-free) and with
-    # GPTQ's at every width (the default, auto, rounds 2-bit matrices to nearest)
-    twins = [(_twin_name(n, r), {**o, "rounding": r}) for r in ("nearest", "gptq") for n, o in cells
+    # GPTQ's from 3 bits up only (auto: 2-bit matrices rounded to nearest)
+    twins = [(_twin_name(n, r), {**o, "rounding": r}) for r in ("nearest", "auto") for n, o in cells
              if o.get("quantize") in (None, "plan", "int4", "int3", "int2") and "rounding" not in o
              and o.get("quantize_scope") != "factors"]
     return cells + twins
 
 
 def _twin_name(name: str, rounding: str) -> str:
-    """`plan@0.40` → `plan-nearest@0.40`: the same recipe with another rounding than the default (auto)."""
+    """`plan@0.40` → `plan-nearest@0.40`: the same recipe with another rounding than the default (gptq)."""
     head, at, tail = name.partition("@")
     return f"{head}-{rounding}{at}{tail}"
 
@@ -266,7 +265,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             if "error" in c:
                 continue
             family = c["recipe"].split("@")[0]
-            rounding = next((r for r in ("nearest", "gptq") if family.endswith(f"-{r}")), "")
+            rounding = next((r for r in ("nearest", "auto") if family.endswith(f"-{r}")), "")
             family = family.removesuffix(f"-{rounding}")
             family = "hqq+eora (planned ranks)" if family.endswith("+eora") else family
             family = "hqq+eora (uniform ranks)" if "eora-uniform" in family else family

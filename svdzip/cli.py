@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
           "residual of W's truncation, then refit the correction)", choices=["quantize-first", "truncate-first"])
     field("--rounding", "rounding", "how low-bit weights are rounded onto HQQ's grid: gptq (error feedback on the "
           "calibration inputs' Gram, GPTQ's greedy: the output error, not each weight's), nearest (HQQ alone) or "
-          "auto (gptq at 3 bits and up, nearest at 2: measured better for the planner); "
+          "auto (gptq at 3 bits and up, nearest at 2: the planner's better choice on some small models); "
           "packed factors (--quantize-scope factors, packed_factors=true) are always rounded to nearest",
           choices=list(ROUNDINGS))
     field("--quantize-scope", "quantize_scope", "what --quantize stores quantized: all matrices, the dense "

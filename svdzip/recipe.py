@@ -82,8 +82,8 @@ class Recipe:
     compensate_order: str = "quantize-first"
     # how a low-bit matrix's values are rounded onto HQQ's grid: gptq (error feedback on the layer's input Gram:
     # the codes that keep the output error small) | nearest (HQQ alone, each weight to its nearest grid point) |
-    # auto (gptq from 3 bits up, nearest at 2: passes.quant_error.rounding_at says why)
-    rounding: str = "auto"
+    # auto (gptq from 3 bits up, nearest at 2: better on some models, passes.quant_error.rounding_at)
+    rounding: str = "gptq"
     byte_aware: bool = True  # False: allocate parameters first, then fit the byte budget by the ratio
     # the calibration text
     corpus: str = "wiki"
@@ -179,7 +179,7 @@ class Recipe:
             comp = "" if self.compensate in (0, AUTO) and self.quantize != PLAN else (
                 "+eora" if self.compensate == AUTO else f"+eora{self.compensate}")
             order = "+caldera" if self.compensate_order == "truncate-first" else ""
-            order += f"+{self.rounding}" if self.rounding != "auto" and self.quantize_scope != "factors" else ""
+            order += f"+{self.rounding}" if self.rounding != "gptq" and self.quantize_scope != "factors" else ""
             scope = "-factors" if self.quantize_scope == "factors" else ""
             parts.append(("hqq-plan" if self.quantize == PLAN else f"hqq-{self.quantize}{scope}") + comp + order)
         elif self.quantize and self.quantize != AUTO:
@@ -317,7 +317,7 @@ class Recipe:
             raise SvdzipError(f"unknown compensation order '{self.compensate_order}'; choose from {', '.join(orders)}")
         if self.rounding not in ROUNDINGS:
             raise SvdzipError(f"unknown rounding '{self.rounding}'; choose from {', '.join(ROUNDINGS)}")
-        if self.rounding != "auto" and not (self.lowbit or (self.quantize == AUTO and self.planner_applies())):
+        if self.rounding != "gptq" and not (self.lowbit or (self.quantize == AUTO and self.planner_applies())):
             raise SvdzipError(f"--rounding {self.rounding} rounds low-bit weights: give --quantize "
                               f"{'|'.join((*LOWBIT, PLAN))} (or a memory budget, whose planner uses them)")
         no_rank = self.compensate == 0 or (self.compensate == AUTO and not self.memory_budget)  # auto: 0 without one

@@ -146,17 +146,18 @@ def test_the_pass_rounds_as_the_recipe_says_and_gptq_measures_less_error():
     adapter = ModelAdapter(model)
     stats = collect_statistics(model, tokens, 4, "cpu")
     units = decompose(adapter, stats, "svdllm")
-    fed = quantization_errors(adapter, units, stats, (2, 3))  # the default: auto
+    fed = quantization_errors(adapter, units, stats, (2, 3))  # the default: gptq
     nearest = quantization_errors(adapter, units, stats, (2, 3), rounding="nearest")
-    forced = quantization_errors(adapter, units, stats, (2,), rounding="gptq")
+    auto = quantization_errors(adapter, units, stats, (2, 3), rounding="auto")
     assert set(fed) == set(nearest) and len(fed) == 2 * len(units)
     total = {k: sum(float(e[u.name, 3].tail_curve()[0]) for u in units) for k, e in (("fed", fed), ("n", nearest))}
     assert total["fed"] < 0.85 * total["n"]
     for u in units:  # the nearest rounding is HQQ's own quantizer, untouched; auto keeps it at 2 bits
         weight = adapter.module(u.name).weight.detach()
         assert torch.equal(nearest[u.name, 3].packed.words, lowbit.quantize(weight, 3).words)
-        assert torch.equal(fed[u.name, 2].packed.words, nearest[u.name, 2].packed.words)
-        assert not torch.equal(forced[u.name, 2].packed.words, nearest[u.name, 2].packed.words)
+        assert torch.equal(auto[u.name, 2].packed.words, nearest[u.name, 2].packed.words)
+        assert torch.equal(auto[u.name, 3].packed.words, fed[u.name, 3].packed.words)
+        assert not torch.equal(fed[u.name, 2].packed.words, nearest[u.name, 2].packed.words)
 
 
 def test_auto_rounding_is_gptq_from_3_bits_up():
@@ -171,24 +172,24 @@ def test_recipe_rounding_is_checked_labelled_and_old_files_keep_nearest():
         Recipe(quantize="int4", rounding="stochastic").validate()
     assert Recipe(quantize="int4").label.endswith("hqq-int4")
     assert Recipe(quantize="int4", rounding="nearest").label.endswith("hqq-int4+nearest")
-    assert Recipe(quantize="int4", rounding="gptq").label.endswith("hqq-int4+gptq")
+    assert Recipe(quantize="int4", rounding="auto").label.endswith("hqq-int4+auto")
     written = Recipe(quantize="int4", heal="none").to_file_dict()
     written.pop("rounding")
     assert Recipe.from_dict(written).rounding == "nearest"  # a file written before the option
-    assert Recipe.from_dict({"quantize": "int4"}).rounding == "auto"  # a hand-written partial recipe
-    assert Recipe.from_dict({**written, "rounding": "gptq"}).rounding == "gptq"  # written with GPTQ everywhere
+    assert Recipe.from_dict({"quantize": "int4"}).rounding == "gptq"  # a hand-written partial recipe
+    assert Recipe.from_dict({**written, "rounding": "auto"}).rounding == "auto"
     old_int8 = Recipe(quantize="int8", heal="none", budget_fraction=0.7).to_file_dict()
     old_int8.pop("rounding")
-    assert Recipe.from_dict(old_int8).validate().rounding == "auto"  # nothing low-bit: nothing to keep
+    assert Recipe.from_dict(old_int8).validate().rounding == "gptq"  # nothing low-bit: nothing to keep
     with pytest.raises(SvdzipError, match="rounds low-bit weights"):
         Recipe(quantize="int8", rounding="nearest", budget_fraction=0.7).validate()
 
 
 @pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
 def test_the_recipes_rounding_reaches_the_stored_model():
-    """`--quantize int3 --rounding nearest` stores HQQ's own words for every matrix; the default (auto: gptq at 3
-    bits) stores other words, in the same format, with less output error on the calibration inputs; at 2 bits the
-    default stores HQQ's own words."""
+    """`--quantize int3 --rounding nearest` stores HQQ's own words for every matrix; the default (gptq) stores
+    other words, in the same format, with less output error on the calibration inputs; `auto` at 2 bits stores
+    HQQ's own words."""
     from svdzip import compress
 
     shape = Shape(vocab=128, hidden=64, intermediate=128, layers=1, randomise=True)
@@ -204,7 +205,7 @@ def test_the_recipes_rounding_reaches_the_stored_model():
     for h in hooks:
         h.remove()
     stored, error = {}, {}
-    for rounding, bits in (("auto", 3), ("nearest", 3), ("auto", 2)):
+    for rounding, bits in (("gptq", 3), ("nearest", 3), ("auto", 2)):
         model = tiny_model("llama", seed=5, shape=shape)
         compress(model, Recipe(quantize=f"int{bits}", rounding=rounding, calib_samples=8, calib_seq_len=24,
                                calib_batch_size=4), calib_tokens=tokens)
@@ -217,6 +218,6 @@ def test_the_recipes_rounding_reaches_the_stored_model():
         weight = dense.get_submodule(n).weight.detach()
         assert torch.equal(stored["nearest", 3][n], lowbit.quantize(weight, 3).words)
         assert torch.equal(stored["auto", 2][n], lowbit.quantize(weight, 2).words)
-        assert stored["auto", 3][n].shape == stored["nearest", 3][n].shape
-        assert not torch.equal(stored["auto", 3][n], stored["nearest", 3][n])
-    assert error["auto", 3] < 0.9 * error["nearest", 3]
+        assert stored["gptq", 3][n].shape == stored["nearest", 3][n].shape
+        assert not torch.equal(stored["gptq", 3][n], stored["nearest", 3][n])
+    assert error["gptq", 3] < 0.9 * error["nearest", 3]

@@ -2,7 +2,7 @@
 
 For each unit (one linear) and bit width b this packs the weight once on HQQ's grid — each value rounded to
 its nearest point (HQQ alone) or by GPTQ's error feedback on the layer's input Gram (`quantize_rounded`;
-by default GPTQ's from 3 bits up and nearest at 2, `rounding_at`) —
+`auto`: GPTQ's from 3 bits up and nearest at 2, `rounding_at`) —
 and keeps the packed weight (the planner's choice is then stored exactly as it was priced) and the weighted
 spectrum of the error W − Q_b(W) under the layer's input Gram matrix: `tail(r)` is the output error left
 after a rank-r compensation, on the same scale as the unit's own truncation spectrum (SVD-LLM's metric), so
@@ -31,11 +31,11 @@ from svdzip.output.lowbit import GROUP_SIZE, Packed, pack_codes, quantize, suppo
 
 #: how low-bit values are rounded onto HQQ's grid: GPTQ's error feedback on the input Gram, or each to its nearest;
 #: `auto` is GPTQ's from `AUTO_GPTQ_MIN_BITS` up and nearest below (`rounding_at`)
-ROUNDINGS = ("auto", "gptq", "nearest")
-#: below this width `auto` rounds to nearest. Measured on SmolLM2-135M (benchmarks/lowbit.py, README "Rounding"):
-#: GPTQ's 2-bit error on the calibration Grams is a fifth of nearest's, so the planner bought 112 2-bit matrices at
-#: 35 % of the bytes and the model was 2.2x / 3.6x worse (wiki / austen) than with nearest rounding everywhere;
-#: GPTQ at 3 bits and up with nearest at 2 beat both, and changed nothing where the planner bought no 2-bit matrix.
+ROUNDINGS = ("gptq", "nearest", "auto")
+#: below this width `auto` rounds to nearest. On SmolLM2-135M GPTQ's 2-bit prices led the planner at 35 % of the
+#: bytes to 112 2-bit matrices and a model 2.4x / 3.6x worse than `auto`'s (wiki / austen); on Qwen2.5-0.5B the
+#: same budget is 3.6x better with GPTQ at 2 bits too (benchmarks/lowbit.py, README "Rounding"): a choice per
+#: model, hence not the default.
 AUTO_GPTQ_MIN_BITS = 3
 
 
@@ -74,7 +74,7 @@ def factor_ranks(rows: int, cols: int, kept: int, bits: int, group_size: int = G
                  if supported(rows, k, bits, group_size) and supported(k, cols, bits, group_size))
 
 
-def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, rounding: str = "auto",
+def quantize_rounded(weight: torch.Tensor, bits: int, gram: torch.Tensor, rounding: str = "gptq",
                      group_size: int = GROUP_SIZE, hessian: Hessian | None = None) -> Packed:
     """`weight` packed at `bits` on HQQ's grid (its optimised scale and zero point per group), rounded as
     `rounding` says (`rounding_at`): `nearest` is HQQ alone; `gptq` keeps that grid and rounds the input columns
@@ -107,7 +107,7 @@ def unit_gram(unit: Unit, stats: Any) -> torch.Tensor:
 def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits: Sequence[int],
                         device: str | torch.device = "cpu", group_size: int = GROUP_SIZE,
                         done: dict[tuple[str, int], QuantError] | None = None,
-                        rounding: str = "auto") -> dict[tuple[str, int], QuantError]:
+                        rounding: str = "gptq") -> dict[tuple[str, int], QuantError]:
     """(unit name, bits) → its packed weight and error spectrum, for every bit width the unit's shape allows.
 
     `rounding`: gptq (error feedback on the unit's input Gram), nearest (HQQ alone) or auto (`rounding_at`). `done`
@@ -164,7 +164,7 @@ def factor_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any, bits
 
 
 def truncate_then_quantize(weight: torch.Tensor, gram: torch.Tensor, rank: int, bits: int,
-                           group_size: int = GROUP_SIZE, basis: torch.Tensor | None = None, rounding: str = "auto"
+                           group_size: int = GROUP_SIZE, basis: torch.Tensor | None = None, rounding: str = "gptq"
                            ) -> tuple[Packed, tuple[torch.Tensor, torch.Tensor]]:
     """CALDERA's order, one alternation: W ≈ Q(W − L R) + L' R'.
 
