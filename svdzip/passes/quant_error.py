@@ -110,9 +110,9 @@ def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any
                         rounding: str = "gptq") -> dict[tuple[str, int], QuantError]:
     """(unit name, bits) → its packed weight and error spectrum, for every bit width the unit's shape allows.
 
-    `rounding`: gptq (error feedback on the unit's input Gram), nearest (HQQ alone) or auto (`rounding_at`). `done`
-    holds results
-    of an earlier call with the same rounding (a sweep over budgets, or the benchmark) and is filled in place.
+    `rounding`: gptq (error feedback on the unit's input Gram), nearest (HQQ alone) or auto (`rounding_at`).
+    `done` holds results of an earlier call with the same rounding (a sweep over budgets, or the benchmark) and is
+    filled in place.
     """
     done = {} if done is None else done
     todo = [(u, b) for u in units for b in bits
