@@ -115,21 +115,25 @@ def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any
     filled in place.
     """
     done = {} if done is None else done
-    todo = [(u, b) for u in units for b in bits
-            if (u.name, b) not in done and supported(u.rows, u.cols, b, group_size)]
-    prepared: dict[str, Hessian] = {}  # the unit being rounded: its widths come one after another in `todo`
-    for unit, b in tqdm(todo, desc=f"quantizing (hqq, {rounding}) and measuring errors", unit="matrix",
-                        disable=not todo):
-        weight = adapter.module(unit.name).weight.detach().to(device)
-        gram = unit_gram(unit, stats).to(device)
-        try:
-            if rounding_at(rounding, b) == "gptq" and unit.name not in prepared:
-                prepared = {unit.name: prepare_hessian(gram)}
-            packed = quantize_rounded(weight, b, gram, rounding, group_size, hessian=prepared.get(unit.name))
-        except SvdzipError as exc:
-            raise SvdzipError(f"{unit.name} at {b} bits: {exc}") from None
-        spectrum = error_spectrum(weight, packed.dequantize(torch.float32), gram)
-        done[unit.name, b] = QuantError(packed=packed, sigma2=spectrum.sigma2.cpu())
+    todo = [(u, [b for b in bits if (u.name, b) not in done and supported(u.rows, u.cols, b, group_size)])
+            for u in units]
+    todo = [(u, widths) for u, widths in todo if widths]
+    with tqdm(total=sum(len(w) for _, w in todo), desc=f"quantizing (hqq, {rounding}) and measuring errors",
+              unit="matrix", disable=not todo) as bar:
+        for unit, widths in todo:  # the weight, its Gram and GPTQ's Hessian once for all its widths
+            weight = adapter.module(unit.name).weight.detach().to(device)
+            gram = unit_gram(unit, stats).to(device)
+            hessian = None
+            for b in widths:
+                try:
+                    if hessian is None and rounding_at(rounding, b) == "gptq":
+                        hessian = prepare_hessian(gram)
+                    packed = quantize_rounded(weight, b, gram, rounding, group_size, hessian=hessian)
+                except SvdzipError as exc:
+                    raise SvdzipError(f"{unit.name} at {b} bits: {exc}") from None
+                spectrum = error_spectrum(weight, packed.dequantize(torch.float32), gram)
+                done[unit.name, b] = QuantError(packed=packed, sigma2=spectrum.sigma2.cpu())
+                bar.update()
     return done
 
 
