@@ -43,7 +43,10 @@ class Bench:
         self.base = Recipe.plain(corpus=corpus, calib_samples=samples, calib_seq_len=seq_len, seed=seed,
                                    device=device)
         model_, self.tokenizer, self.source = load_model(model, device)
-        self.tokens = calibration_tokens(self.tokenizer, load_corpus(corpus), samples, seq_len, seed)
+        drawn = calibration_tokens(self.tokenizer, load_corpus(corpus), samples + self.base.heldout_samples, seq_len,
+                                   seed)  # its first `samples` windows are the same as drawn alone
+        # the held-out calibration windows a recipe may tune or guard on (--rounding choose); never evaluation text
+        self.tokens, self.heldout = drawn[:samples], drawn[samples:]
         self.stats = prepare_statistics(model_, self.tokens, self.source, self.base)
         self._spectra: dict[tuple, list] = {}  # spectra depend on the factorisation, not on ratio or allocator
         self.allocation_cache = AllocationCache()  # loss-aware's Fisher, speedaware's timings: the same every cell
@@ -59,8 +62,8 @@ class Bench:
         model = self.fresh()
         key = (cfg.method, cfg.group_size, tuple(cfg.share_roles), cfg.asvd_alpha, cfg.asvd_scaling)
         t0 = time.perf_counter()
-        result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens, units=self._spectra.get(key),
-                          allocation_cache=self.allocation_cache, tokenizer=tokenizer)
+        result = compress(model, cfg, stats=self.stats, calib_tokens=self.tokens, heldout_tokens=self.heldout,
+                          units=self._spectra.get(key), allocation_cache=self.allocation_cache, tokenizer=tokenizer)
         result.summary["wall_s"] = round(time.perf_counter() - t0, 2)
         if result.units is not None:
             self._spectra[key] = result.units

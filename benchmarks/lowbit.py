@@ -62,7 +62,9 @@ log = logging.getLogger("benchmarks.lowbit")
 
 STORAGE = torch.bfloat16  # what every recipe stores (and the reference of the budgets)
 COMPUTE = torch.float32  # what the reloaded models compute in (this CPU has no native bf16 matmul)
-BASE = {"allocator": "loss-aware", "storage_dtype": "bfloat16", "allocator_options": {}}
+# default-named cells round with gptq (what they were measured with before `choose` became svdzip's default);
+# their twins `-nearest`, `-auto` and `-choose` round as named
+BASE = {"allocator": "loss-aware", "storage_dtype": "bfloat16", "allocator_options": {}, "rounding": "gptq"}
 
 
 def save_and_reload(result, out: Path):
@@ -189,9 +191,10 @@ def cells_for(bench: Bench, fractions: list[float], reference: int, fixed: int) 
             cells.append((f"hqq{b}+caldera-uniform@{f:.2f}", {"quantize": f"int{b}", "compensate": int(rank),
                                                              **caldera}))
         cells.append((f"svd+q4@{f:.2f}", {"quantize": "int4", "quantize_scope": "factors", "budget_fraction": f}))
-    # every recipe that rounds onto HQQ's grid, also with HQQ's own nearest rounding (calibration-free) and with
-    # GPTQ's from 3 bits up only (auto: 2-bit matrices rounded to nearest)
-    twins = [(_twin_name(n, r), {**o, "rounding": r}) for r in ("nearest", "auto") for n, o in cells
+    # every recipe that rounds onto HQQ's grid, also with HQQ's own nearest rounding (calibration-free), with
+    # GPTQ's from 3 bits up only (auto: 2-bit matrices rounded to nearest) and with svdzip's default (choose: gptq or
+    # auto, whichever model loses less on held-out calibration windows)
+    twins = [(_twin_name(n, r), {**o, "rounding": r}) for r in ("nearest", "auto", "choose") for n, o in cells
              if o.get("quantize") in (None, "plan", "int4", "int3", "int2") and "rounding" not in o
              and o.get("quantize_scope") != "factors"]
     return cells + twins

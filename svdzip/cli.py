@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
           "quantize-first (EoRA: pack W, correct the error) or truncate-first (CALDERA, one alternation: pack the "
           "residual of W's truncation, then refit the correction)", choices=["quantize-first", "truncate-first"])
     field("--rounding", "rounding", "how low-bit weights are rounded onto HQQ's grid: gptq (error feedback on the "
-          "calibration inputs' Gram, GPTQ's greedy: the output error, not each weight's), nearest (HQQ alone) or "
-          "auto (gptq at 3 bits and up, nearest at 2: the planner's better choice on some small models); "
+          "calibration inputs' Gram, GPTQ's greedy: the output error, not each weight's), nearest (HQQ alone), "
+          "auto (gptq at 3 bits and up, nearest at 2: the planner's better choice on some small models) or choose "
+          "(the default: gptq, unless the plan stores 2-bit matrices and auto's model loses less on "
+          "--tune-samples held-out calibration windows); "
           "packed factors (--quantize-scope factors, packed_factors=true) are always rounded to nearest",
           choices=list(ROUNDINGS))
     field("--quantize-scope", "quantize_scope", "what --quantize stores quantized: all matrices, the dense "
@@ -274,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-beta", action="store_true",
                    help="D-Rank: choose the Q/K→V rebalancing β on held-out CALIBRATION windows "
                         "(never evaluation text); implies --allocator drank")
-    field("--tune-samples", "heldout_samples", "held-out calibration windows for --tune-beta and for loss-aware's "
-          "guard=true", type=int)
+    field("--tune-samples", "heldout_samples", "held-out calibration windows for --tune-beta, loss-aware's "
+          "guard=true and --rounding choose", type=int)
     c.add_argument("--no-plots", action="store_true",
                    help="do not write ranks.png / effective_rank.png next to the model")
     c.add_argument("--eval", action="store_true",

@@ -29,7 +29,7 @@ import torch
 from svdzip.budget import check_ratio
 from svdzip.core.precision import PRECISIONS, compute_dtype, dtype_name
 from svdzip.errors import SvdzipError
-from svdzip.passes.quant_error import ROUNDINGS
+from svdzip.passes.quant_error import DEFAULT_ROUNDING, ROUNDINGS
 from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, METHOD_DEFAULTS, HealConfig
 
 SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
@@ -82,8 +82,9 @@ class Recipe:
     compensate_order: str = "quantize-first"
     # how a low-bit matrix's values are rounded onto HQQ's grid: gptq (error feedback on the layer's input Gram:
     # the codes that keep the output error small) | nearest (HQQ alone, each weight to its nearest grid point) |
-    # auto (gptq from 3 bits up, nearest at 2: better on some models, passes.quant_error.rounding_at)
-    rounding: str = "gptq"
+    # auto (gptq from 3 bits up, nearest at 2: better on some models, passes.quant_error.rounding_at) | choose (gptq,
+    # or auto where that plan stores 2-bit matrices and auto's model loses less on held-out calibration windows)
+    rounding: str = DEFAULT_ROUNDING
     byte_aware: bool = True  # False: allocate parameters first, then fit the byte budget by the ratio
     # the calibration text
     corpus: str = "wiki"
@@ -164,6 +165,12 @@ class Recipe:
         return self.quantize in (PLAN, *LOWBIT)
 
     @property
+    def chooses_rounding(self) -> bool:
+        """Whether the run compares roundings on held-out calibration windows: `choose`, with 2-bit matrices on
+        the menu (only there do its candidates differ)."""
+        return self.rounding == "choose" and self.quantize in (PLAN, "int2") and self.quantize_scope != "factors"
+
+    @property
     def label(self) -> str:
         """One name per compression, e.g. `svdllm+drank+update` or `svdllm+share2` (recovery not included)."""
         parts = [self.method]
@@ -179,7 +186,8 @@ class Recipe:
             comp = "" if self.compensate in (0, AUTO) and self.quantize != PLAN else (
                 "+eora" if self.compensate == AUTO else f"+eora{self.compensate}")
             order = "+caldera" if self.compensate_order == "truncate-first" else ""
-            order += f"+{self.rounding}" if self.rounding != "gptq" and self.quantize_scope != "factors" else ""
+            order += f"+{self.rounding}" if self.rounding in ("nearest", "auto") and self.quantize_scope != "factors" \
+                else ""
             scope = "-factors" if self.quantize_scope == "factors" else ""
             parts.append(("hqq-plan" if self.quantize == PLAN else f"hqq-{self.quantize}{scope}") + comp + order)
         elif self.quantize and self.quantize != AUTO:
@@ -317,12 +325,12 @@ class Recipe:
             raise SvdzipError(f"unknown compensation order '{self.compensate_order}'; choose from {', '.join(orders)}")
         if self.rounding not in ROUNDINGS:
             raise SvdzipError(f"unknown rounding '{self.rounding}'; choose from {', '.join(ROUNDINGS)}")
-        if self.rounding != "gptq" and not (self.lowbit or (self.quantize == AUTO and self.planner_applies())):
+        planned = self.lowbit or (self.quantize == AUTO and self.planner_applies())
+        if self.rounding in ("nearest", "auto") and not planned:
             raise SvdzipError(f"--rounding {self.rounding} rounds low-bit weights: give --quantize "
                               f"{'|'.join((*LOWBIT, PLAN))} (or a memory budget, whose planner uses them)")
         no_rank = self.compensate == 0 or (self.compensate == AUTO and not self.memory_budget)  # auto: 0 without one
-        if self.compensate_order == "truncate-first" and (no_rank or not (
-                self.lowbit or (self.quantize == AUTO and self.planner_applies()))):
+        if self.compensate_order == "truncate-first" and (no_rank or not planned):
             raise SvdzipError("--compensate-order truncate-first orders a low-bit matrix's compensation: give "
                               f"--quantize {'|'.join((*LOWBIT, PLAN))} with a --compensate rank (or auto)")
         if self.quantize in LOWBIT and self.quantize_scope == "dense":

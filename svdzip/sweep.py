@@ -201,14 +201,17 @@ def load(model: str, device: str) -> tuple[nn.Module, Any, str]:
     return load_model(model, device)
 
 
-def calibration(model: nn.Module, tokenizer: Any, source: str, base: Recipe) -> tuple[torch.Tensor, Any]:
-    """Calibration tokens and (cached on disk by prepare_statistics) statistics, once per model."""
+def calibration(model: nn.Module, tokenizer: Any, source: str, base: Recipe
+                ) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Calibration tokens, (cached on disk by prepare_statistics) statistics and the held-out calibration windows
+    that parts tuning or guarding on them use (the statistics never see them), once per model."""
     from svdzip.data import calibration_tokens, load_corpus
     from svdzip.engine.pipeline import prepare_statistics
 
-    tokens = calibration_tokens(tokenizer, load_corpus(base.corpus), base.calib_samples, base.calib_seq_len,
-                                base.seed)
-    return tokens, prepare_statistics(model, tokens, source, base)
+    drawn = calibration_tokens(tokenizer, load_corpus(base.corpus), base.calib_samples + base.heldout_samples,
+                               base.calib_seq_len, base.seed)  # the first calib_samples: the same as drawn alone
+    tokens = drawn[: base.calib_samples]
+    return tokens, prepare_statistics(model, tokens, source, base), drawn[base.calib_samples :]
 
 
 @dataclass
@@ -221,7 +224,8 @@ class SweepCache:
 
 
 def compress_cell(model: nn.Module, config: Recipe, stats: Any, tokens: torch.Tensor,
-                  cache: SweepCache | None = None, tokenizer: Any = None) -> dict[str, Any]:
+                  cache: SweepCache | None = None, tokenizer: Any = None,
+                  heldout: torch.Tensor | None = None) -> dict[str, Any]:
     """Compress `model` in place through the runner; the summary of the run."""
     from svdzip.engine.driver import compress
 
@@ -230,8 +234,8 @@ def compress_cell(model: nn.Module, config: Recipe, stats: Any, tokens: torch.Te
            tuple(config.share_roles), config.asvd_alpha, config.asvd_scaling)
     t0 = time.perf_counter()
     uses_stats = bool(get_method(config.method).needs(config).statistics)
-    result = compress(model, config, stats=stats if uses_stats else None, calib_tokens=tokens, tokenizer=tokenizer,
-                      units=cache.spectra.get(key), allocation_cache=cache.allocation)
+    result = compress(model, config, stats=stats if uses_stats else None, calib_tokens=tokens, heldout_tokens=heldout,
+                      tokenizer=tokenizer, units=cache.spectra.get(key), allocation_cache=cache.allocation)
     if result.units is not None:
         cache.spectra[key] = result.units
     summary = dict(result.summary)
@@ -305,7 +309,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | os.PathLike) -> dict[str, Any]:
                     calib = calibration(dense, tokenizer, source, base)
                 config = config_from_label(method, ratio, base)
                 model = copy.deepcopy(dense)
-                summary = compress_cell(model, config, calib[1], calib[0], cache, tokenizer)
+                summary = compress_cell(model, config, calib[1], calib[0], cache, tokenizer, heldout=calib[2])
                 cell["summary"] = summary
             store.save(prov)
             if parts["corpora"]:

@@ -281,9 +281,10 @@ def _tensor_bytes(path: Path) -> tuple[int, dict]:
 def planned(tmp_path_factory):
     """A tiny llama compressed by the byte planner (quantize auto → plan) to 40 % of its bf16 bytes, saved."""
     out = tmp_path_factory.mktemp("lowbit") / "plan"
-    model, tokens = tiny_model("llama", seed=3, shape=E2E), tiny_tokens(8, 24, vocab=E2E.vocab)
+    model, drawn = tiny_model("llama", seed=3, shape=E2E), tiny_tokens(12, 24, vocab=E2E.vocab)
+    tokens, heldout = drawn[:8], drawn[8:]  # the default rounding (choose) compares roundings on held-out windows
     recipe = Recipe(budget_fraction=0.4, calib_samples=8, calib_seq_len=24, calib_batch_size=4)
-    result = compress(model, recipe, calib_tokens=tokens, out=out)
+    result = compress(model, recipe, calib_tokens=tokens, heldout_tokens=heldout, out=out)
     return result, tokens, out
 
 

@@ -120,7 +120,8 @@ def patched_sweep(monkeypatch):
     """The sweep's expensive steps on a tiny model, each call counted."""
     calls: Counter[str] = Counter()
     dense = tiny_model("llama")
-    tokens = tiny_tokens(8, 24)
+    drawn = tiny_tokens(12, 24)
+    tokens, heldout = drawn[:8], drawn[8:]
     real_compress, real_speed = sweep_mod.compress_cell, sweep_mod.speed
 
     def load(name, device):
@@ -129,12 +130,12 @@ def patched_sweep(monkeypatch):
 
     def calibration(model, tokenizer, source, base):
         calls["calibration"] += 1
-        return tokens, collect_statistics(model, tokens, 4, "cpu")
+        return tokens, collect_statistics(model, tokens, 4, "cpu"), heldout
 
-    def compress_cell(model, config, stats, toks, cache=None, tokenizer=None):
+    def compress_cell(model, config, stats, toks, cache=None, tokenizer=None, heldout=None):
         calls["compress"] += 1
         calls["spectra_reused"] += bool(cache is not None and cache.spectra)
-        return real_compress(model, config, stats, toks, cache, tokenizer)
+        return real_compress(model, config, stats, toks, cache, tokenizer, heldout)
 
     def perplexities(model, tokenizer, corpora, spec, label):
         calls["ppl"] += len(corpora)

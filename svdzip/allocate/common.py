@@ -169,24 +169,30 @@ def heldout_loss(units: Sequence[Unit], ranks: Sequence[Rank], model, tokens, ba
     """Mean next-token loss of the model compressed to `ranks` (on a copy) over held-out tokens."""
     import copy
 
-    import torch
-    import torch.nn.functional as F
-
     from svdzip.methods.materialise import materialise
     from svdzip.models.adapter import ModelAdapter
 
     trial = copy.deepcopy(model)
     materialise(ModelAdapter(trial), list(units), list(ranks))
-    device = next(trial.parameters()).device
+    loss = heldout_nll(trial, tokens, batch_size)
+    del trial
+    return loss
+
+
+def heldout_nll(model, tokens, batch_size: int = 4) -> float:
+    """Mean next-token loss of `model` over the held-out windows `tokens`."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):
             ids = tokens[start : start + batch_size].to(device)
-            logits = trial(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                          reduction="sum"))
             count += ids[:, 1:].numel()
-    del trial
     return nll / max(count, 1)
 
 

@@ -91,6 +91,9 @@ def part_needs(config: Recipe, asked: Recipe | None = None) -> dict[str, Needs]:
                                                    else "")
         parts[label] = Needs(statistics=frozenset({"grams"}), whole_model=True).because(
             "low-bit errors and their compensations are measured with each input's Gram matrix")
+        if config.chooses_rounding:
+            parts[f"--rounding {config.rounding}"] = Needs(heldout=True).because(
+                "it compares GPTQ's 2-bit rounding with nearest rounding on held-out calibration windows")
     if heal is not None and heal.layer_local:  # inside the layer walk: streamed, resumed, on rank 0 of torchrun
         parts[f"--heal {heal.method}"] = Needs(calib_tokens=True).because(
             "layer-wise healing trains each layer on the calibration windows")
@@ -212,7 +215,7 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
     parts = part_needs(recipe, asked)
     refuse_unsupported(parts, mode)
     needs = union(parts)
-    _refuse_missing_inputs(request, needs, mode, given)
+    _refuse_missing_inputs(request, parts, mode, given)
     if recipe.lowbit:  # before any expensive step
         from svdzip.output.lowbit import BITS
         from svdzip.output.lowbit import require_backend as require_hqq
@@ -243,11 +246,13 @@ def _source_of(model: str | nn.Module) -> str:
     return str(resolve_model(model))
 
 
-def _refuse_missing_inputs(request: CompressRequest, needs: Needs, mode: Mode, given: bool) -> None:
+def _refuse_missing_inputs(request: CompressRequest, parts: dict[str, Needs], mode: Mode, given: bool) -> None:
     """What the parts need from the caller, checked before the model is touched."""
-    recipe = request.recipe
+    recipe, needs = request.recipe, union(parts)
     if request.tokens is not None and needs.heldout and request.heldout_tokens is None:
-        raise SvdzipError("this run tunes or guards on held-out windows: pass heldout_tokens with tokens")
+        which = "; ".join(f"{label}: {' '.join(n.why)}" for label, n in parts.items() if n.heldout)
+        raise SvdzipError(f"this run tunes or guards on held-out calibration windows ({which}): pass heldout_tokens "
+                          "with tokens")
     if mode.streamed and mode.world_size > 1 and request.resume_dir is None:
         raise SvdzipError("distributed streaming needs a shared --resume-dir for the per-layer statistics")
     if request.stats_path is not None and (mode.streamed or mode.resumable or mode.world_size > 1):

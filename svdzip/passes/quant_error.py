@@ -30,8 +30,14 @@ from svdzip.models.adapter import ModelAdapter
 from svdzip.output.lowbit import GROUP_SIZE, Packed, pack_codes, quantize, supported
 
 #: how low-bit values are rounded onto HQQ's grid: GPTQ's error feedback on the input Gram, or each to its nearest;
-#: `auto` is GPTQ's from `AUTO_GPTQ_MIN_BITS` up and nearest below (`rounding_at`)
-ROUNDINGS = ("gptq", "nearest", "auto")
+#: `auto` is GPTQ's from `AUTO_GPTQ_MIN_BITS` up and nearest below (`rounding_at`); `choose` (the default) plans
+#: with GPTQ's and, where that plan stores 2-bit matrices, also with `auto`'s, and keeps whichever model loses less
+#: on held-out calibration windows (`engine.pipeline`)
+PACKINGS = ("gptq", "nearest", "auto")  # the roundings that pack (`choose` picks one of them per run)
+ROUNDINGS = ("choose", *PACKINGS)
+DEFAULT_ROUNDING = "choose"
+#: the roundings `choose` compares; the first is planned first (the second differs from it below 3 bits only)
+CHOOSE_BETWEEN = ("gptq", "auto")
 #: below this width `auto` rounds to nearest. On SmolLM2-135M GPTQ's 2-bit prices led the planner at 35 % of the
 #: bytes to 112 2-bit matrices and a model 2.4x / 3.6x worse than `auto`'s (wiki / austen); on Qwen2.5-0.5B the
 #: same budget is 3.6x better with GPTQ at 2 bits too (benchmarks/lowbit.py, README "Rounding"): a choice per
@@ -43,6 +49,9 @@ def rounding_at(rounding: str, bits: int) -> str:
     """The rounding a `rounding` setting gives a matrix stored at `bits`: gptq or nearest."""
     if rounding not in ROUNDINGS:
         raise SvdzipError(f"unknown rounding '{rounding}'; choose from {', '.join(ROUNDINGS)}")
+    if rounding == "choose":
+        raise SvdzipError("rounding 'choose' is decided by the planner on held-out windows before anything is packed; "
+                          f"pack with one of {', '.join(CHOOSE_BETWEEN)}")
     if rounding == "auto":
         return "gptq" if bits >= AUTO_GPTQ_MIN_BITS else "nearest"
     return rounding
@@ -115,6 +124,7 @@ def quantization_errors(adapter: ModelAdapter, units: Sequence[Unit], stats: Any
     filled in place.
     """
     done = {} if done is None else done
+    rounding_at(rounding, 8)  # an unknown or undecided rounding fails before any packing
     todo = [(u, [b for b in bits if (u.name, b) not in done and supported(u.rows, u.cols, b, group_size)])
             for u in units]
     todo = [(u, widths) for u, widths in todo if widths]
