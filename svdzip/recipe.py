@@ -186,7 +186,7 @@ class Recipe:
             comp = "" if self.compensate in (0, AUTO) and self.quantize != PLAN else (
                 "+eora" if self.compensate == AUTO else f"+eora{self.compensate}")
             order = "+caldera" if self.compensate_order == "truncate-first" else ""
-            order += f"+{self.rounding}" if self.rounding in ("nearest", "auto") and self.quantize_scope != "factors" \
+            order += f"+{self.rounding}" if self.rounding != DEFAULT_ROUNDING and self.quantize_scope != "factors" \
                 else ""
             scope = "-factors" if self.quantize_scope == "factors" else ""
             parts.append(("hqq-plan" if self.quantize == PLAN else f"hqq-{self.quantize}{scope}") + comp + order)

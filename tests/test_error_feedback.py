@@ -176,11 +176,11 @@ def test_recipe_rounding_is_checked_labelled_and_old_files_keep_nearest():
     written = Recipe(quantize="int4", heal="none").to_file_dict()
     written.pop("rounding")
     assert Recipe.from_dict(written).rounding == "nearest"  # a file written before the option
-    assert Recipe.from_dict({"quantize": "int4"}).rounding == "choose"  # a hand-written partial recipe
+    assert Recipe.from_dict({"quantize": "int4"}).rounding == "gptq"  # a hand-written partial recipe
     assert Recipe.from_dict({**written, "rounding": "auto"}).rounding == "auto"
     old_int8 = Recipe(quantize="int8", heal="none", budget_fraction=0.7).to_file_dict()
     old_int8.pop("rounding")
-    assert Recipe.from_dict(old_int8).validate().rounding == "choose"  # nothing low-bit: nothing to keep
+    assert Recipe.from_dict(old_int8).validate().rounding == "gptq"  # nothing low-bit: nothing to keep
     with pytest.raises(SvdzipError, match="rounds low-bit weights"):
         Recipe(quantize="int8", rounding="nearest", budget_fraction=0.7).validate()
 
@@ -225,7 +225,7 @@ def test_the_recipes_rounding_reaches_the_stored_model():
 
 @pytest.mark.skipif(not lowbit.backend_installed(), reason="hqq is not installed")
 def test_choose_keeps_the_rounding_whose_stored_model_loses_less_on_heldout_windows():
-    """`--rounding choose` (the default) at 2 bits plans with gptq and with auto (nearest at 2 bits), stores the
+    """`--rounding choose` at 2 bits plans with gptq and with auto (nearest at 2 bits), stores the
     one with the lower held-out calibration perplexity, and that perplexity is the stored model's own; its words are
     those of the chosen rounding asked for directly. Without 2-bit matrices it compares nothing and needs no
     held-out windows; with them and no held-out windows it is refused before any work."""
@@ -237,7 +237,7 @@ def test_choose_keeps_the_rounding_whose_stored_model_loses_less_on_heldout_wind
     shape = Shape(vocab=128, hidden=64, intermediate=128, layers=2, randomise=True)
     drawn = tiny_tokens(12, 24, vocab=shape.vocab)
     tokens, heldout = drawn[:8], drawn[8:]
-    base = dict(calib_samples=8, calib_seq_len=24, calib_batch_size=4)
+    base = dict(calib_samples=8, calib_seq_len=24, calib_batch_size=4, rounding="choose")
     model = tiny_model("llama", seed=5, shape=shape)
     result = compress(model, Recipe(quantize="int2", **base), calib_tokens=tokens, heldout_tokens=heldout)
     report = result.summary["lowbit"]
@@ -246,7 +246,7 @@ def test_choose_keeps_the_rounding_whose_stored_model_loses_less_on_heldout_wind
     assert report["rounding"] == min(ppl, key=ppl.get)
     assert math.exp(heldout_nll(model, heldout)) == pytest.approx(ppl[report["rounding"]], rel=1e-4)
     twin = tiny_model("llama", seed=5, shape=shape)
-    compress(twin, Recipe(quantize="int2", rounding=report["rounding"], **base), calib_tokens=tokens)
+    compress(twin, Recipe(quantize="int2", **{**base, "rounding": report["rounding"]}), calib_tokens=tokens)
     for name, m in lowbit.lowbit_linears(model).items():
         assert torch.equal(m.packed, lowbit.lowbit_linears(twin)[name].packed)
 
