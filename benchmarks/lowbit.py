@@ -37,6 +37,7 @@ Results are rewritten after every cell; `--rewrite` redraws the table and plot f
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -61,7 +62,11 @@ from svdzip.report.tables import human_bytes
 log = logging.getLogger("benchmarks.lowbit")
 
 STORAGE = torch.bfloat16  # what every recipe stores (and the reference of the budgets)
-COMPUTE = torch.float32  # what the reloaded models compute in (this CPU has no native bf16 matmul)
+COMPUTE = torch.float32  # what the reloaded models compute perplexity in (the reference every table used)
+# what every model, the dense one included, is timed in: torch's CPU int4 kernel (which serves svdzip's packed
+# weights) needs bf16 activations, and this CPU's bf16 matmuls are as fast as float32 at batch 1 and faster beyond
+SPEED_DTYPE = torch.bfloat16
+DENSE, DENSE_BF16 = "dense-bf16", "dense-bf16 (bf16 compute)"  # the dense model timed in float32 and in bf16
 # default-named cells round with gptq (what they were measured with before `choose` became svdzip's default);
 # their twins `-nearest`, `-auto` and `-choose` round as named
 BASE = {"allocator": "loss-aware", "storage_dtype": "bfloat16", "allocator_options": {}, "rounding": "gptq"}
@@ -81,24 +86,30 @@ def save_and_reload(result, out: Path):
     return model
 
 
-def measure(bench: Bench, model, args, dense=None, label: str = "", perplexity: bool = True) -> dict[str, Any]:
+def measure(bench: Bench, model, args, timed: dict[str, Any] | None = None, label: str = "",
+            perplexity: bool = True) -> dict[str, Any]:
+    """Bytes, perplexity and (with `timed`, the dense model in each compute dtype) speed and peak memory; the
+    cell's model is timed in SPEED_DTYPE, alternately with the dense model in both dtypes."""
     t0 = time.perf_counter()
     cell: dict[str, Any] = {"weight_bytes_in_memory": weight_bytes(model)}
     if perplexity:
         cell["ppl"] = bench.perplexity(model, max_tokens=args.eval_tokens, seq_len=args.seq_len)
-    if dense is not None:
+    if timed is not None:
         settings = [SpeedSetting(b, args.prompt, args.new_tokens) for b in args.batches]
-        models = {"dense-bf16": dense} if model is dense else {"dense-bf16": dense, label: model}
+        models = {DENSE: timed["float32"], DENSE_BF16: timed["bfloat16"]}
+        if label != DENSE:
+            models[label] = model.to(SPEED_DTYPE)  # after its perplexity, which is computed in COMPUTE
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # speed is timed at one thread (the CPU is shared), whatever the run uses
         try:
-            speed = measure_speed(models, settings, repeats=args.repeats, reference="dense-bf16", clock="cpu")
+            speed = measure_speed(models, settings, repeats=args.repeats, reference=DENSE, clock="cpu")
         finally:
             torch.set_num_threads(threads)
         picked = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_bytes")
-        for key, name in (("speed", label or "dense-bf16"), ("dense_speed", "dense-bf16")):
+        for key, name in (("speed", label or DENSE), ("dense_speed", DENSE), ("dense_bf16_speed", DENSE_BF16)):
             cell[key] = {k: {m: speed["results"][name][k][m] for m in picked} for k in speed["results"][name]}
         cell["speed_ratio"] = speed.get("ratios", {}).get(label, {})
+        cell["speed_dtype"] = str(SPEED_DTYPE).removeprefix("torch.")
     if label in args.zeroshot_cells or "all" in args.zeroshot_cells:
         from svdzip.evaluate.zeroshot import evaluate_zero_shot
 
@@ -113,7 +124,7 @@ def measure(bench: Bench, model, args, dense=None, label: str = "", perplexity: 
     return cell
 
 
-def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args, dense) -> dict[str, Any]:
+def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args, timed) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         result = bench.compress(**{**BASE, **overrides})
@@ -132,7 +143,7 @@ def run_cell(bench: Bench, name: str, overrides: dict[str, Any], tmp: Path, args
             "compress_s": compress_s}
     cell["compensate_order"] = overrides.get("compensate_order", "quantize-first")
     cell["rounding"] = result.config.rounding if result.config.lowbit else None
-    cell.update(measure(bench, model, args, dense if name in args.speed_cells else None, name))
+    cell.update(measure(bench, model, args, timed if name in args.speed_cells else None, name))
     log.info("%s: %s on disk, wiki %.2f, austen %.2f", name, human_bytes(cell["disk_bytes"]), cell["ppl"]["wiki"],
              cell["ppl"]["austen"])
     del model
@@ -247,20 +258,27 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [f"- {', '.join(c['recipe'] for c in data['cells'] if c.get('note') == n)}: {n}." for n in notes]
     speed = [c for c in data["cells"] if c.get("speed")]
     if speed:
-        lines += ["", "| model | decode tok/s b1 | decode tok/s b16 | peak b16 | ×dense decode b1 |",
-                  "|---|---|---|---|---|"]
-        dense = {**data["dense"], "speed": data["dense"].get("speed") or speed[0].get("dense_speed")}
-        for c in [dense, *speed]:
-            s = c["speed"]
-            keys = sorted(s)
-            b1 = next(k for k in keys if k.startswith("b1_"))
-            b16 = next((k for k in keys if k.startswith("b16_")), b1)
-            ratio = (c.get("speed_ratio") or {}).get(b1, {}).get("decode_speedup", 1.0)
-            lines.append(f"| {c['recipe']} | {s[b1]['decode_tokens_per_s']:.1f} | {s[b16]['decode_tokens_per_s']:.1f}"
-                         f" | {human_bytes(s[b16].get('peak_bytes') or 0)} | {ratio:.2f} |")
+        lines += ["", "| model | computed in | decode tok/s b1 | decode tok/s b16 | prefill tok/s b1 | peak b16 | "
+                  "×dense decode b1 (float32 / bf16) |", "|---|---|---|---|---|---|---|"]
+        first = speed[0]
+        rows = [(DENSE, "float32", data["dense"].get("speed") or first.get("dense_speed"))]
+        if first.get("dense_bf16_speed"):
+            rows.append((DENSE, "bfloat16", first["dense_bf16_speed"]))
+        rows += [(c["recipe"], c.get("speed_dtype") or "float32", c["speed"]) for c in speed]
+        ref = {dtype: s for name, dtype, s in rows[:2]}
+        for name, dtype, s in rows:
+            b1 = next(k for k in sorted(s) if k.startswith("b1_"))
+            b16 = next((k for k in sorted(s) if k.startswith("b16_")), b1)
+            ratios = " / ".join(f"{s[b1]['decode_tokens_per_s'] / r[b1]['decode_tokens_per_s']:.2f}"
+                                for r in ref.values())
+            lines.append(f"| {name} | {dtype} | {s[b1]['decode_tokens_per_s']:.1f} | "
+                         f"{s[b16]['decode_tokens_per_s']:.1f} | {s[b1]['prefill_tokens_per_s']:.1f} | "
+                         f"{human_bytes(s[b16].get('peak_bytes') or 0)} | {ratios} |")
         lines += ["", "- Speed: transformers on CPU, one thread, cpu clock, each model timed alternately with the "
-                  "dense model. HQQ dequantizes each layer's weight per forward on a CPU (no fused low-bit kernel): "
-                  "the bytes are saved at rest, not per token."]
+                  "dense model (in float32 and in bfloat16 compute, from the same bf16 weights). In float32, HQQ's "
+                  "packed weights are dequantized per forward (the bytes are saved at rest, not per token); in "
+                  "bfloat16 they run through torch's CPU int4 kernel (`svdzip.output.cpu_int4`: 4/3/2-bit codes "
+                  "as they are, 8-bit codes as two 4-bit planes)."]
     return "\n".join(lines)
 
 
@@ -337,7 +355,9 @@ def main() -> None:
     bench = Bench(args.model, samples=args.calib_samples)
     dense, _, _ = load_model(bench.source, dtype=STORAGE)
     reference = weight_bytes(dense)
+    bf16 = copy.deepcopy(dense) if args.speed_cells else None
     dense = dense.to(COMPUTE)  # the bf16 weights, computed in float32 like every cell
+    timed = {"float32": dense, "bfloat16": bf16} if bf16 is not None else None  # speed: the dense model in both
 
     fixed = reference - 2 * sum(o * i for o, i in planned_shapes(dense))  # embeddings, norms: kept bf16
     previous = RESULTS / f"{name}.json"
@@ -350,8 +370,7 @@ def main() -> None:
             data["dense"].update({k: v for k, v in scored.items() if k.startswith("zeroshot")})
             data["zeroshot_limit"] = args.zeroshot_limit
     else:
-        dense_cell = {"recipe": "dense-bf16", **measure(bench, dense, args, dense if args.speed_cells else None,
-                                                        "dense-bf16")}
+        dense_cell = {"recipe": "dense-bf16", **measure(bench, dense, args, timed, "dense-bf16")}
         data = {"model": args.model, "reference_bytes": reference, "fixed_bytes": fixed,
                 "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "zeroshot_limit": args.zeroshot_limit,
                 "dense": dense_cell, "cells": []}
@@ -363,7 +382,7 @@ def main() -> None:
         for cell_name, overrides in cells_for(bench, fractions, reference, fixed):
             if cell_name in done or (only and cell_name not in only):
                 continue
-            data["cells"].append(run_cell(bench, cell_name, overrides, tmp, args, dense))
+            data["cells"].append(run_cell(bench, cell_name, overrides, tmp, args, timed))
             write_results(name, data, markdown(data), bench.run)
             plot(data, RESULTS / f"{name}.png")
     finally:

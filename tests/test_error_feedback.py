@@ -211,7 +211,7 @@ def test_the_recipes_rounding_reaches_the_stored_model():
                                calib_batch_size=4), calib_tokens=tokens)
         found = lowbit.lowbit_linears(model)
         assert set(found) == set(names)
-        stored[rounding, bits] = {n: m.packed for n, m in found.items()}
+        stored[rounding, bits] = {n: m.weight_packed.words for n, m in found.items()}
         error[rounding, bits] = sum(_output_error(inputs[n], dense.get_submodule(n).weight - m.weight_packed.dequantize(
             torch.float32)) for n, m in found.items())
     for n in names:
@@ -248,7 +248,7 @@ def test_choose_keeps_the_rounding_whose_stored_model_loses_less_on_heldout_wind
     twin = tiny_model("llama", seed=5, shape=shape)
     compress(twin, Recipe(quantize="int2", **{**base, "rounding": report["rounding"]}), calib_tokens=tokens)
     for name, m in lowbit.lowbit_linears(model).items():
-        assert torch.equal(m.packed, lowbit.lowbit_linears(twin)[name].packed)
+        assert torch.equal(m.weight_packed.words, lowbit.lowbit_linears(twin)[name].weight_packed.words)
 
     three = compress(tiny_model("llama", seed=5, shape=shape), Recipe(quantize="int3", **base), calib_tokens=tokens)
     assert three.summary["lowbit"]["rounding"] == "gptq" and "rounding_heldout_ppl" not in three.summary["lowbit"]

@@ -44,6 +44,12 @@ E2E = Shape(vocab=128, hidden=64, intermediate=96, layers=1, randomise=True)
 PACKABLE = Shape(vocab=128, hidden=64, intermediate=128, layers=1)
 
 
+def astuple_packed(m: LowBitLinear) -> tuple[torch.Tensor, ...]:
+    """A packed linear's stored tensors (the words restored if the CPU kernel's planes were serving)."""
+    packed = m.weight_packed
+    return packed.words, packed.scale, packed.zero
+
+
 def _output_error(x: torch.Tensor, e: torch.Tensor) -> float:
     return float((x.double() @ e.double().T).pow(2).sum())
 
@@ -302,7 +308,7 @@ def test_planned_model_fits_its_budget_and_its_file_is_the_plan(planned):
     # the bytes the model holds in memory are the plan too
     model = result.model
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *(
-        b for m in lowbit_linears(model).values() for b in (m.packed, m.scale, m.zero))])
+        b for m in lowbit_linears(model).values() for b in astuple_packed(m))])
     assert held == mem["planned_bytes"]
     packed_keys = [k for k in header if k.endswith(".packed")]
     assert packed_keys, "the planner stored nothing at low bits"
@@ -321,7 +327,7 @@ def test_manifest_lists_the_packed_modules(planned):
         assert (spec["bits"], spec["rank"], spec["in"], spec["out"]) == (m.bits, m.rank, m.in_features,
                                                                          m.out_features)
         assert (rows[name].bits, rows[name].compensation_rank) == (m.bits, m.rank)
-        assert header[f"{name}.packed"]["shape"] == list(m.packed.shape)
+        assert header[f"{name}.packed"]["shape"] == list(m.weight_packed.words.shape)
         assert f"{name}.weight" not in header
         if m.rank:
             assert header[f"{name}.compensation.left.weight"]["shape"] == [m.out_features, m.rank]
@@ -346,7 +352,8 @@ def test_planned_model_reloads_to_identical_logits(planned):
         assert torch.equal(wide(tokens).logits, copy.deepcopy(result.model).float()(tokens).logits)
         for name, m in lowbit_linears(wide).items():
             twin = lowbit_linears(result.model)[name]
-            assert torch.equal(m.packed, twin.packed) and torch.equal(m.scale.float(), twin.scale.float())
+            assert torch.equal(m.packed, twin.weight_packed.words)
+            assert torch.equal(m.scale.float(), twin.scale.float())
 
 
 def test_fixed_width_with_a_fixed_compensation_and_no_budget(tmp_path):

@@ -5,7 +5,8 @@ Why HQQ (methods-spec §12.9, and tried on this machine): it is the one maintain
 int32) *and* quantizes and runs them on a CPU; its optimiser needs no calibration data. torchao 0.18 keeps
 sub-byte values one per byte on this CPU, optimum-quanto has packed int2/int4 but only int4 with a native CPU
 kernel, and GPTQ needs calibration and CUDA for its fast kernels. HQQ's forward on a CPU dequantizes the
-layer's weight and multiplies (no fused low-bit kernel): memory is saved at rest, not bandwidth per token.
+layer's weight and multiplies; svdzip's `LowBitLinear` serves bf16 inference on a CPU through torch's fused int4
+kernel instead (`output.cpu_int4`: the codes at 4, 3 and 2 bits, and 8-bit codes as two 4-bit planes).
 
 svdzip uses only HQQ's quantizer (`Quantizer.quantize` / `Quantizer.dequantize`: the packing, the scale and
 zero-point optimiser, the unpacking) and keeps the packed tensors in its own module, `LowBitLinear`, as plain
@@ -33,6 +34,7 @@ from torch import nn
 
 from svdzip.errors import SvdzipError
 from svdzip.models.lowrank import LowRankLinear
+from svdzip.output import cpu_int4
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,13 @@ class Packed:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _quantizer().dequantize(self.words, self.meta(dtype))
 
+    def codes(self) -> torch.Tensor:
+        """The integer codes (rows × cols, uint8), unpacked from the words."""
+        Quantizer = _quantizer()
+        rows, cols = self.shape
+        unpacked = Quantizer.unpack[Quantizer.bit_to_packing[self.bits]](self.words, dtype=torch.uint8)
+        return unpacked[: rows * cols // self.group_size].reshape(rows, cols)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero))
@@ -177,12 +186,16 @@ class LowBitLinear(nn.Module):
                                                    device=device))
         self.register_buffer("scale", torch.zeros(groups, 1, dtype=META_DTYPE, device=device))
         self.register_buffer("zero", torch.zeros(groups, 1, dtype=META_DTYPE, device=device))
+        # torch's CPU int4 layout of the same weight while it serves bf16 inference (`_kernel_serves`); not saved
+        self.register_buffer("kernel_words", None, persistent=False)
+        self.register_buffer("kernel_meta", None, persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.compensation = (LowRankLinear(in_features, out_features, rank, device=device, dtype=dtype)
                              if rank > 0 else None)
 
     @property
     def weight_packed(self) -> Packed:
+        self._restore_words()
         return Packed(self.packed, self.scale, self.zero, self.bits, (self.out_features, self.in_features),
                       self.group_size)
 
@@ -211,11 +224,50 @@ class LowBitLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_packed.dequantize(x.dtype)
-        y = nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        if self._kernel_serves(x):
+            y = cpu_int4.matmul(x, self.kernel_words, self.kernel_meta, self.group_size).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        else:
+            w = self.weight_packed.dequantize(x.dtype)
+            y = nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if self.compensation is not None:
             y = y + self.compensation(x)
         return y
+
+    # ---- torch's CPU int4 kernel: bf16 inference on a CPU reads the packed bytes, never a dequantized weight
+
+    def _kernel_serves(self, x: torch.Tensor) -> bool:
+        """bf16 activations on a CPU, no gradient through x, a shape the kernel takes: the kernel's planes serve
+        (built from the words on first use, which are then released: one copy of the weight in memory)."""
+        if (x.device.type != "cpu" or x.dtype != cpu_int4.DTYPE or (torch.is_grad_enabled() and x.requires_grad)
+                or not cpu_int4.supported(self.out_features, self.in_features, self.bits, self.group_size)):
+            return False
+        if self.kernel_words is None:
+            packed = self.weight_packed
+            self.kernel_words, self.kernel_meta = cpu_int4.planes(packed.codes(), packed.scale, packed.zero,
+                                                                  self.bits, self.group_size)
+            self.packed = None
+        return True
+
+    def _restore_words(self) -> None:
+        """Back from the kernel's planes to HQQ's words (exact: the same codes, scales and zeros)."""
+        if self.packed is not None:
+            return
+        device = self.kernel_words.device
+        codes = cpu_int4.codes(self.kernel_words.cpu(), self.bits, self.group_size)
+        packed = pack_codes(codes, self.scale.cpu().float(), self.zero.cpu().float(), self.bits, self.group_size)
+        self.packed = packed.words.to(device)
+        self.kernel_words = self.kernel_meta = None
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        self._restore_words()  # the stored format is HQQ's, whichever form serves in memory
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the packed weight as stored (words, scales, zero points), whichever form is in memory."""
+        return packed_bytes(self.out_features, self.in_features, self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -232,7 +284,8 @@ def check_packed(model: nn.Module) -> None:
     for name, m in lowbit_linears(model).items():
         if not (torch.isfinite(m.scale.float()).all() and torch.isfinite(m.zero.float()).all()):
             raise SvdzipError(f"{name}: its packed weight's scales or zero points are not finite (corrupt file?)")
-        if m.bits == 3 and (m.packed < 0).any():  # ten 3-bit values fill 30 bits of a non-negative int32
+        # ten 3-bit values fill 30 bits of a non-negative int32 (words absent: the kernel's planes serve)
+        if m.bits == 3 and m.packed is not None and (m.packed < 0).any():
             raise SvdzipError(f"{name}: its packed 3-bit words are out of range (corrupt file?)")
 
 

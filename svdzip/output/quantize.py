@@ -124,8 +124,7 @@ def parameter_bytes(model: nn.Module) -> int:
     load, not saved."""
     from svdzip.output.lowbit import lowbit_linears
 
-    packed = sum(t.numel() * t.element_size() for m in lowbit_linears(model).values()
-                 for t in (m.packed, m.scale, m.zero))
+    packed = sum(m.stored_bytes for m in lowbit_linears(model).values())
     return sum(storage_bytes(p) for p in model.parameters()) + packed
 
 

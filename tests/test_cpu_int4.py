@@ -1,0 +1,122 @@
+"""torch's CPU int4 kernel serving HQQ-packed weights (`output.cpu_int4`, `LowBitLinear._kernel_serves`): the
+planes hold exactly the stored codes, the product is (q − z)·s times x within bf16's rounding, and the stored
+format, the float32 path and training are untouched by it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import Shape, tiny_model, tiny_tokens
+from torch import nn
+
+import svdzip
+from svdzip import Recipe, compress
+from svdzip.output import cpu_int4, lowbit
+from svdzip.output.lowbit import LowBitLinear, lowbit_linears
+
+pytestmark = [pytest.mark.skipif(not (lowbit.backend_installed() and cpu_int4.available()),
+                                 reason="hqq or torch's CPU int4 kernel is missing"),
+              pytest.mark.usefixtures("one_thread")]
+
+GROUP = 64
+
+
+def _grid(rows: int, cols: int, bits: int, seed: int, zero_at: float | None = None):
+    """Random codes with a per-group scale and zero point (w = (q − z)·s, groups of 64 along each row)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (rows, cols), generator=g, dtype=torch.uint8)
+    groups = rows * cols // GROUP
+    scale = (torch.rand(groups, 1, generator=g) + 0.5) / 2 ** bits
+    zero = (torch.rand(groups, 1, generator=g) * (2 ** bits - 1) if zero_at is None
+            else torch.full((groups, 1), zero_at))
+    return codes, scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+
+def _dequantized(codes, scale, zero) -> torch.Tensor:
+    rows, cols = codes.shape
+    q = codes.double().reshape(-1, GROUP)
+    return ((q - zero.double()) * scale.double()).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_planes_hold_the_codes_exactly(bits):
+    codes, scale, zero = _grid(48, 192, bits, seed=bits)
+    words, meta = cpu_int4.planes(codes, scale, zero, bits, GROUP)
+    assert words.shape == ((2 if bits == 8 else 1), 48, 96) and words.dtype == torch.uint8
+    assert torch.equal(cpu_int4.codes(words, bits, GROUP, chunk=64), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("zero_at", [None, 0.0])  # a zero point far from the codes' middle: the offset is large
+def test_kernel_product_is_the_dequantized_product_within_bf16(bits, zero_at):
+    codes, scale, zero = _grid(32, 256, bits, seed=10 + bits, zero_at=zero_at)
+    words, meta = cpu_int4.planes(codes, scale, zero, bits, GROUP)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    exact = x.double() @ _dequantized(codes, scale, zero).T
+    got = cpu_int4.matmul(x, words, meta, GROUP)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 32)
+    # a dense bf16 matmul of the same weight is the yardstick: the kernel may be as far off as its rounding
+    dense = nn.functional.linear(x, _dequantized(codes, scale, zero).to(torch.bfloat16))
+    bound = 3 * (dense.double() - exact).abs().max() + 1e-3 * exact.abs().max()
+    assert (got.double() - exact).abs().max() <= bound
+
+
+def test_supported_shapes():
+    assert cpu_int4.supported(64, 128, 4, 64) and cpu_int4.supported(64, 128, 8, 64)
+    assert not cpu_int4.supported(40, 128, 4, 64)  # rows: the kernel's layout tiles by 16
+    assert not cpu_int4.supported(64, 96, 4, 64)  # whole groups along each row
+    assert not cpu_int4.supported(64, 128, 4, 48)  # a group size the kernel does not take
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_lowbit_linear_serves_bf16_inference_through_the_kernel_and_saves_what_it_stored(bits):
+    torch.manual_seed(bits)
+    linear = nn.Linear(128, 64, bias=True)
+    module = LowBitLinear.from_linear(linear, bits)
+    stored = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        wide = module(x)  # float32: the dequantized path, the reference every perplexity was measured with
+        assert module.kernel_words is None and module.packed is not None
+        narrow = module(x.to(torch.bfloat16))
+    assert module.packed is None and module.kernel_words is not None  # one copy of the weight in memory
+    assert narrow.dtype == torch.bfloat16
+    assert (narrow.float() - wide).abs().max() < 0.02 * wide.abs().max()
+    assert module.stored_bytes == lowbit.packed_bytes(64, 128, bits)
+    # the state dict is HQQ's format, bit for bit, whichever form served
+    again = module.state_dict()
+    assert set(again) == set(stored) and all(torch.equal(again[k], stored[k]) for k in stored)
+    with torch.no_grad():
+        assert torch.equal(module(x), wide)  # float32 again: the words restored exactly
+
+
+def test_a_gradient_through_the_input_takes_the_dequantized_path():
+    module = LowBitLinear.from_linear(nn.Linear(128, 64), 4)
+    x = torch.randn(2, 128, dtype=torch.bfloat16, requires_grad=True)
+    module(x).sum().backward()  # the kernel has no backward: training must not reach it
+    assert x.grad is not None and module.kernel_words is None
+
+
+def test_a_model_loaded_in_bf16_decodes_through_the_kernel_and_saves_unchanged(tmp_path):
+    shape = Shape(vocab=128, hidden=64, intermediate=128, layers=1, randomise=True)
+    tokens = tiny_tokens(8, 24, vocab=shape.vocab)
+    out = tmp_path / "int4"
+    compress(tiny_model("llama", seed=2, shape=shape), Recipe(quantize="int4", compensate=8, calib_samples=8,
+             calib_seq_len=24, calib_batch_size=4, storage_dtype="bfloat16"), calib_tokens=tokens, out=out)
+    wide, _ = svdzip.load(out, with_tokenizer=False)
+    model, _ = svdzip.load(out, dtype=torch.bfloat16, with_tokenizer=False)
+    found = lowbit_linears(model)
+    assert found and all(m.rank == 8 for m in found.values())
+    with torch.no_grad():
+        ref = wide(tokens[:2]).logits
+        got = model(tokens[:2]).logits
+        generated = model.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False)
+    assert all(m.kernel_words is not None for m in found.values())
+    assert generated.shape == (1, 7)
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    again = tmp_path / "again"
+    model.save_pretrained(again)
+    reloaded, _ = svdzip.load(again, with_tokenizer=False)
+    for name, m in lowbit_linears(reloaded).items():
+        twin = lowbit_linears(wide)[name]
+        assert torch.equal(m.packed, twin.packed) and torch.equal(m.scale, twin.scale)
