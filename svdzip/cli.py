@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model (svdzip directory, alias, local dir or hub id)")
     e.add_argument("model", nargs="+", help="one or more models to compare")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype the models are loaded in (default: %(default)s); bfloat16 on a CPU runs "
+                        "low-bit weights through torch's int4 kernel instead of dequantizing them per forward")
     _add_eval_args(e)
     _add_task_speed_args(e)
     e.add_argument("--json", action="store_true")
@@ -588,7 +591,7 @@ def _asked(summary: dict[str, Any]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.evaluate.perplexity import perplexity_on_corpora
-    from svdzip.output.loading import check_device, load_model
+    from svdzip.output.loading import check_device, load_model, parse_dtype
     from svdzip.report.tables import table
 
     check_device(args.device)
@@ -603,7 +606,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {}
     zero_shot: dict[str, Any] = {}
     for name in args.model:
-        model, tokenizer, _ = load_model(name, args.device)
+        model, tokenizer, _ = load_model(name, args.device, parse_dtype(args.dtype))
         results = perplexity_on_corpora(model, tokenizer, corpora, protocols, args.seq_len,
                                         args.eval_tokens or None, args.device, label=name)
         report[name] = {c: {p: r.to_dict() for p, r in by.items()} for c, by in results.items()}
@@ -632,9 +635,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _eval_speed(args: argparse.Namespace) -> dict[str, Any]:
     """All models loaded together and timed alternately; ratios to the first one given."""
     from svdzip.evaluate.speed import measure_speed, parse_settings, speed_table
-    from svdzip.output.loading import load_model
+    from svdzip.output.loading import load_model, parse_dtype
 
-    models = {name: load_model(name, args.device)[0] for name in args.model}
+    models = {name: load_model(name, args.device, parse_dtype(args.dtype))[0] for name in args.model}
     settings = parse_settings(args.speed_batches, args.speed_seq_lens, args.speed_new_tokens)
     result = measure_speed(models, settings, repeats=args.speed_repeats, reference=args.model[0], clock=args.clock)
     if not args.json:

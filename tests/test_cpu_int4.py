@@ -4,9 +4,11 @@ format, the float32 path and training are untouched by it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from tiny_models import Shape, tiny_model, tiny_tokens
+from tiny_models import Shape, tiny_model, tiny_tokenizer, tiny_tokens
 from torch import nn
 
 import svdzip
@@ -97,12 +99,20 @@ def test_a_gradient_through_the_input_takes_the_dequantized_path():
     assert x.grad is not None and module.kernel_words is None
 
 
-def test_a_model_loaded_in_bf16_decodes_through_the_kernel_and_saves_unchanged(tmp_path):
-    shape = Shape(vocab=128, hidden=64, intermediate=128, layers=1, randomise=True)
-    tokens = tiny_tokens(8, 24, vocab=shape.vocab)
-    out = tmp_path / "int4"
-    compress(tiny_model("llama", seed=2, shape=shape), Recipe(quantize="int4", compensate=8, calib_samples=8,
+SHAPE = Shape(vocab=128, hidden=64, intermediate=128, layers=1, randomise=True)
+
+
+def _int4_directory(out):
+    """A tiny llama at 4 bits with rank-8 compensations, saved in bf16."""
+    tokens = tiny_tokens(8, 24, vocab=SHAPE.vocab)
+    compress(tiny_model("llama", seed=2, shape=SHAPE), Recipe(quantize="int4", compensate=8, calib_samples=8,
              calib_seq_len=24, calib_batch_size=4, storage_dtype="bfloat16"), calib_tokens=tokens, out=out)
+    return tokens
+
+
+def test_a_model_loaded_in_bf16_decodes_through_the_kernel_and_saves_unchanged(tmp_path):
+    out = tmp_path / "int4"
+    tokens = _int4_directory(out)
     wide, _ = svdzip.load(out, with_tokenizer=False)
     model, _ = svdzip.load(out, dtype=torch.bfloat16, with_tokenizer=False)
     found = lowbit_linears(model)
@@ -120,3 +130,21 @@ def test_a_model_loaded_in_bf16_decodes_through_the_kernel_and_saves_unchanged(t
     for name, m in lowbit_linears(reloaded).items():
         twin = lowbit_linears(wide)[name]
         assert torch.equal(m.packed, twin.packed) and torch.equal(m.scale, twin.scale)
+
+
+def test_cli_eval_in_bf16_times_the_kernel(tmp_path, monkeypatch, capsys):
+    """`svdzip eval DIR --dtype bfloat16 --speed`: the low-bit linears run through the kernel (float32: they do not)."""
+    from svdzip.cli import main
+
+    out = tmp_path / "int4"
+    _int4_directory(out)
+    tiny_tokenizer(SHAPE.vocab).save_pretrained(out)  # eval reads the directory's tokenizer
+    calls = []
+    real = cpu_int4.matmul
+    monkeypatch.setattr(cpu_int4, "matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    flags = ["--corpora", "", "--speed", "--speed-batches", "1", "--speed-seq-lens", "8", "--speed-new-tokens",
+             "2", "--speed-repeats", "1", "--json"]
+    assert main(["eval", str(out), *flags]) == 0 and not calls
+    capsys.readouterr()
+    assert main(["eval", str(out), "--dtype", "bfloat16", *flags]) == 0 and calls
+    assert json.loads(capsys.readouterr().out)["speed"]["results"][str(out)]

@@ -291,7 +291,7 @@ def test_cli_eval_speed_and_tasks(monkeypatch, capsys):
     from svdzip.cli import main
 
     models = {"dense": tiny_model("llama"), "small": _compressed()}
-    monkeypatch.setattr(loading, "load_model", lambda name, device="cpu": (models[name], _Tok(), name))
+    monkeypatch.setattr(loading, "load_model", lambda name, device="cpu", dtype=None: (models[name], _Tok(), name))
     monkeypatch.setattr(ppl_mod, "perplexity_on_corpora", lambda *a, **k: {})
     monkeypatch.setattr(zs_mod, "evaluate_zero_shot", lambda model, tok, tasks, **k:
                         {t: {"acc": 0.5, "acc_norm": 0.5, "n": k["limit"]} for t in tasks})
