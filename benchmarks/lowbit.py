@@ -94,11 +94,21 @@ def measure(bench: Bench, model, args, timed: dict[str, Any] | None = None, labe
     cell: dict[str, Any] = {"weight_bytes_in_memory": weight_bytes(model)}
     if perplexity:
         cell["ppl"] = bench.perplexity(model, max_tokens=args.eval_tokens, seq_len=args.seq_len)
+    if label in args.zeroshot_cells or "all" in args.zeroshot_cells:
+        from svdzip.evaluate.zeroshot import evaluate_zero_shot
+
+        # only the continuation positions' logits: a 151k-word head over every context position costs a third of
+        # the time on Qwen and changes log-likelihoods in the last bits only
+        zs = evaluate_zero_shot(model, bench.tokenizer, None, limit=args.zeroshot_limit, batch_size=16,
+                                trim_logits=True)
+        cell["zeroshot"] = zs
+        cell["zeroshot_trim_logits"] = True
+        cell["zeroshot_avg"] = sum(r["acc"] for r in zs.values()) / len(zs)
     if timed is not None:
         settings = [SpeedSetting(b, args.prompt, args.new_tokens) for b in args.batches]
         models = {DENSE: timed["float32"], DENSE_BF16: timed["bfloat16"]}
         if label != DENSE:
-            models[label] = model.to(SPEED_DTYPE)  # after its perplexity, which is computed in COMPUTE
+            models[label] = model.to(SPEED_DTYPE)  # last: its perplexity and zero-shot are computed in COMPUTE
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # speed is timed at one thread (the CPU is shared), whatever the run uses
         try:
@@ -110,16 +120,7 @@ def measure(bench: Bench, model, args, timed: dict[str, Any] | None = None, labe
             cell[key] = {k: {m: speed["results"][name][k][m] for m in picked} for k in speed["results"][name]}
         cell["speed_ratio"] = speed.get("ratios", {}).get(label, {})
         cell["speed_dtype"] = str(SPEED_DTYPE).removeprefix("torch.")
-    if label in args.zeroshot_cells or "all" in args.zeroshot_cells:
-        from svdzip.evaluate.zeroshot import evaluate_zero_shot
-
-        # only the continuation positions' logits: a 151k-word head over every context position costs a third of
-        # the time on Qwen and changes log-likelihoods in the last bits only
-        zs = evaluate_zero_shot(model, bench.tokenizer, None, limit=args.zeroshot_limit, batch_size=16,
-                                trim_logits=True)
-        cell["zeroshot"] = zs
-        cell["zeroshot_trim_logits"] = True
-        cell["zeroshot_avg"] = sum(r["acc"] for r in zs.values()) / len(zs)
+        cell["weight_bytes_served"] = weight_bytes(models[label or DENSE])  # as it decoded (kernel planes)
     cell["eval_s"] = round(time.perf_counter() - t0, 1)
     return cell
 
@@ -265,7 +266,7 @@ def markdown(data: dict[str, Any]) -> str:
         if first.get("dense_bf16_speed"):
             rows.append((DENSE, "bfloat16", first["dense_bf16_speed"]))
         rows += [(c["recipe"], c.get("speed_dtype") or "float32", c["speed"]) for c in speed]
-        ref = {dtype: s for name, dtype, s in rows[:2]}
+        ref = {dtype: s for name, dtype, s in rows if name == DENSE}
         for name, dtype, s in rows:
             b1 = next(k for k in sorted(s) if k.startswith("b1_"))
             b16 = next((k for k in sorted(s) if k.startswith("b16_")), b1)

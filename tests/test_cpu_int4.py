@@ -74,7 +74,7 @@ def test_supported_shapes():
 def test_lowbit_linear_serves_bf16_inference_through_the_kernel_and_saves_what_it_stored(bits):
     torch.manual_seed(bits)
     linear = nn.Linear(128, 64, bias=True)
-    module = LowBitLinear.from_linear(linear, bits)
+    module = LowBitLinear.from_linear(linear, bits).eval()
     stored = {k: v.clone() for k, v in module.state_dict().items()}
     x = torch.randn(3, 128)
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_lowbit_linear_serves_bf16_inference_through_the_kernel_and_saves_what_i
 
 
 def test_a_gradient_through_the_input_takes_the_dequantized_path():
-    module = LowBitLinear.from_linear(nn.Linear(128, 64), 4)
+    module = LowBitLinear.from_linear(nn.Linear(128, 64), 4).eval()
     x = torch.randn(2, 128, dtype=torch.bfloat16, requires_grad=True)
     module(x).sum().backward()  # the kernel has no backward: training must not reach it
     assert x.grad is not None and module.kernel_words is None
@@ -148,3 +148,28 @@ def test_cli_eval_in_bf16_times_the_kernel(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--dtype", "bfloat16", *flags]) == 0 and calls
     assert json.loads(capsys.readouterr().out)["speed"]["results"][str(out)]
+
+
+def test_loading_a_state_dict_into_a_serving_module_replaces_the_planes():
+    """After a bf16 forward the words are released; loading another weight's state must not keep the old planes."""
+    torch.manual_seed(0)
+    serving = LowBitLinear.from_linear(nn.Linear(128, 64), 4).eval()
+    other = LowBitLinear.from_linear(nn.Linear(128, 64), 4).eval()
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        serving(x)
+        assert serving.packed is None
+        serving.load_state_dict(other.state_dict())
+        assert torch.equal(serving(x), other(x))
+
+
+def test_training_and_autocast_stay_on_the_dequantized_path():
+    module = LowBitLinear.from_linear(nn.Linear(128, 64), 4)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        module.train()
+        module(x)
+        module.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module(x)
+    assert module.kernel_words is None and module.packed is not None

@@ -156,6 +156,13 @@ def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
                   group_size=group_size)
 
 
+def _empty_words(rows: int, cols: int, bits: int, group_size: int, device: Any = None) -> torch.Tensor:
+    """Zeroed storage words for a rows×cols weight at `bits` (HQQ's packing), to be filled by a checkpoint."""
+    per_word, word_bytes = _PACKING[bits]
+    return torch.zeros(math.ceil(rows * cols // group_size / per_word), group_size,
+                       dtype=torch.int32 if word_bytes == 4 else torch.uint8, device=device)
+
+
 def _check_packable(shape: Sequence[int], bits: int, group_size: int) -> tuple[int, int]:
     require_backend(bits)
     rows, cols = shape
@@ -180,10 +187,7 @@ class LowBitLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.rank = bits, group_size, rank
         groups = out_features * in_features // group_size
-        per_word, word_bytes = _PACKING[bits]
-        word_dtype = torch.int32 if word_bytes == 4 else torch.uint8
-        self.register_buffer("packed", torch.zeros(math.ceil(groups / per_word), group_size, dtype=word_dtype,
-                                                   device=device))
+        self.register_buffer("packed", _empty_words(out_features, in_features, bits, group_size, device))
         self.register_buffer("scale", torch.zeros(groups, 1, dtype=META_DTYPE, device=device))
         self.register_buffer("zero", torch.zeros(groups, 1, dtype=META_DTYPE, device=device))
         # torch's CPU int4 layout of the same weight while it serves bf16 inference (`_kernel_serves`); not saved
@@ -238,9 +242,12 @@ class LowBitLinear(nn.Module):
     # ---- torch's CPU int4 kernel: bf16 inference on a CPU reads the packed bytes, never a dequantized weight
 
     def _kernel_serves(self, x: torch.Tensor) -> bool:
-        """bf16 activations on a CPU, no gradient through x, a shape the kernel takes: the kernel's planes serve
-        (built from the words on first use, which are then released: one copy of the weight in memory)."""
-        if (x.device.type != "cpu" or x.dtype != cpu_int4.DTYPE or (torch.is_grad_enabled() and x.requires_grad)
+        """Inference in bf16 on a CPU (eval mode, no autocast, no gradient through x) with a shape the kernel
+        takes: the kernel's planes serve, built from the words on first use, which are then released (the words
+        and the planes are never both held; 2- and 3-bit codes take 4 bits a weight in the planes). Training and
+        autocast stay on the dequantized path, so healing does not convert back and forth."""
+        if (x.device.type != "cpu" or x.dtype != cpu_int4.DTYPE or self.training
+                or torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and x.requires_grad)
                 or not cpu_int4.supported(self.out_features, self.in_features, self.bits, self.group_size)):
             return False
         if self.kernel_words is None:
@@ -263,6 +270,13 @@ class LowBitLinear(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         self._restore_words()  # the stored format is HQQ's, whichever form serves in memory
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.packed is None:  # new words replace the planes: a slot for them, the planes dropped
+            self.packed = _empty_words(self.out_features, self.in_features, self.bits, self.group_size,
+                                       self.scale.device)
+            self.kernel_words = self.kernel_meta = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def stored_bytes(self) -> int:
