@@ -325,14 +325,16 @@ def _plan_lowbit(model: nn.Module, units: list[Unit], ctx: AllocationContext, co
 
 def _choose_rounding(plans: list[dict[str, Any]], model: nn.Module, units: list[Unit],
                      stats: CalibrationStats | None, config: Recipe, heldout: torch.Tensor | None) -> dict[str, Any]:
-    """`--rounding choose`: of plans priced with different roundings, the one whose stored model loses least on
-    held-out calibration windows. Each matrix's price is its own output error; where many 2-bit errors compound,
-    GPTQ's smaller per-matrix errors can still make the worse model (SmolLM2-135M at 35 % of the bytes), or the
-    better one (Qwen2.5-0.5B at 35 %): only the whole model on text it was not fitted to tells."""
+    """`--rounding choose` (the default): of plans priced with different roundings, the one whose stored model
+    loses least on held-out calibration windows (the first unless another is better by more than CHOOSE_MARGIN).
+    Each matrix's price is its own output error; where many 2-bit errors compound, GPTQ's smaller per-matrix errors
+    can still make the worse model (SmolLM2-135M at 35 % of the bytes), or the better one (Qwen2.5-0.5B at 35 %):
+    only the whole model on text it was not fitted to tells."""
     import copy
     import math
 
     from svdzip.allocate.common import heldout_nll
+    from svdzip.passes.quant_error import CHOOSE_MARGIN
 
     if heldout is None:
         raise SvdzipError("--rounding choose compares roundings on held-out calibration windows: pass heldout_tokens "
@@ -345,7 +347,10 @@ def _choose_rounding(plans: list[dict[str, Any]], model: nn.Module, units: list[
         store_lowbit(adapter, units, plan_["allocation"], rows, stats, plan_, config)
         ppl[plan_["rounding"]] = math.exp(min(heldout_nll(trial, heldout), 700))
         del trial
-    best = min(plans, key=lambda p: ppl[p["rounding"]])
+    best = plans[0]  # kept unless another is better by more than the held-out windows can resolve
+    for plan_ in plans[1:]:
+        if ppl[plan_["rounding"]] < (1 - CHOOSE_MARGIN) * ppl[best["rounding"]]:
+            best = plan_
     counts = {p["rounding"]: sum(b == 2 for b, _ in p["allocation"].lowbit.values()) for p in plans}
     log.info("rounding: held-out calibration perplexity %s (2-bit matrices: %s); keeping %s",
              ", ".join(f"{r} {v:.3f}" for r, v in ppl.items()), ", ".join(f"{r} {n}" for r, n in counts.items()),

@@ -35,13 +35,18 @@ from svdzip.output.lowbit import GROUP_SIZE, Packed, pack_codes, quantize, suppo
 #: on held-out calibration windows (`engine.pipeline`)
 PACKINGS = ("gptq", "nearest", "auto")  # the roundings that pack (`choose` picks one of them per run)
 ROUNDINGS = ("choose", *PACKINGS)
-DEFAULT_ROUNDING = "gptq"  # choose is measured on SmolLM2 only so far (README "Rounding")
-#: the roundings `choose` compares; the first is planned first (the second differs from it below 3 bits only)
+#: measured on SmolLM2-135M and Qwen2.5-0.5B (README "Rounding"): at 35 % of the bytes each model needs the other
+#: 2-bit rounding (choose kept auto on SmolLM2, gptq on Qwen: 2.4x and 3.6x better than the other on wiki)
+DEFAULT_ROUNDING = "choose"
+#: the roundings `choose` compares; the first is planned first (the second differs from it below 3 bits only) and
+#: is kept unless another's held-out perplexity is lower by more than CHOOSE_MARGIN: 8 held-out windows do not
+#: separate plans closer than that (Qwen2.5-0.5B at 40 %: 37.53 vs 37.62 held out, the other order on wiki/austen)
 CHOOSE_BETWEEN = ("gptq", "auto")
+CHOOSE_MARGIN = 0.01
 #: below this width `auto` rounds to nearest. On SmolLM2-135M GPTQ's 2-bit prices led the planner at 35 % of the
 #: bytes to 112 2-bit matrices and a model 2.4x / 3.6x worse than `auto`'s (wiki / austen); on Qwen2.5-0.5B the
 #: same budget is 3.6x better with GPTQ at 2 bits too (benchmarks/lowbit.py, README "Rounding"): a choice per
-#: model, hence not the default.
+#: model, hence `choose`, not `auto`, is the default.
 AUTO_GPTQ_MIN_BITS = 3
 
 
