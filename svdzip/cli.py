@@ -220,12 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     field("--compensate-order", "compensate_order", "how a low-bit matrix and its compensation are fitted: "
           "quantize-first (EoRA: pack W, correct the error) or truncate-first (CALDERA, one alternation: pack the "
           "residual of W's truncation, then refit the correction)", choices=["quantize-first", "truncate-first"])
-    field("--rounding", "rounding", "how low-bit weights are rounded onto HQQ's grid: gptq (the default; error "
-          "feedback on the calibration inputs' Gram, GPTQ's greedy: the output error, not each weight's), nearest "
-          "(HQQ alone), "
-          "auto (gptq at 3 bits and up, nearest at 2: the planner's better choice on some small models) or choose "
-          "(gptq, unless the plan stores 2-bit matrices and auto's model loses less on "
-          "--tune-samples held-out calibration windows); "
+    field("--rounding", "rounding", "how low-bit weights are rounded onto HQQ's grid: choose (gptq, "
+          "unless the plan stores 2-bit matrices and auto's model loses more than 1 %% less on --tune-samples "
+          "held-out calibration windows), gptq (error feedback on the calibration inputs' Gram, GPTQ's greedy: the "
+          "output error, not each weight's), nearest (HQQ alone) or auto (gptq at 3 bits and up, nearest at 2); "
           "packed factors (--quantize-scope factors, packed_factors=true) are always rounded to nearest",
           choices=list(ROUNDINGS))
     field("--quantize-scope", "quantize_scope", "what --quantize stores quantized: all matrices, the dense "
