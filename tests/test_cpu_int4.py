@@ -57,6 +57,8 @@ def test_kernel_product_is_the_dequantized_product_within_bf16(bits, zero_at):
     exact = x.double() @ _dequantized(codes, scale, zero).T
     got = cpu_int4.matmul(x, words, meta, GROUP)
     assert got.dtype == torch.bfloat16 and got.shape == (5, 32)
+    strided = x.t().contiguous().t()  # the same values, not contiguous (as a last-token slice gives the head)
+    assert not strided.is_contiguous() and torch.equal(cpu_int4.matmul(strided, words, meta, GROUP), got)
     # a dense bf16 matmul of the same weight is the yardstick: the kernel may be as far off as its rounding
     dense = nn.functional.linear(x, _dequantized(codes, scale, zero).to(torch.bfloat16))
     bound = 3 * (dense.double() - exact).abs().max() + 1e-3 * exact.abs().max()

@@ -60,7 +60,7 @@ def planes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 
 def matmul(x: torch.Tensor, words: torch.Tensor, meta: torch.Tensor, group_size: int) -> torch.Tensor:
     """x (…, cols) times the weight the planes hold, transposed: (…, rows), in bf16."""
-    flat = x.reshape(-1, x.shape[-1]).to(DTYPE)
+    flat = x.reshape(-1, x.shape[-1]).to(DTYPE).contiguous()  # the kernel reads rows densely (a last-token slice)
     meta = meta.to(DTYPE)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, words[0], group_size, meta[0])
     for p in range(1, words.shape[0]):
