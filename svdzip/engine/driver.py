@@ -163,6 +163,7 @@ def compress(model: str | nn.Module, recipe: Recipe | None = None, *, out: str |
     if result.compression is None:
         raise SvdzipError("this run was streamed or checkpointed: its result is the directory it wrote "
                           f"({result.out}); load it with svdzip.load")
+    result.compression.model.eval()  # as from_pretrained returns the saved one: the same forward, the same logits
     return result.compression
 
 
