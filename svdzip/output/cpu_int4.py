@@ -22,10 +22,10 @@ GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_ROWS = 64
 DTYPE = torch.bfloat16
 _OFFSET = 8  # the kernel's codes are centred: (q − 8)·scale + zero
-#: from this many activation rows on (a prompt, a batch), dequantizing once and a bf16 matmul beat the kernel,
-#: which is made for a few rows (one 4864×896 weight, one thread: 0.3 ms at 1 row, 15 ms at 128, where the dense
-#: bf16 matmul takes 1.9 ms)
-DEQUANTIZE_FROM_ROWS = 48
+#: from this many activation rows on (prompts, a batch's prefill), dequantizing once (about 30 ms for a 4864×896
+#: weight at one thread here) and a bf16 matmul (1.9 ms per 128 rows) beat the kernel, which is made for a few
+#: rows (0.3 ms at 1 row, 15 ms at 128)
+DEQUANTIZE_FROM_ROWS = 256
 
 
 @functools.cache
