@@ -42,32 +42,39 @@ def _dequantized(codes, scale, zero) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_planes_hold_the_codes_exactly(bits):
-    codes, scale, zero = _grid(48, 192, bits, seed=bits)
+    codes, scale, zero = _grid(128, 192, bits, seed=bits)
     words, meta = cpu_int4.planes(codes, scale, zero, bits, GROUP)
-    assert words.shape == ((2 if bits == 8 else 1), 48, 96) and words.dtype == torch.uint8
-    assert torch.equal(cpu_int4.codes(words, bits, GROUP, chunk=64), codes)
+    assert words.shape == ((2 if bits == 8 else 1), 128, 96) and words.dtype == torch.uint8
+    assert torch.equal(cpu_int4.codes(words, bits), codes)
+    # the dequantized planes are (q − z)·s up to the bf16 rounding of the scales and offsets
+    exact = _dequantized(codes, scale, zero)
+    assert (cpu_int4.dequantize(words, meta, GROUP).double() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("zero_at", [None, 0.0])  # a zero point far from the codes' middle: the offset is large
 def test_kernel_product_is_the_dequantized_product_within_bf16(bits, zero_at):
-    codes, scale, zero = _grid(32, 256, bits, seed=10 + bits, zero_at=zero_at)
+    codes, scale, zero = _grid(64, 256, bits, seed=10 + bits, zero_at=zero_at)
     words, meta = cpu_int4.planes(codes, scale, zero, bits, GROUP)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     exact = x.double() @ _dequantized(codes, scale, zero).T
     got = cpu_int4.matmul(x, words, meta, GROUP)
-    assert got.dtype == torch.bfloat16 and got.shape == (5, 32)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 64)
     strided = x.t().contiguous().t()  # the same values, not contiguous (as a last-token slice gives the head)
     assert not strided.is_contiguous() and torch.equal(cpu_int4.matmul(strided, words, meta, GROUP), got)
     # a dense bf16 matmul of the same weight is the yardstick: the kernel may be as far off as its rounding
     dense = nn.functional.linear(x, _dequantized(codes, scale, zero).to(torch.bfloat16))
     bound = 3 * (dense.double() - exact).abs().max() + 1e-3 * exact.abs().max()
     assert (got.double() - exact).abs().max() <= bound
+    # many rows (a prompt) take the dequantized weight and a bf16 matmul: the same product within bf16
+    many = x.repeat(cpu_int4.DEQUANTIZE_FROM_ROWS, 1)
+    assert ((cpu_int4.matmul(many, words, meta, GROUP)[:5].double() - exact).abs().max() <= bound)
 
 
 def test_supported_shapes():
+    assert cpu_int4.available()  # this torch tiles as `unpack` reads
     assert cpu_int4.supported(64, 128, 4, 64) and cpu_int4.supported(64, 128, 8, 64)
-    assert not cpu_int4.supported(40, 128, 4, 64)  # rows: the kernel's layout tiles by 16
+    assert not cpu_int4.supported(48, 128, 4, 64)  # rows: the layout tiles by 64
     assert not cpu_int4.supported(64, 96, 4, 64)  # whole groups along each row
     assert not cpu_int4.supported(64, 128, 4, 48)  # a group size the kernel does not take
 
@@ -123,7 +130,9 @@ def test_a_model_loaded_in_bf16_decodes_through_the_kernel_and_saves_unchanged(t
         ref = wide(tokens[:2]).logits
         got = model(tokens[:2]).logits
         generated = model.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False)
-    assert all(m.kernel_words is not None for m in found.values())
+    takes = {n: cpu_int4.supported(m.out_features, m.in_features, m.bits, m.group_size) for n, m in found.items()}
+    assert any(takes.values()) and not all(takes.values())  # k/v (32 rows) stay on the dequantized path
+    assert all((found[n].kernel_words is not None) == kernel for n, kernel in takes.items())
     assert generated.shape == (1, 7)
     assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
     again = tmp_path / "again"

@@ -262,7 +262,7 @@ class LowBitLinear(nn.Module):
         if self.packed is not None:
             return
         device = self.kernel_words.device
-        codes = cpu_int4.codes(self.kernel_words.cpu(), self.bits, self.group_size)
+        codes = cpu_int4.codes(self.kernel_words.cpu(), self.bits)
         packed = pack_codes(codes, self.scale.cpu().float(), self.zero.cpu().float(), self.bits, self.group_size)
         self.packed = packed.words.to(device)
         self.kernel_words = self.kernel_meta = None
