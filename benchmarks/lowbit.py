@@ -259,8 +259,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [f"- {', '.join(c['recipe'] for c in data['cells'] if c.get('note') == n)}: {n}." for n in notes]
     speed = [c for c in data["cells"] if c.get("speed")]
     if speed:
-        lines += ["", "| model | computed in | decode tok/s b1 | decode tok/s b16 | prefill tok/s b1 | peak b16 | "
-                  "×dense decode b1 (float32 / bf16) |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | computed in | decode tok/s b1 | decode tok/s b16 | prefill tok/s b1 | "
+                  "prefill tok/s b16 | peak b16 | ×dense decode b1 (float32 / bf16) |",
+                  "|---|---|---|---|---|---|---|---|"]
         first = speed[0]
         rows = [(DENSE, "float32", data["dense"].get("speed") or first.get("dense_speed"))]
         if first.get("dense_bf16_speed"):
@@ -274,6 +275,7 @@ def markdown(data: dict[str, Any]) -> str:
                                 for r in ref.values())
             lines.append(f"| {name} | {dtype} | {s[b1]['decode_tokens_per_s']:.1f} | "
                          f"{s[b16]['decode_tokens_per_s']:.1f} | {s[b1]['prefill_tokens_per_s']:.1f} | "
+                         f"{s[b16]['prefill_tokens_per_s']:.1f} | "
                          f"{human_bytes(s[b16].get('peak_bytes') or 0)} | {ratios} |")
         lines += ["", "- Speed: transformers on CPU, one thread, cpu clock, each model timed alternately with the "
                   "dense model (in float32 and in bfloat16 compute, from the same bf16 weights). In float32, HQQ's "
