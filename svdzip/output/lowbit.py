@@ -239,7 +239,7 @@ class LowBitLinear(nn.Module):
             y = y + self.compensation(x)
         return y
 
-    # ---- torch's CPU int4 kernel: bf16 inference on a CPU reads the packed bytes, never a dequantized weight
+    # ---- torch's CPU int4 kernel: bf16 inference on a CPU reads the packed bytes (prompts: `cpu_int4.matmul`)
 
     def _kernel_serves(self, x: torch.Tensor) -> bool:
         """Inference in bf16 on a CPU (eval mode, no autocast, no gradient through x) with a shape the kernel
