@@ -5,7 +5,9 @@
         --eval-tokens 16384 --json
 
 Runs the CLI in this process, samples the resident set every 0.2 s in a thread, and charges each sample to the
-stage named by the last log line seen (so a stage is "from this log line to the next"). Writes
+stage named by the last log line seen (so a stage is "from this log line to the next"). At each stage's peak it
+also records where the main thread was (its innermost svdzip frames), so that a stage without log lines of its
+own still says which function holds the memory. Writes
 `benchmarks/results/<name>.json` (the stages, the command's own JSON summary when it printed one, the whole run's
 peak) and `.md`.
 """
@@ -20,6 +22,8 @@ import logging
 import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -32,6 +36,7 @@ class StageSampler(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.proc, self.t0 = psutil.Process(), time.time()
+        self.main_thread = threading.get_ident()
         self.stages: list[dict[str, Any]] = [{"stage": "start", "start_s": 0.0, "peak_rss": 0}]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -43,9 +48,16 @@ class StageSampler(logging.Handler):
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            stage = self.stages[-1]
-            stage["peak_rss"] = max(stage["peak_rss"], self.proc.memory_info().rss)
+            stage, rss = self.stages[-1], self.proc.memory_info().rss
+            if rss > stage["peak_rss"]:
+                stage["peak_rss"], stage["where"] = rss, self._where()
             time.sleep(0.2)
+
+    def _where(self, depth: int = 3) -> str:
+        """The main thread's innermost svdzip frames, outermost first ("" outside svdzip)."""
+        frame = sys._current_frames().get(self.main_thread)
+        ours = [f for f in traceback.extract_stack(frame) if "/svdzip/" in f.filename] if frame else []
+        return " → ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in ours[-depth:])
 
     def stop(self) -> list[dict[str, Any]]:
         self._stop.set()
@@ -54,10 +66,12 @@ class StageSampler(logging.Handler):
 
 
 def markdown(data: dict[str, Any], threshold: float) -> str:
-    lines = ["| from (s) | peak RSS GiB | stage (the log line that opened it) |", "|---|---|---|"]
+    lines = ["| from (s) | peak RSS GiB | stage (the log line that opened it) | where at its peak |",
+             "|---|---|---|---|"]
     for s in data["stages"]:
         if s["peak_rss"] >= threshold * data["peak_rss"]:
-            lines.append(f"| {s['start_s']:.0f} | {s['peak_rss'] / 2**30:.2f} | {s['stage'].replace('|', '/')} |")
+            lines.append(f"| {s['start_s']:.0f} | {s['peak_rss'] / 2**30:.2f} | {s['stage'].replace('|', '/')} | "
+                         f"{s.get('where', '')} |")
     return (f"### Memory by stage: `svdzip {' '.join(data['argv'])}`\n\nWhole run: peak RSS "
             f"{data['peak_rss'] / 2**30:.2f} GiB, {data['wall_s'] / 60:.1f} min wall. Stages whose peak is at least "
             f"{threshold:.0%} of the run's:\n\n" + "\n".join(lines))

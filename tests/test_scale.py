@@ -103,7 +103,40 @@ def test_streaming_equals_in_memory(ckpt, tmp_path):
     assert res.ranks == ref.ranks
     _assert_same(tmp_path / "out", ref)
     shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
-    assert len(shards) == 5  # one per decoder layer + embeddings/norm/head
+    held = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    # one shard per decoder layer, then one per remaining tensor (embeddings, final norm, untied head)
+    assert [sorted({k.split(".")[2] for k, v in held.items() if v == s.name}) for s in shards[:4]] == [
+        ["0"], ["1"], ["2"], ["3"]]
+    assert sorted(k for k, v in held.items() if v in {s.name for s in shards[4:]}) == [
+        "lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert len(shards) == 7 and all(list(held.values()).count(s.name) == 1 for s in shards[4:])
+
+
+def test_a_streamed_resume_restores_spectra_without_their_bases(tmp_path, monkeypatch):
+    """A resumed streamed run reads σ² and the basis's shape of each finished unit, not the basis: the writer reads
+    it again when its layer is written (all of a 1.5B's bases held at once were its extra GiB)."""
+    import svdzip.core.resume as resume_mod
+    from svdzip.methods.decompose import group_linears
+    from svdzip.models.adapter import ModelAdapter
+    from svdzip.passes.calibrate import collect_statistics
+
+    model = tiny_model("llama")
+    adapter, state = ModelAdapter(model), RunState(tmp_path / "run", {"test": 1})
+    stats = collect_statistics(model, tiny_tokens(), 4, "cpu")
+    groups = group_linears(adapter)
+    first = spectra_mod.decompose_units(adapter, stats, _config(), groups, on_disk=True, state=state)
+
+    def no_full_read(*_a, **_k):
+        raise AssertionError("a basis was read")
+
+    monkeypatch.setattr(resume_mod, "load_file", no_full_read)
+    again = spectra_mod.decompose_units(adapter, None, _config(), groups, on_disk=True, state=state)
+    assert len(again) == len(first) == len(groups)
+    for a, b in zip(again, first, strict=True):
+        assert a.spectrum.basis.device.type == "meta" and a.spectrum.basis.shape == b.spectrum.basis.shape
+        torch.testing.assert_close(a.spectrum.sigma2, b.spectrum.sigma2, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="a basis was read"):  # the in-memory resume still reads them
+        spectra_mod.decompose_units(adapter, None, _config(), groups, on_disk=False, state=state)
 
 
 @pytest.mark.parametrize("update", [None, "svdllm"])

@@ -175,8 +175,13 @@ class RunState:
         write_checked(self.unit_path(index), {"sigma2": sigma2, "basis": basis},
                       {"name": name, "seconds": seconds})
 
-    def load_unit(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        got = self.read(self.unit_path(index))
+    def load_unit(self, index: int, name: str, basis: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """σ², basis and seconds of a finished unit; without `basis` the basis comes back as a memoryless meta
+        tensor of its shape (a streamed run reads it again when its layer is written: on Qwen2.5-1.5B the bases
+        are 1 GiB, which a resumed run used to hold all at once)."""
+        got = self.read(self.unit_path(index)) if basis else _checked(
+            self.unit_path(index), self.writer, _spectrum_without_basis)
         if got is None:
             return None
         tensors, info = got
@@ -184,6 +189,12 @@ class RunState:
             log.warning("unit file %s is for %s, not %s; recomputing", self.unit_path(index), info.get("name"), name)
             return None
         return tensors["sigma2"], tensors["basis"], float(info.get("seconds", 0.0))
+
+
+def _spectrum_without_basis(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {"sigma2": f.get_tensor("sigma2").clone(),
+                "basis": torch.empty(tuple(f.get_slice("basis").get_shape()), device="meta")}
 
 
 def fault(stage: str, index: int) -> None:

@@ -8,6 +8,7 @@ case of the same loop.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from svdzip.methods.decompose import Unit, decompose
 from svdzip.methods.factorisations import MethodChoice
 from svdzip.methods.linalg import Spectrum
 from svdzip.models.adapter import LinearInfo, ModelAdapter
+
+log = logging.getLogger(__name__)
 
 
 def _jobs(groups: list[list[LinearInfo]]) -> list[list[int]]:
@@ -54,11 +57,14 @@ def decompose_units(adapter: ModelAdapter, stats: Any, config: MethodChoice, gro
     owner_of = {u: owners[j] for j, job in enumerate(jobs) for u in job}
     done: dict[int, Unit] = {}
     mine = [job for job, owner in zip(jobs, owners, strict=True) if owner == ctx.rank]
+    log.info("spectra of %d units (%s)%s", len(groups), config.method,
+             f", restored from {state.root} where finished" if state is not None else "")
     for job in tqdm(mine, desc=f"decomposing ({config.method})" + (f", rank {ctx.rank}" if ctx.enabled else ""),
                     unit="group"):
         todo = []
         for u in job:
-            restored = state.load_unit(u, _unit_name(groups[u])) if state else None
+            # streaming: a restored basis stays on disk (the writer reads it again when its layer is written)
+            restored = state.load_unit(u, _unit_name(groups[u]), basis=not on_disk) if state else None
             if restored is not None:
                 sigma2, basis, secs = restored
                 done[u] = Unit(members=list(groups[u]), spectrum=Spectrum(sigma2, basis), seconds=secs)
@@ -78,10 +84,6 @@ def decompose_units(adapter: ModelAdapter, stats: Any, config: MethodChoice, gro
             done[u] = unit
             fault("unit", u)
         if on_disk:
-            for u in job:
-                if done[u].spectrum.basis.device.type != "meta":
-                    done[u].spectrum = Spectrum(done[u].spectrum.sigma2,
-                                                placeholder(tuple(done[u].spectrum.basis.shape)))
             release_memory()
     return _gather(groups, done, owner_of, ctx, state, keep_basis=not on_disk)
 
