@@ -39,7 +39,6 @@ import torch
 from common import RESULTS, Bench, rewrite_results, setup_logging, write_results
 
 import svdzip
-from svdzip.engine.pipeline import store
 from svdzip.errors import SvdzipError
 from svdzip.evaluate.speed import SpeedSetting, measure_speed, weight_bytes
 from svdzip.output import io
@@ -99,7 +98,7 @@ def run_cell(bench: Bench, recipe: str, fraction: float, dense, tmp: Path, args,
         log.info("%s at %.0f%%: the same model as %s at %s", recipe, 100 * fraction, same["recipe"], same["fraction"])
         return {**same, "recipe": recipe, "fraction": fraction, "same_model_as": f"{same['recipe']} at "
                 f"{100 * same['fraction']:.0f}%", "budget_bytes": result.summary["memory"]["budget_bytes"]}
-    quantized = store(result, STORAGE)
+    quantized = result.quantized  # `compress` stored it already (bf16, or int8 through torchao)
     manifest = io.build_manifest(result.modules, result.summary, result.config.to_dict())
     if quantized:
         manifest.quantization = quantization_record(quantized, result.config.quantize, result.config.quantize_scope,
