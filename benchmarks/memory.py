@@ -147,11 +147,11 @@ def markdown(data: dict[str, Any]) -> str:
         if "error" in c:
             lines.append(f"| {budget} | {c['recipe']} | does not fit: {c['error']} |||||||||")
             continue
-        sr = c.get("speed_ratio") or {}
+        sr, speed = c.get("speed_ratio") or {}, c.get("speed") or {}
 
-        def ratio(key: str, metric: str, sr=sr) -> str:
-            v = sr.get(key, {}).get(metric)
-            return "1.00" if v is None else f"{v:.2f}"
+        def ratio(key: str, metric: str, sr=sr, speed=speed) -> str:
+            v = sr.get(key, {}).get(metric)  # none: the dense reference itself, or a batch size not timed
+            return f"{v:.2f}" if v is not None else "1.00" if key in speed else "—"
         same = f" (= {c['same_model_as']})" if c.get("same_model_as") else ""
         dense = "all" if c.get("dense_modules") in (None, "all") else c["dense_modules"]
         lines.append(
@@ -159,11 +159,13 @@ def markdown(data: dict[str, Any]) -> str:
             f"{human_bytes(c['weight_bytes_in_memory'])} | {fmt_ppl(c['ppl']['wiki'])} | "
             f"{fmt_ppl(c['ppl']['austen'])} | {dense} / {c.get('factorised_modules', '—')} | "
             f"{ratio(b1, 'decode_speedup')} | {ratio(b16, 'decode_speedup')} | {ratio(b1, 'prefill_speedup')} | "
-            f"{ratio(b16, 'prefill_speedup')} | {human_bytes(c['speed'].get(b16, {}).get('peak_bytes') or 0)} |")
+            f"{ratio(b16, 'prefill_speedup')} | "
+            f"{human_bytes(speed[b16]['peak_bytes']) if b16 in speed else '—'} |")
     d = data["cells"][0]["speed"]
-    lines += ["", f"Dense bf16 absolute (first cell): decode {d[b1]['decode_tokens_per_s']:.1f} / "
-              f"{d[b16]['decode_tokens_per_s']:.1f} tok/s and prefill {d[b1]['prefill_tokens_per_s']:.0f} / "
-              f"{d[b16]['prefill_tokens_per_s']:.0f} tok/s at batch 1 / 16."]
+    timed = [(b, key) for b, key in ((1, b1), (16, b16)) if key in d]
+    lines += ["", "Dense bf16 absolute (first cell): " + "; ".join(
+        f"batch {b}: decode {d[key]['decode_tokens_per_s']:.1f} tok/s, prefill {d[key]['prefill_tokens_per_s']:.0f} "
+        "tok/s" for b, key in timed) + " (— in the table: a batch size not timed in that run)."]
     lines += ["", f"- Perplexity: SVD-LLM protocol, windows of {data['seq_len']} tokens, the first "
               f"{data['eval_tokens']} evaluation tokens per corpus (fewer than the README's sweep: CPU time).",
               f"- Speed: transformers on CPU, {data['threads']} thread(s), cpu clock, prompt {data['prompt']} tokens, "
