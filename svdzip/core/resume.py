@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from svdzip.assets import sha256_file
+from svdzip.core.checkpoint import placeholder
 from svdzip.errors import SvdzipError
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,7 @@ class RunState:
 
 def _spectrum_without_basis(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
-        return {"sigma2": f.get_tensor("sigma2").clone(),
-                "basis": torch.empty(tuple(f.get_slice("basis").get_shape()), device="meta")}
+        return {"sigma2": f.get_tensor("sigma2").clone(), "basis": placeholder(tuple(f.get_slice("basis").get_shape()))}
 
 
 def fault(stage: str, index: int) -> None:
