@@ -6,7 +6,8 @@ hybrid:loss-aware
 
 A cell is `method:allocator[:key=value,...][+distill[@corpus]]` (allocator options; `+distill`: healed with the
 default distillation, on the calibration corpus or `@corpus`), e.g. `modegpt:block-influence:epsilon=0.05`,
-`hybrid:loss-aware+distill` or `hybrid:loss-aware+distill@mix`.
+`hybrid:loss-aware+distill` or `hybrid:loss-aware+distill@mix`. `--tasks all` adds zero-shot accuracy (first
+`--limit` documents of each task) with BoolQ's majority-label rate and predicted label distribution.
 MoDeGPT: MLPs slimmed by Nyström, query/key dimensions by CR scores, value-output products truncated
 whitened; hybrid: per module the loss-aware choice between that and SVD-LLM factorisation. Perplexity
 on wiki (the calibration's domain) and austen (another), ≥ 16k tokens each; compression wall time per
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation corpus")
     p.add_argument("--corpora", default="wiki,austen")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (512 tokens)")
+    p.add_argument("--tasks", default="", help="also zero-shot accuracy on these tasks ('all' = the 8 tasks)")
+    p.add_argument("--limit", type=int, default=200, help="zero-shot documents per task")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--name", default="modegpt")
     p.add_argument("--heal-steps", type=int, default=None, help="distillation steps (default: the recipe's)")
@@ -81,6 +84,10 @@ def main() -> None:
                           "ppl": bench.perplexity(dense, corpora, args.eval_tokens)})
             del dense
             _write(args, bench, cells, corpora)
+        dense_cell = next(c for c in cells if c["model"] == model_name and c["cell"] == "dense")
+        if args.tasks and "zero_shot" not in dense_cell:
+            dense_cell["zero_shot"] = zero_shot(args, bench, bench.fresh())
+            _write(args, bench, cells, corpora)
         for ratio in (float(r) for r in args.ratios.split(",")):
             for text in args.cells.split(","):
                 method, allocator, options, heal, heal_corpus = parse_cell(text)
@@ -92,16 +99,30 @@ def main() -> None:
                                         tokenizer=bench.tokenizer if heal != "none" else None)
                 seconds = time.perf_counter() - t0
                 ppl = bench.perplexity(result.model, corpora, args.eval_tokens)
+                scores = {"zero_shot": zero_shot(args, bench, result.model)} if args.tasks else {}
                 cells.append({"model": model_name, "cell": text, "ratio": ratio, "ppl": ppl,
                               "ratio_achieved": round(result.summary["ratio_achieved"], 5),
                               "dense_modules": result.summary["dense_modules"],
                               "allocation": {k: v for k, v in result.allocation_report.items()
                                              if k in ("layer_sparsity", "block_influence", "guard_kept")},
                               "widths": [r.width for r in result.modules if r.role in ("down", "expert_down")],
-                              "heal": result.summary.get("heal"), "seconds": round(seconds, 1)})
+                              "heal": result.summary.get("heal"), "seconds": round(seconds, 1), **scores})
                 log.info("%s %s %.0f%%: %s", model_name, text, 100 * ratio, ppl)
                 del result
                 _write(args, bench, cells, corpora)
+
+
+def zero_shot(args, bench: Bench, model) -> dict[str, Any]:
+    """Accuracy per task, its average, and BoolQ's majority-label rate and predicted label distribution beside it
+    (the arena found MoDeGPT's BoolQ collapsing to one label)."""
+    from svdzip.evaluate.zeroshot import ZERO_SHOT_TASKS, evaluate_zero_shot
+
+    tasks = list(ZERO_SHOT_TASKS) if args.tasks == "all" else args.tasks.split(",")
+    scores = evaluate_zero_shot(model, bench.tokenizer, tasks, limit=args.limit, device=bench.device)
+    out: dict[str, Any] = {t: scores[t]["acc"] for t in tasks}
+    out["average"] = sum(out[t] for t in tasks) / len(tasks)
+    out["labels"] = {t: {k: scores[t][k] for k in ("majority_rate", "predicted")} for t in tasks}
+    return out
 
 
 def speed(args) -> None:
@@ -156,7 +177,28 @@ def markdown(args, cells: list[dict[str, Any]], corpora) -> str:
                                             *(f"{c['ppl'][k] / dense[k]:.2f}" for k in corpora),
                                             str(c.get("dense_modules", "")), _heal_text(c.get("heal")),
                                             str(c.get("seconds", ""))]) + " |")
+        lines += _zero_shot_table([c for c in mine if "zero_shot" in c])
     return "\n".join(lines)
+
+
+def _zero_shot_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Zero-shot accuracy per cell, with BoolQ's label balance: its accuracy means little beside the rate of always
+    answering the majority label, and a predicted distribution near one label is a collapse."""
+    if not cells:
+        return []
+    tasks = [t for t in cells[0]["zero_shot"] if t not in ("average", "labels")]
+    lines = ["", "Zero-shot accuracy (acc; BoolQ's majority-label rate and the share of each predicted label beside "
+             "it; 0 = no, 1 = yes):", "",
+             "| cell | removed | " + " | ".join(tasks) + " | average | BoolQ majority | BoolQ predicted |",
+             "|" + "---|" * (len(tasks) + 5)]
+    for c in cells:
+        z = c["zero_shot"]
+        boolq = z["labels"].get("boolq", {})
+        predicted = ", ".join(f"{k}: {v:.2f}" for k, v in boolq.get("predicted", {}).items())
+        lines.append("| " + " | ".join([c["cell"], f"{c['ratio']:.0%}", *(f"{z[t]:.3f}" for t in tasks),
+                                        f"**{z['average']:.3f}**", f"{boolq.get('majority_rate', float('nan')):.3f}",
+                                        predicted]) + " |")
+    return lines
 
 
 def _heal_text(heal: dict[str, Any] | None) -> str:

@@ -120,7 +120,8 @@ def _add_heal_args(p: argparse.ArgumentParser, heal_dest: str, heal_default: Any
            "device multiplies bf16 natively (CUDA, a CPU with AVX512-BF16 or AMX), else float32; the weights and "
            "the optimiser stay float32", choices=list(PRECISIONS))
     g.add_argument("--heal-corpus", dest=HEALING + "corpus", default=argparse.SUPPRESS, metavar="CORPUS",
-                   help="training text: wiki, austen, code, mix or a .txt path (default: the calibration corpus)")
+                   help="training text: wiki, austen, code, mix or a .txt path (default: mix when calibrating on wiki, "
+                        "else the calibration corpus)")
     option("--lora-r", "lora_r", "seq-lora rank", type=int)
     option("--lora-alpha", "lora_alpha", "seq-lora α", type=float)
     option("--lora-dropout", "lora_dropout", "seq-lora dropout", type=float)
@@ -291,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     h.add_argument("--teacher", default=None,
                    help="the dense model (default: the one the manifest says DIR was compressed from)")
-    h.add_argument("--corpus", default="wiki",
-                   help="training text: wiki, austen, code, mix or a .txt path (default: %(default)s)")
+    h.add_argument("--corpus", default=None,
+                   help="training text: wiki, austen, code, mix or a .txt path (default: mix where the directory was "
+                        "calibrated on wiki or its recipe is unknown, else its calibration corpus)")
     h.add_argument("--resume-dir", default=None,
                    help="checkpoints go there; rerunning the same command continues a killed heal")
     h.add_argument("--seed", type=int, default=0)
@@ -457,7 +459,7 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     from svdzip.output.loading import check_device, parse_dtype
     from svdzip.recover.directory import heal_directory, teacher_source
 
-    config = _heal_config(args, args.corpus, check_device(args.device))
+    config = _heal_config(args, args.corpus or _default_heal_corpus(Path(args.dir)), check_device(args.device))
     out = Path(args.out)
     manifest = io.read_manifest(args.dir)
     if manifest is None:
@@ -480,6 +482,14 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval:
         summary["evaluation"] = _eval_dense_vs_compressed(args, teacher, out)
     return summary
+
+
+def _default_heal_corpus(src: Path) -> str:
+    """The directory's own calibration corpus (its recipe.yaml; wiki when it has none), as the default heal uses it."""
+    from svdzip.recipe import RECIPE_FILE, Recipe
+    from svdzip.recover.config import default_corpus
+
+    return default_corpus(Recipe.load(src / RECIPE_FILE).corpus if (src / RECIPE_FILE).is_file() else "wiki")
 
 
 def _carry_recipe(src: Path, out: Path, heal_config) -> None:

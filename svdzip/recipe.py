@@ -30,7 +30,7 @@ from svdzip.budget import check_ratio
 from svdzip.core.precision import PRECISIONS, compute_dtype, dtype_name
 from svdzip.errors import SvdzipError
 from svdzip.passes.quant_error import DEFAULT_ROUNDING, ROUNDINGS
-from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, METHOD_DEFAULTS, HealConfig
+from svdzip.recover.config import HEAL_METHODS, LAYER_LOCAL, METHOD_DEFAULTS, HealConfig, default_corpus
 
 SHAREABLE_ROLES = ("q", "k", "v", "up", "gate")  # Basis Sharing never shares o and down
 AUTO = "auto"
@@ -129,7 +129,8 @@ class Recipe:
                        else self.allocator_options, heal=heal, quantize=quantize, storage_dtype=storage).validate()
 
     def heal_config(self) -> HealConfig | None:
-        """The recovery to run (None for none), trained on the calibration corpus unless it names its own."""
+        """The recovery to run (None for none), trained on `default_corpus` of the calibration corpus unless it names
+        its own."""
         if self.heal == AUTO:
             raise SvdzipError("resolve the recipe first (recipe.resolved(...)): heal is still 'auto'")
         if self.heal == "none":
@@ -140,7 +141,8 @@ class Recipe:
         objective, steps = base.objective, base.steps
         return replace(base, method=self.heal, lr=lr, objective=objective, steps=steps,
                        auto_lr=True if base.auto_lr else None,
-                       corpus=base.corpus or self.corpus, seed=self.seed, device=self.device).validate()
+                       corpus=base.corpus or default_corpus(self.corpus), seed=self.seed,
+                       device=self.device).validate()
 
     def for_output(self) -> Recipe:
         """The recipe as it ran, for `recipe.yaml`: `auto` resolved beforehand, the recovery's options resolved,

@@ -101,6 +101,24 @@ def test_the_heal_options_follow_the_recovery_method():
     assert Recipe(heal="distill", corpus="austen").heal_config().corpus == "austen"
 
 
+def test_healing_defaults_to_the_broader_mix_only_when_calibrating_on_wiki():
+    """wiki (the default calibration) heals on mix, measured better on other domains; a domain the user chose heals
+    on that domain; a healing corpus named explicitly wins over both."""
+    assert Recipe(heal="distill").heal_config().corpus == "mix"
+    assert Recipe(heal="distill", corpus="code").heal_config().corpus == "code"
+    named = Recipe(heal="distill", corpus="wiki", healing=HealConfig(corpus="wiki")).heal_config()
+    assert named.corpus == "wiki"
+
+
+def test_svdzip_heal_defaults_to_the_directory_s_calibration_corpus(tmp_path):
+    from svdzip.cli import _default_heal_corpus
+    from svdzip.recipe import RECIPE_FILE
+
+    assert _default_heal_corpus(tmp_path) == "mix"  # no recipe.yaml: as if calibrated on wiki
+    Recipe(corpus="austen").save(tmp_path / RECIPE_FILE)
+    assert _default_heal_corpus(tmp_path) == "austen"
+
+
 # ------------------------------------------------------------------ the one runner
 
 

@@ -34,7 +34,7 @@ from svdzip.core.precision import autocast_for, frozen_linears_in, frozen_linear
 from svdzip.errors import SvdzipError
 from svdzip.models.lowrank import LowRankLinear
 from svdzip.models.sliced import slimmed_modules
-from svdzip.recover.config import HealConfig
+from svdzip.recover.config import HealConfig, default_corpus
 from svdzip.recover.losses import TopK, kl_full, kl_topk, next_token_ce, topk_of
 from svdzip.recover.seq_lora import factor_targets, lora_on, low_rank_modules, phase_sides
 from svdzip.recover.trainer import Backoff, Checkpoint, TrainResult, batch_order, train
@@ -85,7 +85,7 @@ def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Ten
     """Disjoint training and held-out windows, both from the calibration part of `config.corpus`."""
     from svdzip.data import calibration_tokens, load_corpus
 
-    tokens = calibration_tokens(tokenizer, load_corpus(config.corpus or "wiki"),
+    tokens = calibration_tokens(tokenizer, load_corpus(config.corpus or default_corpus("wiki")),
                                 config.train_samples + config.heldout_samples, config.seq_len, config.seed)
     return tokens[: config.train_samples], tokens[config.train_samples :]
 
