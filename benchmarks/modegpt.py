@@ -164,7 +164,8 @@ def markdown(args, cells: list[dict[str, Any]], corpora) -> str:
     lines = ["# MoDeGPT and the hybrid vs SVD-LLM(W)\n",
              f"Perplexity (svdllm protocol, {args.eval_tokens} tokens per corpus in windows of 2048; calibration "
              f"{args.samples} × 512 wiki windows; a `+distill` cell is healed by the default distillation, on its "
-             f"`@corpus` or wiki). '× dense' = perplexity / the dense model's; 'heal' = held-out KL of the "
+             f"`@corpus` or svdzip's default: wiki for cells measured before 2026-12-06, mix since). "
+             "'× dense' = perplexity / the dense model's; 'heal' = held-out KL of the "
              "healing corpus at step 0 → of the weights kept (best step).\n"]
     for model in dict.fromkeys(c["model"] for c in cells):
         mine = [c for c in cells if c["model"] == model]

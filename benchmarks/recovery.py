@@ -5,7 +5,8 @@
 loss-aware:update+distill,uniform:none,uniform:distill
 
 Every cell starts from a fresh compression (SVD-LLM(W) whitening, the given allocator) with the same
-calibration statistics; recoveries train on windows of the calibration corpus (`wiki`) only, and
+calibration statistics; recoveries train on windows of `--heal-corpus` (`wiki`, the calibration's, by default:
+this table's protocol; svdzip's own default heals on `mix` since) only, and
 perplexity is measured on the evaluation parts of `wiki` and `austen`, which no step ever saw. The
 wall time and the peak resident memory of the recovery step itself (sampled every 0.2 s) are
 recorded beside the quality. Results are rewritten after every cell.
@@ -95,7 +96,8 @@ def markdown(data: dict[str, Any]) -> str:
     cfg = data["heal_config"]
     lr = cfg["lr"] if cfg["lr"] is not None else f"{cfg.get('lr_per_rms')} × the trained weights' median RMS"
     return (f"### Recovery on {data['model']}\n\nPerplexity on {data['eval_tokens']} evaluation tokens per corpus "
-            f"in windows of {data['eval_seq_len']}; calibration and healing on `wiki` calibration text only. "
+            f"in windows of {data['eval_seq_len']}; calibration on `wiki`, healing on "
+            f"`{data['heal_config'].get('corpus') or 'wiki'}` calibration text only. "
             f"Healing: {cfg['steps']} steps of {cfg['batch_size'] * cfg.get('grad_accum', 1)}×{cfg['seq_len']} tokens, "
             f"lr {lr}"
             f"{' (start of the held-out search)' if cfg.get('auto_lr') else ''}, "
@@ -119,6 +121,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=HealConfig.batch_size, help="windows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=HealConfig.grad_accum, help="micro-batches per step")
     p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--heal-corpus", default="wiki", help="healing text (calibration part only)")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS), help="heal matmuls")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=512)
@@ -133,7 +136,7 @@ def main() -> None:
     bench = Bench(args.model)
     heal_cfg = HealConfig(method="distill", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                           grad_accum=args.grad_accum, topk=args.topk, precision=args.precision,
-                          **({"lr": args.lr} if args.lr else {}))
+                          corpus=args.heal_corpus, **({"lr": args.lr} if args.lr else {}))
     lora_cfg = HealConfig(method="seq-lora", steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                           grad_accum=args.grad_accum, precision=args.precision,
                           **({"lr": args.seq_lora_lr} if args.seq_lora_lr else {}))
