@@ -271,9 +271,7 @@ class Recipe:
             ("a memory budget", self.memory_budget), (f"--quantize {self.quantize}", self.quantize not in (None, AUTO)),
             (f"--update {self.update}", bool(self.update)), ("--group-size > 1", self.group_size > 1),
             (f"--heal {self.heal}", self.heal not in (AUTO, "none", "distill")),
-            ("loss-aware's layer-local signal (signal=local)", str(options.get("signal")) == "local"),
-            ("loss-aware's guard=true (it compares with uniform ranks, which cannot choose per module)",
-             bool(method.allocators) and str(options.get("guard")).lower() in ("true", "1", "yes"))) if on]
+            ("loss-aware's layer-local signal (signal=local)", str(options.get("signal")) == "local")) if on]
         if problems and not problems[0].startswith("--allocator"):
             problems[0] += (" yet (its slimmed modules are plain linears of smaller shapes: no factors to update, "
                             "share or put adapters on; --heal distill trains them)")

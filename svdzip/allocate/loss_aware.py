@@ -191,9 +191,11 @@ class LossAware(Allocator):
         if any(u.pricing is not None for u in units):
             raise SvdzipError("loss-aware's guard=true compares with uniform ranks at a parameter ratio; it does not "
                               "support a byte budget yet (drop guard=true)")
-        from svdzip.allocate import allocate
+        from svdzip.allocate import get_allocator
 
-        uniform = allocate("uniform", units, dataclasses.replace(ctx, options={})).ranks
+        # the uniform allocator itself, not `allocate("uniform")`, which refuses modules that choose: here each
+        # such module takes its best option within its share of a uniform budget (`uniform_rank`)
+        uniform = get_allocator("uniform").allocate(units, dataclasses.replace(ctx, options={})).ranks
         choice = tune_on_heldout(units, ctx, "guard (1 = loss-aware, 0 = uniform)", [1.0, 0.0],
                                  lambda keep: ranks if keep else uniform)
         if not choice:
