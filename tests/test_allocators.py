@@ -222,8 +222,8 @@ def test_loss_aware_guard_keeps_whichever_loses_less_on_heldout(setup, monkeypat
     monkeypatch.setattr(common, "heldout_loss", lambda u, ranks, *a, **k: 0.0 if list(ranks) == uniform else 1.0)
     with caplog.at_level("WARNING"):
         assert allocate("loss-aware", units, _ctx(setup, units, 0.4, {"guard": True}, held)).ranks == uniform
-    assert "uniform ranks lose less" in caplog.text
-    with pytest.raises(SvdzipError, match=r"tuning guard \(1 = loss-aware, 0 = uniform\) needs held-out"):
+    assert "uniform allocation loses less" in caplog.text
+    with pytest.raises(SvdzipError, match=r"tuning guard \(0 = loss-aware, 1 = uniform\) needs held-out"):
         allocate("loss-aware", units, _ctx(setup, units, 0.4, {"guard": True}))
 
 
