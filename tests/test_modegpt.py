@@ -167,7 +167,7 @@ def test_loss_aware_and_block_influence_give_mlps_different_widths_within_the_bu
 
 def test_modegpt_auto_is_loss_aware_without_healing():
     recipe = Recipe(method="modegpt").resolved(scaled=False)
-    assert (recipe.allocator, recipe.heal) == ("loss-aware", "none")
+    assert (recipe.allocator, recipe.allocator_options, recipe.heal) == ("loss-aware", {"guard": True}, "none")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -427,10 +427,11 @@ def test_factorised_options_are_the_best_rank_combinations_on_the_hull():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_hybrid_chooses_per_module_within_the_budget_and_reloads(family, tmp_path):
-    model, tokens = tiny_model(family, seed=3, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    model, tokens = tiny_model(family, seed=3, shape=WIDE), tiny_tokens(12, 24, vocab=WIDE.vocab)
     recipe = Recipe(method="hybrid", heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=8)
-    result = compress(model, recipe, calib_tokens=tokens, out=tmp_path / "h")
+    result = compress(model, recipe, calib_tokens=tokens[:8], heldout_tokens=tokens[8:], out=tmp_path / "h")
     assert result.config.allocator == "loss-aware"
+    assert result.allocation_report["guard_kept"] in ("loss-aware", "uniform", "block-influence")  # auto guards
     assert result.summary["ratio_achieved"] >= 0.3 - 1e-9
     kinds = {("factorised" if r.rank is not None else "slimmed" if r.width is not None else "dense")
              for r in result.modules}
@@ -473,7 +474,7 @@ def test_the_guard_builds_whichever_allocation_loses_least_on_heldout_windows(me
 
 def test_the_hybrid_heals_by_default_and_refuses_what_it_cannot_do():
     resolved = Recipe(method="hybrid").resolved(scaled=False)
-    assert (resolved.allocator, resolved.heal) == ("loss-aware", "distill")
+    assert (resolved.allocator, resolved.allocator_options, resolved.heal) == ("loss-aware", {"guard": True}, "distill")
     for overrides, why in (({"budget_fraction": 0.5}, "a memory budget"), ({"heal": "seq-lora"}, "--heal seq-lora"),
                            ({"allocator": "loss-aware", "allocator_options": {"signal": "local"}}, "signal=local")):
         assert why in Recipe(method="hybrid", **overrides).structured_problems(get_method("hybrid"))[0]
@@ -483,9 +484,9 @@ def test_the_hybrid_heals_by_default_and_refuses_what_it_cannot_do():
 def test_a_phi3_model_gets_the_hybrid_with_its_fused_modules_factorised():
     """Phi-3 fuses q/k/v and gate/up: nothing MoDeGPT can slim, so the hybrid factorises them all where
     `--method modegpt` refuses the family."""
-    model, tokens = tiny_model("phi3", seed=3, shape=WIDE), tiny_tokens(8, 24, vocab=WIDE.vocab)
+    model, tokens = tiny_model("phi3", seed=3, shape=WIDE), tiny_tokens(12, 24, vocab=WIDE.vocab)
     result = compress(model, Recipe(method="hybrid", heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24),
-                      calib_tokens=tokens)
+                      calib_tokens=tokens[:8], heldout_tokens=tokens[8:])
     assert result.config.method == "hybrid" and result.summary["ratio_achieved"] >= 0.3 - 1e-9
     assert all(r.width is None for r in result.modules)
     assert {r.role for r in result.modules if r.rank is not None} >= {"gate_up", "down"}

@@ -152,8 +152,11 @@ class Hybrid(FactorisationMethod):
     name = "hybrid"
     summary = ("per module, the loss-aware choice between MoDeGPT's slimming and SVD-LLM factorisation of its "
                "matrices (or dense), under one budget")
-    structured = True  # `auto`: the recommended recipe's loss-aware and distillation (measured to heal it)
+    structured = True
     allocators: ClassVar[tuple[str, ...]] = ("loss-aware",)
+    #: `auto`: the recommended recipe's loss-aware (guarded on held-out windows, as MoDeGPT's) and distillation
+    recommended: ClassVar[dict[str, Any] | None] = {"allocator": "loss-aware", "allocator_options": {"guard": True},
+                                                    "heal": "distill"}
 
     def needs(self, config: Any = None) -> Needs:
         return MoDeGPT().needs(config)
