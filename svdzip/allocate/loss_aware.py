@@ -194,8 +194,8 @@ class LossAware(Allocator):
                                        "model (signal=relative does not)",))
         if o["guard"]:
             needs = needs | Needs(heldout=True, calib_tokens=True, whole_model=True,
-                                  why=("loss-aware's guard compares with uniform ranks on held-out calibration "
-                                       "windows with the whole model",))
+                                  why=("loss-aware's guard compares with uniform (and block-influence) "
+                                       "allocations on held-out calibration windows with the whole model",))
         return needs
 
     def allocate(self, units: list[Unit], ctx: AllocationContext) -> Allocation:
