@@ -206,6 +206,18 @@ def test_footprint_terms_grow_with_what_the_run_holds():
     linears = 0.8 * footprint.decoder_linear_bytes(cfg, 2 * 2**30) / 4 + 151936 * 896  # elements in the forward
     assert half.peak - healed.peak == pytest.approx(2 * linears, abs=2)  # a bf16 copy of each, saved for backward
     assert footprint.backward_bytes(cfg, 2048) == 2 * footprint.backward_bytes(cfg, 1024)
+    guarded = footprint.estimate(2 * 2**30, cfg, gram_bytes=0, grams_in_memory=False, guard_tokens=512)
+    assert guarded.peak_stage == "allocation (guard)"  # the trial copy beside the model, one window's logits
+    # the plain run's peak (calibration) holds the model alone here: no Grams in memory, no calibration tokens
+    assert guarded.peak - plain.peak == 2 * 2**30 + 4 * footprint.LOGIT_COPIES * 512 * 151936
+
+
+def test_the_guard_is_counted_only_where_the_recipe_guards():
+    from svdzip.engine.footprint import guard_tokens
+
+    assert guard_tokens(Recipe(method="hybrid").resolved(scaled=False)) == 512
+    assert guard_tokens(Recipe().resolved(scaled=False)) == 0  # the default recipe does not guard
+    assert guard_tokens(Recipe(allocator="uniform")) == 0
 
 
 def test_streaming_tied_embeddings_without_run_dir(tmp_path):

@@ -406,7 +406,7 @@ def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
     grams = footprint.gram_bytes_of(model_config) if "grams" in needs.statistics else 0
     return footprint.estimate(
         4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
-        fisher_tokens=footprint.fisher_tokens(config),
+        fisher_tokens=footprint.fisher_tokens(config), guard_tokens=footprint.guard_tokens(config),
         heal=None if heal is None or heal.layer_local else heal, grams_freed_after_calibration=True,
         kept=1.0 if config.memory_budget else 1.0 - config.ratio,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))

@@ -77,9 +77,10 @@ def decoder_linear_bytes(config: dict[str, Any], model_bytes: int) -> int:
 
 
 def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams_in_memory: bool,
-             fisher_tokens: int = 0, heal: Any = None, calib_tokens: int = 0,
+             fisher_tokens: int = 0, guard_tokens: int = 0, heal: Any = None, calib_tokens: int = 0,
              grams_freed_after_calibration: bool = False, kept: float = 1.0) -> Footprint:
-    """The stages of an in-memory run: calibration, the allocator's backward (if any), the heal (if any).
+    """The stages of an in-memory run: calibration, the allocator's backward (if any), its guard (if any: a trial
+    copy of the model scored on one held-out window of `guard_tokens` at a time), the heal (if any).
 
     `grams_freed_after_calibration`: the driver drops the statistics once the spectra exist (the Python API's
     caller may keep them); `kept`: the fraction of the decoder linears' parameters left to train."""
@@ -92,6 +93,9 @@ def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams
         held = grams_in_memory and not grams_freed_after_calibration
         fp.add("allocation (Fisher backward)", model=model_bytes, grams=gram_bytes if held else 0,
                backward=backward_bytes(config, fisher_tokens, fisher_tokens))
+    if guard_tokens:
+        fp.add("allocation (guard)", model=model_bytes, trial=model_bytes,
+               logits=4 * LOGIT_COPIES * guard_tokens * vocab)
     if heal is not None:
         micro = heal.batch_size * heal.seq_len
         # with the top-k cache the teacher is freed before training; the full distribution keeps it running
@@ -129,6 +133,15 @@ def fisher_tokens(config: Any) -> int:
     return config.calib_seq_len if options["signal"] == "fisher" else 0
 
 
+def guard_tokens(config: Any) -> int:
+    """Tokens of the window loss-aware's guard scores at a time (one held-out window), 0 without a guard."""
+    if config.allocator != "loss-aware":
+        return 0
+    from svdzip.allocate import parse_allocator_options
+
+    return config.calib_seq_len if parse_allocator_options(config.allocator, config.allocator_options)["guard"] else 0
+
+
 def gram_bytes_of(config: dict[str, Any]) -> int:
     """float64 Gram matrices of a decoder's distinct linear inputs: q/k/v, o, gate/up (hidden) and down
     (intermediate) per layer (the adapter's exact count needs the model; this is for before loading it)."""
@@ -136,4 +149,5 @@ def gram_bytes_of(config: dict[str, Any]) -> int:
     return 8 * layers * (3 * hidden * hidden + inter * inter)
 
 
-__all__ = ["Footprint", "backward_bytes", "estimate", "fisher_tokens", "gram_bytes_of", "human", "read_config"]
+__all__ = ["Footprint", "backward_bytes", "estimate", "fisher_tokens", "gram_bytes_of", "guard_tokens", "human",
+           "read_config"]
