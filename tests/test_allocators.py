@@ -372,7 +372,8 @@ NEEDS_CASES = [
     ("drank", {"tune_beta": True}, dict(heldout=True, whole_model=True)),
     ("loss-aware", {}, dict(calib_tokens=True, gradients=True, whole_model=True)),
     ("loss-aware", {"signal": "relative"}, dict()),
-    ("loss-aware", {"signal": "relative", "guard": "true"}, dict(heldout=True, whole_model=True)),
+    # the guard may compare with block influence (slimmed modules), which runs the model over calibration windows
+    ("loss-aware", {"signal": "relative", "guard": "true"}, dict(heldout=True, calib_tokens=True, whole_model=True)),
     ("ara", {}, dict(calib_tokens=True, gradients=True, whole_model=True)),
     ("ara", {"init": "drank", "init_tune_beta": True}, dict(calib_tokens=True, gradients=True, whole_model=True,
                                                             heldout=True)),
