@@ -447,16 +447,14 @@ def test_hybrid_refuses_an_allocator_that_cannot_choose():
         Recipe(method="hybrid", allocator="uniform").validate()
 
 
-@pytest.mark.parametrize("method,candidates,family", [("modegpt", 3, "llama"), ("hybrid", 4, "llama"),
-                                                      ("hybrid", 4, "gemma3")])
-def test_the_guard_builds_whichever_allocation_loses_least_on_heldout_windows(method, candidates, family,
-                                                                               monkeypatch):
+@pytest.mark.parametrize("method,candidates", [("modegpt", 3), ("hybrid", 4)])
+def test_the_guard_builds_whichever_allocation_loses_least_on_heldout_windows(method, candidates, monkeypatch):
     """guard=true compares the loss-aware choice with uniform widths and MoDeGPT's block-influence allocation on
     held-out calibration windows and builds the one that loses least (on Gemma-3-270M at 40 % loss-aware's MoDeGPT
     widths lose to both)."""
     import svdzip.allocate.common as common
 
-    model, tokens = tiny_model(family, seed=3, shape=WIDE), tiny_tokens(12, 24, vocab=WIDE.vocab)
+    model, tokens = tiny_model("llama", seed=3, shape=WIDE), tiny_tokens(12, 24, vocab=WIDE.vocab)
     recipe = Recipe(method=method, heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24, calib_batch_size=8,
                     allocator="loss-aware", allocator_options={"guard": True})
     seen = []
@@ -470,11 +468,9 @@ def test_the_guard_builds_whichever_allocation_loses_least_on_heldout_windows(me
     last = "block-influence" if method == "modegpt" else "block-influence-slim"
     assert result.allocation_report["guard_kept"] == last and len(seen) == candidates
     assert seen[0] != seen[-1] and result.summary["ratio_achieved"] >= 0.3 - 1e-9
-    if method == "hybrid":  # MoDeGPT's allocation: every MLP slimmed (or dense), none factorised
+    if method == "hybrid":  # every module that chooses is slimmed (or left dense), none factorised
         assert all(r.rank is None for r in result.modules if r.role in ("gate", "up", "down"))
-        assert any(r.width is not None for r in result.modules if r.role == "down")
-    if family == "gemma3":  # q/k with per-head norms: what MoDeGPT keeps dense (the hybrid would factorise them)
-        assert all(r.rank is None and r.width is None for r in result.modules if r.role in ("q", "k"))
+        assert any(r.width is not None for r in result.modules)
     if method == "modegpt":  # the same model as the paper's allocation named directly
         direct = compress(copy.deepcopy(model), replace(recipe, allocator="block-influence", allocator_options={}),
                           calib_tokens=tokens[:8], heldout_tokens=tokens[8:])

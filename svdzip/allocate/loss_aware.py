@@ -168,13 +168,9 @@ def guard_baselines(units: list[Unit], ctx: AllocationContext) -> dict[str, list
                                                else ("uniform",))}
     if any(u.chooses for u in units):
         # a module that chooses picks its option within a share by the same weighted losses loss-aware trusts; the
-        # paper's allocation proper slims every such module to block influence's width and keeps dense what MoDeGPT
-        # cannot slim (the hybrid factorises it otherwise; on Gemma-3-270M at 40 % MoDeGPT so allocated beat every
-        # hybrid allocation)
-        from svdzip.methods.modegpt import KeptUnit
-
-        widths = run("block-influence", [u.slim if u.chooses else KeptUnit(members=u.members, spectrum=u.spectrum)
-                                         for u in units])
+        # paper's allocation proper slims every such module to block influence's width (on Gemma-3-270M at 40 %
+        # MoDeGPT so allocated beat every hybrid allocation)
+        widths = run("block-influence", [u.slim if u.chooses else u for u in units])
         slimmed = [u.slimmed_to(w) if u.chooses else w for u, w in zip(units, widths, strict=True)]
         if spent(units, slimmed) <= ctx.budget:  # a width with no option as narrow may cost more: then not a candidate
             out["block-influence-slim"] = slimmed
