@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from svdzip.allocate import options as opt
-from svdzip.allocate.base import Allocation, AllocationContext, Allocator, spent
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator
 from svdzip.allocate.common import greedy_loss_allocation, tune_on_heldout
 from svdzip.core.precision import autocast_for
 from svdzip.errors import SvdzipError
@@ -155,25 +155,14 @@ def choice_weights(units: Sequence[Unit], ctx: AllocationContext, signal: str) -
 def guard_baselines(units: list[Unit], ctx: AllocationContext) -> dict[str, list]:
     """What the guard compares loss-aware's choice with: uniform ranks (a module that chooses takes its best option
     within its uniform share) and, where modules are slimmed, MoDeGPT's own block-influence allocation — measured
-    better than loss-aware on Gemma-3-270M, whose attention MoDeGPT keeps dense — and, where modules choose, that
-    allocation with every such module slimmed. The allocators' classes are called directly: `allocate()` refuses
-    modules that choose, for a user who names these allocators."""
+    better than loss-aware on Gemma-3-270M, whose attention MoDeGPT keeps dense. The allocators' classes are called
+    directly: `allocate()` refuses modules that choose, for a user who names these allocators."""
     from svdzip.allocate import get_allocator
 
-    def run(name: str, these: list[Unit]) -> list:
+    out = {}
+    for name in ("uniform", "block-influence") if any(u.slimmed for u in units) else ("uniform",):
         allocator = get_allocator(name)
-        return allocator.allocate(these, dataclasses.replace(ctx, options=allocator.parse_options({}))).ranks
-
-    out = {name: run(name, units) for name in (("uniform", "block-influence") if any(u.slimmed for u in units)
-                                               else ("uniform",))}
-    if any(u.chooses for u in units):
-        # a module that chooses picks its option within a share by the same weighted losses loss-aware trusts; the
-        # paper's allocation proper slims every such module to block influence's width (on Gemma-3-270M at 40 %
-        # MoDeGPT so allocated beat every hybrid allocation)
-        widths = run("block-influence", [u.slim if u.chooses else u for u in units])
-        slimmed = [u.slimmed_to(w) if u.chooses else w for u, w in zip(units, widths, strict=True)]
-        if spent(units, slimmed) <= ctx.budget:  # a width with no option as narrow may cost more: then not a candidate
-            out["block-influence-slim"] = slimmed
+        out[name] = allocator.allocate(units, dataclasses.replace(ctx, options=allocator.parse_options({}))).ranks
     return out
 
 

@@ -135,19 +135,6 @@ class ChoiceUnit(Unit):
         fits = [i for i, o in enumerate(self.options) if o.cost <= (1.0 - ratio) * self.dense_params]
         return (fits[-1] + 1) if fits else 1
 
-    def slimmed_to(self, width: int | None) -> int | None:
-        """The rank (option) that slims this module to `width`, else to the widest surviving narrower width, else the
-        costliest option within that width's cost (DENSE for dense): MoDeGPT's allocation expressed in this menu."""
-        if width is DENSE:
-            return DENSE
-        self._ready()
-        slims = [i for i, o in enumerate(self.options) if o.slim is not None and o.slim <= width]
-        if slims:
-            return max(slims, key=lambda i: self.options[i].slim) + 1
-        budget = self.slim.cost(width)
-        fits = [i for i, o in enumerate(self.options) if o.cost <= budget]
-        return (fits[-1] + 1) if fits else 1
-
     def materialise(self, adapter: ModelAdapter, rank: int | None) -> list[Any]:
         if rank is DENSE:
             return self.slim.materialise(adapter, DENSE)
