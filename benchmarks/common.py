@@ -69,11 +69,24 @@ class Bench:
             self._spectra[key] = result.units
         return result
 
+    def zero_shot(self, model, tasks: str, limit: int) -> dict[str, dict]:
+        """`evaluate_zero_shot` on `tasks` ('all' = the 8 tasks, else comma-separated), first `limit` documents."""
+        from svdzip.evaluate.zeroshot import ZERO_SHOT_TASKS, evaluate_zero_shot
+
+        names = list(ZERO_SHOT_TASKS) if tasks == "all" else tasks.split(",")
+        return evaluate_zero_shot(model, self.tokenizer, names, limit=limit, batch_size=16, device=self.device)
+
     def perplexity(self, model, corpora=("wiki", "austen"), max_tokens: int = 16384, seq_len: int = 2048,
                    protocols=("svdllm",)) -> dict[str, float]:
         res = perplexity_on_corpora(model, self.tokenizer, list(corpora), protocols, seq_len, max_tokens,
                                     self.device)
         return {c: by[protocols[0]].ppl for c, by in res.items()}
+
+
+def accuracies(scores: dict[str, dict]) -> dict[str, float]:
+    """acc per task of `Bench.zero_shot`'s scores, and their average."""
+    out = {t: s["acc"] for t, s in scores.items()}
+    return {**out, "average": sum(out.values()) / len(out)}
 
 
 def cpu_seconds(fn) -> float:

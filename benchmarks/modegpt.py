@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import torch
-from common import RESULTS, Bench, setup_logging, write_results
+from common import RESULTS, Bench, accuracies, setup_logging, write_results
 
 log = logging.getLogger("benchmarks.modegpt")
 
@@ -115,14 +115,9 @@ def main() -> None:
 def zero_shot(args, bench: Bench, model) -> dict[str, Any]:
     """Accuracy per task, its average, and BoolQ's majority-label rate and predicted label distribution beside it
     (the arena found MoDeGPT's BoolQ collapsing to one label)."""
-    from svdzip.evaluate.zeroshot import ZERO_SHOT_TASKS, evaluate_zero_shot
-
-    tasks = list(ZERO_SHOT_TASKS) if args.tasks == "all" else args.tasks.split(",")
-    scores = evaluate_zero_shot(model, bench.tokenizer, tasks, limit=args.limit, device=bench.device)
-    out: dict[str, Any] = {t: scores[t]["acc"] for t in tasks}
-    out["average"] = sum(out[t] for t in tasks) / len(tasks)
-    out["labels"] = {t: {k: scores[t][k] for k in ("majority_rate", "predicted")} for t in tasks}
-    return out
+    scores = bench.zero_shot(model, args.tasks, args.limit)
+    labels = {t: {k: s[k] for k in ("majority_rate", "predicted")} for t, s in scores.items()}
+    return {**accuracies(scores), "labels": labels}
 
 
 def speed(args) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import torch
-from common import Bench, setup_logging, write_results
+from common import Bench, accuracies, setup_logging, write_results
 
 from svdzip.core.precision import PRECISIONS
 from svdzip.recover.config import HealConfig
@@ -66,12 +66,7 @@ def allocator_of(start: str) -> tuple[str, dict[str, Any]]:
 def evaluate(bench: Bench, model, args) -> dict[str, Any]:
     out: dict[str, Any] = {"ppl": bench.perplexity(model, max_tokens=args.eval_tokens, seq_len=args.eval_seq_len)}
     if args.tasks:
-        from svdzip.evaluate.zeroshot import ZERO_SHOT_TASKS, evaluate_zero_shot
-
-        tasks = list(ZERO_SHOT_TASKS) if args.tasks == "all" else args.tasks.split(",")
-        zs = evaluate_zero_shot(model, bench.tokenizer, tasks, limit=args.limit, batch_size=16, device=bench.device)
-        out["zero_shot"] = {t: zs[t]["acc"] for t in tasks}
-        out["zero_shot"]["average"] = sum(zs[t]["acc"] for t in tasks) / len(tasks)
+        out["zero_shot"] = accuracies(bench.zero_shot(model, args.tasks, args.limit))
     return out
 
 

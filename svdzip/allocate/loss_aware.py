@@ -209,8 +209,8 @@ class LossAware(Allocator):
                               "support a byte budget yet (drop guard=true)")
         candidates = {"loss-aware": ranks, **guard_baselines(units, ctx)}
         names = list(candidates)
-        choice = int(tune_on_heldout(units, ctx, "guard (" + ", ".join(f"{i} = {n}" for i, n in enumerate(names))
-                                     + ")", list(range(len(names))), lambda i: candidates[names[int(i)]]))
+        choice = tune_on_heldout(units, ctx, "guard (" + ", ".join(f"{i} = {n}" for i, n in enumerate(names)) + ")",
+                                 range(len(names)), lambda i: candidates[names[i]])
         if choice:
             log.warning("loss-aware: %s allocation loses less on held-out calibration text at ratio %.2f; using it",
                         names[choice], ctx.ratio)

@@ -123,23 +123,23 @@ def human(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def fisher_tokens(config: Any) -> int:
-    """Tokens per backward of the allocator's Fisher signal (loss-aware's, one window at a time), 0 if none."""
+def _loss_aware_options(config: Any) -> dict[str, Any]:
+    """loss-aware's parsed options, or {} where the recipe allocates otherwise."""
     if config.allocator != "loss-aware":
-        return 0
+        return {}
     from svdzip.allocate import parse_allocator_options
 
-    options = parse_allocator_options(config.allocator, config.allocator_options)
-    return config.calib_seq_len if options["signal"] == "fisher" else 0
+    return parse_allocator_options(config.allocator, config.allocator_options)
+
+
+def fisher_tokens(config: Any) -> int:
+    """Tokens per backward of the allocator's Fisher signal (loss-aware's, one window at a time), 0 if none."""
+    return config.calib_seq_len if _loss_aware_options(config).get("signal") == "fisher" else 0
 
 
 def guard_tokens(config: Any) -> int:
     """Tokens of the window loss-aware's guard scores at a time (one held-out window), 0 without a guard."""
-    if config.allocator != "loss-aware":
-        return 0
-    from svdzip.allocate import parse_allocator_options
-
-    return config.calib_seq_len if parse_allocator_options(config.allocator, config.allocator_options)["guard"] else 0
+    return config.calib_seq_len if _loss_aware_options(config).get("guard") else 0
 
 
 def gram_bytes_of(config: dict[str, Any]) -> int:
