@@ -263,7 +263,7 @@ class Recipe:
         if self.allocator != AUTO and method.allocators and self.allocator not in method.allocators:
             problems.append(f"--allocator {self.allocator} (it chooses per module with "
                             f"{' or '.join(method.allocators)}: leave --allocator auto)")
-        elif self.allocator != AUTO and not get_allocator(self.allocator).slims:
+        elif self.allocator != AUTO and not method.allocators and not get_allocator(self.allocator).slims:
             problems.append(f"--allocator {self.allocator} (it allocates factorisation ranks only: choose one of "
                             f"{', '.join(slimming_allocators())}, or auto)")
         options = self.allocator_options

@@ -338,7 +338,9 @@ def test_options_are_typed_from_text_or_values(name, raw, expected):
     ("loss-aware", {"signal": "fishy"}, r"expected one of fisher, local, whitened, relative, erank"),
     ("uniform", {"beta": 0.3}, r"'uniform' takes no options"),
     ("ara", {"steps": "many"}, r"steps=many of 'ara' is not valid: expected a number"),
-    ("ara", {"init_beta": 0.2}, r"'uniform' takes no options \(given to ARA as init_<key>=value for init=uniform\)"),
+    ("ara", {"init": "uniform", "init_beta": 0.2},
+     r"'uniform' takes no options \(given to ARA as init_<key>=value for init=uniform\)"),
+    ("ara", {"init_beta": 0.2}, r"beta for the 'loss-aware' allocator.*for init=auto\)"),  # auto's: loss-aware's
     ("strs", {"candidates": [0.5, 1.0]}, r"strictly between 0 and 1"),
 ])
 def test_bad_options_are_one_clear_error(name, raw, message):

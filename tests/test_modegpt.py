@@ -442,8 +442,51 @@ def test_hybrid_chooses_per_module_within_the_budget_and_reloads(family, tmp_pat
 
 
 def test_hybrid_refuses_an_allocator_that_cannot_choose():
-    with pytest.raises(SvdzipError, match="chooses per module"):
+    with pytest.raises(SvdzipError, match="chooses per module with loss-aware or ara"):
         Recipe(method="hybrid", allocator="uniform").validate()
+    with pytest.raises(SvdzipError, match="factorisation ranks only"):  # ARA refines choices, it cannot slim
+        Recipe(method="modegpt", allocator="ara").validate()
+
+
+def test_ara_refines_the_hybrid_s_factorised_matrices_and_holds_what_it_slims(tmp_path):
+    """--method hybrid --allocator ara: ARA starts from loss-aware's choice; every module that choice slims keeps its
+    width, every matrix it factorises (and Gemma's q/k, which only factorise) gets ARA's rank, within the budget."""
+    model, tokens = tiny_model("gemma3", seed=3, shape=WIDE), tiny_tokens(12, 24, vocab=WIDE.vocab)
+    base = Recipe(method="hybrid", allocator="loss-aware", heal="none", ratio=0.3, calib_samples=8, calib_seq_len=24,
+                  calib_batch_size=8)
+    start = compress(copy.deepcopy(model), base, calib_tokens=tokens[:8])
+    ara = compress(copy.deepcopy(model), replace(base, allocator="ara", allocator_options={"steps": 4, "seq_len": 12}),
+                   calib_tokens=tokens[:8], out=tmp_path / "a")
+    report = ara.allocation_report
+    widths = {r.name: r.width for r in start.modules if r.width is not None}
+    assert widths and {r.name: r.width for r in ara.modules if r.width is not None} == widths
+    assert report["start"] == "loss-aware" and report["held_modules"] >= 1
+    refined = {u["name"]: u["rank"] for u in report["units"]}
+    assert len(refined) == report["refined_matrices"] and not set(refined) & set(widths)
+    rows = {r.name: r.rank for r in ara.modules}
+    assert all(rows[name] == rank for name, rank in refined.items())  # ARA's ranks built, through the menu
+    assert ara.summary["ratio_achieved"] >= 0.3 - 1e-9
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+        assert torch.equal(again(tokens).logits, ara.model(tokens).logits)
+
+
+def test_a_choice_finds_or_adds_the_option_of_given_factorisation_ranks():
+    """ARA's ranks map onto the hybrid's menu: the option if it is there, added after the menu if the Pareto front
+    pruned it (earlier indices unchanged), dense where the factors cost no less than the module."""
+    from types import SimpleNamespace
+
+    from svdzip.methods.hybrid import ChoiceUnit, Option
+    from svdzip.methods.linalg import Spectrum
+
+    parts = [SimpleNamespace(cost=lambda r: 40 if r is None else 5 * r) for _ in range(2)]
+    menu = [Option(10, 3.0, ranks=(1, 1)), Option(20, 2.0, slim=2), Option(30, 1.0, ranks=(4, 2))]
+    unit = ChoiceUnit(members=[SimpleNamespace(dense_params=80)], spectrum=Spectrum(sigma2=torch.zeros(1),
+                      basis=torch.zeros(0, 0)), parts=parts, options=list(menu))
+    assert unit.factorised_at(3) == list(zip(parts, (4, 2), strict=True)) and unit.factorised_at(2) is None
+    assert unit.factorised_option((4, 2)) == 3 and len(unit.options) == 3
+    assert unit.factorised_option((2, None)) == 4 and unit.options[:3] == menu and unit.cost(4) == 50
+    assert unit.factorised_option((None, 8)) is None  # 80 parameters: no saving, dense
 
 
 @pytest.mark.parametrize("method", ["modegpt", "hybrid"])

@@ -212,6 +212,21 @@ def test_footprint_terms_grow_with_what_the_run_holds():
     assert guarded.peak - plain.peak == 2 * 2**30 + 4 * footprint.LOGIT_COPIES * 512 * 151936
 
 
+def test_ara_s_mask_training_is_a_stage_with_a_trial_copy_for_the_hybrid():
+    from svdzip.engine import footprint
+
+    cfg = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "vocab_size": 151936}
+    assert footprint.ara_window(Recipe(allocator="ara", allocator_options={"seq_len": 128, "batch": 2})) == (256, 128)
+    assert footprint.ara_window(Recipe(allocator="loss-aware")) is None
+    plain = footprint.estimate(2 * 2**30, cfg, gram_bytes=0, grams_in_memory=False, ara_window=(256, 256))
+    hybrid = footprint.estimate(2 * 2**30, cfg, gram_bytes=0, grams_in_memory=False, ara_window=(256, 256),
+                                ara_trial=True)
+    assert plain.peak_stage == hybrid.peak_stage == "allocation (ARA masks)"
+    stage = plain.stages["allocation (ARA masks)"]  # the over-complete factors of every decoder linear beside it
+    assert stage["factors"] == int(1.2 * footprint.decoder_linear_bytes(cfg, 2 * 2**30))
+    assert hybrid.peak - plain.peak == 2 * 2**30  # the copy with the held modules built
+
+
 def test_the_guard_is_counted_only_where_the_recipe_guards():
     from svdzip.engine.footprint import guard_tokens
 

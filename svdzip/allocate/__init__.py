@@ -66,12 +66,12 @@ def allocate(name: str | Allocator, units: Sequence[Unit], ctx: AllocationContex
     """Run an allocator on its parsed options; normalise its ranks (dense where factorising would not
     save) and check the budget."""
     allocator = get_allocator(name)
-    if not allocator.slims and any(u.slimmed for u in units):
+    if not allocator.slims and any(u.slimmed and not u.chooses for u in units):
         raise SvdzipError(f"allocator '{allocator.name}' allocates factorisation ranks; slimmed modules (--method "
                           f"modegpt) need one of: {', '.join(slimming_allocators())}")
     if not allocator.chooses and any(getattr(u, "chooses", False) for u in units):
         raise SvdzipError(f"allocator '{allocator.name}' cannot choose between slimming and factorising "
-                          "(--method hybrid): use loss-aware")
+                          "(--method hybrid): use loss-aware or ara")
     ctx = dataclasses.replace(ctx, options=allocator.parse_options(ctx.options))
     result = allocator.allocate(list(units), ctx)
     if len(result.ranks) != len(units):

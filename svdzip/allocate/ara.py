@@ -14,9 +14,15 @@ ARA differ only in the ranks. Only the logits train; the model is frozen and res
 Options (`--allocator-option key=value`):
   steps (128), seq_len (256), sequences (all calibration rows), batch (1), lr ("auto": 1e-3·2560/steps,
   capped at 0.05, i.e. the logit travel of the paper's 10 epochs × 256 steps at lr 1e-3; give 0.001 for
-  the paper's per-step rate), alpha (100), beta (50), rho0 (1.2), snap (0.99), init ("uniform" or any allocator
-  name, e.g. drank; its own options as init_<key>=value), sticky_dense (false; the reference code's
-  "once dense, always dense"), plot (true: the caller draws the training curve from the report).
+  the paper's per-step rate), alpha (100), beta (50), rho0 (1.2), snap (0.99), init ("auto": uniform, or
+  loss-aware for the hybrid; any allocator name, e.g. drank; its own options as init_<key>=value), sticky_dense
+  (false; the reference code's "once dense, always dense"), plot (true: the caller draws the training curve from
+  the report).
+
+The hybrid (`--method hybrid --allocator ara`): ARA starts from the hybrid's own choice (loss-aware over its menus,
+`init_guard=true` to guard it). Modules it slims or keeps dense stay so, built into a copy of the model that the
+masks train in; every matrix it factorises, and every matrix the hybrid can only factorise, gets a mask starting at
+its chosen rank, and ARA re-spends what is left of the budget among them.
 
 One `rank_max` per unit (`mask_rank_max`: the over-complete rank, capped by the basis the spectrum
 kept) serves the mask, the targets and the dense test: a retention r̂ is worth the parameter ratio
@@ -41,7 +47,7 @@ from tqdm.auto import tqdm
 from svdzip.allocate import common
 from svdzip.allocate import options as opt
 from svdzip.allocate.ara_mask import RHO0, MaskedLinear, StaircaseMask, bonus_table, over_complete_rank
-from svdzip.allocate.base import Allocation, AllocationContext, Allocator
+from svdzip.allocate.base import Allocation, AllocationContext, Allocator, spent
 from svdzip.budget import DENSE, max_useful_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
@@ -67,7 +73,7 @@ class AraOptions:
     beta: float = 50.0
     rho0: float = RHO0
     snap: float = 0.99
-    init: str = "uniform"
+    init: str = "auto"
     sticky_dense: bool = False
     plot: bool = True
 
@@ -146,22 +152,41 @@ class _Installed:
         self.originals.clear()
 
 
-def _targets(units: list[Unit], ctx: AllocationContext, opts: AraOptions, kept: float) -> list[float]:
-    """Initial retention (fraction of each unit's rank_max): the uniform target, or another allocator's ranks."""
-    rank_max = [mask_rank_max(u, opts.rho0) for u in units]
-    scales = [retention_scale(u, r, opts.rho0) for u, r in zip(units, rank_max, strict=True)]
-    if opts.init == "uniform":
-        return [kept / scale for scale in scales]
+def starting_allocator(units: list[Unit], init: str) -> str:
+    """The allocator ARA starts from: `init`, where `auto` means uniform, or loss-aware for modules that choose."""
+    if init != "auto":
+        return init
+    return "loss-aware" if any(u.chooses for u in units) else "uniform"
+
+
+def _parsing_allocator(init: str) -> str:
+    """Whose options init_<key>=value are, and whose needs ARA adds: `auto`'s are loss-aware's (uniform has none)."""
+    return "loss-aware" if init == "auto" else init
+
+
+def _start(units: list[Unit], ctx: AllocationContext, opts: AraOptions) -> Allocation:
+    """The starting allocator's answer (options meant for it are passed as init_<key>=value)."""
     from svdzip.allocate import allocate
 
-    # options meant for the initialising allocator are passed as init_<key>=value
     n = len(INIT_PREFIX)
     sub = replace(ctx, options={k[n:]: v for k, v in ctx.options.items() if k.startswith(INIT_PREFIX)})
-    ranks = allocate(opts.init, units, sub).ranks
-    out = [1.0 / scale + 0.01 if rank is DENSE else rank / r_max
-           for rank, r_max, scale in zip(ranks, rank_max, scales, strict=True)]
-    log.info("ARA logits start from '%s' ranks (%d dense)", opts.init, sum(r is DENSE for r in ranks))
-    return out
+    return allocate(starting_allocator(units, opts.init), units, sub)
+
+
+def _targets(units: list[Unit], ctx: AllocationContext, opts: AraOptions, kept: float,
+             ranks: list[int | None] | None = None) -> list[float]:
+    """Initial retention (fraction of each unit's rank_max): the uniform target, or `ranks` (by default another
+    allocator's)."""
+    rank_max = [mask_rank_max(u, opts.rho0) for u in units]
+    scales = [retention_scale(u, r, opts.rho0) for u, r in zip(units, rank_max, strict=True)]
+    if ranks is None:
+        if starting_allocator(units, opts.init) == "uniform":
+            return [kept / scale for scale in scales]
+        ranks = _start(units, ctx, opts).ranks
+        log.info("ARA logits start from '%s' ranks (%d dense)", starting_allocator(units, opts.init),
+                 sum(r is DENSE for r in ranks))
+    return [1.0 / scale + 0.01 if rank is DENSE else rank / r_max
+            for rank, r_max, scale in zip(ranks, rank_max, scales, strict=True)]
 
 
 def _train(model: torch.nn.Module, inst: _Installed, units: list[Unit], windows: torch.Tensor,
@@ -235,6 +260,7 @@ def fit_budget(units: list[Unit], ranks: list[int | None], budget: int) -> list[
 class ARA(Allocator):
     name = "ara"
     summary = "ARA: trains one mask distribution per matrix against the LM loss (learned allocation)"
+    chooses = True  # for the hybrid: it starts from loss-aware's choice and refines the factorised matrices
     options = (
         opt.integer("steps", AraOptions.steps, "training steps", minimum=1),
         opt.integer("seq_len", AraOptions.seq_len, "tokens per training window", minimum=2),
@@ -248,9 +274,9 @@ class ARA(Allocator):
         opt.number("rho0", AraOptions.rho0, "over-complete base ratio (must exceed 1 to express dense)",
                    parse=opt.at_least(opt.as_number, 1.0, strict=True), kind="number > 1"),
         opt.number("snap", AraOptions.snap, "final ρ at or above which a matrix is kept dense"),
-        opt.Option("init", "allocator name", AraOptions.init,
-                   "start the logits from this allocator's ranks (its options as init_<key>=value)",
-                   opt.other_allocator("ara")),
+        opt.Option("init", "allocator name or auto", AraOptions.init,
+                   "start the logits from this allocator's ranks (its options as init_<key>=value); auto: uniform, "
+                   "or for the hybrid loss-aware's choice", opt.or_word(opt.other_allocator("ara"), "auto")),
         opt.flag("sticky_dense", AraOptions.sticky_dense, "the reference code's once dense, always dense"),
         opt.flag("plot", AraOptions.plot, "draw the training curve and learned ratios next to the output"),
     )
@@ -264,7 +290,7 @@ class ARA(Allocator):
         n = len(INIT_PREFIX)
         sub = {k[n:]: v for k, v in raw.items() if k.startswith(INIT_PREFIX)}
         try:
-            init = get_allocator(own["init"]).parse_options(sub)
+            init = get_allocator(_parsing_allocator(own["init"])).parse_options(sub)
         except SvdzipError as exc:
             raise SvdzipError(f"{exc} (given to ARA as {INIT_PREFIX}<key>=value for init={own['init']})") from None
         if own["init"] == "uniform":
@@ -276,7 +302,8 @@ class ARA(Allocator):
 
         o = self.parse_options(options or {})
         n = len(INIT_PREFIX)
-        init = allocator_needs(o["init"], {k[n:]: v for k, v in o.items() if k.startswith(INIT_PREFIX)})
+        init = allocator_needs(_parsing_allocator(o["init"]), {k[n:]: v for k, v in o.items()
+                                                               if k.startswith(INIT_PREFIX)})
         return init | Needs(calib_tokens=True, gradients=True, whole_model=True,
                             why=("ARA trains its masks by back-propagating the LM loss on calibration tokens through "
                                  "the whole model",))
@@ -285,9 +312,57 @@ class ARA(Allocator):
         opts = AraOptions.from_options(ctx.options)
         if ctx.model is None or ctx.adapter is None:
             raise SvdzipError("ARA trains masks on the model: the allocation context has no model")
+        if any(u.chooses for u in units):
+            return self._refine_choice(units, ctx, opts)
+        return self._learn(units, ctx, opts)
+
+    def _refine_choice(self, units: list[Unit], ctx: AllocationContext, opts: AraOptions) -> Allocation:
+        """The hybrid: start from the starting allocator's choice, hold what it slims or keeps dense, and learn the
+        ranks of every matrix it factorises within what the held modules leave of the budget."""
+        import copy
+
+        from svdzip.methods.materialise import materialise
+        from svdzip.models.adapter import ModelAdapter
+
+        start = _start(units, ctx, opts)
+        held, held_ranks, free, free_ranks, owner = [], [], [], [], []
+        for i, (unit, rank) in enumerate(zip(units, start.ranks, strict=True)):
+            parts = unit.factorised_at(rank) if unit.chooses else [(unit, rank)]
+            if parts is None:
+                held.append(unit)
+                held_ranks.append(rank)
+                continue
+            for part, r in parts:
+                free.append(part)
+                free_ranks.append(r)
+                owner.append(i)
+        ranks: list[int | None] = list(start.ranks)
+        report = {"start": starting_allocator(units, opts.init), "start_report": start.report,
+                  "held_modules": len(held), "refined_matrices": len(free)}
+        if not free:
+            log.info("ARA: the starting choice factorises no matrix; nothing to refine")
+            return Allocation(ranks, report)
+        log.info("ARA refines the %d matrices that '%s' factorised; %d modules it slims or keeps dense stay so",
+                 len(free), report["start"], len(held))
+        trial = copy.deepcopy(ctx.model)  # the held modules built, so that the masks learn around them
+        materialise(ModelAdapter(trial), held, held_ranks)
+        inner = replace(ctx, model=trial, adapter=ModelAdapter(trial), budget=ctx.budget - spent(held, held_ranks))
+        learned = self._learn(free, inner, opts, free_ranks)
+        del trial
+        by_owner: dict[int, list[int | None]] = {}
+        for i, r in zip(owner, learned.ranks, strict=True):
+            by_owner.setdefault(i, []).append(r)
+        for i, part_ranks in by_owner.items():
+            ranks[i] = units[i].factorised_option(part_ranks) if units[i].chooses else part_ranks[0]
+        return Allocation(ranks, {**learned.report, **report})
+
+    def _learn(self, units: list[Unit], ctx: AllocationContext, opts: AraOptions,
+               start: list[int | None] | None = None) -> Allocation:
+        """ARA proper: train the masks of `units` (starting at `start` ranks, or the starting allocator's) in
+        `ctx.model` and finalise their ranks within `ctx.budget`."""
         total = sum(u.dense_params for u in units)
         kept = ctx.budget / total
-        targets = _targets(units, ctx, opts, kept)
+        targets = _targets(units, ctx, opts, kept, start)
         bos = getattr(ctx.model.config, "bos_token_id", None)
         windows = training_windows(ctx.calib_tokens, opts.seq_len, opts.sequences, bos)
         log.info("ARA: %d units, target kept %.4f, %d steps × batch %d × %d tokens (%d windows), lr %.3g",

@@ -399,6 +399,7 @@ def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
         return None
     from svdzip.core.checkpoint import checkpoint_elements
     from svdzip.engine import footprint
+    from svdzip.methods.factorisations import get_method
 
     model_config, elements = footprint.read_config(source), checkpoint_elements(source)
     if model_config is None or not elements:
@@ -407,6 +408,7 @@ def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
     return footprint.estimate(
         4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
         fisher_tokens=footprint.fisher_tokens(config), guard_tokens=footprint.guard_tokens(config),
+        ara_window=footprint.ara_window(config), ara_trial=get_method(config.method).chooses,
         heal=None if heal is None or heal.layer_local else heal, grams_freed_after_calibration=True,
         kept=1.0 if config.memory_budget else 1.0 - config.ratio,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))

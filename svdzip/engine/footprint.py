@@ -77,10 +77,13 @@ def decoder_linear_bytes(config: dict[str, Any], model_bytes: int) -> int:
 
 
 def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams_in_memory: bool,
-             fisher_tokens: int = 0, guard_tokens: int = 0, heal: Any = None, calib_tokens: int = 0,
+             fisher_tokens: int = 0, guard_tokens: int = 0, ara_window: tuple[int, int] | None = None,
+             ara_trial: bool = False, heal: Any = None, calib_tokens: int = 0,
              grams_freed_after_calibration: bool = False, kept: float = 1.0) -> Footprint:
     """The stages of an in-memory run: calibration, the allocator's backward (if any), its guard (if any: a trial
-    copy of the model scored on one held-out window of `guard_tokens` at a time), the heal (if any).
+    copy of the model scored on one held-out window of `guard_tokens` at a time), ARA's mask training (if any:
+    over-complete factors of every decoder linear beside it, a backward over `ara_window` = (tokens, window length)
+    per step, and for the hybrid a trial copy with its held modules built), the heal (if any).
 
     `grams_freed_after_calibration`: the driver drops the statistics once the spectra exist (the Python API's
     caller may keep them); `kept`: the fraction of the decoder linears' parameters left to train."""
@@ -96,6 +99,12 @@ def estimate(model_bytes: int, config: dict[str, Any], *, gram_bytes: int, grams
     if guard_tokens:
         fp.add("allocation (guard)", model=model_bytes, trial=model_bytes,
                logits=4 * LOGIT_COPIES * guard_tokens * vocab)
+    if ara_window:
+        from svdzip.allocate.ara_mask import RHO0
+
+        fp.add("allocation (ARA masks)", model=model_bytes, trial=model_bytes if ara_trial else 0,
+               factors=int(RHO0 * decoder_linear_bytes(config, model_bytes)),
+               backward=backward_bytes(config, *ara_window))
     if heal is not None:
         micro = heal.batch_size * heal.seq_len
         # with the top-k cache the teacher is freed before training; the full distribution keeps it running
@@ -142,6 +151,16 @@ def guard_tokens(config: Any) -> int:
     return config.calib_seq_len if _loss_aware_options(config).get("guard") else 0
 
 
+def ara_window(config: Any) -> tuple[int, int] | None:
+    """(tokens, window length) of one step of ARA's mask training, None where the recipe does not allocate by ARA."""
+    if config.allocator != "ara":
+        return None
+    from svdzip.allocate import parse_allocator_options
+
+    o = parse_allocator_options("ara", config.allocator_options)
+    return o["batch"] * o["seq_len"], o["seq_len"]
+
+
 def gram_bytes_of(config: dict[str, Any]) -> int:
     """float64 Gram matrices of a decoder's distinct linear inputs: q/k/v, o, gate/up (hidden) and down
     (intermediate) per layer (the adapter's exact count needs the model; this is for before loading it)."""
@@ -149,5 +168,5 @@ def gram_bytes_of(config: dict[str, Any]) -> int:
     return 8 * layers * (3 * hidden * hidden + inter * inter)
 
 
-__all__ = ["Footprint", "backward_bytes", "estimate", "fisher_tokens", "gram_bytes_of", "guard_tokens", "human",
-           "read_config"]
+__all__ = ["Footprint", "ara_window", "backward_bytes", "estimate", "fisher_tokens", "gram_bytes_of", "guard_tokens",
+           "human", "read_config"]

@@ -70,6 +70,8 @@ class FactorisationMethod(ABC):
     summary: str = ""
     #: builds its own units (whole modules, `build_units`) instead of one spectrum per matrix under `metric`
     structured: bool = False
+    #: its modules choose between families (the hybrid's `ChoiceUnit`s)
+    chooses: bool = False
     #: what `auto` (allocator, its options, heal) means with this method; None = the recipe's own default
     recommended: dict[str, Any] | None = None
     #: the only allocators that can allocate its units (None: any that `slims`, for a structured method)

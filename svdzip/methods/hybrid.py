@@ -16,6 +16,7 @@ ordinary factorisation units here, so nothing stays dense for lack of a method.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -135,6 +136,30 @@ class ChoiceUnit(Unit):
         fits = [i for i, o in enumerate(self.options) if o.cost <= (1.0 - ratio) * self.dense_params]
         return (fits[-1] + 1) if fits else 1
 
+    def factorised_at(self, rank: int | None) -> list[tuple[Unit, int | None]] | None:
+        """Each matrix's unit and rank where the option at `rank` factorises the module; None where it slims it or
+        keeps it dense (what ARA, refining the factorised matrices of the hybrid's choice, holds fixed)."""
+        if rank is DENSE:
+            return None
+        self._ready()
+        option = self.options[rank - 1]
+        return None if option.slim is not None else list(zip(self.parts, option.ranks, strict=True))
+
+    def factorised_option(self, ranks: Sequence[int | None]) -> int | None:
+        """The rank (option) that factorises the matrices at `ranks`; DENSE where that costs no less than dense. An
+        option the Pareto menu pruned is added after it (its loss unknown: nan), so the menu's indices keep their
+        meaning for every allocation made before."""
+        ranks = tuple(ranks)
+        self._ready()
+        cost = sum(p.cost(r) for p, r in zip(self.parts, ranks, strict=True))
+        if cost >= self.dense_params:
+            return DENSE
+        for i, o in enumerate(self.options):
+            if o.slim is None and o.ranks == ranks:
+                return i + 1
+        self.options.append(Option(cost, math.nan, ranks=ranks))
+        return len(self.options)
+
     def materialise(self, adapter: ModelAdapter, rank: int | None) -> list[Any]:
         if rank is DENSE:
             return self.slim.materialise(adapter, DENSE)
@@ -153,7 +178,8 @@ class Hybrid(FactorisationMethod):
     summary = ("per module, the loss-aware choice between MoDeGPT's slimming and SVD-LLM factorisation of its "
                "matrices (or dense), under one budget")
     structured = True
-    allocators: ClassVar[tuple[str, ...]] = ("loss-aware",)
+    chooses = True
+    allocators: ClassVar[tuple[str, ...]] = ("loss-aware", "ara")
     #: `auto`: the recommended recipe's loss-aware (guarded on held-out windows, as MoDeGPT's) and distillation
     recommended: ClassVar[dict[str, Any] | None] = {"allocator": "loss-aware", "allocator_options": {"guard": True},
                                                     "heal": "distill"}
