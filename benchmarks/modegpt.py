@@ -6,8 +6,9 @@ hybrid:loss-aware
 
 A cell is `method:allocator[:key=value,...][+distill[@corpus]]` (allocator options; `+distill`: healed with the
 default distillation, on the calibration corpus or `@corpus`), e.g. `modegpt:block-influence:epsilon=0.05`,
-`hybrid:loss-aware+distill` or `hybrid:loss-aware+distill@mix`. `--tasks all` adds zero-shot accuracy (first
-`--limit` documents of each task) with BoolQ's majority-label rate and predicted label distribution.
+`hybrid:loss-aware+distill`, `hybrid:loss-aware+distill@mix` or `hybrid:ara` (ARA from the hybrid's choice).
+`--tasks all` adds zero-shot accuracy (first `--limit` documents of each task) with BoolQ's majority-label rate
+and predicted label distribution.
 MoDeGPT: MLPs slimmed by Nyström, query/key dimensions by CR scores, value-output products truncated
 whitened; hybrid: per module the loss-aware choice between that and SVD-LLM factorisation. Perplexity
 on wiki (the calibration's domain) and austen (another), ≥ 16k tokens each; compression wall time per
