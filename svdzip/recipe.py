@@ -267,6 +267,10 @@ class Recipe:
             problems.append(f"--allocator {self.allocator} (it allocates factorisation ranks only: choose one of "
                             f"{', '.join(slimming_allocators())}, or auto)")
         options = self.allocator_options
+        start = str(options.get("init", AUTO))
+        if method.chooses and self.allocator == "ara" and start != AUTO and not get_allocator(start).chooses:
+            problems.append(f"--allocator ara starting from {start} (it starts from the hybrid's choice: leave "
+                            "init at auto, or init=loss-aware)")
         problems += [what for what, on in (
             ("a memory budget", self.memory_budget), (f"--quantize {self.quantize}", self.quantize not in (None, AUTO)),
             (f"--update {self.update}", bool(self.update)), ("--group-size > 1", self.group_size > 1),

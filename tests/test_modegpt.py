@@ -446,6 +446,9 @@ def test_hybrid_refuses_an_allocator_that_cannot_choose():
         Recipe(method="hybrid", allocator="uniform").validate()
     with pytest.raises(SvdzipError, match="factorisation ranks only"):  # ARA refines choices, it cannot slim
         Recipe(method="modegpt", allocator="ara").validate()
+    with pytest.raises(SvdzipError, match=r"--allocator ara starting from drank .*init=loss-aware\)$"):  # early
+        Recipe(method="hybrid", allocator="ara", allocator_options={"init": "drank"}).validate()
+    Recipe(method="hybrid", allocator="ara", allocator_options={"init": "loss-aware"}).validate()
 
 
 def test_ara_refines_the_hybrid_s_factorised_matrices_and_holds_what_it_slims(tmp_path):
