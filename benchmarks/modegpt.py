@@ -105,7 +105,8 @@ def main() -> None:
                               "ratio_achieved": round(result.summary["ratio_achieved"], 5),
                               "dense_modules": result.summary["dense_modules"],
                               "allocation": {k: v for k, v in result.allocation_report.items()
-                                             if k in ("layer_sparsity", "block_influence", "guard_kept")},
+                                             if k in ("layer_sparsity", "block_influence", "guard_kept", "held_modules",
+                                                       "refined_matrices", "train_s")},
                               "widths": [r.width for r in result.modules if r.role in ("down", "expert_down")],
                               "heal": result.summary.get("heal"), "seconds": round(seconds, 1), **scores})
                 log.info("%s %s %.0f%%: %s", model_name, text, 100 * ratio, ppl)
