@@ -377,6 +377,8 @@ NEEDS_CASES = [
     # the guard may compare with block influence (slimmed modules), which runs the model over calibration windows
     ("loss-aware", {"signal": "relative", "guard": "true"}, dict(heldout=True, calib_tokens=True, whole_model=True)),
     ("ara", {}, dict(calib_tokens=True, gradients=True, whole_model=True)),
+    # auto's init options are loss-aware's (for the hybrid's choice): its guard's held-out windows
+    ("ara", {"init_guard": "true"}, dict(calib_tokens=True, gradients=True, whole_model=True, heldout=True)),
     ("ara", {"init": "drank", "init_tune_beta": True}, dict(calib_tokens=True, gradients=True, whole_model=True,
                                                             heldout=True)),
     ("strs", {}, dict(calib_tokens=True, whole_model=True)),
@@ -481,3 +483,13 @@ def test_output_fisher_equals_the_batch_mean_loss_gradient():
     for n in names:
         count = tokens.shape[0] * tokens.shape[1] * model.get_submodule(n).out_features
         assert got[n] == pytest.approx(acc[n] / count, rel=1e-4)
+
+
+def test_ara_s_auto_start_records_only_the_options_given_for_it():
+    """init=auto starts uniform (or, for the hybrid, from loss-aware's choice): a plain run records no loss-aware
+    defaults, and what was given for loss-aware is checked and kept."""
+    from svdzip.allocate import parse_allocator_options
+
+    assert not any(k.startswith("init_") for k in parse_allocator_options("ara", {}))
+    given = parse_allocator_options("ara", {"init_guard": "true"})
+    assert {k: v for k, v in given.items() if k.startswith("init_")} == {"init_guard": True}

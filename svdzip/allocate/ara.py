@@ -52,7 +52,7 @@ from svdzip.budget import DENSE, max_useful_rank
 from svdzip.errors import SvdzipError
 from svdzip.methods.decompose import Unit
 from svdzip.methods.linalg import truncate
-from svdzip.needs import Needs
+from svdzip.needs import NOTHING, Needs
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,8 @@ class ARA(Allocator):
             raise SvdzipError(f"{exc} (given to ARA as {INIT_PREFIX}<key>=value for init={own['init']})") from None
         if own["init"] == "uniform":
             init = {}
+        if own["init"] == "auto":  # only what was given: a run that starts uniform records no loss-aware defaults
+            init = {k: v for k, v in init.items() if k in sub}
         return {**own, **{INIT_PREFIX + k: v for k, v in init.items()}}
 
     def needs(self, options: Mapping[str, Any] | None = None) -> Needs:
@@ -302,8 +304,9 @@ class ARA(Allocator):
 
         o = self.parse_options(options or {})
         n = len(INIT_PREFIX)
-        init = allocator_needs(_parsing_allocator(o["init"]), {k[n:]: v for k, v in o.items()
-                                                               if k.startswith(INIT_PREFIX)})
+        sub = {k[n:]: v for k, v in o.items() if k.startswith(INIT_PREFIX)}
+        # auto without options: uniform, or loss-aware's fisher signal, whose needs are ARA's own
+        init = NOTHING if o["init"] == "auto" and not sub else allocator_needs(_parsing_allocator(o["init"]), sub)
         return init | Needs(calib_tokens=True, gradients=True, whole_model=True,
                             why=("ARA trains its masks by back-propagating the LM loss on calibration tokens through "
                                  "the whole model",))
