@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a memory budget: allocate parameters first and fit the bytes by the ratio, instead of "
                         "a byte-aware allocation (for comparison)")
     field("--method", "method", "factorisation: svd, svdllm, asvd, fwsvd; or modules: modegpt (MoDeGPT), hybrid "
-          "(per module, slimmed or factorised, chosen by loss-aware)")
+          "(per module, slimmed or factorised, chosen by loss-aware; --allocator ara refines its factorised matrices)")
     field("--allocator", "allocator", "rank allocator (see `svdzip info --allocators`); auto: loss-aware in memory "
           "(the recommended recipe, with --heal auto), loss-aware on its layer-local signal (signal=local) for "
           "--stream, --resume-dir and torchrun runs; the "
