@@ -82,7 +82,8 @@ class Allocator(ABC):
     #: allocates widths of slimmed modules (MoDeGPT's MLPs) as well as ranks: it reads only `Unit`'s own costs,
     #: curves and `uniform_rank`, never a factorisation's shape
     slims: ClassVar[bool] = False
-    #: builds the options of units that choose between families (the hybrid's `ChoiceUnit.prepare`)
+    #: allocates units that choose between families (the hybrid's `ChoiceUnit`): builds their options
+    #: (`ChoiceUnit.prepare`), or starts from an allocator that does (ARA)
     chooses: ClassVar[bool] = False
     options: ClassVar[tuple[Option, ...]] = ()
 
