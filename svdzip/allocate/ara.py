@@ -180,11 +180,11 @@ def _targets(units: list[Unit], ctx: AllocationContext, opts: AraOptions, kept: 
     rank_max = [mask_rank_max(u, opts.rho0) for u in units]
     scales = [retention_scale(u, r, opts.rho0) for u, r in zip(units, rank_max, strict=True)]
     if ranks is None:
-        if starting_allocator(units, opts.init) == "uniform":
+        name = starting_allocator(units, opts.init)
+        if name == "uniform":
             return [kept / scale for scale in scales]
         ranks = _start(units, ctx, opts).ranks
-        log.info("ARA logits start from '%s' ranks (%d dense)", starting_allocator(units, opts.init),
-                 sum(r is DENSE for r in ranks))
+        log.info("ARA logits start from '%s' ranks (%d dense)", name, sum(r is DENSE for r in ranks))
     return [1.0 / scale + 0.01 if rank is DENSE else rank / r_max
             for rank, r_max, scale in zip(ranks, rank_max, scales, strict=True)]
 
@@ -322,11 +322,6 @@ class ARA(Allocator):
     def _refine_choice(self, units: list[Unit], ctx: AllocationContext, opts: AraOptions) -> Allocation:
         """The hybrid: start from the starting allocator's choice, hold what it slims or keeps dense, and learn the
         ranks of every matrix it factorises within what the held modules leave of the budget."""
-        import copy
-
-        from svdzip.methods.materialise import materialise
-        from svdzip.models.adapter import ModelAdapter
-
         start = _start(units, ctx, opts)
         held, held_ranks, free, free_ranks, owner = [], [], [], [], []
         for i, (unit, rank) in enumerate(zip(units, start.ranks, strict=True)):
@@ -340,16 +335,15 @@ class ARA(Allocator):
                 free_ranks.append(r)
                 owner.append(i)
         ranks: list[int | None] = list(start.ranks)
-        report = {"start": starting_allocator(units, opts.init), "start_report": start.report,
+        report = {"start": start.allocator, "start_report": start.report,
                   "held_modules": len(held), "refined_matrices": len(free)}
         if not free:
             log.info("ARA: the starting choice factorises no matrix; nothing to refine")
             return Allocation(ranks, report)
         log.info("ARA refines the %d matrices that '%s' factorised; %d modules it slims or keeps dense stay so",
                  len(free), report["start"], len(held))
-        trial = copy.deepcopy(ctx.model)  # the held modules built, so that the masks learn around them
-        materialise(ModelAdapter(trial), held, held_ranks)
-        inner = replace(ctx, model=trial, adapter=ModelAdapter(trial), budget=ctx.budget - spent(held, held_ranks))
+        trial, adapter = common.built_copy(ctx.model, held, held_ranks)  # so that the masks learn around them
+        inner = replace(ctx, model=trial, adapter=adapter, budget=ctx.budget - spent(held, held_ranks))
         learned = self._learn(free, inner, opts, free_ranks)
         del trial
         by_owner: dict[int, list[int | None]] = {}

@@ -165,15 +165,22 @@ def greedy_loss_allocation(units: Sequence[Unit], weights: Sequence[float], budg
     return fill_budget(units, ranks, budget, loss_gain(units, weights))
 
 
-def heldout_loss(units: Sequence[Unit], ranks: Sequence[Rank], model, tokens, batch_size: int = 1) -> float:
-    """Mean next-token loss of the model compressed to `ranks` (on a copy) over held-out tokens."""
+def built_copy(model, units: Sequence[Unit], ranks: Sequence[Rank]):
+    """A copy of `model` with `units` built at `ranks`, and its adapter; the model itself is left as it is."""
     import copy
 
     from svdzip.methods.materialise import materialise
     from svdzip.models.adapter import ModelAdapter
 
     trial = copy.deepcopy(model)
-    materialise(ModelAdapter(trial), list(units), list(ranks))
+    adapter = ModelAdapter(trial)
+    materialise(adapter, list(units), list(ranks))
+    return trial, adapter
+
+
+def heldout_loss(units: Sequence[Unit], ranks: Sequence[Rank], model, tokens, batch_size: int = 1) -> float:
+    """Mean next-token loss of the model compressed to `ranks` (on a copy) over held-out tokens."""
+    trial, _ = built_copy(model, units, ranks)
     loss = heldout_nll(trial, tokens, batch_size)
     del trial
     return loss

@@ -132,9 +132,9 @@ def human(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _loss_aware_options(config: Any) -> dict[str, Any]:
-    """loss-aware's parsed options, or {} where the recipe allocates otherwise."""
-    if config.allocator != "loss-aware":
+def _options_of(config: Any, allocator: str) -> dict[str, Any]:
+    """The recipe's parsed options of `allocator`, or {} where the recipe allocates otherwise."""
+    if config.allocator != allocator:
         return {}
     from svdzip.allocate import parse_allocator_options
 
@@ -143,22 +143,18 @@ def _loss_aware_options(config: Any) -> dict[str, Any]:
 
 def fisher_tokens(config: Any) -> int:
     """Tokens per backward of the allocator's Fisher signal (loss-aware's, one window at a time), 0 if none."""
-    return config.calib_seq_len if _loss_aware_options(config).get("signal") == "fisher" else 0
+    return config.calib_seq_len if _options_of(config, "loss-aware").get("signal") == "fisher" else 0
 
 
 def guard_tokens(config: Any) -> int:
     """Tokens of the window loss-aware's guard scores at a time (one held-out window), 0 without a guard."""
-    return config.calib_seq_len if _loss_aware_options(config).get("guard") else 0
+    return config.calib_seq_len if _options_of(config, "loss-aware").get("guard") else 0
 
 
 def ara_window(config: Any) -> tuple[int, int] | None:
     """(tokens, window length) of one step of ARA's mask training, None where the recipe does not allocate by ARA."""
-    if config.allocator != "ara":
-        return None
-    from svdzip.allocate import parse_allocator_options
-
-    o = parse_allocator_options("ara", config.allocator_options)
-    return o["batch"] * o["seq_len"], o["seq_len"]
+    o = _options_of(config, "ara")
+    return (o["batch"] * o["seq_len"], o["seq_len"]) if o else None
 
 
 def gram_bytes_of(config: dict[str, Any]) -> int:
