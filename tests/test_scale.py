@@ -474,19 +474,23 @@ def test_streaming_equals_in_memory_for_other_families(family, tmp_path):
 def test_auto_heal_precision_falls_back_to_float32_where_only_its_footprint_fits(ckpt, tmp_path, monkeypatch):
     """A bf16 heal saves a 16-bit copy of every weight for the backward: where that alone would not fit, "auto"
     heals in float32 (recorded as such); an explicit bfloat16 is refused instead, and so is a run too large
-    either way."""
+    either way. Up front a run is refused on what any allocation needs (its heal training none of the kept
+    weights), since what it trains is only known once the model is compressed."""
     import svdzip.core.checkpoint as checkpoint_mod
     from svdzip.engine.driver import fit_in_memory, in_memory_footprint, part_needs, union
     from svdzip.recover.config import HealConfig
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     source, _ = ckpt
-    recipe = Recipe.plain(**CFG, heal="distill", healing=HealConfig(steps=2, train_samples=4, heldout_samples=2,
-                                                                    seq_len=16, eval_every=1)).resolved(scaled=False)
+    # micro-batches of 8 windows: the training's backward outweighs the model's calibration at this size
+    healing = HealConfig(steps=2, train_samples=8, heldout_samples=2, seq_len=16, eval_every=1, batch_size=8)
+    recipe = Recipe.plain(**CFG, heal="distill", healing=healing).resolved(scaled=False)
     needs, heal = union(part_needs(recipe)), recipe.heal_config()
-    half = in_memory_footprint(str(source), recipe, needs, heal).peak
-    full = in_memory_footprint(str(source), recipe, needs, dataclasses.replace(heal, precision="float32")).peak
+    half = in_memory_footprint(str(source), recipe, needs, heal, trained=0.0).peak
+    full = in_memory_footprint(str(source), recipe, needs, dataclasses.replace(heal, precision="float32"),
+                               trained=0.0).peak
     assert half > full
+    assert in_memory_footprint(str(source), recipe, needs, heal).peak > half  # the bound: every kept weight trained
     monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: (half + full) // 2)
     assert fit_in_memory(str(source), recipe, needs, heal) == "float32"
     with pytest.raises(SvdzipError, match="--stream"):
@@ -499,3 +503,48 @@ def test_auto_heal_precision_falls_back_to_float32_where_only_its_footprint_fits
     monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: full - 1)
     with pytest.raises(SvdzipError, match="--stream"):
         fit_in_memory(str(source), recipe, needs, heal)
+
+
+def test_the_heal_is_checked_once_the_compressed_model_says_what_it_trains(ckpt, tmp_path, monkeypatch):
+    """Once compressed, the heal's need is known (the student as it is, the weights it trains): where a bf16 heal
+    would not fit, "auto" heals in float32; where neither fits, the compressed model is saved unhealed and the run
+    says so and how to heal it, instead of being killed halfway through the heal."""
+    import svdzip.core.checkpoint as checkpoint_mod
+    from svdzip.engine.driver import fit_heal, heal_footprint
+    from svdzip.engine.footprint import TRAINER_COPIES
+    from svdzip.recover.config import HealConfig
+    from svdzip.recover.heal import trained_weights
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(checkpoint_mod, "resident_bytes", lambda: 2**30)  # what the process holds, held still
+    source, _ = ckpt
+    healing = HealConfig(steps=2, train_samples=4, heldout_samples=2, seq_len=16, eval_every=1)
+    run(CompressRequest(model=str(source), recipe=Recipe.plain(**CFG), out=tmp_path / "plain", plots=False),
+        ctx=DistContext())
+    model, _ = load(tmp_path / "plain")
+    heal = Recipe.plain(**CFG, heal="distill", healing=healing).resolved(scaled=False).heal_config()
+    teacher = 4 * checkpoint_mod.checkpoint_elements(source)
+    trained = sum(p.numel() for p in trained_weights(model).values())
+    assert 0 < trained < sum(p.numel() for p in model.parameters())  # the factors, not the frozen rest
+    half = heal_footprint(model, heal, teacher)
+    full = heal_footprint(model, dataclasses.replace(heal, precision="float32"), teacher)
+    assert half.stages["heal (training)"]["optimizer"] == TRAINER_COPIES * 4 * trained
+    assert half.stages["heal (training)"]["student"] == 2**30  # measured, the compressed model included
+    assert half.peak > full.peak
+    monkeypatch.setattr(checkpoint_mod, "process_memory_limit_bytes", lambda: half.peak)
+    assert fit_heal(model, heal, teacher) == (heal, None)
+    monkeypatch.setattr(checkpoint_mod, "process_memory_limit_bytes", lambda: (half.peak + full.peak) // 2)
+    assert fit_heal(model, heal, teacher) == (dataclasses.replace(heal, precision="float32"), None)
+    monkeypatch.setattr(checkpoint_mod, "process_memory_limit_bytes", lambda: full.peak - 1)
+    assert f"train {trained:,} parameters" in fit_heal(model, heal, teacher)[1]
+
+    out = tmp_path / "healed"
+    with pytest.raises(SvdzipError, match=f"saved unhealed in {out}.*svdzip heal {out}"):
+        run(CompressRequest(model=str(source), recipe=Recipe.plain(**CFG, heal="distill", healing=healing), out=out,
+                            plots=False), ctx=DistContext())
+    assert "recovery" not in io.read_manifest(out)["details"]
+    assert "heal: none" in (out / "recipe.yaml").read_text()
+    reloaded, _ = load(out)
+    probe = torch.arange(8).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(probe).logits, model(probe).logits)  # the same factors, unhealed

@@ -190,8 +190,7 @@ def release_memory() -> None:
         pass
 
 
-def memory_limit_bytes() -> int:
-    """Available memory: the cgroup limit if one is set, else MemAvailable."""
+def _cgroup_limit() -> int | None:
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             text = Path(path).read_text().strip()
@@ -199,6 +198,14 @@ def memory_limit_bytes() -> int:
             continue
         if text.isdigit() and int(text) < 1 << 60:
             return int(text)
+    return None
+
+
+def memory_limit_bytes() -> int:
+    """Available memory: the cgroup limit if one is set, else MemAvailable."""
+    limit = _cgroup_limit()
+    if limit is not None:
+        return limit
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -206,6 +213,21 @@ def memory_limit_bytes() -> int:
     except OSError:
         pass
     return 1 << 62
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc cannot tell)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def process_memory_limit_bytes() -> int:
+    """What this process can grow to now: the cgroup limit if one is set, else what it holds plus MemAvailable
+    (`memory_limit_bytes` is the same before a run has loaded anything)."""
+    limit = _cgroup_limit()
+    return limit if limit is not None else memory_limit_bytes() + resident_bytes()
 
 
 def checkpoint_elements(source: str | os.PathLike) -> int:

@@ -391,10 +391,11 @@ def _grams_too_large(adapter, needs: Needs) -> bool:
 
 
 def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
-                        world_size: int = 1) -> Footprint | None:
+                        world_size: int = 1, trained: float = 1.0) -> Footprint | None:
     """The estimated peak of an in-memory run on this machine's memory (`engine.footprint`), read from the
     checkpoint's config and size before loading; None where it cannot be read (a hub id) or does not apply (the
-    model and its activations live on an accelerator)."""
+    model and its activations live on an accelerator). `trained`: the share of the kept decoder linears the heal
+    trains (1: every one, the bound before the allocation; 0: none, what any allocation needs)."""
     if torch.device(config.device).type != "cpu":
         return None
     from svdzip.core.checkpoint import checkpoint_elements
@@ -410,38 +411,91 @@ def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
         fisher_tokens=footprint.fisher_tokens(config), guard_tokens=footprint.guard_tokens(config),
         ara_window=footprint.ara_window(config), ara_trial=get_method(config.method).chooses,
         heal=None if heal is None or heal.layer_local else heal, grams_freed_after_calibration=True,
-        kept=1.0 if config.memory_budget else 1.0 - config.ratio,
+        kept=1.0 if config.memory_budget else 1.0 - config.ratio, trained=trained,
         calib_tokens=config.calib_samples * config.calib_seq_len // max(world_size, 1))
 
 
 def fit_in_memory(source: str, config: Recipe, needs: Needs, heal: Any, world_size: int = 1) -> str | None:
-    """Refuse, before loading anything, an in-memory run whose estimated peak exceeds the available memory, and
-    return the heal's precision to run it at: "auto" resolved to float32 when only a bfloat16 heal's 16-bit weight
-    copies would not fit (float32 is slower on a CPU with bf16 units, not worse); otherwise the one asked."""
+    """Refuse, before loading anything, an in-memory run that cannot fit in the available memory whatever the
+    allocation (its heal training none of the kept weights), and return the heal's precision to run it at: "auto"
+    resolved to float32 when only a bfloat16 heal's 16-bit weight copies would not fit (float32 is slower on a CPU
+    with bf16 units, not worse); otherwise the one asked. What the heal trains is known once the model is
+    compressed: `fit_heal` checks it then."""
     from svdzip.core.checkpoint import memory_limit_bytes
     from svdzip.engine.footprint import human
 
     asked = heal.precision if heal is not None else None
-    peak = in_memory_footprint(source, config, needs, heal, world_size)
-    if peak is None:
+    floor = in_memory_footprint(source, config, needs, heal, world_size, trained=0.0)
+    if floor is None:
         return asked
     available = memory_limit_bytes()
-    if peak.peak > available and asked == "auto" and heal.compute_dtype() != torch.float32:
-        full = in_memory_footprint(source, config, needs, replace(heal, precision="float32"), world_size)
+    if floor.peak > available and asked == "auto" and heal.compute_dtype() != torch.float32:
+        full = in_memory_footprint(source, config, needs, replace(heal, precision="float32"), world_size, 0.0)
         if full.peak <= available:
-            log.warning("a bfloat16 heal would need about %s of memory (%s) and %s are available: healing in "
+            log.warning("a bfloat16 heal would need at least %s of memory (%s) and %s are available: healing in "
                         "float32 (%s at its peak; --heal-precision float32 says so up front)",
-                        human(peak.peak), peak.describe(), human(available), human(full.peak))
-            peak, asked = full, "float32"
-    log.info("estimated peak memory of this in-memory run: %s (%s); %s available",
-             human(peak.peak), peak.describe(), human(available))
-    if peak.peak > available:
+                        human(floor.peak), floor.describe(), human(available), human(full.peak))
+            floor, asked = full, "float32"
+    if floor.peak > available:
         raise SvdzipError(
-            f"this run would need about {human(peak.peak)} of memory at its peak "
-            f"({peak.describe()}) and {human(available)} are available: compress it streamed "
+            f"this run would need at least {human(floor.peak)} of memory at its peak "
+            f"({floor.describe()}) and {human(available)} are available: compress it streamed "
             "instead (--stream [--resume-dir DIR]: one decoder layer in memory at a time), or with fewer "
             "windows per micro-batch (--heal-batch-size 1 --heal-grad-accum N)")
+    bound = in_memory_footprint(source, config, needs, heal if heal is None else replace(heal, precision=asked),
+                                world_size)
+    log.info("estimated peak memory of this in-memory run: %s to %s (%s, if the heal trains every kept weight); "
+             "%s available", human(floor.peak), human(bound.peak), bound.describe(), human(available))
+    if bound.peak > available:
+        log.warning("the heal could need up to %s if it trained every kept weight, more than the %s available: it "
+                    "is checked again once the compressed model says what it trains", human(bound.peak),
+                    human(available))
     return asked
+
+
+def heal_footprint(model: nn.Module, heal: Any, teacher_bytes: int, held_teacher: int = 0) -> Footprint:
+    """The heal's stages once the model is compressed: what the process holds now (the student and whatever the
+    compression left behind: measured, not modelled; less a `held_teacher` the heal frees), the weights the heal
+    trains (`recover.heal.trained_weights`; seq-lora's adapters are fewer), the dense teacher of `teacher_bytes`."""
+    from svdzip.core.checkpoint import release_memory, resident_bytes
+    from svdzip.engine import footprint
+    from svdzip.output.quantize import parameter_bytes
+    from svdzip.recover.heal import trained_weights
+
+    release_memory()
+    config = model.config.to_dict()
+    fp = footprint.Footprint(overhead=0)
+    footprint.add_heal(fp, config, heal, student=max(resident_bytes() - held_teacher, parameter_bytes(model)),
+                       teacher=teacher_bytes, linears=footprint.decoder_linear_bytes(config, parameter_bytes(model)),
+                       trained=sum(4 * p.numel() for p in trained_weights(model).values()))
+    return fp
+
+
+def fit_heal(model: nn.Module, heal: Any, teacher_bytes: int, held_teacher: int = 0) -> tuple[Any, str | None]:
+    """The heal's need once the model is compressed (`heal_footprint`), against what this process can grow to:
+    the heal's config to run (an "auto" precision resolved to float32 where only that fits) and, where even that
+    does not fit, why (None where it fits or cannot be told: an accelerator, an unknown teacher size)."""
+    from svdzip.core.checkpoint import process_memory_limit_bytes
+    from svdzip.engine.footprint import human
+    from svdzip.recover.heal import trained_weights
+
+    if torch.device(heal.device).type != "cpu" or not teacher_bytes:
+        return heal, None
+    trained = f"{sum(p.numel() for p in trained_weights(model).values()):,}"
+    available, need = process_memory_limit_bytes(), heal_footprint(model, heal, teacher_bytes, held_teacher)
+    if need.peak > available and heal.precision == "auto" and heal.compute_dtype() != torch.float32:
+        full = heal_footprint(model, replace(heal, precision="float32"), teacher_bytes, held_teacher)
+        if full.peak <= available:
+            log.warning("a bfloat16 heal of %s trained parameters would need about %s (%s) and this process can "
+                        "have %s: healing in float32 (%s)", trained, human(need.peak), need.describe(),
+                        human(available), human(full.peak))
+            return replace(heal, precision="float32"), None
+    log.info("the heal trains %s parameters: estimated peak %s (%s); %s available", trained, human(need.peak),
+             need.describe(), human(available))
+    if need.peak <= available:
+        return heal, None
+    return heal, (f"the heal would train {trained} parameters and need about {human(need.peak)} of memory "
+                  f"({need.describe()}), and this process can have {human(available)}")
 
 
 def _parent(out: Path | None) -> Path | None:
@@ -546,11 +600,18 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
         result.units = None  # the bases are in the factors now; the heal needs the memory
     result.summary["calibration_tokens"] = analysis.calibration_tokens
     heal_report = healers.pop().report() if healers else None
+    unhealed = None
     if heal_config is not None and not layerwise:
-        # with --resume-dir the heal checkpoints beside the run's statistics and spectra: a rerun of the same
-        # command restores those, rebuilds the same factors and continues the heal from its last checkpoint
-        heal_report = _heal_in_memory(model, tokenizer, source, heal_config, teacher_box,
-                                      resume_dir=Path(request.resume_dir) / "heal" if request.resume_dir else None)
+        teacher = _teacher_bytes(source, teacher_box)
+        heal_config, unhealed = fit_heal(model, heal_config, teacher, held_teacher=teacher if teacher_box else 0)
+        if unhealed is not None:  # saved as what it is, and said so once it is saved
+            recipe = replace(recipe, heal="none")
+        else:
+            recipe = replace(recipe, healing=replace(recipe.healing, precision=heal_config.precision))
+            # with --resume-dir the heal checkpoints beside the run's statistics and spectra: a rerun of the same
+            # command restores those, rebuilds the same factors and continues the heal from its last checkpoint
+            heal_report = _heal_in_memory(model, tokenizer, source, heal_config, teacher_box,
+                                          resume_dir=Path(request.resume_dir) / "heal" if request.resume_dir else None)
     save_dtype = parse_dtype(recipe.storage_dtype)
     quantized = result.quantized = store(result, save_dtype)  # after healing: the factors train in float32
     manifest = io.build_manifest(result.modules, result.summary, recipe.to_dict())
@@ -580,6 +641,9 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
 
     summary = {**result.summary, "weight_bytes_in_memory": parameter_bytes(model)}
     if request.out is None:
+        if unhealed is not None:
+            raise SvdzipError(f"{unhealed}: the model object is compressed but not healed (save it with "
+                              "svdzip.save and heal it where that much memory is free: `svdzip heal DIR --out DIR2`)")
         return RunResult(out=None, summary=summary, ranks=result.ranks, modules=rows, recipe=recipe,
                          compression=result)
 
@@ -592,8 +656,20 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
     io.save(model, tokenizer, request.out, manifest, overwrite=request.overwrite,
             report={"modules": rows, "effective_ranks": result.effective_ranks}, artefacts=artefacts)
     summary.update(out=str(request.out), size_bytes=io.dir_size(request.out))
+    if unhealed is not None:
+        raise SvdzipError(f"{unhealed}: the compressed model is saved unhealed in {request.out}; heal it where that "
+                          f"much memory is free (`svdzip heal {request.out} --out DIR`), or compress streamed "
+                          "(--stream), or with fewer windows per micro-batch (--heal-batch-size 1 --heal-grad-accum N)")
     return RunResult(out=Path(request.out), summary=summary, ranks=result.ranks, modules=rows, recipe=recipe,
                      compression=result)
+
+
+def _teacher_bytes(source: str, teacher_box: list[nn.Module]) -> int:
+    """The dense teacher's float32 bytes: the given model's copy, else its checkpoint's (0: unknown)."""
+    from svdzip.core.checkpoint import checkpoint_elements
+    from svdzip.output.quantize import parameter_bytes
+
+    return parameter_bytes(teacher_box[0]) if teacher_box else 4 * checkpoint_elements(source)
 
 
 def layerwise_healer(weights, tokens: torch.Tensor, recipe: Recipe, ranks: list[int | None],

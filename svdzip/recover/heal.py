@@ -169,17 +169,20 @@ class Objective:
         return run
 
 
+def trained_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What distillation trains: the low-rank factors' and the slimmed linears' weights (embeddings, norms,
+    biases and the dense linears stay frozen)."""
+    factors = factor_targets(model, "left") + factor_targets(model, "right") if _has_factors(model) else []
+    return {f"{name}.weight": model.get_submodule(name).weight for name in factors + list(slimmed_modules(model))}
+
+
 def trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The low-rank factors' and the slimmed linears' weights, the only parameters left trainable (embeddings,
-    norms, biases and the dense linears frozen)."""
+    """`trained_weights`, made the only parameters that require a gradient."""
     for p in model.parameters():
         p.requires_grad_(False)
-    params = {}
-    factors = factor_targets(model, "left") + factor_targets(model, "right") if _has_factors(model) else []
-    for name in factors + list(slimmed_modules(model)):
-        p = model.get_submodule(name).weight
+    params = trained_weights(model)
+    for p in params.values():
         p.requires_grad_(True)
-        params[f"{name}.weight"] = p
     return params
 
 
