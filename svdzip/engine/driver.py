@@ -602,6 +602,9 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
     heal_report = healers.pop().report() if healers else None
     unhealed = None
     if heal_config is not None and not layerwise:
+        from svdzip.recover.heal import heal_windows
+
+        windows = heal_windows(tokenizer, heal_config)  # first: its corpus is part of what the process holds
         teacher = _teacher_bytes(source, teacher_box)
         heal_config, unhealed = fit_heal(model, heal_config, teacher, held_teacher=teacher if teacher_box else 0)
         if unhealed is not None:  # saved as what it is, and said so once it is saved
@@ -610,7 +613,7 @@ def _finish_in_memory(request: CompressRequest, model, tokenizer, source: str, a
             recipe = replace(recipe, healing=replace(recipe.healing, precision=heal_config.precision))
             # with --resume-dir the heal checkpoints beside the run's statistics and spectra: a rerun of the same
             # command restores those, rebuilds the same factors and continues the heal from its last checkpoint
-            heal_report = _heal_in_memory(model, tokenizer, source, heal_config, teacher_box,
+            heal_report = _heal_in_memory(model, windows, source, heal_config, teacher_box,
                                           resume_dir=Path(request.resume_dir) / "heal" if request.resume_dir else None)
     save_dtype = parse_dtype(recipe.storage_dtype)
     quantized = result.quantized = store(result, save_dtype)  # after healing: the factors train in float32
@@ -744,16 +747,16 @@ def _plots(directory: Path, rows: list[dict], effective: list[dict], source: str
     write_plots(directory, rows, effective, title=f"{Path(str(source)).name}: {recipe.label} at {what}")
 
 
-def _heal_in_memory(model, tokenizer, source: str, heal_config, teacher_box: list[nn.Module],
-                    resume_dir: Path | None = None):
-    """Heal the just-compressed model against its dense teacher: the copy of a given model, else a fresh load.
+def _heal_in_memory(model, windows: tuple[torch.Tensor, torch.Tensor], source: str, heal_config,
+                    teacher_box: list[nn.Module], resume_dir: Path | None = None):
+    """Heal the just-compressed model on `windows` (`recover.heal.heal_windows`) against its dense teacher: the
+    copy of a given model, else a fresh load.
 
     The teacher is handed over without a name (popped from its box, or loaded in the call), so that heal()
     can free it once its top-k are cached.
     """
-    from svdzip.recover.heal import heal, heal_windows, load_teacher
+    from svdzip.recover.heal import heal, load_teacher
 
-    windows = heal_windows(tokenizer, heal_config)
     report = heal(model, teacher_box.pop() if teacher_box else load_teacher(source, heal_config), windows,
                   heal_config, resume_dir=resume_dir)
     warn_if_stopped(report)
