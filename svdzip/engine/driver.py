@@ -463,10 +463,10 @@ def heal_footprint(model: nn.Module, heal: Any, teacher_bytes: int, held_teacher
     from svdzip.recover.heal import trained_weights
 
     release_memory()
-    config = model.config.to_dict()
+    config, weights = model.config.to_dict(), parameter_bytes(model)
     fp = footprint.Footprint(overhead=0)
-    footprint.add_heal(fp, config, heal, student=max(resident_bytes() - held_teacher, parameter_bytes(model)),
-                       teacher=teacher_bytes, linears=footprint.decoder_linear_bytes(config, parameter_bytes(model)),
+    footprint.add_heal(fp, config, heal, student=max(resident_bytes() - held_teacher, weights),
+                       teacher=teacher_bytes, linears=footprint.decoder_linear_bytes(config, weights),
                        trained=sum(4 * p.numel() for p in trained_weights(model).values()))
     return fp
 
@@ -476,13 +476,12 @@ def fit_heal(model: nn.Module, heal: Any, teacher_bytes: int, held_teacher: int 
     the heal's config to run (an "auto" precision resolved to float32 where only that fits) and, where even that
     does not fit, why (None where it fits or cannot be told: an accelerator, an unknown teacher size)."""
     from svdzip.core.checkpoint import process_memory_limit_bytes
-    from svdzip.engine.footprint import human
-    from svdzip.recover.heal import trained_weights
+    from svdzip.engine.footprint import TRAINER_COPIES, human
 
     if torch.device(heal.device).type != "cpu" or not teacher_bytes:
         return heal, None
-    trained = f"{sum(p.numel() for p in trained_weights(model).values()):,}"
     available, need = process_memory_limit_bytes(), heal_footprint(model, heal, teacher_bytes, held_teacher)
+    trained = f"{need.stages['heal (training)']['optimizer'] // (4 * TRAINER_COPIES):,}"  # float32 parameters
     if need.peak > available and heal.precision == "auto" and heal.compute_dtype() != torch.float32:
         full = heal_footprint(model, replace(heal, precision="float32"), teacher_bytes, held_teacher)
         if full.peak <= available:
