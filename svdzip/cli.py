@@ -454,7 +454,9 @@ def parse_bytes(text: str | None) -> int | None:
 
 
 def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
-    from svdzip.engine.driver import warn_if_stopped
+    from dataclasses import replace
+
+    from svdzip.engine.driver import heal_check, warn_if_stopped
     from svdzip.output import io
     from svdzip.output.loading import check_device, parse_dtype
     from svdzip.recover.directory import heal_directory, teacher_source
@@ -467,9 +469,9 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     teacher = teacher_source(manifest, args.teacher)
     t0 = time.perf_counter()
     report, out = heal_directory(args.dir, out, config, teacher=teacher, resume_dir=args.resume_dir,
-                                 overwrite=args.overwrite, dtype=parse_dtype(args.dtype))
+                                 overwrite=args.overwrite, dtype=parse_dtype(args.dtype), fit=heal_check(teacher))
     warn_if_stopped(report)
-    _carry_recipe(Path(args.dir), out, config)
+    _carry_recipe(Path(args.dir), out, replace(config, precision=report.config["precision"]))  # as the check chose
     healed = io.read_manifest(out)["details"]
     summary = {**healed.get("summary", {}), "out": str(out), "seconds_total": round(time.perf_counter() - t0, 2),
                "heal": report.to_dict(), "size_bytes": io.dir_size(out), "peak_rss_bytes": _peak_rss()}

@@ -548,3 +548,59 @@ def test_the_heal_is_checked_once_the_compressed_model_says_what_it_trains(ckpt,
     probe = torch.arange(8).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(probe).logits, model(probe).logits)  # the same factors, unhealed
+
+
+def test_a_saved_directory_s_heal_is_checked_before_its_teacher_loads_and_a_streamed_run_keeps_its_compression(
+        ckpt, tmp_path, monkeypatch):
+    """`svdzip heal DIR` and a streamed run healed from its staged directory check the heal's memory once the student
+    and its windows are loaded: "auto" falls back to float32 where only that fits (and says so in the healed
+    recipe); where neither fits, nothing is written and the teacher is never loaded — and the streamed run saves its
+    compression unhealed instead of losing it. A streamed run whose heal cannot fit even at its smallest is refused
+    before it compresses anything."""
+    import svdzip.core.checkpoint as checkpoint_mod
+    import svdzip.recover.directory as directory_mod
+    from svdzip.engine.driver import HealDoesNotFit, heal_check, heal_footprint
+    from svdzip.recover.config import HealConfig
+    from svdzip.recover.heal import trained_weights
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(checkpoint_mod, "resident_bytes", lambda: 2**30)
+    source, _ = ckpt
+    healing = HealConfig(steps=2, train_samples=4, heldout_samples=2, seq_len=16, eval_every=1)
+    recipe = Recipe.plain(**CFG, heal="distill", healing=healing)
+    run(CompressRequest(model=str(source), recipe=Recipe.plain(**CFG), out=tmp_path / "plain", plots=False),
+        ctx=DistContext())
+    model, _ = load(tmp_path / "plain")
+    heal = recipe.resolved(scaled=False).heal_config()
+    teacher = 4 * checkpoint_mod.checkpoint_elements(source)
+    half, full = (heal_footprint(model, dataclasses.replace(heal, precision=p), teacher).peak
+                  for p in ("auto", "float32"))
+    assert half > full
+
+    monkeypatch.setattr(checkpoint_mod, "process_memory_limit_bytes", lambda: (half + full) // 2)
+    report, _ = directory_mod.heal_directory(tmp_path / "plain", tmp_path / "healed32", heal,
+                                             fit=heal_check(str(source)))
+    assert report.config["precision"] == "float32" and report.precision == "float32"
+
+    monkeypatch.setattr(checkpoint_mod, "process_memory_limit_bytes", lambda: full - 1)
+    loaded = []
+    monkeypatch.setattr(directory_mod, "load_teacher", lambda *a: loaded.append(a))
+    trained = sum(p.numel() for p in trained_weights(model).values())
+    with pytest.raises(HealDoesNotFit, match=f"train {trained:,} parameters.*--heal-batch-size 1"):
+        directory_mod.heal_directory(tmp_path / "plain", tmp_path / "healed", heal, fit=heal_check(str(source)))
+    assert not loaded and not (tmp_path / "healed").exists()
+
+    out = tmp_path / "streamed"
+    with pytest.raises(SvdzipError, match=rf"saved unhealed \(float32.*in {out}: `svdzip heal {out}"):
+        run(CompressRequest(model=str(source), recipe=recipe, out=out, stream=True, plots=False), ctx=DistContext())
+    assert "recovery" not in io.read_manifest(out)["details"]
+    assert "heal: none" in (out / "recipe.yaml").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed32", "plain", "streamed"]  # no staging left
+    streamed, _ = load(out)
+    torch.testing.assert_close(_logits(streamed), _logits(model), rtol=1e-4, atol=1e-5)  # streaming = in memory
+
+    monkeypatch.setattr(checkpoint_mod, "memory_limit_bytes", lambda: 2**20)
+    with pytest.raises(SvdzipError, match="heal after this streamed compression needs the whole model.*layerwise"):
+        run(CompressRequest(model=str(source), recipe=recipe, out=tmp_path / "refused", stream=True, plots=False),
+            ctx=DistContext())
+    assert not (tmp_path / "refused").exists()

@@ -17,6 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,6 +235,8 @@ def _run(request: CompressRequest, ctx: DistContext) -> RunResult | None:
             recipe = replace(recipe, healing=replace(recipe.healing, precision=precision))
             request, heal = replace(request, recipe=recipe), recipe.heal_config()
     if heal is not None and not heal.layer_local and mode.streamed:
+        if not given:
+            refuse_staged_heal(source, recipe, heal)
         return _compress_then_heal(request, ctx)
     return _compress(request, source, mode, needs, ctx)
 
@@ -453,6 +456,39 @@ def fit_in_memory(source: str, config: Recipe, needs: Needs, heal: Any, world_si
     return asked
 
 
+def refuse_staged_heal(source: str, config: Recipe, heal: Any) -> None:
+    """Before a streamed compression whose heal needs the whole model (`_compress_then_heal`): refuse it where even
+    the smallest heal cannot fit — the compressed student with its kept linears, the dense teacher beside it for
+    its top-k, training none of the kept weights, at the cheaper precision `auto` may pick — so that the streamed
+    compression is not spent first. What the heal really trains is checked once the student is loaded
+    (`heal_check`)."""
+    if torch.device(config.device).type != "cpu":
+        return
+    from svdzip.core.checkpoint import checkpoint_elements, memory_limit_bytes
+    from svdzip.engine import footprint
+
+    model_config, elements = footprint.read_config(source), checkpoint_elements(source)
+    if model_config is None or not elements:
+        return
+    dense = 4 * elements
+    linears = footprint.decoder_linear_bytes(model_config, dense)
+    kept = int(linears * (1.0 if config.memory_budget else 1.0 - config.ratio))
+    precisions = ("auto", "float32") if heal.precision == "auto" else (heal.precision,)
+    floors = []
+    for precision in precisions:
+        fp = footprint.Footprint()
+        footprint.add_heal(fp, model_config, replace(heal, precision=precision), student=dense - linears + kept,
+                           teacher=dense, linears=kept, trained=0)
+        floors.append(fp)
+    floor, available = min(floors, key=lambda fp: fp.peak), memory_limit_bytes()
+    if floor.peak > available:
+        raise SvdzipError(
+            f"the heal after this streamed compression needs the whole model: at least {footprint.human(floor.peak)} "
+            f"({floor.describe()}), and {footprint.human(available)} are available. Heal layer by layer instead "
+            "(--heal layerwise, the streamed default), or compress with --heal none here and `svdzip heal` the "
+            "result where that much memory is free")
+
+
 def heal_footprint(model: nn.Module, heal: Any, teacher_bytes: int, held_teacher: int = 0) -> Footprint:
     """The heal's stages once the model is compressed: what the process holds now (the student and whatever the
     compression left behind: measured, not modelled; less a `held_teacher` the heal frees), the weights the heal
@@ -495,6 +531,24 @@ def fit_heal(model: nn.Module, heal: Any, teacher_bytes: int, held_teacher: int 
         return heal, None
     return heal, (f"the heal would train {trained} parameters and need about {human(need.peak)} of memory "
                   f"({need.describe()}), and this process can have {human(available)}")
+
+
+class HealDoesNotFit(SvdzipError):
+    """The heal of a saved directory would need more memory than this process can have (`heal_check`)."""
+
+
+def heal_check(source: str) -> Callable[[nn.Module, Any], Any]:
+    """`recover.directory.heal_directory`'s `fit`: `fit_heal` against the dense teacher at `source`, once the
+    student and its windows are loaded; where the heal cannot fit, `HealDoesNotFit` before the teacher loads and
+    before anything is written."""
+    def fit(student: nn.Module, heal: Any) -> Any:
+        heal, unhealed = fit_heal(student, heal, _teacher_bytes(_source_of(source), []))
+        if unhealed is not None:
+            raise HealDoesNotFit(f"{unhealed}: heal it where that much memory is free, or with fewer windows per "
+                                 "micro-batch (--heal-batch-size 1 --heal-grad-accum N)")
+        return heal
+
+    return fit
 
 
 def _parent(out: Path | None) -> Path | None:
@@ -767,6 +821,17 @@ def warn_if_stopped(report) -> None:
         log.warning("healing stopped on a non-finite loss; the factors of the last good held-out check were kept")
 
 
+def _place_copy(src: Path, out: Path, keep: bool) -> None:
+    """Put the directory `src` in place of `out` (renamed, or copied beside `out` first where `src` must stay)."""
+    from svdzip.output.io import replace_dir
+
+    if keep:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        src = tmp
+    replace_dir(src, out)
+
+
 def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult:
     """A streamed compression into a staging directory, then the heal from it into `out` (healing needs the
     whole model, which a streamed run never holds).
@@ -786,9 +851,16 @@ def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult
                          recipe=replace(recipe, heal="none", storage_dtype="float32"),
                          resume_dir=None if request.resume_dir is None else Path(work) / "run")
         first = _run(staged, ctx)
-        report, _ = heal_directory(staged.out, out, heal_config,
-                                   resume_dir=Path(work) / "heal" if request.resume_dir else None,
-                                   overwrite=request.overwrite, dtype=parse_dtype(recipe.storage_dtype))
+        try:
+            report, _ = heal_directory(staged.out, out, heal_config,
+                                       resume_dir=Path(work) / "heal" if request.resume_dir else None,
+                                       overwrite=request.overwrite, dtype=parse_dtype(recipe.storage_dtype),
+                                       fit=heal_check(_source_of(request.model)))
+        except HealDoesNotFit as e:  # the compression is kept: saved as what it is, and said so
+            _place_copy(staged.out, out, keep=request.resume_dir is not None)
+            raise SvdzipError(f"{e}. The compressed model is saved unhealed (float32, recipe heal: none) in {out}: "
+                              f"`svdzip heal {out} --out DIR` heals it") from None
+        recipe = replace(recipe, healing=replace(recipe.healing, precision=report.config["precision"]))
         recipe.for_output().save(out / RECIPE_FILE)
     finally:
         if request.resume_dir is None:

@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from svdzip.errors import SvdzipError
 from svdzip.recover.config import HealConfig
@@ -44,8 +46,13 @@ def teacher_source(manifest: dict[str, Any], teacher: str | None) -> str:
 
 def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealConfig, teacher: str | None = None,
                    resume_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                   dtype: torch.dtype = torch.float32) -> tuple[HealReport, Path]:
-    """Load the compressed `src`, heal it against its dense model, save to `out` (atomically)."""
+                   dtype: torch.dtype = torch.float32,
+                   fit: Callable[[nn.Module, HealConfig], HealConfig] | None = None) -> tuple[HealReport, Path]:
+    """Load the compressed `src`, heal it against its dense model, save to `out` (atomically).
+
+    `fit(student, config)` is called once the student and the heal's windows are in memory and before the teacher
+    loads: the config to run (the engine's memory check, `engine.driver.heal_check`), or an error that leaves `out`
+    unwritten."""
     from svdzip.output import io
 
     config.validate()
@@ -68,10 +75,12 @@ def heal_directory(src: str | os.PathLike, out: str | os.PathLike, config: HealC
     student, tokenizer = io.load(src, device=config.device)
     if tokenizer is None:
         raise SvdzipError(f"{src} has no tokenizer: healing needs one to cut calibration windows")
+    windows = heal_windows(tokenizer, config)  # before the check: its corpus is part of what the process holds
+    if fit is not None:
+        config = fit(student, config)
     # the teacher (only the kl objective has one) is passed without a name here, so that heal() can free it once
     # its top-k are cached
-    report = heal(student, load_teacher(source, config), heal_windows(tokenizer, config), config,
-                  resume_dir=resume_dir)
+    report = heal(student, load_teacher(source, config), windows, config, resume_dir=resume_dir)
     manifest = io.SvdzipConfig(**{k: v for k, v in manifest_dict.items() if k != "quant_method"})
     record_recovery(manifest, report)
     old_report = src / "svdzip_report.json"
