@@ -223,6 +223,15 @@ def resident_bytes() -> int:
         return 0
 
 
+def page_in(module: nn.Module) -> None:
+    """Read one value per memory page of every parameter, so that weights a load left mapped from their file (a
+    safetensors checkpoint is mapped, and read only when used) count in `resident_bytes` as they will once used."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.device.type == "cpu" and p.numel():
+                p.detach().reshape(-1)[:: max(1, os.sysconf("SC_PAGE_SIZE") // p.element_size())].sum()
+
+
 def process_memory_limit_bytes() -> int:
     """What this process can grow to now: the cgroup limit if one is set, else what it holds plus MemAvailable
     (`memory_limit_bytes` is the same before a run has loaded anything)."""

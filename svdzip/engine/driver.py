@@ -493,14 +493,15 @@ def heal_footprint(model: nn.Module, heal: Any, teacher_bytes: int, held_teacher
     """The heal's stages once the model is compressed: what the process holds now (the student and whatever the
     compression left behind: measured, not modelled; less a `held_teacher` the heal frees), the weights the heal
     trains (`recover.heal.trained_weights`; seq-lora's adapters are fewer), the dense teacher of `teacher_bytes`."""
-    from svdzip.core.checkpoint import release_memory, resident_bytes
+    from svdzip.core.checkpoint import page_in, release_memory, resident_bytes
     from svdzip.engine import footprint
     from svdzip.output.quantize import parameter_bytes
     from svdzip.recover.heal import trained_weights
 
     release_memory()
+    page_in(model)  # a student loaded from a directory is mapped from its file until trained
     config, weights = model.config.to_dict(), parameter_bytes(model)
-    fp = footprint.Footprint(overhead=0)
+    fp = footprint.Footprint(overhead=footprint.HEAL_SLACK_BYTES)
     footprint.add_heal(fp, config, heal, student=max(resident_bytes() - held_teacher, weights),
                        teacher=teacher_bytes, linears=footprint.decoder_linear_bytes(config, weights),
                        trained=sum(4 * p.numel() for p in trained_weights(model).values()))
