@@ -393,6 +393,15 @@ def _grams_too_large(adapter, needs: Needs) -> bool:
     return True
 
 
+def _checkpoint_shape(source: str) -> tuple[dict[str, Any], int] | None:
+    """The checkpoint's config and element count, read before loading; None where they cannot be read (a hub id)."""
+    from svdzip.core.checkpoint import checkpoint_elements
+    from svdzip.engine.footprint import read_config
+
+    model_config, elements = read_config(source), checkpoint_elements(source)
+    return (model_config, elements) if model_config is not None and elements else None
+
+
 def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
                         world_size: int = 1, trained: float = 1.0) -> Footprint | None:
     """The estimated peak of an in-memory run on this machine's memory (`engine.footprint`), read from the
@@ -401,13 +410,13 @@ def in_memory_footprint(source: str, config: Recipe, needs: Needs, heal: Any,
     trains (1: every one, the bound before the allocation; 0: none, what any allocation needs)."""
     if torch.device(config.device).type != "cpu":
         return None
-    from svdzip.core.checkpoint import checkpoint_elements
     from svdzip.engine import footprint
     from svdzip.methods.factorisations import get_method
 
-    model_config, elements = footprint.read_config(source), checkpoint_elements(source)
-    if model_config is None or not elements:
+    shape = _checkpoint_shape(source)
+    if shape is None:
         return None
+    model_config, elements = shape
     grams = footprint.gram_bytes_of(model_config) if "grams" in needs.statistics else 0
     return footprint.estimate(
         4 * elements, model_config, gram_bytes=grams, grams_in_memory=0 < grams <= GRAMS_IN_MEMORY_BYTES,
@@ -459,28 +468,23 @@ def fit_in_memory(source: str, config: Recipe, needs: Needs, heal: Any, world_si
 def refuse_staged_heal(source: str, config: Recipe, heal: Any) -> None:
     """Before a streamed compression whose heal needs the whole model (`_compress_then_heal`): refuse it where even
     the smallest heal cannot fit — the compressed student with its kept linears, the dense teacher beside it for
-    its top-k, training none of the kept weights, at the cheaper precision `auto` may pick — so that the streamed
-    compression is not spent first. What the heal really trains is checked once the student is loaded
-    (`heal_check`)."""
-    if torch.device(config.device).type != "cpu":
+    its top-k, training none of the kept weights, in float32 where `auto` may fall back to it (no 16-bit casts) —
+    so that the streamed compression is not spent first. What the heal really trains is checked once the student is
+    loaded (`heal_check`)."""
+    shape = _checkpoint_shape(source) if torch.device(config.device).type == "cpu" else None
+    if shape is None:
         return
-    from svdzip.core.checkpoint import checkpoint_elements, memory_limit_bytes
+    from svdzip.core.checkpoint import memory_limit_bytes
     from svdzip.engine import footprint
 
-    model_config, elements = footprint.read_config(source), checkpoint_elements(source)
-    if model_config is None or not elements:
-        return
+    model_config, elements = shape
     dense = 4 * elements
     linears = footprint.decoder_linear_bytes(model_config, dense)
     kept = int(linears * (1.0 if config.memory_budget else 1.0 - config.ratio))
-    precisions = ("auto", "float32") if heal.precision == "auto" else (heal.precision,)
-    floors = []
-    for precision in precisions:
-        fp = footprint.Footprint()
-        footprint.add_heal(fp, model_config, replace(heal, precision=precision), student=dense - linears + kept,
-                           teacher=dense, linears=kept, trained=0)
-        floors.append(fp)
-    floor, available = min(floors, key=lambda fp: fp.peak), memory_limit_bytes()
+    floor, available = footprint.Footprint(), memory_limit_bytes()
+    footprint.add_heal(floor, model_config, replace(heal, precision="float32" if heal.precision == "auto"
+                                                    else heal.precision),
+                       student=dense - linears + kept, teacher=dense, linears=kept, trained=0)
     if floor.peak > available:
         raise SvdzipError(
             f"the heal after this streamed compression needs the whole model: at least {footprint.human(floor.peak)} "
@@ -856,7 +860,7 @@ def _compress_then_heal(request: CompressRequest, ctx: DistContext) -> RunResult
             report, _ = heal_directory(staged.out, out, heal_config,
                                        resume_dir=Path(work) / "heal" if request.resume_dir else None,
                                        overwrite=request.overwrite, dtype=parse_dtype(recipe.storage_dtype),
-                                       fit=heal_check(_source_of(request.model)))
+                                       fit=heal_check(request.model))
         except HealDoesNotFit as e:  # the compression is kept: saved as what it is, and said so
             _place_copy(staged.out, out, keep=request.resume_dir is not None)
             raise SvdzipError(f"{e}. The compressed model is saved unhealed (float32, recipe heal: none) in {out}: "
